@@ -1,0 +1,341 @@
+"""The `tproxy` command line: parse arguments, call the library, print for humans, set exit codes.
+
+Exit status: 0 success, 1 a runtime failure (one sentence on stderr), 2 bad input (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from tproxy import __version__
+from tproxy.core.config import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_DIVERT_MARK,
+    DEFAULT_PROXY_MARK,
+    DEFAULT_PROXY_PORT,
+    LogFormat,
+    ProxyConfig,
+    default_listen,
+)
+from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
+from tproxy.rules.model import (
+    DEFAULT_ROUTE_TABLE,
+    DEFAULT_RULE_PRIORITY,
+    PortRange,
+    RulesError,
+    RulesSpec,
+    WhenDown,
+    parse_ports,
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _endpoint(text: str) -> Endpoint:
+    try:
+        return parse_endpoint(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    try:
+        return parse_port(text)
+    except EndpointError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ports(text: str) -> tuple[PortRange, ...]:
+    try:
+        return parse_ports(text)
+    except RulesError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mark(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid mark {text!r}: expected e.g. 2 or 0x2") from None
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"mark {text} out of range: expected 1 to 0xffffffff")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a positive integer")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="tproxy",
+        description=(
+            "A transparent TCP proxy for Linux. The kernel's TPROXY target hands tproxy every "
+            "diverted TCP connection; tproxy connects to where it was really going, relays both "
+            "directions byte for byte and logs each session."
+        ),
+        epilog=(
+            "Quick start: 'tproxy lab' runs a demo in network namespaces. On a router: "
+            "'tproxy rules apply --ports 80,443' then 'tproxy run --spoof-source'."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"tproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        help="run the proxy",
+        description=(
+            "Run the proxy: accept connections that TPROXY diverts to the listening port, connect "
+            "to each one's original destination and relay both ways. Stops on SIGTERM or SIGINT."
+        ),
+    )
+    run.add_argument(
+        "--listen",
+        action="append",
+        type=_endpoint,
+        metavar="HOST:PORT",
+        help=(
+            f"where to listen, repeatable; IPv6 as [addr]:port "
+            f"(default: 0.0.0.0:{DEFAULT_PROXY_PORT} and [::]:{DEFAULT_PROXY_PORT})"
+        ),
+    )
+    run.add_argument(
+        "--spoof-source",
+        action="store_true",
+        help=(
+            "connect upstream from the client's own IP address, so the server sees the real "
+            "client (the server's replies must route back through this box)"
+        ),
+    )
+    run.add_argument(
+        "--mark",
+        type=_mark,
+        default=DEFAULT_PROXY_MARK,
+        help=(
+            f"firewall mark on upstream connections, so the rules never divert the proxy's own "
+            f"traffic; must differ from the divert mark (default: {DEFAULT_PROXY_MARK:#x}; "
+            "use the same value as 'tproxy rules apply --mark')"
+        ),
+    )
+    run.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"reset the client if upstream does not answer in time (default: "
+        f"{DEFAULT_CONNECT_TIMEOUT_S:g})",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=[f.value for f in LogFormat],
+        default=LogFormat.TEXT.value,
+        help="session log on stdout: text for humans, json for one object per line "
+        "(default: text)",
+    )
+
+    rules = commands.add_parser(
+        "rules",
+        help="apply, remove or show the nftables rules and policy routing",
+        description=(
+            "Manage the interception rules in the current network namespace: one nftables table "
+            "of our own (inet tproxy_rules) and the policy routing that delivers diverted packets "
+            "to the proxy."
+        ),
+    )
+    actions = rules.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    actions.required = True
+    apply = actions.add_parser(
+        "apply",
+        help="divert TCP ports to the proxy (idempotent, all or nothing)",
+        description=(
+            "Divert new TCP connections to the given destination ports to the proxy port. "
+            "Applying again replaces our rules with the new ones; other tables are never touched."
+        ),
+    )
+    apply.add_argument(
+        "--ports",
+        type=_ports,
+        required=True,
+        help="destination ports to divert: a list of ports and ranges, e.g. 80,443,8000-8100",
+    )
+    apply.add_argument(
+        "--proxy-port",
+        type=_port,
+        default=DEFAULT_PROXY_PORT,
+        help=f"the port 'tproxy run' listens on (default: {DEFAULT_PROXY_PORT})",
+    )
+    apply.add_argument(
+        "--mark",
+        type=_mark,
+        default=DEFAULT_PROXY_MARK,
+        help=f"the proxy's upstream mark, exempt from diversion (default: {DEFAULT_PROXY_MARK:#x})",
+    )
+    apply.add_argument(
+        "--divert-mark",
+        type=_mark,
+        default=DEFAULT_DIVERT_MARK,
+        help=f"the mark that routes diverted packets to the proxy (default: "
+        f"{DEFAULT_DIVERT_MARK:#x})",
+    )
+    apply.add_argument(
+        "--table",
+        type=_positive_int,
+        default=DEFAULT_ROUTE_TABLE,
+        help=f"routing table for 'local default dev lo' (default: {DEFAULT_ROUTE_TABLE})",
+    )
+    apply.add_argument(
+        "--rule-priority",
+        type=_positive_int,
+        default=DEFAULT_RULE_PRIORITY,
+        help=f"priority of the fwmark ip rule (default: {DEFAULT_RULE_PRIORITY})",
+    )
+    apply.add_argument(
+        "--when-down",
+        choices=[w.value for w in WhenDown],
+        default=WhenDown.RESET.value,
+        help=(
+            "what diverted connections get while no proxy listens: reset (refused at once; the "
+            "default, nothing slips past uninspected) or pass (routed around the stopped proxy)"
+        ),
+    )
+    apply.add_argument(
+        "--dry-run", action="store_true", help="print what would be applied, change nothing"
+    )
+    actions.add_parser(
+        "remove",
+        help="remove everything 'apply' created, and nothing else",
+        description="Delete our nftables table and our ip rules and routes; restore sysctls.",
+    )
+    actions.add_parser(
+        "show", help="print the current rules, routing and relevant sysctls", description=None
+    )
+
+    lab = commands.add_parser(
+        "lab",
+        help="demo: a client, a router running tproxy and a server, in network namespaces",
+        description=(
+            "Build three network namespaces (client, router, server) with addresses in "
+            "198.18.0.0/15 and 2001:db8::/32, apply the rules and run the proxy in the router, "
+            "send real traffic (curl, checksummed transfers, IPv4 and IPv6), show the session log "
+            "and tear everything down. Needs root."
+        ),
+    )
+    lab.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="keep the lab up after the demo until Ctrl-C, to try things by hand",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "rules":
+            return _rules(args)
+        return _lab(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"tproxy: error: {message}\n")
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tproxy.engine.server import ProxyServer, StartupError
+    from tproxy.observability.eventlog import EventLog
+
+    config = ProxyConfig(
+        listen=args.listen or default_listen(),
+        spoof_source=args.spoof_source,
+        mark=args.mark,
+        connect_timeout_s=args.connect_timeout,
+        log_format=LogFormat(args.log_format),
+    )
+    server = ProxyServer(config, EventLog(config.log_format))
+    try:
+        nofile = server.open()
+    except StartupError as exc:
+        return _fail(str(exc))
+    asyncio.run(server.serve(nofile))
+    return 0
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from tproxy.rules.apply import (
+        RulesApplyError,
+        apply_rules,
+        ipv6_available,
+        plan_rules,
+        remove_rules,
+        show_rules,
+        sysctl_findings,
+    )
+
+    try:
+        if args.action == "apply":
+            try:
+                spec = RulesSpec(
+                    ports=args.ports,
+                    proxy_port=args.proxy_port,
+                    divert_mark=args.divert_mark,
+                    proxy_mark=args.mark,
+                    route_table=args.table,
+                    rule_priority=args.rule_priority,
+                    when_down=WhenDown(args.when_down),
+                    ipv6=ipv6_available(),
+                )
+            except RulesError as exc:
+                sys.stderr.write(f"tproxy rules apply: error: {exc}\n")
+                return 2
+            if args.dry_run:
+                lines = plan_rules(spec)
+            else:
+                lines = apply_rules(spec)
+                lines += [f"warning: {f}" for f in sysctl_findings() if not f.endswith("(ok)")]
+        elif args.action == "remove":
+            lines = remove_rules()
+        else:
+            lines = show_rules()
+    except RulesApplyError as exc:
+        return _fail(str(exc))
+    print("\n".join(lines))
+    return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from tproxy.lab.demo import run_demo
+    from tproxy.lab.topology import LabError
+
+    try:
+        return run_demo(keep_going=args.keep_going)
+    except LabError as exc:
+        return _fail(str(exc))

@@ -1,0 +1,1 @@
+"""The asyncio engine: listeners, upstream connect, relay, the session runner."""

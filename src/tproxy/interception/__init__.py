@@ -1,0 +1,1 @@
+"""Linux facts: transparent sockets, marks, the descriptor limit, the self-connection guard."""

@@ -1,0 +1,135 @@
+"""Transparent sockets: the listener TPROXY delivers to, the upstream socket, and the abort.
+
+Why the original destination is `getsockname()`: TPROXY does not rewrite the packet (unlike
+REDIRECT/DNAT), it only assigns it to our listening socket. The accepted socket therefore keeps the
+addresses the client used, and its local address *is* where the client was going. SO_ORIGINAL_DST
+asks conntrack and is for REDIRECT only; on a transparent socket it can be wrong (HAProxy's
+`sock_inet_get_dst` makes the same choice).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+from tproxy.core.endpoint import Endpoint, IPAddress
+
+# <linux/in.h>
+IP_TRANSPARENT = 19
+IP_BIND_ADDRESS_NO_PORT = 24
+# <linux/in6.h>
+IPV6_TRANSPARENT = 75
+# <asm-generic/socket.h>
+SO_MARK = 36
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+class SocketSetupError(Exception):
+    """A socket could not be set up as asked; the message is one sentence for the operator."""
+
+
+def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def open_transparent_listener(endpoint: Endpoint, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening socket with IP_TRANSPARENT, ready for TPROXY to hand it connections.
+
+    Raises:
+        SocketSetupError: not permitted (needs CAP_NET_ADMIN), the port is in use, or the address
+            is not one of this host's.
+    """
+    sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if endpoint.family == socket.AF_INET6:
+            # We listen on 0.0.0.0 and [::] side by side, as two sockets.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            _set_transparent(sock, endpoint.family)
+        except PermissionError:
+            raise SocketSetupError(
+                f"cannot listen transparently on {endpoint}: IP_TRANSPARENT needs root "
+                "(CAP_NET_ADMIN)"
+            ) from None
+        try:
+            sock.bind(endpoint.sockaddr)
+        except OSError as exc:
+            raise SocketSetupError(_bind_error_text(endpoint, exc)) from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_error_text(endpoint: Endpoint, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {endpoint}: the port is already in use by another program"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {endpoint}: the address is not configured on this host"
+    if exc.errno == errno.EAFNOSUPPORT:
+        return f"cannot listen on {endpoint}: IPv{endpoint.ip.version} is disabled on this host"
+    return f"cannot listen on {endpoint}: {exc.strerror}"
+
+
+def open_upstream_socket(dst: Endpoint, spoof_ip: IPAddress | None, mark: int) -> socket.socket:
+    """A non-blocking socket to connect to `dst`, marked, optionally bound to the client's IP.
+
+    With `spoof_ip` the socket is transparent and bound to that address with
+    IP_BIND_ADDRESS_NO_PORT, so the kernel picks the source port at connect() time knowing the
+    destination: without it, bind() picks a port for the address alone and every session of one
+    client shares one port space with that client's TIME_WAITs.
+    """
+    sock = socket.socket(dst.family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if spoof_ip is not None and spoof_ip.version == dst.ip.version:
+            _set_transparent(sock, dst.family)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((str(spoof_ip), 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def prepare_client_socket(sock: socket.socket) -> None:
+    """Accepted sockets come back blocking from accept(); make them non-blocking, no Nagle."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def abort_socket(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset (RST), never a clean FIN: SO_LINGER {1, 0}, close."""
+    if sock.fileno() < 0:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass  # already reset by the peer: the close below is all that is left to do
+    sock.close()
+
+
+def is_local_address(ip: IPAddress) -> bool:
+    """Whether `ip` is configured on this host (in this network namespace).
+
+    In theory one would read the local routing table; in practice a plain (non-transparent) bind
+    answers the same question in one syscall: it fails with EADDRNOTAVAIL for foreign addresses
+    (unless net.ipv4.ip_nonlocal_bind is set, where this errs on the side of "local").
+    """
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,73 @@
+"""A `tproxy run` process inside a lab namespace, with its JSON session log collected as it comes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tproxy.lab.topology import Host, Lab, LabError, stop_process, wait_until
+
+Event = dict[str, Any]
+
+
+class ProxyProcess:
+    """Runs `python -m tproxy run --log-format json ARGS` in `host` and collects its events."""
+
+    def __init__(self, lab: Lab, host: Host, args: Sequence[str]) -> None:
+        self._lab = lab
+        self.argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", *args]
+        self.proc = lab.start(host, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "unparsed", "line": line.decode(errors="replace")}
+            with self._lock:
+                self.events.append(event)
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self.events)
+
+    def find(self, predicate: Callable[[Event], bool]) -> list[Event]:
+        return [e for e in self.snapshot() if predicate(e)]
+
+    def named(self, name: str) -> list[Event]:
+        return self.find(lambda e: e.get("event") == name)
+
+    def wait_for(
+        self, predicate: Callable[[Event], bool], what: str, timeout_s: float = 10, count: int = 1
+    ) -> list[Event]:
+        def ready() -> bool:
+            if self.proc.poll() is not None and len(self.find(predicate)) < count:
+                raise LabError(f"tproxy exited ({self.proc.returncode}) {self.stderr_text()}")
+            return len(self.find(predicate)) >= count
+
+        wait_until(ready, timeout_s, what)
+        return self.find(predicate)
+
+    def wait_listening(self, timeout_s: float = 10) -> Event:
+        return self.wait_for(lambda e: e.get("event") == "listening", "tproxy to listen",
+                             timeout_s)[0]  # fmt: skip
+
+    def stderr_text(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read().decode(errors="replace").strip()
+
+    def stop(self) -> int | None:
+        code = stop_process(self.proc)
+        self._lab.forget(self.proc)
+        self._reader.join(5)
+        return code

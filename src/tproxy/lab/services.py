@@ -1,0 +1,72 @@
+"""Real servers for the lab: nginx (HTTP, answers with the client address it saw), the checksum
+peer server, iperf3; and a readiness wait that polls `ss` instead of sleeping."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tproxy.lab.topology import Host, Lab, LabError, wait_until
+
+HTTP_PORT = 80
+PEER_PORT = 9000
+IPERF_PORT = 5201
+
+_NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server {{
+        listen {port};
+        listen [::]:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "hello from the server; it saw you as $remote_addr\\n";
+        }}
+    }}
+}}
+"""
+
+
+def is_listening(lab: Lab, host: Host, port: int) -> bool:
+    result = lab.run(host, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+    return bool(result.stdout.strip())
+
+
+def wait_listening(lab: Lab, host: Host, port: int, what: str, timeout_s: float = 10) -> None:
+    wait_until(lambda: is_listening(lab, host, port), timeout_s, f"{what} to listen on {port}")
+
+
+def start_nginx(lab: Lab, host: Host, port: int = HTTP_PORT) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        raise LabError("nginx was not found: run scripts/bootstrap (apt-get install nginx)")
+    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-nginx-"))
+    conf = workdir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(workdir=workdir, port=port))
+    lab.start(host, [nginx, "-c", str(conf), "-e", "stderr"])
+    lab.cleanup_paths.append(workdir)
+    wait_listening(lab, host, port, "nginx")
+
+
+def start_peer_server(lab: Lab, host: Host, port: int = PEER_PORT) -> None:
+    lab.start(host, [sys.executable, "-m", "tproxy.lab.peers", "serve", "--port", str(port)])
+    wait_listening(lab, host, port, "the checksum server")
+
+
+def start_iperf_server(lab: Lab, host: Host, port: int = IPERF_PORT) -> None:
+    if shutil.which("iperf3") is None:
+        raise LabError("iperf3 was not found: run scripts/bootstrap (apt-get install iperf3)")
+    lab.start(host, ["iperf3", "-s", "-p", str(port)])
+    wait_listening(lab, host, port, "iperf3")

@@ -1,0 +1,177 @@
+"""The session event schema: one dataclass per event, rendered as a text line or a JSON object.
+
+Every event has `ts` (UTC, ISO 8601 with milliseconds) and `event` (its name below). Endpoints are
+strings, `ip:port` or `[ip]:port`. The schema is documented in README.md ("Session log"); add
+fields freely, never rename or remove one (scripts parse these lines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: ClassVar[str] = "event"
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Listening(Event):
+    """The proxy is ready: every listener is bound."""
+
+    name: ClassVar[str] = "listening"
+    listen: list[str]
+    spoof_source: bool
+    mark: int
+    nofile_limit: int
+
+    def text(self) -> str:
+        spoof = "on" if self.spoof_source else "off"
+        return (
+            f"listening on {', '.join(self.listen)} (spoof-source {spoof}, mark {self.mark:#x}, "
+            f"open-file limit {self.nofile_limit})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened(Event):
+    name: ClassVar[str] = "session_open"
+    session: int
+    client: str
+    dst: str
+    active: int
+
+    def text(self) -> str:
+        return (
+            f"session {self.session} opened: {self.client} -> {self.dst}, "
+            f"{self.active} active sessions"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnected(Event):
+    name: ClassVar[str] = "upstream_connected"
+    session: int
+    dst: str
+    source: str
+    connect_ms: float
+
+    def text(self) -> str:
+        return (
+            f"session {self.session} connected to {self.dst} from {self.source} "
+            f"in {self.connect_ms:.1f} ms"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed(Event):
+    name: ClassVar[str] = "upstream_failed"
+    session: int
+    dst: str
+    error: str
+    detail: str
+
+    def text(self) -> str:
+        return f"session {self.session} connection to {self.dst} failed: {self.error} ({self.detail})"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed(Event):
+    name: ClassVar[str] = "session_close"
+    session: int
+    client: str
+    dst: str
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    reason: str
+    active: int
+
+    def text(self) -> str:
+        return (
+            f"session {self.session} closed ({self.reason}): {self.client} -> {self.dst}, "
+            f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s, "
+            f"{self.active} active sessions"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed(Event):
+    """A session ended by an unexpected error: a bug to report, logged with the session id."""
+
+    name: ClassVar[str] = "session_error"
+    session: int
+    error: str
+
+    def text(self) -> str:
+        return f"session {self.session} error: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Event):
+    """Something the operator should know that is not about one session."""
+
+    name: ClassVar[str] = "notice"
+    message: str
+
+    def text(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped(Event):
+    name: ClassVar[str] = "stopped"
+    signal: str
+    sessions_cut: int
+
+    def text(self) -> str:
+        return f"stopped on {self.signal}, {self.sessions_cut} live sessions cut"
+
+
+def format_timestamp(epoch_s: float) -> str:
+    millis = int(epoch_s * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{millis:03d}Z"
+
+
+def render_json(event: Event, epoch_s: float) -> str:
+    record: dict[str, Any] = {"ts": format_timestamp(epoch_s), "event": event.name}
+    record.update(dataclasses.asdict(event))
+    return json.dumps(record, separators=(",", ":"))
+
+
+def render_text(event: Event, epoch_s: float) -> str:
+    return f"{format_timestamp(epoch_s)} {event.text()}"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.name: cls
+    for cls in (
+        Listening,
+        SessionOpened,
+        UpstreamConnected,
+        UpstreamFailed,
+        SessionClosed,
+        SessionFailed,
+        Notice,
+        Stopped,
+    )
+}
+
+
+def parse_json_event(record: dict[str, Any]) -> Event | None:
+    """The event a JSON log line describes (unknown fields ignored), or None for an unknown event."""
+    cls = EVENT_TYPES.get(str(record.get("event")))
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in record.items() if k in names})
+    except TypeError:
+        return None

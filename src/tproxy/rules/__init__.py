@@ -1,0 +1,1 @@
+"""The nftables ruleset and policy routing that divert traffic to the proxy."""

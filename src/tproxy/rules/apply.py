@@ -1,0 +1,327 @@
+"""Apply, remove and show the diversion: the I/O half of `tproxy.rules` (nft, ip, /proc/sys).
+
+All or nothing: the nftables part is one `nft -f` transaction; the policy routing and sysctls
+follow it, and if any step fails everything this run changed is put back before the error is
+reported. `remove` finds our pieces by their marks (our table's name, routing protocol 201), so it
+never touches anyone else's rules, and needs none of apply's options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, RulesSpec
+from tproxy.rules.render import (
+    REQUIRED_SYSCTLS,
+    IPCommand,
+    parse_restore_comment,
+    render_ip_route_replace,
+    render_ip_rule_add,
+    render_nft_apply,
+    render_nft_remove,
+)
+
+CAP_NET_ADMIN = 12  # <linux/capability.h>
+SYSCTL_ROOT = Path("/proc/sys")
+
+Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
+
+
+class RulesApplyError(Exception):
+    """The rules could not be applied or removed; the message is one sentence for the operator."""
+
+
+def run_command(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+
+
+def has_net_admin() -> bool:
+    """CAP_NET_ADMIN in the effective set (root normally has it; so can a non-root service)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return os.geteuid() == 0
+    match = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return bool(match and int(match.group(1), 16) >> CAP_NET_ADMIN & 1)
+
+
+def ipv6_available() -> bool:
+    return (SYSCTL_ROOT / "net/ipv6").is_dir()
+
+
+def read_sysctl(name: str) -> str | None:
+    try:
+        return (SYSCTL_ROOT / name.replace(".", "/")).read_text().strip()
+    except OSError:
+        return None
+
+
+def write_sysctl(name: str, value: str) -> None:
+    try:
+        (SYSCTL_ROOT / name.replace(".", "/")).write_text(value + "\n")
+    except OSError as exc:
+        raise RulesApplyError(f"cannot set {name}={value}: {exc.strerror}") from None
+
+
+def preflight(need_root: bool = True) -> None:
+    """Fail early, with one sentence, on what would make every later step fail.
+
+    Raises:
+        RulesApplyError: nft or ip is not installed, or we lack CAP_NET_ADMIN.
+    """
+    for tool, package in (("nft", "nftables"), ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            raise RulesApplyError(
+                f"'{tool}' was not found: install it (apt-get install {package}) and try again"
+            )
+    if need_root and not has_net_admin():
+        raise RulesApplyError("changing firewall rules needs root (CAP_NET_ADMIN): run with sudo")
+
+
+def _nft_error_text(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    first = lines[0].removeprefix("Error: ") if lines else stderr.strip()
+    if "tproxy" in stderr and "No such file or directory" in stderr:
+        return "the kernel has no nftables tproxy support (CONFIG_NFT_TPROXY, module nft_tproxy)"
+    if "socket" in stderr and "No such file or directory" in stderr:
+        return "the kernel has no nftables socket match (CONFIG_NFT_SOCKET, module nft_socket)"
+    if "Operation not permitted" in stderr:
+        return "nft was refused: changing firewall rules needs root (CAP_NET_ADMIN)"
+    return f"nft rejected the ruleset: {first}"
+
+
+def _nft(runner: Runner, script: str) -> None:
+    result = runner(["nft", "-f", "-"], script)
+    if result.returncode != 0:
+        raise RulesApplyError(_nft_error_text(result.stderr))
+
+
+def read_table(runner: Runner) -> str | None:
+    """Our table as `nft list` prints it, or None if it does not exist."""
+    result = runner(["nft", "list", "table", "inet", TABLE_NAME], None)
+    return result.stdout if result.returncode == 0 else None
+
+
+def _table_comment(listing: str | None) -> str:
+    match = re.search(r'^\s*comment "([^"]*)"', listing or "", re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def _ip_json(runner: Runner, argv: Sequence[str]) -> list[dict[str, Any]]:
+    result = runner(["ip", "-j", *argv], None)
+    if result.returncode != 0 or not result.stdout.strip():
+        return []
+    parsed = json.loads(result.stdout)
+    return parsed if isinstance(parsed, list) else []
+
+
+def _is_ours(entry: dict[str, Any]) -> bool:
+    return str(entry.get("protocol", "")) == str(RTPROT_TPROXY)
+
+
+def our_ip_rules(runner: Runner, family: int) -> list[dict[str, Any]]:
+    return [e for e in _ip_json(runner, [f"-{family}", "rule", "show"]) if _is_ours(e)]
+
+
+def our_routes(runner: Runner, family: int) -> list[dict[str, Any]]:
+    return _ip_json(
+        runner, [f"-{family}", "route", "show", "table", "all", "proto", str(RTPROT_TPROXY)]
+    )
+
+
+def _rule_matches(entry: dict[str, Any], spec: RulesSpec) -> bool:
+    fwmark = str(entry.get("fwmark", ""))
+    return (
+        entry.get("priority") == spec.rule_priority
+        and fwmark.startswith("0x")
+        and int(fwmark.split("/")[0], 16) == spec.divert_mark
+        and str(entry.get("table")) == str(spec.route_table)
+    )
+
+
+def _run_ip(runner: Runner, command: IPCommand) -> None:
+    result = runner(command.argv, None)
+    if result.returncode != 0:
+        raise RulesApplyError(f"'{' '.join(command.argv)}' failed: {result.stderr.strip()}")
+
+
+@dataclass
+class _Undo:
+    """What one apply run changed, newest last, so a failure can put it back."""
+
+    steps: list[Callable[[], None]] = field(default_factory=list)
+
+    def run(self) -> None:
+        for step in reversed(self.steps):
+            try:
+                step()
+            except (RulesApplyError, OSError):
+                pass  # best effort: report the original error, not the rollback's
+
+
+def _families(spec: RulesSpec) -> tuple[int, ...]:
+    return (4, 6) if spec.ipv6 else (4,)
+
+
+def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
+    """Install the diversion; return what was done, one line each.
+
+    Idempotent: applying the same spec twice leaves the same state and says so.
+
+    Raises:
+        RulesApplyError: a step failed; everything this call changed has been put back.
+    """
+    preflight()
+    report: list[str] = []
+    before = read_table(runner)
+    restore = parse_restore_comment(_table_comment(before))
+    sysctl_changes: list[tuple[str, str]] = []
+    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+        current = read_sysctl(name)
+        if current is not None and current != wanted:
+            restore.setdefault(name, current)
+            sysctl_changes.append((name, wanted))
+            report.append(f"set {name}={wanted} (was {current}): {why}")
+    undo = _Undo()
+    try:
+        _nft(runner, render_nft_apply(spec, restore))
+        if before is None:
+            undo.steps.append(lambda: _nft(runner, render_nft_remove()))
+            report.append(f"created nftables table inet {TABLE_NAME}")
+        else:
+            previous = before
+            undo.steps.append(lambda: _nft(runner, render_nft_remove() + previous))
+            report.append(f"replaced nftables table inet {TABLE_NAME}")
+        existing = {f: our_ip_rules(runner, f) for f in _families(spec)}
+        for command in render_ip_rule_add(spec):
+            if any(_rule_matches(e, spec) for e in existing[command.family]):
+                continue
+            _run_ip(runner, command)
+            undo.steps.append(lambda c=command: _run_ip(runner, _as_delete(c)))
+            report.append(" ".join(command.argv))
+        for command in render_ip_route_replace(spec):
+            _run_ip(runner, command)
+            report.append(" ".join(command.argv))
+        for name, wanted in sysctl_changes:
+            old = restore[name]
+            write_sysctl(name, wanted)
+            undo.steps.append(lambda n=name, v=old: write_sysctl(n, v))
+    except BaseException:
+        undo.run()
+        raise
+    return report
+
+
+def _as_delete(command: IPCommand) -> IPCommand:
+    argv = list(command.argv)
+    argv[argv.index("add")] = "del"
+    return IPCommand(tuple(argv), command.family)
+
+
+def remove_rules(runner: Runner = run_command) -> list[str]:
+    """Remove everything `apply_rules` created (and only that); return what was removed.
+
+    Raises:
+        RulesApplyError: a step failed.
+    """
+    preflight()
+    report: list[str] = []
+    listing = read_table(runner)
+    if listing is not None:
+        for name, value in parse_restore_comment(_table_comment(listing)).items():
+            write_sysctl(name, value)
+            report.append(f"restored {name}={value}")
+        _nft(runner, render_nft_remove())
+        report.append(f"deleted nftables table inet {TABLE_NAME}")
+    for family in (4, 6) if ipv6_available() else (4,):
+        for rule in our_ip_rules(runner, family):
+            argv = ("ip", f"-{family}", "rule", "del", "pref", str(rule["priority"]),
+                    "protocol", str(RTPROT_TPROXY))  # fmt: skip
+            _run_ip(runner, IPCommand(argv, family))
+            report.append(" ".join(argv))
+        for route in our_routes(runner, family):
+            argv = ("ip", f"-{family}", "route", "del", route.get("type", "local"),
+                    str(route["dst"]), "dev", str(route.get("dev", "lo")),
+                    "table", str(route.get("table", "main")), "proto", str(RTPROT_TPROXY))  # fmt: skip
+            _run_ip(runner, IPCommand(argv, family))
+            report.append(" ".join(argv))
+    if not report:
+        report.append("nothing to remove: no rules of tproxy's are installed")
+    return report
+
+
+def show_rules(runner: Runner = run_command) -> list[str]:
+    """The current state of everything the rules manager owns or needs, as lines for a terminal."""
+    preflight()
+    lines: list[str] = []
+    listing = read_table(runner)
+    if listing is None:
+        lines.append(f"nftables: no table inet {TABLE_NAME} (rules not applied)")
+    else:
+        lines.append(f"nftables: table inet {TABLE_NAME}")
+        lines.extend("  " + line for line in listing.rstrip().splitlines())
+    for family in (4, 6) if ipv6_available() else (4,):
+        rules = our_ip_rules(runner, family)
+        routes = our_routes(runner, family)
+        if not rules and not routes:
+            lines.append(f"IPv{family} policy routing: none of ours")
+        for rule in rules:
+            lines.append(
+                f"IPv{family} rule: pref {rule.get('priority')} fwmark {rule.get('fwmark')} "
+                f"lookup {rule.get('table')}"
+            )
+        for route in routes:
+            lines.append(
+                f"IPv{family} route: {route.get('type', '')} {route.get('dst')} dev "
+                f"{route.get('dev')} table {route.get('table')}"
+            )
+    lines.extend(sysctl_findings())
+    return lines
+
+
+def sysctl_findings() -> list[str]:
+    """The sysctls a TPROXY router depends on, each with what is wrong if it is wrong."""
+    findings: list[str] = []
+    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+        value = read_sysctl(name)
+        if value is not None:
+            verdict = "ok" if value == wanted else f"should be {wanted}: {why}"
+            findings.append(f"{name} = {value} ({verdict})")
+    forward = read_sysctl("net.ipv4.ip_forward")
+    if forward is not None:
+        verdict = "ok" if forward == "1" else "this box does not route: set it to 1 on a router"
+        findings.append(f"net.ipv4.ip_forward = {forward} ({verdict})")
+    valid_mark = read_sysctl("net.ipv4.conf.all.src_valid_mark")
+    if valid_mark == "1":
+        findings.append(
+            "net.ipv4.conf.all.src_valid_mark = 1 (breaks TPROXY with --spoof-source: set it to 0)"
+        )
+    return findings
+
+
+def plan_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
+    """What `apply_rules` would do, changing nothing (`--dry-run`; needs no root)."""
+    preflight(need_root=False)
+    restore: dict[str, str] = {}
+    lines = ["# sysctls"]
+    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+        current = read_sysctl(name)
+        if current is not None and current != wanted:
+            restore[name] = current
+            lines.append(f"sysctl -w {name}={wanted}  # was {current}: {why}")
+        else:
+            lines.append(f"# {name} is already {wanted}")
+    lines.append("# nftables, one transaction (nft -f -)")
+    lines.extend(render_nft_apply(spec, restore).rstrip().splitlines())
+    lines.append("# policy routing (ip rules are added only if missing)")
+    for command in (*render_ip_rule_add(spec), *render_ip_route_replace(spec)):
+        lines.append(" ".join(command.argv))
+    return lines

@@ -1,0 +1,118 @@
+"""What `tproxy rules apply` sets up, as a validated model (no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from tproxy.core.config import DEFAULT_DIVERT_MARK, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
+from tproxy.core.endpoint import EndpointError, parse_port
+
+# Our own nftables table. Not "tproxy": that is an nft keyword and would need quoting everywhere.
+TABLE_NAME = "tproxy_rules"
+DEFAULT_ROUTE_TABLE = 100
+# The ip rule's priority: before the main table (32766), after anything an operator put first.
+DEFAULT_RULE_PRIORITY = 32000
+# The routing protocol number on our ip rules and routes (rtnetlink's rtm_protocol; numbers above
+# RTPROT_STATIC are free for daemons). It is how `remove` finds exactly what `apply` created.
+RTPROT_TPROXY = 201
+
+
+class RulesError(ValueError):
+    """Invalid rules input; the message is one sentence for the command line."""
+
+
+class WhenDown(enum.Enum):
+    """What diverted traffic does while no proxy listens on the proxy port.
+
+    nft's `tproxy` statement lets a packet go on when no socket matches, so without a rule after it
+    a stopped proxy is silently routed around (fail-open). RESET (the default) rejects new
+    connections to the diverted ports with a TCP reset instead: for an interception tool, traffic
+    that must be inspected or logged never leaves uninspected, and clients fail at once instead of
+    waiting for a timeout.
+    """
+
+    RESET = "reset"
+    PASS = "pass"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class RulesSpec:
+    """The diversion to set up.
+
+    Args:
+        ports: destination ports diverted to the proxy.
+        proxy_port: the port `tproxy run` listens on.
+        divert_mark: the mark that sends diverted packets through the policy-routing table.
+        proxy_mark: the mark on the proxy's own upstream sockets (`tproxy run --mark`).
+        route_table: the routing table holding `local default dev lo`.
+        rule_priority: the priority of the `fwmark -> table` ip rule.
+        when_down: what diverted traffic does while no proxy listens.
+        ipv6: whether to set up the IPv6 half of the policy routing.
+    """
+
+    ports: tuple[PortRange, ...]
+    proxy_port: int = DEFAULT_PROXY_PORT
+    divert_mark: int = DEFAULT_DIVERT_MARK
+    proxy_mark: int = DEFAULT_PROXY_MARK
+    route_table: int = DEFAULT_ROUTE_TABLE
+    rule_priority: int = DEFAULT_RULE_PRIORITY
+    when_down: WhenDown = WhenDown.RESET
+    ipv6: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            raise RulesError("no ports to divert: give --ports, e.g. --ports 80,443")
+        if self.divert_mark == self.proxy_mark:
+            raise RulesError(
+                f"the divert mark and the proxy mark are both {self.divert_mark:#x}: they must "
+                "differ, or the proxy's own traffic would be diverted back to it"
+            )
+        for name, mark in (("divert mark", self.divert_mark), ("proxy mark", self.proxy_mark)):
+            if not 1 <= mark <= 0xFFFFFFFF:
+                raise RulesError(f"the {name} must be from 1 to 0xffffffff, not {mark}")
+        if not 1 <= self.route_table <= 0xFFFFFFFF or self.route_table in (253, 254, 255):
+            raise RulesError(
+                f"routing table {self.route_table} is reserved or out of range: pick a free table "
+                "number such as 100"
+            )
+
+
+def parse_ports(text: str) -> tuple[PortRange, ...]:
+    """`80,443,8000-8100` into sorted, merged port ranges.
+
+    Raises:
+        RulesError: a part is not a port or a `first-last` range with first <= last.
+    """
+    ranges: list[PortRange] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise RulesError(f"invalid port list {text!r}: empty entry")
+        first_text, dash, last_text = part.partition("-")
+        try:
+            first = parse_port(first_text.strip())
+            last = parse_port(last_text.strip()) if dash else first
+        except EndpointError as exc:
+            raise RulesError(f"invalid port list {text!r}: {exc}") from None
+        if first > last:
+            raise RulesError(f"invalid port range {part!r}: the first port is above the last")
+        ranges.append(PortRange(first, last))
+    ranges.sort(key=lambda r: r.first)
+    merged: list[PortRange] = [ranges[0]]
+    for r in ranges[1:]:
+        top = merged[-1]
+        if r.first <= top.last + 1:
+            merged[-1] = PortRange(top.first, max(top.last, r.last))
+        else:
+            merged.append(r)
+    return tuple(merged)
