@@ -22,6 +22,19 @@ from tproxy.core.config import (
     default_listen,
 )
 from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
+from tproxy.engine.server import ProxyServer, StartupError
+from tproxy.lab.demo import run_demo
+from tproxy.lab.topology import LabError
+from tproxy.observability.eventlog import EventLog
+from tproxy.rules.apply import (
+    RulesApplyError,
+    apply_rules,
+    ipv6_available,
+    plan_rules,
+    remove_rules,
+    show_rules,
+    sysctl_findings,
+)
 from tproxy.rules.model import (
     DEFAULT_ROUTE_TABLE,
     DEFAULT_RULE_PRIORITY,
@@ -153,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=[f.value for f in LogFormat],
         default=LogFormat.TEXT.value,
-        help="session log on stdout: text for humans, json for one object per line "
-        "(default: text)",
+        help="session log on stdout: text for humans, json for one object per line (default: text)",
     )
 
     rules = commands.add_parser(
@@ -270,9 +282,6 @@ def _fail(message: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tproxy.engine.server import ProxyServer, StartupError
-    from tproxy.observability.eventlog import EventLog
-
     config = ProxyConfig(
         listen=args.listen or default_listen(),
         spoof_source=args.spoof_source,
@@ -290,16 +299,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from tproxy.rules.apply import (
-        RulesApplyError,
-        apply_rules,
-        ipv6_available,
-        plan_rules,
-        remove_rules,
-        show_rules,
-        sysctl_findings,
-    )
-
     try:
         if args.action == "apply":
             try:
@@ -332,9 +331,6 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from tproxy.lab.demo import run_demo
-    from tproxy.lab.topology import LabError
-
     try:
         return run_demo(keep_going=args.keep_going)
     except LabError as exc:

@@ -1,7 +1,7 @@
-"""Endpoints: one IP address and TCP port, parsed from user input and printed the one way we log them.
+"""Endpoints: an IP address and a TCP port, parsed from user input, printed the one way we log.
 
-IPv6 endpoints are written `[ip]:port` everywhere (logs, JSON, errors), IPv4 ones `ip:port`, so a log
-line can be split on the last colon and pasted back into `--listen`.
+IPv6 endpoints are written `[ip]:port` everywhere (logs, JSON, errors), IPv4 ones `ip:port`, so a
+log line can be split on the last colon and pasted back into `--listen`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Endpoint:
 
     @property
     def sockaddr(self) -> tuple[str, int]:
-        """The address tuple that `socket.connect`/`bind` take (a 2-tuple works for AF_INET6 too)."""
+        """The tuple `socket.connect`/`bind` take (a 2-tuple works for AF_INET6 too)."""
         return (str(self.ip), self.port)
 
     @classmethod
@@ -77,6 +77,8 @@ def parse_endpoint(text: str) -> Endpoint:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise EndpointError(f"invalid address {text!r}: {host!r} is not an IP address") from None
-    if isinstance(ip, ipaddress.IPv6Address) and not text.startswith("["):
-        raise EndpointError(f"invalid address {text!r}: write IPv6 addresses as [IPv6]:PORT")
+    if (ip.version == 6) != text.startswith("["):
+        if ip.version == 6:
+            raise EndpointError(f"invalid address {text!r}: write IPv6 addresses as [IPv6]:PORT")
+        raise EndpointError(f"invalid address {text!r}: brackets are for IPv6 only")
     return Endpoint(ip, parse_port(port_text))

@@ -9,6 +9,7 @@ decided by `tproxy.core.lifecycle` (the close matrix lives there); this module o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -45,10 +46,9 @@ async def _pump(
 
 
 def _shutdown_write(sock: socket.socket) -> None:
-    try:
+    # If the peer is already gone, its own direction will report how.
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the peer is already gone; its own direction will report how
 
 
 async def relay(client: socket.socket, upstream: socket.socket, record: SessionRecord) -> str:
@@ -94,7 +94,7 @@ async def relay(client: socket.socket, upstream: socket.socket, record: SessionR
         await _cancel(pending)
 
 
-async def _cancel(tasks: set[asyncio.Future[End]]) -> None:
+async def _cancel(tasks: set[asyncio.Task[End]]) -> None:
     for task in tasks:
         task.cancel()
     if tasks:

@@ -47,7 +47,7 @@ class SessionContext:
     next_id: int = 1
 
 
-class _ConnectFailed(Exception):
+class _ConnectError(Exception):
     def __init__(self, reason: str, error: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -74,7 +74,7 @@ async def run_session(ctx: SessionContext, client_sock: socket.socket, client: E
             return
         try:
             upstream = await _connect_upstream(ctx.config, ctx.log, record)
-        except _ConnectFailed as failed:
+        except _ConnectError as failed:
             reason = failed.reason
             ctx.log.emit(UpstreamFailed(record.id, str(dst), failed.error, failed.detail))
             abort_socket(client_sock)
@@ -118,20 +118,20 @@ async def _connect_upstream(
     try:
         sock = open_upstream_socket(record.dst, spoof_ip, config.mark)
     except OSError as exc:
-        raise _ConnectFailed("upstream_failed", _errno_name(exc), _detail(exc)) from None
+        raise _ConnectError("upstream_failed", _errno_name(exc), _detail(exc)) from None
     started = time.monotonic()
     try:
         async with asyncio.timeout(config.connect_timeout_s):
             await loop.sock_connect(sock, record.dst.sockaddr)
     except TimeoutError:
         sock.close()
-        raise _ConnectFailed(
+        raise _ConnectError(
             "upstream_timeout", "ETIMEDOUT", f"no answer within {config.connect_timeout_s:g} s"
         ) from None
     except OSError as exc:
         sock.close()
         reason = _CONNECT_FAILURE_REASONS.get(exc.errno or 0, "upstream_failed")
-        raise _ConnectFailed(reason, _errno_name(exc), _detail(exc)) from None
+        raise _ConnectError(reason, _errno_name(exc), _detail(exc)) from None
     except BaseException:
         sock.close()
         raise

@@ -13,8 +13,10 @@ import resource
 def raise_nofile_limit() -> int:
     """Raise the soft limit to the hard limit and return the limit now in effect."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == hard:
-        return soft if hard == resource.RLIM_INFINITY else hard
+    if hard == resource.RLIM_INFINITY:
+        return soft
+    if soft == hard:
+        return hard
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError):

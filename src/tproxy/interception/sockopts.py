@@ -9,6 +9,7 @@ asks conntrack and is for REDIRECT only; on a transparent socket it can be wrong
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -44,6 +45,10 @@ def open_transparent_listener(endpoint: Endpoint, backlog: int = 4096) -> socket
         SocketSetupError: not permitted (needs CAP_NET_ADMIN), the port is in use, or the address
             is not one of this host's.
     """
+    # A transparent socket may bind any address, so a typo would bind silently and never
+    # receive a connection: insist on an address of this host (or the wildcard).
+    if not endpoint.ip.is_unspecified and not is_local_address(endpoint.ip):
+        raise SocketSetupError(_bind_error_text(endpoint, OSError(errno.EADDRNOTAVAIL, "")))
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,10 +117,9 @@ def abort_socket(sock: socket.socket) -> None:
     """Close so that the peer sees a reset (RST), never a clean FIN: SO_LINGER {1, 0}, close."""
     if sock.fileno() < 0:
         return
-    try:
+    # Already reset by the peer: then the close below is all that is left to do.
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-    except OSError:
-        pass  # already reset by the peer: the close below is all that is left to do
     sock.close()
 
 

@@ -1,1 +1,1 @@
-"""The namespace lab: client, router and server namespaces for the demo and the integration tests."""
+"""The namespace lab: client, router and server namespaces for the demo and the tests."""

@@ -9,18 +9,21 @@ Protocol (one TCP connection per transfer, first line is the request):
   FIN; the client regenerates the stream and compares sha256.
 
 Run as ``python -m tproxy.lab.peers serve --port P`` (IPv4 and IPv6), and ``upload`` /
-``download`` for the client side; each client prints one JSON object.
+``download`` for the client side; each client prints one JSON object. ``probe`` connects anywhere
+and reports what a client saw: refused, reset, clean EOF or a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import random
 import socket
 import socketserver
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,6 +136,42 @@ def download(source: Endpoint, total_bytes: int, seed: int, timeout_s: float) ->
     }
 
 
+def probe(to: Endpoint, send: bytes, timeout_s: float) -> dict[str, Any]:
+    """Connect, send `send`, read until EOF, an error or the timeout: what did the client see?
+
+    `connect` and `read` are "ok"/"eof"/"timeout" or the errno name (ECONNREFUSED, ECONNRESET):
+    the difference between a refusal, a reset and a clean close is exactly what tests look at.
+    """
+    started = time.monotonic()
+    result: dict[str, Any] = {"connect": "ok", "read": None, "received": 0}
+    sock = socket.socket(to.family, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(to.sockaddr)
+        except OSError as exc:
+            result["connect"] = _outcome(exc)
+            return result
+        try:
+            if send:
+                sock.sendall(send)
+            while chunk := sock.recv(65536):
+                result["received"] += len(chunk)
+            result["read"] = "eof"
+        except OSError as exc:
+            result["read"] = _outcome(exc)
+        return result
+    finally:
+        sock.close()
+        result["elapsed_s"] = round(time.monotonic() - started, 3)
+
+
+def _outcome(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tproxy.lab.peers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--bytes", type=int, required=True)
         cmd.add_argument("--seed", type=int, default=1)
         cmd.add_argument("--timeout", type=float, default=30.0)
+    probe_cmd = commands.add_parser("probe")
+    probe_cmd.add_argument("endpoint", type=parse_endpoint)
+    probe_cmd.add_argument("--send", default="")
+    probe_cmd.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        print(json.dumps(probe(args.endpoint, args.send.encode(), args.timeout)))
+        return 0
     if args.command == "serve":
         serve(args.port)
         return 0

@@ -1,4 +1,4 @@
-"""A `tproxy run` process inside a lab namespace, with its JSON session log collected as it comes."""
+"""A `tproxy run` process inside a lab namespace, its JSON session log collected as it comes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tproxy.lab.topology import Host, Lab, LabError, stop_process, wait_until
+from tproxy.lab.topology import Host, Lab, LabError, wait_until
 
 Event = dict[str, Any]
 
@@ -25,6 +25,8 @@ class ProxyProcess:
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._stderr = ""
+        lab.on_destroy(self.stop)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -62,12 +64,26 @@ class ProxyProcess:
                              timeout_s)[0]  # fmt: skip
 
     def stderr_text(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
+        """What the process wrote to stderr, once it has exited."""
+        if self.proc.poll() is None:
             return ""
-        return self.proc.stderr.read().decode(errors="replace").strip()
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self._stderr = self.proc.stderr.read().decode(errors="replace").strip()
+            self.proc.stderr.close()
+        return self._stderr
 
     def stop(self) -> int | None:
-        code = stop_process(self.proc)
+        """SIGTERM the proxy, collect the rest of its log; idempotent."""
         self._lab.forget(self.proc)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._reader.join(5)
-        return code
+        self.stderr_text()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode

@@ -14,13 +14,14 @@ tests use this same class.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -51,7 +52,7 @@ def _ip(text: str) -> IPAddress:
 
 
 class Lab:
-    """Client, router and server namespaces; `with Lab() as lab:` builds and always destroys them."""
+    """Client, router and server namespaces; `with Lab() as lab:` builds, then always destroys."""
 
     def __init__(self, run_id: str | None = None) -> None:
         self.run_id = run_id or secrets.token_hex(3)
@@ -63,6 +64,7 @@ class Lab:
         self._processes: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
         self.cleanup_paths: list[Path] = []
+        self._cleanups: list[Callable[[], object]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -113,14 +115,38 @@ class Lab:
             self._sh(["ip", "-n", ns, "addr", "add", v4, "dev", dev])
             self._sh(["ip", "-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"])
             self._sh(["ip", "-n", ns, "link", "set", dev, "up"])
-        for ns, gw4, gw6 in ((c, "198.18.1.1", "2001:db8:1::1"), (s, "198.18.2.1", "2001:db8:2::1")):
+        for ns, gw4, gw6 in (
+            (c, "198.18.1.1", "2001:db8:1::1"),
+            (s, "198.18.2.1", "2001:db8:2::1"),
+        ):
             self._sh(["ip", "-n", ns, "route", "add", "default", "via", gw4])
             self._sh(["ip", "-n", ns, "-6", "route", "add", "default", "via", gw6])
+        # Permanent neighbour entries: the first IPv6 packet on a fresh veth otherwise waits ~1 s
+        # for neighbour discovery, which would show up as a 1 s connect in every first test.
+        links = [(c, "eth0", r, "to-client"), (s, "eth0", r, "to-server")]
+        for ns, dev, peer_ns, peer_dev in links:
+            self._pin_neighbours(ns, dev, peer_ns, peer_dev)
+            self._pin_neighbours(peer_ns, peer_dev, ns, dev)
         self.sysctl(self.router, "net.ipv4.ip_forward", "1")
         self.sysctl(self.router, "net.ipv6.conf.all.forwarding", "1")
 
+    def _pin_neighbours(self, ns: str, dev: str, peer_ns: str, peer_dev: str) -> None:
+        """Tell `ns` the MAC address of every address `peer_ns` has on `peer_dev`."""
+        link = json.loads(self._out(["ip", "-j", "-n", peer_ns, "link", "show", "dev", peer_dev]))
+        addresses = json.loads(
+            self._out(["ip", "-j", "-n", peer_ns, "addr", "show", "dev", peer_dev])
+        )
+        for info in addresses[0]["addr_info"]:
+            if info.get("scope") == "link":
+                continue
+            self._sh(["ip", "-n", ns, "neigh", "replace", info["local"], "lladdr",
+                      link[0]["address"], "dev", dev, "nud", "permanent"])  # fmt: skip
+
     def destroy(self) -> None:
         """Stop every process this lab started (by PID), then delete its namespaces."""
+        for cleanup in reversed(self._cleanups):
+            cleanup()
+        self._cleanups.clear()
         for proc in reversed(self._processes):
             stop_process(proc)
         self._processes.clear()
@@ -172,15 +198,23 @@ class Lab:
         self._processes.append(proc)
         return proc
 
+    def on_destroy(self, cleanup: Callable[[], object]) -> None:
+        """Call `cleanup` first thing in `destroy` (before processes are stopped)."""
+        self._cleanups.append(cleanup)
+
     def forget(self, proc: subprocess.Popen[Any]) -> None:
         """The caller stopped `proc` itself."""
         if proc in self._processes:
             self._processes.remove(proc)
 
     def _sh(self, argv: Sequence[str]) -> None:
+        self._out(argv)
+
+    def _out(self, argv: Sequence[str]) -> str:
         result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise LabError(f"'{' '.join(argv)}' failed: {result.stderr.strip()}")
+        return result.stdout
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> int | None:
@@ -192,6 +226,9 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> int | N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
     return proc.returncode
 
 

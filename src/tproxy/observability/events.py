@@ -79,7 +79,9 @@ class UpstreamFailed(Event):
     detail: str
 
     def text(self) -> str:
-        return f"session {self.session} connection to {self.dst} failed: {self.error} ({self.detail})"
+        return (
+            f"session {self.session} connection to {self.dst} failed: {self.error} ({self.detail})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +168,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def parse_json_event(record: dict[str, Any]) -> Event | None:
-    """The event a JSON log line describes (unknown fields ignored), or None for an unknown event."""
+    """The event a JSON log line describes (extra fields ignored); None for unknown events."""
     cls = EVENT_TYPES.get(str(record.get("event")))
     if cls is None:
         return None

@@ -8,6 +8,7 @@ never touches anyone else's rules, and needs none of apply's options.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,7 @@ def _rule_matches(entry: dict[str, Any], spec: RulesSpec) -> bool:
     return (
         entry.get("priority") == spec.rule_priority
         and fwmark.startswith("0x")
-        and int(fwmark.split("/")[0], 16) == spec.divert_mark
+        and int(fwmark.split("/", 1)[0], 16) == spec.divert_mark
         and str(entry.get("table")) == str(spec.route_table)
     )
 
@@ -161,10 +163,9 @@ class _Undo:
 
     def run(self) -> None:
         for step in reversed(self.steps):
-            try:
+            # Best effort: the caller reports the original error, not the rollback's.
+            with contextlib.suppress(RulesApplyError, OSError):
                 step()
-            except (RulesApplyError, OSError):
-                pass  # best effort: report the original error, not the rollback's
 
 
 def _families(spec: RulesSpec) -> tuple[int, ...]:
@@ -194,26 +195,31 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     try:
         _nft(runner, render_nft_apply(spec, restore))
         if before is None:
-            undo.steps.append(lambda: _nft(runner, render_nft_remove()))
+            undo.steps.append(partial(_nft, runner, render_nft_remove()))
             report.append(f"created nftables table inet {TABLE_NAME}")
         else:
-            previous = before
-            undo.steps.append(lambda: _nft(runner, render_nft_remove() + previous))
+            undo.steps.append(partial(_nft, runner, render_nft_remove() + before))
             report.append(f"replaced nftables table inet {TABLE_NAME}")
         existing = {f: our_ip_rules(runner, f) for f in _families(spec)}
         for command in render_ip_rule_add(spec):
             if any(_rule_matches(e, spec) for e in existing[command.family]):
                 continue
             _run_ip(runner, command)
-            undo.steps.append(lambda c=command: _run_ip(runner, _as_delete(c)))
+            undo.steps.append(partial(_run_ip, runner, _as_delete(command)))
             report.append(" ".join(command.argv))
         for command in render_ip_route_replace(spec):
+            had_route = any(
+                str(r.get("table")) == str(spec.route_table)
+                for r in our_routes(runner, command.family)
+            )
             _run_ip(runner, command)
+            if not had_route:
+                undo.steps.append(partial(_run_ip, runner, _as_delete(command)))
             report.append(" ".join(command.argv))
         for name, wanted in sysctl_changes:
             old = restore[name]
             write_sysctl(name, wanted)
-            undo.steps.append(lambda n=name, v=old: write_sysctl(n, v))
+            undo.steps.append(partial(write_sysctl, name, old))
     except BaseException:
         undo.run()
         raise
@@ -221,8 +227,10 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
 
 
 def _as_delete(command: IPCommand) -> IPCommand:
+    """The `ip ... del` that undoes an `ip ... add` or `ip ... replace`."""
     argv = list(command.argv)
-    argv[argv.index("add")] = "del"
+    verb = 3  # ip -4 rule|route VERB ...
+    argv[verb] = "del"
     return IPCommand(tuple(argv), command.family)
 
 
@@ -248,11 +256,13 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
             _run_ip(runner, IPCommand(argv, family))
             report.append(" ".join(argv))
         for route in our_routes(runner, family):
-            argv = ("ip", f"-{family}", "route", "del", route.get("type", "local"),
-                    str(route["dst"]), "dev", str(route.get("dev", "lo")),
-                    "table", str(route.get("table", "main")), "proto", str(RTPROT_TPROXY))  # fmt: skip
-            _run_ip(runner, IPCommand(argv, family))
-            report.append(" ".join(argv))
+            route_argv = (
+                "ip", f"-{family}", "route", "del", str(route.get("type", "local")),
+                str(route["dst"]), "dev", str(route.get("dev", "lo")),
+                "table", str(route.get("table", "main")), "proto", str(RTPROT_TPROXY),
+            )  # fmt: skip
+            _run_ip(runner, IPCommand(route_argv, family))
+            report.append(" ".join(route_argv))
     if not report:
         report.append("nothing to remove: no rules of tproxy's are installed")
     return report

@@ -94,8 +94,8 @@ def parse_ports(text: str) -> tuple[PortRange, ...]:
         RulesError: a part is not a port or a `first-last` range with first <= last.
     """
     ranges: list[PortRange] = []
-    for part in text.split(","):
-        part = part.strip()
+    for raw in text.split(","):
+        part = raw.strip()
         if not part:
             raise RulesError(f"invalid port list {text!r}: empty entry")
         first_text, dash, last_text = part.partition("-")

@@ -112,9 +112,8 @@ def render_nft_apply(spec: RulesSpec, restore: dict[str, str]) -> str:
     Declaring the table first makes the delete succeed when it does not exist yet; the whole
     file is one transaction, so the table is never seen half-built or missing.
     """
-    return (
-        f"table inet {TABLE_NAME}\n"
-        f"delete table inet {TABLE_NAME}\n" + render_table(spec, restore)
+    return f"table inet {TABLE_NAME}\ndelete table inet {TABLE_NAME}\n" + render_table(
+        spec, restore
     )
 
 
@@ -142,11 +141,15 @@ def _route_args(spec: RulesSpec, family: int) -> tuple[str, ...]:
 
 
 def render_ip_rule_add(spec: RulesSpec) -> list[IPCommand]:
-    return [IPCommand(("ip", f"-{f}", "rule", "add", *_rule_args(spec)), f) for f in _families(spec)]
+    return [
+        IPCommand(("ip", f"-{f}", "rule", "add", *_rule_args(spec)), f) for f in _families(spec)
+    ]
 
 
 def render_ip_rule_del(spec: RulesSpec) -> list[IPCommand]:
-    return [IPCommand(("ip", f"-{f}", "rule", "del", *_rule_args(spec)), f) for f in _families(spec)]
+    return [
+        IPCommand(("ip", f"-{f}", "rule", "del", *_rule_args(spec)), f) for f in _families(spec)
+    ]
 
 
 def render_ip_route_replace(spec: RulesSpec) -> list[IPCommand]:

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import io
+import json
+
+from tproxy.core.config import LogFormat
+from tproxy.observability.eventlog import EventLog
+from tproxy.observability.events import SessionClosed, parse_json_event
+
+CLOSE = SessionClosed(7, "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3)
+
+
+def _log(log_format: LogFormat) -> str:
+    stream = io.StringIO()
+    EventLog(log_format, stream, clock=lambda: 1_800_000_000.25).emit(CLOSE)
+    return stream.getvalue()
+
+
+def test_json_close_event_has_the_documented_fields() -> None:
+    line = _log(LogFormat.JSON)
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record == {
+        "ts": "2027-01-15T08:00:00.250Z",
+        "event": "session_close",
+        "session": 7,
+        "client": "198.18.1.2:5000",
+        "dst": "[2001:db8::1]:443",
+        "bytes_up": 10,
+        "bytes_down": 20,
+        "duration_s": 0.5,
+        "reason": "closed",
+        "active": 3,
+    }
+    assert parse_json_event(record) == CLOSE
+
+
+def test_text_line_is_one_readable_line() -> None:
+    assert _log(LogFormat.TEXT) == (
+        "2027-01-15T08:00:00.250Z session 7 closed (closed): 198.18.1.2:5000 -> "
+        "[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, 3 active sessions\n"
+    )
+
+
+def test_unknown_events_are_not_parsed() -> None:
+    assert parse_json_event({"event": "from_the_future"}) is None

@@ -1,0 +1,162 @@
+"""The relay contract: what any relay (the copy relay now, the splice relay later) must do.
+
+Real TCP sockets on loopback, so resets are real resets. `peer_*` sockets stand for the client
+program and the upstream server; the relay sits between `proxy_client` and `proxy_upstream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tproxy.core.endpoint import Endpoint
+from tproxy.core.session import SessionRecord
+from tproxy.engine.relay import relay as copy_relay
+
+Relay = Callable[[socket.socket, socket.socket, SessionRecord], Awaitable[str]]
+RELAYS = [pytest.param(copy_relay, id="copy")]
+LOOPBACK = Endpoint(ipaddress.ip_address("127.0.0.1"), 0)
+
+
+@dataclass
+class Wiring:
+    peer_client: socket.socket
+    proxy_client: socket.socket
+    proxy_upstream: socket.socket
+    peer_upstream: socket.socket
+    record: SessionRecord
+
+    def close(self) -> None:
+        for sock in (self.peer_client, self.proxy_client, self.proxy_upstream, self.peer_upstream):
+            sock.close()
+
+
+async def _tcp_pair(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        a = socket.socket()
+        a.setblocking(False)
+        await loop.sock_connect(a, listener.getsockname())
+        b, _ = await loop.sock_accept(listener)
+        b.setblocking(False)
+        return a, b
+
+
+async def _wire() -> Wiring:
+    loop = asyncio.get_running_loop()
+    peer_client, proxy_client = await _tcp_pair(loop)
+    proxy_upstream, peer_upstream = await _tcp_pair(loop)
+    record = SessionRecord(1, LOOPBACK, LOOPBACK, time.monotonic())
+    return Wiring(peer_client, proxy_client, proxy_upstream, peer_upstream, record)
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+async def _send_chunks(sock: socket.socket, chunks: list[bytes], then_shutdown: bool) -> None:
+    loop = asyncio.get_running_loop()
+    for chunk in chunks:
+        await loop.sock_sendall(sock, chunk)
+    if then_shutdown:
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _abort(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _run(coro: Awaitable[None]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(20):
+            await coro
+
+    asyncio.run(bounded())
+
+
+chunk_lists = st.lists(st.binary(min_size=1, max_size=70_000), max_size=8)
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(up=chunk_lists, down=chunk_lists, client_closes_first=st.booleans())
+def test_bytes_and_half_closes_arrive_intact(
+    relay: Relay, up: list[bytes], down: list[bytes], client_closes_first: bool
+) -> None:
+    async def scenario() -> None:
+        w = await _wire()
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            if client_closes_first:
+                # The client finishes sending first; the upstream answers only after that EOF.
+                await _send_chunks(w.peer_client, up, then_shutdown=True)
+                got_up = await _read_all(w.peer_upstream)
+                await _send_chunks(w.peer_upstream, down, then_shutdown=True)
+                got_down = await _read_all(w.peer_client)
+            else:
+                await _send_chunks(w.peer_upstream, down, then_shutdown=True)
+                got_down = await _read_all(w.peer_client)
+                await _send_chunks(w.peer_client, up, then_shutdown=True)
+                got_up = await _read_all(w.peer_upstream)
+            assert got_up == b"".join(up)
+            assert got_down == b"".join(down)
+            assert await relaying == "closed"
+            assert (w.record.bytes_up, w.record.bytes_down) == (len(got_up), len(got_down))
+        finally:
+            w.close()
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_upstream_reset_reaches_the_client_as_a_reset(relay: Relay) -> None:
+    async def scenario() -> None:
+        w = await _wire()
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            await _send_chunks(w.peer_upstream, [b"partial response"], then_shutdown=False)
+            loop = asyncio.get_running_loop()
+            assert await loop.sock_recv(w.peer_client, 100) == b"partial response"
+            _abort(w.peer_upstream)
+            assert await relaying == "upstream_reset"
+            with pytest.raises(ConnectionResetError):
+                await _read_all(w.peer_client)
+        finally:
+            w.close()
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_client_reset_reaches_the_upstream_as_a_reset(relay: Relay) -> None:
+    async def scenario() -> None:
+        w = await _wire()
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            await _send_chunks(w.peer_client, [b"upload start"], then_shutdown=False)
+            loop = asyncio.get_running_loop()
+            assert await loop.sock_recv(w.peer_upstream, 100) == b"upload start"
+            _abort(w.peer_client)
+            assert await relaying == "client_reset"
+            with pytest.raises(ConnectionResetError):
+                await _read_all(w.peer_upstream)
+        finally:
+            w.close()
+
+    _run(scenario())
