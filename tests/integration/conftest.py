@@ -22,6 +22,9 @@ from tproxy.lab.topology import Host, Lab
 pytestmark = pytest.mark.root
 
 NOT_ROOT = os.geteuid() != 0
+# Runs a command as root with every capability dropped: what an unprivileged user gets, while the
+# files stay readable (the checkout may sit in a directory only root can enter).
+WITHOUT_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
 ROOT_REASON = "needs root: builds network namespaces and nftables rules (run as root or in CI)"
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import tproxy_cli
+from tests.integration.conftest import WITHOUT_CAPABILITIES, tproxy_cli
 from tproxy.lab.topology import Lab
 
 FOREIGN_TABLE = """
@@ -108,8 +108,7 @@ def test_a_failed_apply_leaves_nothing_behind(lab: Lab) -> None:
 
 def test_rules_need_root(lab: Lab) -> None:
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80"],
+        [*WITHOUT_CAPABILITIES, sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 1

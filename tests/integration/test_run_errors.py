@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.integration.conftest import start_proxy
+from tests.integration.conftest import WITHOUT_CAPABILITIES, start_proxy
 from tproxy.lab.topology import Lab
 
 
@@ -33,12 +33,8 @@ def test_address_not_on_this_host(lab: Lab) -> None:
 
 
 def test_not_root(lab: Lab) -> None:
-    result = lab.run(
-        lab.router,
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-m", "tproxy", "run", "--listen", "127.0.0.1:1800"],
-        check=False,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "tproxy", "run", "--listen", "127.0.0.1:1800"]
+    result = lab.run(lab.router, [*WITHOUT_CAPABILITIES, *argv], check=False)
     assert result.returncode == 1
     assert result.stderr.decode().strip() == (
         "tproxy: error: cannot listen transparently on 127.0.0.1:1800: IP_TRANSPARENT needs root "
