@@ -76,5 +76,8 @@ def client_json(lab: Lab, argv: Sequence[str], timeout_s: float = 120) -> dict[s
 
 
 def curl(lab: Lab, url: str) -> tuple[int, str]:
-    result = lab.run(lab.client, ["curl", "-sS", "--max-time", "10", url], check=False)
-    return result.returncode, result.stdout.decode(errors="replace")
+    """GET `url` from the client; return the HTTP status (0 if none) and the body."""
+    argv = ["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", url]
+    result = lab.run(lab.client, argv, check=False)
+    body, _, status = result.stdout.decode(errors="replace").rpartition("\n")
+    return int(status or 0), body

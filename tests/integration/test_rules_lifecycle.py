@@ -126,3 +126,17 @@ def test_bad_rules_input_is_one_line_and_status_2(lab: Lab, args: list[str]) -> 
     assert result.returncode == 2
     assert len(result.stderr.decode().strip().splitlines()) == 1
     assert network_state(lab)["nft"].strip() == ""
+
+
+def test_missing_nft_is_one_sentence(lab: Lab) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/nonexistent"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "tproxy: error: 'nft' was not found: install it (apt-get install nftables) and try again"
+    )
