@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from tproxy.core.endpoint import Endpoint
 from tproxy.core.session import SessionRecord
 from tproxy.engine.relay import relay as copy_relay
+from tproxy.interception.sockopts import unacknowledged_bytes
 
 Relay = Callable[[socket.socket, socket.socket, SessionRecord], Awaitable[str]]
 RELAYS = [pytest.param(copy_relay, id="copy")]
@@ -80,6 +82,30 @@ async def _send_chunks(sock: socket.socket, chunks: list[bytes], then_shutdown: 
 def _abort(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+async def _abort_after_acknowledged(sock: socket.socket) -> None:
+    """Reset only once the peer's kernel has every byte: nothing is lost on our side."""
+    while unacknowledged_bytes(sock):
+        await asyncio.sleep(0.001)
+    _abort(sock)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    await asyncio.wait([task])
+
+
+async def _read_until_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything `sock` receives, and how it ended: "eof" or "reset"."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        return bytes(data), "reset"
+    return bytes(data), "eof"
 
 
 def _run(coro: Awaitable[None]) -> None:
@@ -156,6 +182,51 @@ def test_client_reset_reaches_the_upstream_as_a_reset(relay: Relay) -> None:
             assert await relaying == "client_reset"
             with pytest.raises(ConnectionResetError):
                 await _read_all(w.peer_upstream)
+        finally:
+            w.close()
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    up=chunk_lists,
+    down=st.lists(st.binary(min_size=1, max_size=300_000), max_size=6),
+    ending=st.sampled_from(["both_fin", "upstream_resets", "client_resets"]),
+)
+def test_resets_arrive_after_every_byte_sent_before_them(
+    relay: Relay, up: list[bytes], down: list[bytes], ending: str
+) -> None:
+    """Whatever a peer sent before its reset reaches the other peer, and then the reset does."""
+
+    async def scenario() -> None:
+        w = await _wire()
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            client_reads = asyncio.ensure_future(_read_until_end(w.peer_client))
+            upstream_reads = asyncio.ensure_future(_read_until_end(w.peer_upstream))
+            await _send_chunks(w.peer_client, up, then_shutdown=ending != "client_resets")
+            await _send_chunks(w.peer_upstream, down, then_shutdown=ending != "upstream_resets")
+            if ending == "upstream_resets":
+                await _cancel(upstream_reads)
+                await _abort_after_acknowledged(w.peer_upstream)
+            elif ending == "client_resets":
+                await _cancel(client_reads)
+                await _abort_after_acknowledged(w.peer_client)
+            reason = await relaying
+            if ending == "both_fin":
+                assert reason == "closed"
+                assert await client_reads == (b"".join(down), "eof")
+                assert await upstream_reads == (b"".join(up), "eof")
+            elif ending == "upstream_resets":
+                assert reason == "upstream_reset"
+                assert await client_reads == (b"".join(down), "reset")
+            else:
+                assert reason == "client_reset"
+                assert await upstream_reads == (b"".join(up), "reset")
+            for reader in (client_reads, upstream_reads):
+                await _cancel(reader)
         finally:
             w.close()
 

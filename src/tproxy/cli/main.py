@@ -9,17 +9,25 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn
 
 from tproxy import __version__
 from tproxy.core.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_DIVERT_MARK,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HALF_CLOSED_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_PROXY_MARK,
     DEFAULT_PROXY_PORT,
+    RESERVED_DESCRIPTORS,
+    ConfigError,
     LogFormat,
     ProxyConfig,
-    default_listen,
+    build_config,
+    parse_config_file,
 )
 from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
 from tproxy.engine.server import ProxyServer, StartupError
@@ -123,8 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the proxy",
         description=(
             "Run the proxy: accept connections that TPROXY diverts to the listening port, connect "
-            "to each one's original destination and relay both ways. Stops on SIGTERM or SIGINT."
+            "to each one's original destination and relay both ways. SIGTERM/SIGINT: stop "
+            "accepting, let live sessions finish (--drain-timeout), exit 0. "
+            "SIGHUP: reload --config."
         ),
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any of the options below (names with underscores, e.g. "
+        "idle_timeout = 600); options given here win; SIGHUP re-reads it",
     )
     run.add_argument(
         "--listen",
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--spoof-source",
         action="store_true",
+        default=None,
         help=(
             "connect upstream from the client's own IP address, so the server sees the real "
             "client (the server's replies must route back through this box)"
@@ -147,25 +164,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mark",
         type=_mark,
-        default=DEFAULT_PROXY_MARK,
         help=(
             f"firewall mark on upstream connections, so the rules never divert the proxy's own "
             f"traffic; must differ from the divert mark (default: {DEFAULT_PROXY_MARK:#x}; "
             "use the same value as 'tproxy rules apply --mark')"
         ),
     )
+    seconds = (
+        ("--connect-timeout", "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S,
+         "reset the client if upstream does not answer in time"),
+        ("--idle-timeout", "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S,
+         "reset both sides of a session that moved no byte either way for this long"),
+        ("--half-closed-timeout", "half_closed_timeout_s", DEFAULT_HALF_CLOSED_TIMEOUT_S,
+         "reset both sides of a session that is half-closed (one side sent FIN) and silent "
+         "for this long"),
+        ("--drain-timeout", "drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S,
+         "on SIGTERM/SIGINT, how long live sessions may take to finish before they are reset"),
+    )  # fmt: skip
+    for flag, dest, default, text in seconds:
+        run.add_argument(
+            flag, dest=dest, type=_seconds, metavar="SECONDS", help=f"{text} (default: {default:g})"
+        )
     run.add_argument(
-        "--connect-timeout",
-        type=_seconds,
-        default=DEFAULT_CONNECT_TIMEOUT_S,
-        metavar="SECONDS",
-        help=f"reset the client if upstream does not answer in time (default: "
-        f"{DEFAULT_CONNECT_TIMEOUT_S:g})",
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="live sessions at most; new connections beyond it are reset at once (default: "
+        f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)",
     )
     run.add_argument(
         "--log-format",
         choices=[f.value for f in LogFormat],
-        default=LogFormat.TEXT.value,
         help="session log on stdout: text for humans, json for one object per line (default: text)",
     )
 
@@ -281,20 +310,50 @@ def _fail(message: str) -> int:
     return 1
 
 
+_RUN_OVERRIDES = (
+    "listen",
+    "spoof_source",
+    "mark",
+    "connect_timeout_s",
+    "idle_timeout_s",
+    "half_closed_timeout_s",
+    "max_connections",
+    "drain_timeout_s",
+)
+
+
+def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
+    """The configuration from the file (if any) and the command line; raises ConfigError."""
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            file_values = parse_config_file(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return build_config(file_values, overrides)
+
+
 def _run(args: argparse.Namespace) -> int:
-    config = ProxyConfig(
-        listen=args.listen or default_listen(),
-        spoof_source=args.spoof_source,
-        mark=args.mark,
-        connect_timeout_s=args.connect_timeout,
-        log_format=LogFormat(args.log_format),
-    )
-    server = ProxyServer(config, EventLog(config.log_format))
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in _RUN_OVERRIDES if getattr(args, name) is not None
+    }
+    if args.log_format is not None:
+        overrides["log_format"] = LogFormat(args.log_format)
     try:
-        nofile = server.open()
+        config = _load_config(args.config, overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    reload = None if args.config is None else partial(_load_config, args.config, overrides)
+    server = ProxyServer(config, EventLog(config.log_format), reload)
+    try:
+        server.open()
     except StartupError as exc:
         return _fail(str(exc))
-    asyncio.run(server.serve(nofile))
+    asyncio.run(server.serve())
     return 0
 
 

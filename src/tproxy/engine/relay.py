@@ -1,9 +1,10 @@
 """The copy relay: moves bytes both ways between two connected sockets until the session ends.
 
-Each direction is one pump: read into its own buffer, write all of it, repeat. A pump never reads
-again before the previous chunk is fully written, so a slow reader slows its own direction only and
-the buffered data per direction is bounded by the buffer size. What to do when a pump ends is
-decided by `tproxy.core.lifecycle` (the close matrix lives there); this module only carries it out.
+Each direction is one pump: read a chunk, write all of it, repeat. A pump never reads again
+before the previous chunk is fully written, so a slow reader slows its own direction only, and
+the memory a direction holds is at most one chunk, only while that chunk is in flight (an idle
+session holds no buffer at all). What to do when a pump ends is decided by
+`tproxy.core.lifecycle` (the close matrix lives there); this module only carries it out.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+import time
 
 from tproxy.core.lifecycle import Command, Direction, DirectionEnded, End, close_reason, decide
 from tproxy.core.session import SessionRecord
-from tproxy.interception.sockopts import abort_socket
+from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
 
 CHUNK_BYTES = 64 * 1024
+# Passing a reset on waits for the other peer to acknowledge what was already written to it, for
+# as long as it keeps acknowledging; it gives up after this long without progress.
+DRAIN_STALL_S = 5.0
 
 # Errors that mean "the peer reset or is gone": everything else is a bug and propagates.
 _PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
@@ -27,22 +31,53 @@ async def _pump(
     loop: asyncio.AbstractEventLoop,
     source: socket.socket,
     sink: socket.socket,
-    count: Callable[[int], None],
+    record: SessionRecord,
+    direction: Direction,
 ) -> End:
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
+    up = direction is Direction.UP
     while True:
         try:
-            n = await loop.sock_recv_into(source, buffer)
+            chunk = await loop.sock_recv(source, CHUNK_BYTES)
         except _PEER_GONE:
             return End.SOURCE_RESET
-        if n == 0:
+        if not chunk:
             return End.EOF
         try:
-            await loop.sock_sendall(sink, view[:n])
+            await loop.sock_sendall(sink, chunk)
         except _PEER_GONE:
             return End.SINK_RESET
-        count(n)
+        if up:
+            record.bytes_up += len(chunk)
+        else:
+            record.bytes_down += len(chunk)
+        record.last_activity_at = time.monotonic()
+
+
+async def wait_acknowledged(sock: socket.socket, stall_s: float = DRAIN_STALL_S) -> bool:
+    """Wait until the peer has acknowledged everything written to `sock`.
+
+    Gives up (returns False) once `stall_s` pass with no progress. In theory an event would tell
+    us; in practice Linux has none for "send queue acknowledged" (writability means "below the
+    low-water mark", not "empty"), so this polls SIOCOUTQ with a short, growing interval. It
+    runs only on the rare path of passing a reset on.
+    """
+    interval_s = 0.001
+    best = -1
+    progress_at = time.monotonic()
+    while True:
+        try:
+            left = unacknowledged_bytes(sock)
+        except OSError:
+            return False  # the socket is gone: nothing left to wait for
+        if left == 0:
+            return True
+        now = time.monotonic()
+        if best < 0 or left < best:
+            best, progress_at, interval_s = left, now, 0.001
+        elif now - progress_at >= stall_s:
+            return False
+        await asyncio.sleep(interval_s)
+        interval_s = min(interval_s * 2, 0.05)
 
 
 def _shutdown_write(sock: socket.socket) -> None:
@@ -57,16 +92,11 @@ async def relay(client: socket.socket, upstream: socket.socket, record: SessionR
     Both sockets are left open on a clean close (the caller closes them) and aborted on a reset.
     """
     loop = asyncio.get_running_loop()
-
-    def count_up(n: int) -> None:
-        record.bytes_up += n
-
-    def count_down(n: int) -> None:
-        record.bytes_down += n
-
     pumps = {
-        asyncio.ensure_future(_pump(loop, client, upstream, count_up)): Direction.UP,
-        asyncio.ensure_future(_pump(loop, upstream, client, count_down)): Direction.DOWN,
+        asyncio.ensure_future(_pump(loop, client, upstream, record, Direction.UP)): Direction.UP,
+        asyncio.ensure_future(_pump(loop, upstream, client, record, Direction.DOWN)): (
+            Direction.DOWN
+        ),
     }
     ends: list[DirectionEnded] = []
     pending = set(pumps)
@@ -84,9 +114,14 @@ async def relay(client: socket.socket, upstream: socket.socket, record: SessionR
                 else:
                     await _cancel(pending)
                     pending = set()
+                    if command is Command.DRAIN_SINK_THEN_ABORT_BOTH:
+                        await wait_acknowledged(upstream if ended.direction is Direction.UP
+                                                else client)  # fmt: skip
                     abort_socket(client)
                     abort_socket(upstream)
                     break
+            if len(ends) == 1 and pending and record.half_closed_at is None:
+                record.half_closed_at = time.monotonic()
         return close_reason(ends)
     finally:
         # Cancel before any close: a pump's cancellation unregisters its descriptor from the

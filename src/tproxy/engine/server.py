@@ -2,26 +2,35 @@
 
 Start-up problems (not root, port in use, address not local) raise `StartupError` before anything
 is served; after start-up nothing that traffic does can stop the process: each session's failure
-ends only that session (see `engine.session`), and running out of descriptors pauses accepting
-for a moment instead of spinning or crashing.
+ends only that session (see `engine.session`), and running out of descriptors never spins or
+crashes (see `_accept_batch`).
+
+Signals: SIGTERM/SIGINT stop accepting at once and let live sessions finish for up to the drain
+timeout, then cut the rest (a second signal cuts them at once); SIGHUP reloads the configuration
+file, keeping the old configuration if the new one is invalid.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import os
 import signal
 import socket
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tproxy.core.config import ProxyConfig
+from tproxy.core.config import ConfigError, ProxyConfig, max_connections_for
 from tproxy.core.endpoint import Endpoint
-from tproxy.engine.session import SessionContext, run_session
+from tproxy.core.lifecycle import expired_reason
+from tproxy.engine.session import Session, SessionContext
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import (
     SocketSetupError,
+    abort_socket,
     is_local_address,
     open_transparent_listener,
     prepare_client_socket,
@@ -32,9 +41,15 @@ from tproxy.observability.events import Listening, Notice, Stopped
 # Accept at most this many connections per readiness event, so one busy listener cannot starve
 # the sessions already running on the loop.
 ACCEPT_BATCH = 64
-# Out of descriptors or memory: stop accepting for this long, then try again.
+# Out of descriptors even for the reserve trick: stop accepting for this long, then try again.
 ACCEPT_BACKOFF_S = 0.1
+# How often timeouts are checked, at most (a session is cut within this much after its timeout).
+SWEEP_INTERVAL_S = 1.0
+# Refusals (limit reached, descriptors exhausted) are summed up in one notice per this period.
+REFUSAL_NOTICE_PERIOD_S = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+ConfigLoader = Callable[[], ProxyConfig]
 
 
 class StartupError(Exception):
@@ -42,31 +57,59 @@ class StartupError(Exception):
 
 
 class ProxyServer:
-    """Listens on every configured endpoint and serves each accepted connection as a session."""
+    """Listens on every configured endpoint and serves each accepted connection as a session.
 
-    def __init__(self, config: ProxyConfig, log: EventLog) -> None:
-        self._config = config
+    Args:
+        config: the configuration to start with.
+        log: where events go.
+        reload: re-reads the configuration on SIGHUP (raises ConfigError); None without a file.
+    """
+
+    def __init__(
+        self, config: ProxyConfig, log: EventLog, reload: ConfigLoader | None = None
+    ) -> None:
         self._log = log
+        self._reload = reload
         self._listeners: list[socket.socket] = []
-        self._sessions: set[asyncio.Task[None]] = set()
-        self._ctx = SessionContext(config, log, SelfConnectGuard(config.listen, is_local_address))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctx = SessionContext(
+            config, log, SelfConnectGuard(config.listen, is_local_address), self._spawn
+        )
+        self._nofile = 0
+        self._max_connections = 0
+        # One descriptor kept free so that, when accept() fails with EMFILE, we can free it,
+        # accept the waiting connection and reset it instead of leaving it to time out.
+        self._reserve_fd = -1
         self._accept_paused = False
+        self._refused = 0
+        self._refused_why = ""
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def open(self) -> int:
-        """Raise the descriptor limit and bind every listener; return the descriptor limit.
+    @property
+    def config(self) -> ProxyConfig:
+        return self._ctx.config
+
+    def open(self) -> None:
+        """Raise the descriptor limit and bind every listener.
 
         Raises:
             StartupError: a listener could not be opened (nothing stays open then).
         """
-        nofile = raise_nofile_limit()
+        self._nofile = raise_nofile_limit()
+        self._max_connections = self._limit_for(self.config)
         try:
-            for endpoint in self._config.listen:
+            for endpoint in self.config.listen:
                 self._listeners.append(open_transparent_listener(endpoint))
         except SocketSetupError as exc:
             self.close_listeners()
             raise StartupError(str(exc)) from None
-        return nofile
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _limit_for(self, config: ProxyConfig) -> int:
+        derived = max_connections_for(self._nofile)
+        if config.max_connections is None:
+            return derived
+        return config.max_connections
 
     def close_listeners(self) -> None:
         for listener in self._listeners:
@@ -75,46 +118,111 @@ class ProxyServer:
             listener.close()
         self._listeners.clear()
 
-    async def serve(self, nofile_limit: int) -> None:
-        """Serve until SIGTERM or SIGINT; then stop accepting, cut live sessions and return."""
+    async def serve(self) -> None:
+        """Serve until SIGTERM or SIGINT, drain, and return."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         stop = asyncio.Event()
         received: list[str] = []
 
-        def on_signal(signum: signal.Signals) -> None:
+        def on_stop_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
+            if stop.is_set():  # a second signal: no more waiting
+                self._cut_all("second_signal")
             stop.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
+            loop.add_signal_handler(signum, on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         self._resume_accepting()
+        self._spawn(self._sweep_timeouts())
         self._log.emit(
             Listening(
                 [str(Endpoint.from_sockaddr(s.getsockname())) for s in self._listeners],
-                self._config.spoof_source,
-                self._config.mark,
-                nofile_limit,
+                self.config.spoof_source,
+                self.config.mark,
+                self._nofile,
+                self._max_connections,
             )
         )
         try:
             await stop.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
             self.close_listeners()
-            cut = len(self._sessions)
-            for task in list(self._sessions):
+            cut = await self._drain(self.config.drain_timeout_s)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            for task in list(self._tasks):
                 task.cancel()
-            if self._sessions:
-                await asyncio.wait(list(self._sessions))
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            if self._reserve_fd >= 0:
+                os.close(self._reserve_fd)
+                self._reserve_fd = -1
             self._log.emit(Stopped(received[0] if received else "exit", cut))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """The one place session tasks are created: keeps a reference until the task is done."""
+    async def _drain(self, timeout_s: float) -> int:
+        """Let live sessions finish for up to `timeout_s`; cut the rest; return how many."""
+        live = len(self._ctx.sessions)
+        if live:
+            self._log.emit(
+                Notice(
+                    f"stopped accepting; draining {live} live sessions for up to {timeout_s:g} s"
+                )
+            )
+        deadline_at = time.monotonic() + timeout_s
+        while self._ctx.sessions and time.monotonic() < deadline_at:
+            await asyncio.sleep(min(0.05, max(0.0, deadline_at - time.monotonic())))
+        cut = len(self._ctx.sessions)
+        if cut:
+            self._cut_all("drain_timeout")
+            while self._ctx.sessions:
+                await asyncio.sleep(0.01)
+        return cut
+
+    def _cut_all(self, reason: str) -> None:
+        for session in list(self._ctx.sessions):
+            session.cut(reason)
+
+    def _on_reload(self) -> None:
+        if self._reload is None:
+            self._log.emit(Notice("SIGHUP: no --config file, nothing to reload"))
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            self._log.emit(Notice(f"reload failed, keeping the running configuration: {exc}"))
+            return
+        if new.listen != self.config.listen:
+            self._log.emit(Notice("reload: listen addresses change only on restart; kept as is"))
+            new = dataclasses.replace(new, listen=self.config.listen)
+        self._ctx.config = new
+        self._max_connections = self._limit_for(new)
+        self._log.emit(
+            Notice(f"reloaded the configuration (max connections {self._max_connections})")
+        )
+
+    async def _sweep_timeouts(self) -> None:
+        """Cut sessions that have been idle, or half-closed and silent, for too long."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            timeouts = self.config.timeouts
+            for session in list(self._ctx.sessions):
+                record = session.record
+                reason = expired_reason(
+                    record.last_activity_at, record.half_closed_at, now, timeouts
+                )
+                if reason is not None:
+                    session.cut(reason)
+            self._flush_refusals()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """The one place tasks are created: keeps a reference until the task is done."""
         task = asyncio.ensure_future(coro)
-        self._sessions.add(task)
-        task.add_done_callback(self._sessions.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _resume_accepting(self) -> None:
         assert self._loop is not None
@@ -140,6 +248,20 @@ class ProxyServer:
         if self._listeners:
             self._resume_accepting()
 
+    def _refuse(self, sock: socket.socket, why: str) -> None:
+        abort_socket(sock)
+        self._refused += 1
+        self._refused_why = why
+
+    def _flush_refusals(self) -> None:
+        if self._refused:
+            self._log.emit(
+                Notice(
+                    f"reset {self._refused} new connections in the last second: {self._refused_why}"
+                )
+            )
+            self._refused = 0
+
     def _accept_batch(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
@@ -149,13 +271,36 @@ class ProxyServer:
             except ConnectionAbortedError:
                 continue  # the client gave up while queued: nothing to serve
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reset_one_waiting(listener):
+                    continue
                 if exc.errno in _RESOURCE_ERRNOS:
                     self._pause_accepting(exc)
                     return
                 raise
+            if self._ctx.active >= self._max_connections:
+                self._refuse(sock, f"max connections ({self._max_connections}) reached")
+                continue
             try:
                 prepare_client_socket(sock)
+                Session(self._ctx, sock, Endpoint.from_sockaddr(addr))
             except OSError:
-                sock.close()  # reset before we got to it
+                abort_socket(sock)  # reset before we got to it
                 continue
-            self._spawn(run_session(self._ctx, sock, Endpoint.from_sockaddr(addr)))
+
+    def _reset_one_waiting(self, listener: socket.socket) -> bool:
+        """Out of descriptors: free the reserve, accept one waiting connection, reset it."""
+        if self._reserve_fd < 0:
+            return False
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return False
+        finally:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve_fd = -1
+        self._refuse(sock, "out of file descriptors")
+        return True

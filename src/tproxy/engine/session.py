@@ -2,6 +2,8 @@
 
 The one catch at the session boundary lives here: whatever goes wrong inside one session is
 logged with its id, ends that session with a reset both ways, and never reaches the accept loop.
+A session can also be cut from outside (`Session.cut`: a timeout, the end of a drain); it then
+closes with that reason and resets both sides.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import asyncio
 import errno
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from tproxy.core.config import ProxyConfig
 from tproxy.core.endpoint import Endpoint
@@ -33,18 +37,30 @@ _CONNECT_FAILURE_REASONS = {
     errno.EHOSTUNREACH: "upstream_unreachable",
     errno.ENETUNREACH: "upstream_unreachable",
     errno.ETIMEDOUT: "upstream_timeout",
+    errno.EMFILE: "out_of_descriptors",
+    errno.ENFILE: "out_of_descriptors",
 }
+# Reasons for which both sockets are reset rather than closed.
+_ABORT_REASONS = frozenset({"error", "cancelled"})
 
 
 @dataclass
 class SessionContext:
-    """What every session of one proxy shares: the configuration, the log, the live count."""
+    """What every session of one proxy shares: the configuration, the log, the live sessions.
+
+    `config` is replaced on reload; a session reads it when it starts.
+    """
 
     config: ProxyConfig
     log: EventLog
     guard: SelfConnectGuard
-    active: int = 0
+    spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+    sessions: set[Session] = field(default_factory=set)
     next_id: int = 1
+
+    @property
+    def active(self) -> int:
+        return len(self.sessions)
 
 
 class _ConnectError(Exception):
@@ -55,52 +71,76 @@ class _ConnectError(Exception):
         self.detail = detail
 
 
-async def run_session(ctx: SessionContext, client_sock: socket.socket, client: Endpoint) -> None:
-    """Serve one intercepted connection to the end; never raises (cancellation aside)."""
-    dst = Endpoint.from_sockaddr(client_sock.getsockname())
-    record = SessionRecord(ctx.next_id, client, dst, time.monotonic())
-    ctx.next_id += 1
-    ctx.active += 1
-    ctx.log.emit(SessionOpened(record.id, str(client), str(dst), ctx.active))
-    upstream: socket.socket | None = None
-    reason = "error"
-    try:
-        if ctx.guard.is_self(dst):
-            reason = "loop_refused"
-            ctx.log.emit(
-                UpstreamFailed(record.id, str(dst), "ELOOP", "destination is this proxy itself")
-            )
-            abort_socket(client_sock)
-            return
-        try:
-            upstream = await _connect_upstream(ctx.config, ctx.log, record)
-        except _ConnectError as failed:
-            reason = failed.reason
-            ctx.log.emit(UpstreamFailed(record.id, str(dst), failed.error, failed.detail))
-            abort_socket(client_sock)
-            return
-        reason = await relay(client_sock, upstream, record)
-    except asyncio.CancelledError:
-        reason = "cancelled"
-        raise
-    except Exception as exc:  # the session boundary: log, count, end this session only
+class Session:
+    """One intercepted connection: opened by `start`, ended by itself or by `cut`."""
+
+    __slots__ = ("_client_sock", "_ctx", "_cut_reason", "_task", "_upstream", "record")
+
+    def __init__(self, ctx: SessionContext, client_sock: socket.socket, client: Endpoint) -> None:
+        self._ctx = ctx
+        self._client_sock = client_sock
+        self._upstream: socket.socket | None = None
+        self._cut_reason: str | None = None
+        dst = Endpoint.from_sockaddr(client_sock.getsockname())
+        self.record = SessionRecord(ctx.next_id, client, dst, time.monotonic())
+        ctx.next_id += 1
+        ctx.sessions.add(self)
+        ctx.log.emit(SessionOpened(self.record.id, str(client), str(dst), ctx.active))
+        self._task = ctx.spawn(self._run())
+
+    def cut(self, reason: str) -> None:
+        """End the session now: both sides are reset and the close says `reason`."""
+        if self._cut_reason is None:
+            self._cut_reason = reason
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        ctx, record = self._ctx, self.record
         reason = "error"
-        ctx.log.emit(SessionFailed(record.id, f"{type(exc).__name__}: {exc}"))
-    finally:
-        if reason in ("error", "cancelled"):
-            abort_socket(client_sock)
-            if upstream is not None:
-                abort_socket(upstream)
-        else:
-            client_sock.close()
-            if upstream is not None:
-                upstream.close()
-        ctx.active -= 1
+        try:
+            reason = await self._serve()
+        except asyncio.CancelledError:
+            reason = self._cut_reason or "cancelled"
+            if self._cut_reason is None:
+                raise  # cancelled by someone else (loop shutdown): let it propagate
+        except Exception as exc:  # the session boundary: log, count, end this session only
+            reason = "error"
+            ctx.log.emit(SessionFailed(record.id, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._close(reason)
+
+    async def _serve(self) -> str:
+        ctx, record = self._ctx, self.record
+        if ctx.guard.is_self(record.dst):
+            ctx.log.emit(
+                UpstreamFailed(record.id, str(record.dst), "ELOOP", "destination is this proxy")
+            )
+            abort_socket(self._client_sock)
+            return "loop_refused"
+        try:
+            self._upstream = await _connect_upstream(ctx.config, ctx.log, record)
+        except _ConnectError as failed:
+            ctx.log.emit(UpstreamFailed(record.id, str(record.dst), failed.error, failed.detail))
+            abort_socket(self._client_sock)
+            return failed.reason
+        return await relay(self._client_sock, self._upstream, record)
+
+    def _close(self, reason: str) -> None:
+        abort = reason in _ABORT_REASONS or self._cut_reason is not None
+        for sock in (self._client_sock, self._upstream):
+            if sock is None:
+                continue
+            if abort:
+                abort_socket(sock)
+            else:
+                sock.close()
+        ctx, record = self._ctx, self.record
+        ctx.sessions.discard(self)
         ctx.log.emit(
             SessionClosed(
                 record.id,
-                str(client),
-                str(dst),
+                str(record.client),
+                str(record.dst),
                 record.bytes_up,
                 record.bytes_down,
                 round(time.monotonic() - record.opened_at, 6),
@@ -118,7 +158,8 @@ async def _connect_upstream(
     try:
         sock = open_upstream_socket(record.dst, spoof_ip, config.mark)
     except OSError as exc:
-        raise _ConnectError("upstream_failed", _errno_name(exc), _detail(exc)) from None
+        reason = _CONNECT_FAILURE_REASONS.get(exc.errno or 0, "upstream_failed")
+        raise _ConnectError(reason, _errno_name(exc), _detail(exc)) from None
     started = time.monotonic()
     try:
         async with asyncio.timeout(config.connect_timeout_s):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import socket
 import struct
+import termios
 
 from tproxy.core.endpoint import Endpoint, IPAddress
 
@@ -121,6 +123,13 @@ def abort_socket(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
     sock.close()
+
+
+def unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes written to a TCP socket that the peer has not acknowledged yet (SIOCOUTQ)."""
+    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    count: int = struct.unpack("i", buf)[0]
+    return count
 
 
 def is_local_address(ip: IPAddress) -> bool:

@@ -31,12 +31,13 @@ class Listening(Event):
     spoof_source: bool
     mark: int
     nofile_limit: int
+    max_connections: int
 
     def text(self) -> str:
         spoof = "on" if self.spoof_source else "off"
         return (
             f"listening on {', '.join(self.listen)} (spoof-source {spoof}, mark {self.mark:#x}, "
-            f"open-file limit {self.nofile_limit})"
+            f"open-file limit {self.nofile_limit}, max connections {self.max_connections})"
         )
 
 
