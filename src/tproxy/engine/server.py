@@ -13,6 +13,7 @@ file, keeping the old configuration if the new one is invalid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import os
@@ -246,6 +247,7 @@ class ProxyServer:
 
     def _resume_if_open(self) -> None:
         if self._listeners:
+            self._reopen_reserve()
             self._resume_accepting()
 
     def _refuse(self, sock: socket.socket, why: str) -> None:
@@ -296,11 +298,13 @@ class ProxyServer:
         try:
             sock, _ = listener.accept()
         except OSError:
-            return False
-        finally:
-            try:
+            sock = None
+        if sock is not None:
+            self._refuse(sock, "out of file descriptors")  # frees the slot the reserve had
+        self._reopen_reserve()
+        return sock is not None
+
+    def _reopen_reserve(self) -> None:
+        if self._reserve_fd < 0:
+            with contextlib.suppress(OSError):
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                self._reserve_fd = -1
-        self._refuse(sock, "out of file descriptors")
-        return True

@@ -1,43 +1,56 @@
-"""The lab's checksum peers: a server and clients that prove bytes arrive intact, end to end.
+"""The lab's peers: a server and clients that prove bytes arrive intact and ends arrive as sent.
 
-Protocol (one TCP connection per transfer, first line is the request):
+Protocol (one TCP connection per exchange, the first line is the request):
 
-* ``UPLOAD\\n`` then any bytes, then the client half-closes: the server reads to EOF and answers
-  one JSON line ``{"peer": "ip:port", "bytes": N, "sha256": "..."}`` -- so the reply travels
-  after the client's FIN, which is exactly the half-close a proxy must carry.
-* ``DOWNLOAD N SEED\\n``: the server sends N bytes of the deterministic stream for SEED, then
-  FIN; the client regenerates the stream and compares sha256.
+* ``UPLOAD [RATE]\\n`` then any bytes, then the client half-closes: the server reads to EOF (at
+  most RATE bytes/s if given: a slow reader) and answers one JSON line ``{"peer": "ip:port",
+  "bytes": N, "sha256": "..."}`` -- the reply travels after the client's FIN, which is exactly
+  the half-close a proxy must carry.
+* ``DOWNLOAD N SEED\\n``: the server sends N bytes of the deterministic stream for SEED, then FIN;
+  the client regenerates the stream and compares sha256.
+* ``ECHO\\n``: the server echoes every byte until the client's FIN, then sends its own FIN.
+* ``HOLD\\n``: the server reads until the client's FIN and then just holds the connection open,
+  never sending its own FIN (a peer that forgets to close).
+* ``ABORT N SEED\\n``: the server sends N bytes of the stream, waits until the client side has
+  acknowledged all of them, then resets the connection (RST): whatever the client then lacks was
+  lost on the way, not by the server.
 
-Run as ``python -m tproxy.lab.peers serve --port P`` (IPv4 and IPv6), and ``upload`` /
-``download`` for the client side; each client prints one JSON object. ``probe`` connects anywhere
-and reports what a client saw: refused, reset, clean EOF or a timeout.
+The server prints one JSON line per finished connection (`peer`, `request`, `end`: "eof",
+"reset" or "aborted", `bytes_in`, `bytes_out`) so tests can see what the server saw. Run it as
+``python -m tproxy.lab.peers serve --port P`` (IPv4 and IPv6); each client command prints one
+JSON verdict.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import hashlib
 import json
 import random
+import resource
 import socket
-import socketserver
+import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from tproxy.core.endpoint import Endpoint, parse_endpoint
+from tproxy.interception.sockopts import unacknowledged_bytes
 
 CHUNK_BYTES = 1 << 20
+_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
-def pattern_chunks(seed: int, total_bytes: int) -> Iterator[bytes]:
+def pattern_chunks(seed: int, total_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The deterministic byte stream for `seed`, in chunks, `total_bytes` long."""
     rng = random.Random(seed)
     left = total_bytes
     while left > 0:
-        n = min(CHUNK_BYTES, left)
+        n = min(chunk_bytes, left)
         yield rng.randbytes(n)
         left -= n
 
@@ -49,60 +62,124 @@ def pattern_sha256(seed: int, total_bytes: int) -> str:
     return digest.hexdigest()
 
 
-def _read_line(sock: socket.socket) -> bytes:
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        byte = sock.recv(1)
-        if not byte:
-            break
-        line += byte
-    return bytes(line)
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        request = _read_line(sock).split()
-        peer = Endpoint.from_sockaddr(self.client_address)
-        try:
-            if request[:1] == [b"UPLOAD"]:
-                digest, total = hashlib.sha256(), 0
-                while chunk := sock.recv(CHUNK_BYTES):
-                    digest.update(chunk)
-                    total += len(chunk)
-                reply = {"peer": str(peer), "bytes": total, "sha256": digest.hexdigest()}
-                sock.sendall(json.dumps(reply).encode() + b"\n")
-            elif request[:1] == [b"DOWNLOAD"] and len(request) == 3:
-                for chunk in pattern_chunks(int(request[2]), int(request[1])):
-                    sock.sendall(chunk)
-                sock.shutdown(socket.SHUT_WR)
-                while sock.recv(CHUNK_BYTES):
-                    pass
-        except OSError:
-            pass  # the client went away: nothing to answer
+# --- the server ------------------------------------------------------------------------------
 
 
-class _DualStackServer(socketserver.ThreadingTCPServer):
-    address_family = socket.AF_INET6
-    allow_reuse_address = True
-    daemon_threads = True
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.bytes_in = 0
+        self.bytes_out = 0
 
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+    async def read(self, n: int) -> bytes:
+        data = await self.reader.read(n)
+        self.bytes_in += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        self.bytes_out += len(data)
+        await self.writer.drain()
 
 
-def serve(port: int) -> None:
-    with _DualStackServer(("::", port), _Handler) as server:
-        server.serve_forever()
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    conn = _Connection(reader, writer)
+    peer = Endpoint.from_sockaddr(writer.get_extra_info("peername"))
+    request: list[str] = []
+    end = "eof"
+    try:
+        request = (await reader.readline()).decode(errors="replace").split()
+        verb = request[0] if request else ""
+        if verb == "UPLOAD":
+            rate = float(request[1]) if len(request) > 1 else 0.0
+            await _serve_upload(conn, peer, rate)
+        elif verb == "DOWNLOAD":
+            for chunk in pattern_chunks(int(request[2]), int(request[1])):
+                await conn.write(chunk)
+            writer.write_eof()
+            while await conn.read(CHUNK_BYTES):
+                pass
+        elif verb == "ECHO":
+            while data := await conn.read(65536):
+                await conn.write(data)
+            writer.write_eof()
+        elif verb == "HOLD":
+            while await conn.read(65536):
+                pass
+            await asyncio.sleep(3600)  # hold: the proxy's half-closed limit must end this
+        elif verb == "ABORT":
+            for chunk in pattern_chunks(int(request[2]), int(request[1])):
+                await conn.write(chunk)
+            sock = writer.get_extra_info("socket")
+            while unacknowledged_bytes(sock):
+                await asyncio.sleep(0.001)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            writer.transport.abort()
+            end = "aborted"
+    except (ConnectionResetError, BrokenPipeError):
+        end = "reset"
+    finally:
+        record = {"peer": str(peer), "request": " ".join(request), "end": end,
+                  "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out}  # fmt: skip
+        print(json.dumps(record), flush=True)
+        writer.close()
 
 
-def upload(to: Endpoint, total_bytes: int, seed: int, timeout_s: float) -> dict[str, Any]:
-    """Send the stream, half-close, read the server's verdict."""
-    with socket.create_connection(to.sockaddr, timeout=timeout_s) as sock:
-        sock.sendall(b"UPLOAD\n")
+async def _serve_upload(conn: _Connection, peer: Endpoint, rate: float) -> None:
+    digest, total = hashlib.sha256(), 0
+    started = time.monotonic()
+    # A slow reader reads small chunks and sleeps to keep its rate.
+    chunk_bytes = 65536 if rate <= 0 else max(1024, int(rate / 50))
+    while chunk := await conn.read(chunk_bytes):
+        digest.update(chunk)
+        total += len(chunk)
+        if rate > 0:
+            ahead_s = total / rate - (time.monotonic() - started)
+            if ahead_s > 0:
+                await asyncio.sleep(ahead_s)
+    reply = {"peer": str(peer), "bytes": total, "sha256": digest.hexdigest()}
+    await conn.write(json.dumps(reply).encode() + b"\n")
+
+
+async def serve(port: int) -> None:
+    _raise_nofile()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    server = await asyncio.start_server(_handle, sock=sock, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+# --- the clients -----------------------------------------------------------------------------
+
+
+def _connect(to: Endpoint, timeout_s: float) -> socket.socket:
+    return socket.create_connection(to.sockaddr, timeout=timeout_s)
+
+
+def upload(
+    to: Endpoint, total_bytes: int, seed: int, timeout_s: float, *, rate: float = 0,
+    abort: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Send the stream, half-close, read the server's verdict; or, with `abort`, reset instead."""
+    request = b"UPLOAD\n" if rate <= 0 else f"UPLOAD {rate:g}\n".encode()
+    with _connect(to, timeout_s) as sock:
+        sock.sendall(request)
         for chunk in pattern_chunks(seed, total_bytes):
             sock.sendall(chunk)
+        if abort:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            return {"request_bytes": len(request), "sent": total_bytes, "aborted": True,
+                    "intact": True}  # fmt: skip
         sock.shutdown(socket.SHUT_WR)
         reply = b""
         while chunk := sock.recv(65536):
@@ -110,6 +187,7 @@ def upload(to: Endpoint, total_bytes: int, seed: int, timeout_s: float) -> dict[
     verdict = json.loads(reply)
     expected = pattern_sha256(seed, total_bytes)
     return {
+        "request_bytes": len(request),
         "sent": total_bytes,
         "sent_sha256": expected,
         "reply_bytes": len(reply),
@@ -118,25 +196,46 @@ def upload(to: Endpoint, total_bytes: int, seed: int, timeout_s: float) -> dict[
     }
 
 
-def download(source: Endpoint, total_bytes: int, seed: int, timeout_s: float) -> dict[str, Any]:
-    """Ask for the stream, read to EOF, compare with the stream regenerated here."""
+def download(
+    source: Endpoint, total_bytes: int, seed: int, timeout_s: float, *, abort: bool = False,
+    read_rate: float = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Ask for the stream, read to the end, compare with the stream regenerated here.
+
+    With `abort` the server resets after sending; with `read_rate` this client reads slowly
+    (bytes/s), so data is still queued in whatever is in between when the reset comes.
+    """
     digest, received = hashlib.sha256(), 0
-    request = f"DOWNLOAD {total_bytes} {seed}\n".encode()
-    with socket.create_connection(source.sockaddr, timeout=timeout_s) as sock:
+    verb = "ABORT" if abort else "DOWNLOAD"
+    request = f"{verb} {total_bytes} {seed}\n".encode()
+    end = "eof"
+    started = time.monotonic()
+    with _connect(source, timeout_s) as sock:
+        if read_rate > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.sendall(request)
-        while chunk := sock.recv(CHUNK_BYTES):
-            digest.update(chunk)
-            received += len(chunk)
+        read_bytes = 65536 if read_rate <= 0 else max(1024, int(read_rate / 50))
+        try:
+            while chunk := sock.recv(read_bytes):
+                digest.update(chunk)
+                received += len(chunk)
+                if read_rate > 0:
+                    ahead_s = received / read_rate - (time.monotonic() - started)
+                    if ahead_s > 0:
+                        time.sleep(ahead_s)
+        except OSError as exc:
+            end = _outcome(exc)
     expected = pattern_sha256(seed, total_bytes)
     return {
         "request_bytes": len(request),
         "received": received,
         "received_sha256": digest.hexdigest(),
+        "end": end,
         "intact": received == total_bytes and digest.hexdigest() == expected,
     }
 
 
-def probe(to: Endpoint, send: bytes, timeout_s: float) -> dict[str, Any]:
+def probe(to: Endpoint, send: bytes, timeout_s: float, half_close: bool = False) -> dict[str, Any]:
     """Connect, send `send`, read until EOF, an error or the timeout: what did the client see?
 
     `connect` and `read` are "ok"/"eof"/"timeout" or the errno name (ECONNREFUSED, ECONNRESET):
@@ -155,6 +254,8 @@ def probe(to: Endpoint, send: bytes, timeout_s: float) -> dict[str, Any]:
         try:
             if send:
                 sock.sendall(send)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 result["received"] += len(chunk)
             result["read"] = "eof"
@@ -164,6 +265,87 @@ def probe(to: Endpoint, send: bytes, timeout_s: float) -> dict[str, Any]:
     finally:
         sock.close()
         result["elapsed_s"] = round(time.monotonic() - started, 3)
+
+
+def chatter(to: Endpoint, interval_s: float, duration_s: float) -> dict[str, Any]:
+    """An ECHO session that sends one byte every `interval_s` for `duration_s`: does it live?"""
+    exchanged = 0
+    with _connect(to, 5) as sock:
+        sock.sendall(b"ECHO\n")
+        deadline_at = time.monotonic() + duration_s
+        try:
+            while time.monotonic() < deadline_at:
+                sock.sendall(b"x")
+                if sock.recv(1) != b"x":
+                    return {"survived": False, "exchanged": exchanged, "end": "eof"}
+                exchanged += 1
+                time.sleep(interval_s)
+        except OSError as exc:
+            return {"survived": False, "exchanged": exchanged, "end": _outcome(exc)}
+    return {"survived": True, "exchanged": exchanged, "end": None}
+
+
+async def _swarm_one(
+    to: Endpoint, payload: bytes, connected: asyncio.Barrier, established: asyncio.Barrier
+) -> str:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(to.family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    outcome = ""
+    try:
+        try:
+            await loop.sock_connect(sock, to.sockaddr)
+        except OSError as exc:
+            outcome = _outcome(exc)
+        await connected.wait()
+        if not outcome:
+            try:
+                # Phase 2: one byte through and back proves the session reached the server.
+                await loop.sock_sendall(sock, b"ECHO\n" + payload[:1])
+                if await loop.sock_recv(sock, 1) != payload[:1]:
+                    outcome = "eof"
+            except OSError as exc:
+                outcome = _outcome(exc)
+        await established.wait()
+        if outcome:
+            return outcome
+        try:
+            await loop.sock_sendall(sock, payload[1:])
+            sock.shutdown(socket.SHUT_WR)
+            echoed = bytearray(payload[:1])
+            while chunk := await loop.sock_recv(sock, 65536):
+                echoed += chunk
+        except OSError as exc:
+            return _outcome(exc)
+        return "intact" if echoed == payload else "corrupt"
+    finally:
+        sock.close()
+
+
+async def swarm(
+    to: Endpoint, count: int, payload_bytes: int, timeout_s: float = 60
+) -> dict[str, Any]:
+    """`count` ECHO sessions open at the same time, each with its own payload: what happened?
+
+    All connect first; then each proves its session works with one echoed byte (or sees it
+    reset); only when every one has an answer do they exchange the rest and close. So every
+    session that is served is open at the same time as all the others.
+    """
+    _raise_nofile()
+    connected, established = asyncio.Barrier(count), asyncio.Barrier(count)
+    payloads = [random.Random(i).randbytes(payload_bytes) for i in range(count)]
+    started = time.monotonic()
+
+    async def bounded(payload: bytes) -> str:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await _swarm_one(to, payload, connected, established)
+        except TimeoutError:
+            return "timeout"
+
+    outcomes = await asyncio.gather(*(bounded(p) for p in payloads))
+    counts = Counter(outcomes)
+    return {"outcomes": dict(counts), "elapsed_s": round(time.monotonic() - started, 3)}
 
 
 def _outcome(exc: OSError) -> str:
@@ -182,22 +364,43 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("endpoint", type=parse_endpoint)
         cmd.add_argument("--bytes", type=int, required=True)
         cmd.add_argument("--seed", type=int, default=1)
-        cmd.add_argument("--timeout", type=float, default=30.0)
+        cmd.add_argument("--timeout", type=float, default=60.0)
+        cmd.add_argument("--rate", type=float, default=0, help="slow side's bytes/s")
+        cmd.add_argument("--abort", action="store_true", help="reset at the end instead of FIN")
     probe_cmd = commands.add_parser("probe")
     probe_cmd.add_argument("endpoint", type=parse_endpoint)
     probe_cmd.add_argument("--send", default="")
     probe_cmd.add_argument("--timeout", type=float, default=5.0)
+    probe_cmd.add_argument(
+        "--half-close", action="store_true", help="shut down writing after --send"
+    )
+    chatter_cmd = commands.add_parser("chatter")
+    chatter_cmd.add_argument("endpoint", type=parse_endpoint)
+    chatter_cmd.add_argument("--interval", type=float, default=0.5)
+    chatter_cmd.add_argument("--duration", type=float, default=4.0)
+    swarm_cmd = commands.add_parser("swarm")
+    swarm_cmd.add_argument("endpoint", type=parse_endpoint)
+    swarm_cmd.add_argument("--count", type=int, required=True)
+    swarm_cmd.add_argument("--bytes", type=int, default=10_000)
     args = parser.parse_args(argv)
-    if args.command == "probe":
-        print(json.dumps(probe(args.endpoint, args.send.encode(), args.timeout)))
-        return 0
+
     if args.command == "serve":
-        serve(args.port)
+        asyncio.run(serve(args.port))
         return 0
-    transfer = upload if args.command == "upload" else download
-    result = transfer(args.endpoint, args.bytes, args.seed, args.timeout)
+    if args.command == "upload":
+        result = upload(args.endpoint, args.bytes, args.seed, args.timeout, rate=args.rate,
+                        abort=args.abort)  # fmt: skip
+    elif args.command == "download":
+        result = download(args.endpoint, args.bytes, args.seed, args.timeout, abort=args.abort,
+                          read_rate=args.rate)  # fmt: skip
+    elif args.command == "probe":
+        result = probe(args.endpoint, args.send.encode(), args.timeout, args.half_close)
+    elif args.command == "chatter":
+        result = chatter(args.endpoint, args.interval, args.duration)
+    else:
+        result = asyncio.run(swarm(args.endpoint, args.count, args.bytes))
     print(json.dumps(result))
-    return 0 if result["intact"] else 1
+    return 0
 
 
 if __name__ == "__main__":

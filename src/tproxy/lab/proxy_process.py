@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tproxy.lab.topology import Host, Lab, LabError, wait_until
@@ -17,9 +19,11 @@ Event = dict[str, Any]
 class ProxyProcess:
     """Runs `python -m tproxy run --log-format json ARGS` in `host` and collects its events."""
 
-    def __init__(self, lab: Lab, host: Host, args: Sequence[str]) -> None:
+    def __init__(
+        self, lab: Lab, host: Host, args: Sequence[str], wrapper: Sequence[str] = ()
+    ) -> None:
         self._lab = lab
-        self.argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", *args]
+        self.argv = [*wrapper, sys.executable, "-m", "tproxy", "run", "--log-format", "json", *args]
         self.proc = lab.start(host, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.events: list[Event] = []
         self._lock = threading.Lock()
@@ -62,6 +66,19 @@ class ProxyProcess:
     def wait_listening(self, timeout_s: float = 10) -> Event:
         return self.wait_for(lambda e: e.get("event") == "listening", "tproxy to listen",
                              timeout_s)[0]  # fmt: skip
+
+    def open_fds(self) -> int:
+        """How many descriptors the proxy process holds now."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss_bytes(self) -> int:
+        """The proxy process's resident memory now (VmRSS)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kib) * 1024
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
 
     def stderr_text(self) -> str:
         """What the process wrote to stderr, once it has exited."""

@@ -3,10 +3,12 @@ peer server, iperf3; and a readiness wait that polls `ss` instead of sleeping.""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tproxy.lab.topology import Host, Lab, LabError, wait_until
 
@@ -60,9 +62,25 @@ def start_nginx(lab: Lab, host: Host, port: int = HTTP_PORT) -> None:
     wait_listening(lab, host, port, "nginx")
 
 
-def start_peer_server(lab: Lab, host: Host, port: int = PEER_PORT) -> None:
-    lab.start(host, [sys.executable, "-m", "tproxy.lab.peers", "serve", "--port", str(port)])
-    wait_listening(lab, host, port, "the checksum server")
+class PeerServer:
+    """A running `tproxy.lab.peers` server; `ends()` is what it saw of each finished connection."""
+
+    def __init__(self, lab: Lab, host: Host, port: int) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-peers-"))
+        lab.cleanup_paths.append(workdir)
+        self._log = workdir / f"peers-{port}.jsonl"
+        with self._log.open("wb") as out:
+            argv = [sys.executable, "-m", "tproxy.lab.peers", "serve", "--port", str(port)]
+            self.proc = lab.start(host, argv, stdout=out)
+        wait_listening(lab, host, port, "the peer server")
+
+    def ends(self) -> list[dict[str, Any]]:
+        lines = self._log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def start_peer_server(lab: Lab, host: Host, port: int = PEER_PORT) -> PeerServer:
+    return PeerServer(lab, host, port)
 
 
 def start_iperf_server(lab: Lab, host: Host, port: int = IPERF_PORT) -> None:
