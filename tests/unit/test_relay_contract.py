@@ -231,3 +231,38 @@ def test_resets_arrive_after_every_byte_sent_before_them(
             w.close()
 
     _run(scenario())
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+def test_upstream_reset_behind_a_slow_client_loses_nothing(relay: Relay) -> None:
+    """The reset must wait for bytes still queued toward a client that reads slowly."""
+
+    async def scenario() -> None:
+        w = await _wire()
+        # Small buffers toward the client, so bytes are still queued in the proxy at the reset.
+        w.proxy_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        w.peer_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        loop = asyncio.get_running_loop()
+        payload = bytes(range(256)) * 512  # 128 KiB
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+
+            async def slow_read() -> tuple[bytes, str]:
+                data = bytearray()
+                try:
+                    while chunk := await loop.sock_recv(w.peer_client, 4096):
+                        data += chunk
+                        await asyncio.sleep(0.001)
+                except ConnectionResetError:
+                    return bytes(data), "reset"
+                return bytes(data), "eof"
+
+            reading = asyncio.ensure_future(slow_read())
+            await _send_chunks(w.peer_upstream, [payload], then_shutdown=False)
+            await _abort_after_acknowledged(w.peer_upstream)
+            assert await reading == (payload, "reset")
+            assert await relaying == "upstream_reset"
+        finally:
+            w.close()
+
+    _run(scenario())
