@@ -32,11 +32,16 @@ def peer_lab(lab: Lab) -> Iterator[tuple[Lab, PeerServer]]:
     yield lab, server
 
 
-def settled(proxy: ProxyProcess, baseline_fds: int, sessions: int) -> None:
-    """Every session closed, the live count back to 0, no descriptor left behind."""
-    closes = proxy.wait_for(
-        lambda e: e.get("event") == "session_close", f"{sessions} closes", 30, sessions
-    )
+def settled(proxy: ProxyProcess, baseline_fds: int, sessions: int | None = None) -> None:
+    """Every session closed (`sessions` of them, if known), the live count back to 0, no
+    descriptor left behind."""
+    if sessions is not None:
+        proxy.wait_for(
+            lambda e: e.get("event") == "session_close", f"{sessions} closes", 30, sessions
+        )
+    opened = len(proxy.named("session_open"))
+    closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "all closes", 30, opened)
+    assert len(closes) == opened
     assert closes[-1]["active"] == 0
     wait_until(lambda: proxy.open_fds() == baseline_fds, 10, "descriptors back to baseline")
 
@@ -83,11 +88,12 @@ def test_blackholed_destination_resets_the_client_at_the_connect_timeout(lab: La
             tcp dport 82 drop; }; }""")  # fmt: skip
     apply_rules(lab, "--ports", "82")
     proxy = start_proxy(lab, "--connect-timeout", "2")
+    fds = proxy.open_fds()
     seen = client_json(lab, ["probe", str(lab.server.endpoint(82)), "--timeout", "10"])
     assert seen["read"] == "ECONNRESET", seen
     assert 1.8 <= seen["elapsed_s"] <= 3.5, seen
-    closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "the close")
-    assert closes[0]["reason"] == "upstream_timeout"
+    settled(proxy, fds, 1)
+    assert proxy.named("session_close")[0]["reason"] == "upstream_timeout"
 
 
 def test_idle_sessions_are_cut_and_talking_ones_are_not(peer_lab: tuple[Lab, PeerServer]) -> None:
@@ -174,6 +180,7 @@ def test_running_out_of_descriptors_degrades_and_recovers(
     args = [] if limit == "derived" else ["--max-connections", "1000"]
     proxy = ProxyProcess(lab, lab.router, args, wrapper=["prlimit", "--nofile=256:256", "--"])
     listening = proxy.wait_listening()
+    fds = proxy.open_fds()
     assert listening["nofile_limit"] == 256
     if limit == "derived":
         assert listening["max_connections"] == (256 - 64) // 2
@@ -188,6 +195,7 @@ def test_running_out_of_descriptors_degrades_and_recovers(
         assert outcomes["intact"] == 96, result
     again = client_json(lab, ["swarm", peer(lab), "--count", "50"])
     assert again["outcomes"] == {"intact": 50}, again
+    settled(proxy, fds)
 
 
 def _start_slow_upload(lab: Lab, size: int, rate: int) -> subprocess.Popen[bytes]:
@@ -234,6 +242,7 @@ def test_sighup_reloads_without_dropping_anything(
     config = tmp_path / "tproxy.toml"
     config.write_text("idle_timeout = 600\n")
     proxy = start_proxy(lab, "--config", str(config))
+    fds = proxy.open_fds()
     upload = _start_slow_upload(lab, 16 * MIB, 8_000_000)
     proxy.wait_for(lambda e: e.get("event") == "upstream_connected", "the upload's session")
 
@@ -251,3 +260,4 @@ def test_sighup_reloads_without_dropping_anything(
     out, _ = upload.communicate(timeout=60)
     assert json.loads(out)["intact"], "the live transfer was disturbed by the reloads"
     assert proxy.proc.poll() is None
+    settled(proxy, fds, 2)

@@ -266,3 +266,34 @@ def test_upstream_reset_behind_a_slow_client_loses_nothing(relay: Relay) -> None
             w.close()
 
     _run(scenario())
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+@pytest.mark.parametrize("gone", ["client", "upstream"])
+def test_a_peer_that_resets_while_receiving_resets_the_sender(relay: Relay, gone: str) -> None:
+    """The SINK_RESET cells: the side that was only receiving goes away with a reset; the side
+    still sending must get a reset, not keep sending into a dead session."""
+
+    async def scenario() -> None:
+        w = await _wire()
+        loop = asyncio.get_running_loop()
+        if gone == "client":
+            receiver, sender, other = w.peer_client, w.peer_upstream, w.peer_client
+        else:
+            receiver, sender, other = w.peer_upstream, w.peer_client, w.peer_upstream
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            # The receiver finishes its own direction first, so only one pump is left.
+            other.shutdown(socket.SHUT_WR)
+            assert await loop.sock_recv(sender, 10) == b""
+            await loop.sock_sendall(sender, b"x" * 100_000)
+            assert await loop.sock_recv(receiver, 10)
+            _abort(receiver)
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                while True:
+                    await loop.sock_sendall(sender, b"y" * 65536)
+            assert await relaying == f"{gone}_reset"
+        finally:
+            w.close()
+
+    _run(scenario())
