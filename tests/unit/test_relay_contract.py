@@ -1,4 +1,4 @@
-"""The relay contract: what any relay (the copy relay now, the splice relay later) must do.
+"""The relay contract: what both relays (splice and copy), on both loops (asyncio, uvloop), do.
 
 Real TCP sockets on loopback, so resets are real resets. `peer_*` sockets stand for the client
 program and the upstream server; the relay sits between `proxy_client` and `proxy_upstream`.
@@ -7,6 +7,7 @@ program and the upstream server; the relay sits between `proxy_client` and `prox
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import struct
@@ -16,16 +17,65 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tproxy.core.config import RelayKind
 from tproxy.core.endpoint import Endpoint
 from tproxy.core.session import SessionRecord
-from tproxy.engine.relay import relay as copy_relay
+from tproxy.engine.pipes import Pipe, PipePool
+from tproxy.engine.relay import relay
 from tproxy.interception.sockopts import unacknowledged_bytes
 
-Relay = Callable[[socket.socket, socket.socket, SessionRecord], Awaitable[str]]
-RELAYS = [pytest.param(copy_relay, id="copy")]
+POOL = PipePool()
+
+
+class ExhaustedPipePool(PipePool):
+    """A pool when the process is out of descriptors: no pipe can be had."""
+
+    def take(self) -> Pipe:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+EXHAUSTED = ExhaustedPipePool()
+
+
+@dataclass(frozen=True)
+class Relay:
+    """One relay kind on one event loop: call it like `relay()`, run scenarios with `run`."""
+
+    kind: RelayKind
+    loop: str
+    pipes: bool = True
+
+    def __call__(
+        self, client: socket.socket, upstream: socket.socket, record: SessionRecord
+    ) -> Awaitable[str]:
+        return relay(client, upstream, record, self.kind, POOL if self.pipes else EXHAUSTED)
+
+    def run(self, scenario: Callable[[], Awaitable[None]]) -> None:
+        async def bounded() -> None:
+            async with asyncio.timeout(20):
+                await scenario()
+
+        factory = uvloop.new_event_loop if self.loop == "uvloop" else asyncio.new_event_loop
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(bounded())
+        finally:
+            POOL.close()
+
+
+RELAYS = [
+    *(
+        pytest.param(Relay(kind, loop), id=f"{kind.value}-{loop}")
+        for kind in RelayKind
+        for loop in ("asyncio", "uvloop")
+    ),
+    # Out of descriptors, the splice relay copies instead of failing.
+    pytest.param(Relay(RelayKind.SPLICE, "uvloop", pipes=False), id="splice-without-pipes"),
+]
 LOOPBACK = Endpoint(ipaddress.ip_address("127.0.0.1"), 0)
 
 
@@ -108,14 +158,6 @@ async def _read_until_end(sock: socket.socket) -> tuple[bytes, str]:
     return bytes(data), "eof"
 
 
-def _run(coro: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(20):
-            await coro
-
-    asyncio.run(bounded())
-
-
 chunk_lists = st.lists(st.binary(min_size=1, max_size=70_000), max_size=8)
 
 
@@ -147,7 +189,7 @@ def test_bytes_and_half_closes_arrive_intact(
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)
 
 
 @pytest.mark.parametrize("relay", RELAYS)
@@ -166,7 +208,7 @@ def test_upstream_reset_reaches_the_client_as_a_reset(relay: Relay) -> None:
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)
 
 
 @pytest.mark.parametrize("relay", RELAYS)
@@ -185,7 +227,7 @@ def test_client_reset_reaches_the_upstream_as_a_reset(relay: Relay) -> None:
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)
 
 
 @pytest.mark.parametrize("relay", RELAYS)
@@ -230,7 +272,7 @@ def test_resets_arrive_after_every_byte_sent_before_them(
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)
 
 
 @pytest.mark.parametrize("relay", RELAYS)
@@ -265,7 +307,7 @@ def test_upstream_reset_behind_a_slow_client_loses_nothing(relay: Relay) -> None
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)
 
 
 @pytest.mark.parametrize("relay", RELAYS)
@@ -296,4 +338,4 @@ def test_a_peer_that_resets_while_receiving_resets_the_sender(relay: Relay, gone
         finally:
             w.close()
 
-    _run(scenario())
+    relay.run(scenario)

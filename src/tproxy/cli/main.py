@@ -13,6 +13,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import uvloop
+
 from tproxy import __version__
 from tproxy.core.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -25,7 +27,9 @@ from tproxy.core.config import (
     RESERVED_DESCRIPTORS,
     ConfigError,
     LogFormat,
+    LoopKind,
     ProxyConfig,
+    RelayKind,
     build_config,
     parse_config_file,
 )
@@ -193,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
         f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)",
     )
     run.add_argument(
+        "--relay",
+        choices=[k.value for k in RelayKind],
+        help="splice: zero-copy in the kernel (the default; falls back to copy where splice "
+        "does not work); copy: bytes pass through Python",
+    )
+    run.add_argument(
+        "--loop",
+        choices=[k.value for k in LoopKind],
+        help="the event loop: uvloop (the default) or asyncio's own",
+    )
+    run.add_argument(
         "--log-format",
         choices=[f.value for f in LogFormat],
         help="session log on stdout: text for humans, json for one object per line (default: text)",
@@ -341,8 +356,9 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _RUN_OVERRIDES if getattr(args, name) is not None
     }
-    if args.log_format is not None:
-        overrides["log_format"] = LogFormat(args.log_format)
+    for name, kind in (("log_format", LogFormat), ("relay", RelayKind), ("loop", LoopKind)):
+        if getattr(args, name) is not None:
+            overrides[name] = kind(getattr(args, name))
     try:
         config = _load_config(args.config, overrides)
     except ConfigError as exc:
@@ -353,7 +369,9 @@ def _run(args: argparse.Namespace) -> int:
         server.open()
     except StartupError as exc:
         return _fail(str(exc))
-    asyncio.run(server.serve())
+    factory = uvloop.new_event_loop if config.loop is LoopKind.UVLOOP else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(server.serve())
     return 0
 
 

@@ -11,6 +11,8 @@ The file (`tproxy run --config FILE`) uses the long option names with underscore
     max_connections = 5000
     drain_timeout = 30
     log_format = "json"
+    relay = "splice"
+    loop = "uvloop"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
 overrides.
@@ -46,6 +48,20 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one sentence for the operator."""
 
 
+class RelayKind(enum.Enum):
+    """How bytes move: splice (zero-copy, in the kernel) or copy (through Python)."""
+
+    SPLICE = "splice"
+    COPY = "copy"
+
+
+class LoopKind(enum.Enum):
+    """The event loop under the engine."""
+
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     JSON = "json"
@@ -78,6 +94,8 @@ class ProxyConfig:
         max_connections: live sessions at most; None means derived from the open-file limit.
         drain_timeout_s: on SIGTERM/SIGINT, how long live sessions may take to finish.
         log_format: text for humans, JSON (one object per line) for machines.
+        relay: splice (zero-copy, the default) or copy (through Python).
+        loop: uvloop (the default) or asyncio's own loop.
     """
 
     listen: list[Endpoint] = field(default_factory=default_listen)
@@ -89,6 +107,8 @@ class ProxyConfig:
     max_connections: int | None = None
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     log_format: LogFormat = LogFormat.TEXT
+    relay: RelayKind = RelayKind.SPLICE
+    loop: LoopKind = LoopKind.UVLOOP
 
     @property
     def timeouts(self) -> Timeouts:
@@ -106,6 +126,8 @@ _FILE_KEYS = {
     "max_connections": "max_connections",
     "drain_timeout": "drain_timeout_s",
     "log_format": "log_format",
+    "relay": "relay",
+    "loop": "loop",
 }
 _SECONDS = {"connect_timeout_s", "idle_timeout_s", "half_closed_timeout_s", "drain_timeout_s"}
 
@@ -140,6 +162,16 @@ def _check_value(name: str, value: Any) -> Any:
             return LogFormat(value)
         except ValueError:
             raise ConfigError('log_format must be "text" or "json"') from None
+    if name == "relay":
+        try:
+            return RelayKind(value)
+        except ValueError:
+            raise ConfigError('relay must be "splice" or "copy"') from None
+    if name == "loop":
+        try:
+            return LoopKind(value)
+        except ValueError:
+            raise ConfigError('loop must be "uvloop" or "asyncio"') from None
     raise AssertionError(name)
 
 

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tproxy.core.config import ConfigError, ProxyConfig, max_connections_for
+from tproxy.core.config import ConfigError, ProxyConfig, RelayKind, max_connections_for
 from tproxy.core.endpoint import Endpoint
 from tproxy.core.lifecycle import expired_reason
 from tproxy.engine.session import Session, SessionContext
+from tproxy.engine.splice import splice_works
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import (
@@ -77,6 +78,7 @@ class ProxyServer:
             config, log, SelfConnectGuard(config.listen, is_local_address), self._spawn
         )
         self._nofile = 0
+        self._splice_works = True
         self._max_connections = 0
         # One descriptor kept free so that, when accept() fails with EMFILE, we can free it,
         # accept the waiting connection and reset it instead of leaving it to time out.
@@ -105,6 +107,10 @@ class ProxyServer:
             self.close_listeners()
             raise StartupError(str(exc)) from None
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._splice_works = splice_works()
+        if self.config.relay is RelayKind.SPLICE and not self._splice_works:
+            self._ctx.config = dataclasses.replace(self.config, relay=RelayKind.COPY)
+            self._log.emit(Notice("splice does not work on this kernel: relaying by copy"))
 
     def _limit_for(self, config: ProxyConfig) -> int:
         derived = max_connections_for(self._nofile)
@@ -197,6 +203,8 @@ class ProxyServer:
         if new.listen != self.config.listen:
             self._log.emit(Notice("reload: listen addresses change only on restart; kept as is"))
             new = dataclasses.replace(new, listen=self.config.listen)
+        if new.relay is RelayKind.SPLICE and not self._splice_works:
+            new = dataclasses.replace(new, relay=RelayKind.COPY)
         self._ctx.config = new
         self._max_connections = self._limit_for(new)
         self._log.emit(

@@ -19,6 +19,7 @@ from typing import Any
 from tproxy.core.config import ProxyConfig
 from tproxy.core.endpoint import Endpoint
 from tproxy.core.session import SessionRecord
+from tproxy.engine.pipes import PipePool
 from tproxy.engine.relay import relay
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
@@ -55,6 +56,7 @@ class SessionContext:
     log: EventLog
     guard: SelfConnectGuard
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+    pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     next_id: int = 1
 
@@ -123,7 +125,7 @@ class Session:
             ctx.log.emit(UpstreamFailed(record.id, str(record.dst), failed.error, failed.detail))
             abort_socket(self._client_sock)
             return failed.reason
-        return await relay(self._client_sock, self._upstream, record)
+        return await relay(self._client_sock, self._upstream, record, ctx.config.relay, ctx.pipes)
 
     def _close(self, reason: str) -> None:
         abort = reason in _ABORT_REASONS or self._cut_reason is not None
@@ -136,6 +138,7 @@ class Session:
                 sock.close()
         ctx, record = self._ctx, self.record
         ctx.sessions.discard(self)
+        ctx.pipes.trim(ctx.active)
         ctx.log.emit(
             SessionClosed(
                 record.id,

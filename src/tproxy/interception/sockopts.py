@@ -132,6 +132,25 @@ def unacknowledged_bytes(sock: socket.socket) -> int:
     return count
 
 
+# <netinet/tcp.h> enum tcp_state
+TCP_CLOSE = 7
+
+
+def reset_behind_eof(sock: socket.socket) -> bool:
+    """Whether an EOF just read from `sock` was really a reset whose error another call consumed.
+
+    A reset sets one pending error on the socket, and whichever syscall runs first reports it:
+    when the other direction's write gets ECONNRESET, this direction's read then returns 0 as if
+    the peer had sent FIN. Only valid while we have not sent FIN on `sock` ourselves: then a
+    real FIN leaves the socket in CLOSE_WAIT, and a reset leaves it CLOSE.
+    """
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state == TCP_CLOSE
+
+
 def is_local_address(ip: IPAddress) -> bool:
     """Whether `ip` is configured on this host (in this network namespace).
 

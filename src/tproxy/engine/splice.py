@@ -1,0 +1,225 @@
+"""The splice pump: one direction of a session moved by the kernel, socket → pipe → socket.
+
+Theory of operation
+-------------------
+Bytes never enter Python: `splice(source → pipe)` then `splice(pipe → sink)`, driven by the event
+loop's readiness callbacks, not by a task per direction. In steady state the source stays armed
+for reading and no epoll_ctl happens per chunk; only when the sink pushes back (EAGAIN on the
+write side) is reading disarmed and writing armed until the pipe is empty, then back.
+
+Why EAGAIN is ambiguous here (HAProxy's raw_sock.c has the same comment): splice(socket → pipe)
+returns EAGAIN when the socket is empty *and* when the pipe is full -- and a pipe fills by page
+slots, which socket buffers' fragments use well below its byte size. So the pump keeps an exact
+count of the bytes in its pipe, always empties the pipe before reading again, and only takes
+EAGAIN from the read side as "socket empty" when its pipe is empty. It never asks for 0 bytes.
+
+A pipe is borrowed from the pool when bytes arrive and returned as soon as it is empty, so an
+idle session holds no pipe. When no pipe can be had (out of descriptors), the pump moves that
+chunk through a Python buffer instead of failing the session: service degrades, it does not end.
+
+The close semantics are the copy relay's: EOF is reported only with an empty pipe; errors are
+reported as SOURCE_RESET or SINK_RESET; `tproxy.core.lifecycle` decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+
+from tproxy.core.lifecycle import Direction, End
+from tproxy.core.session import SessionRecord
+from tproxy.engine.pipes import Pipe, PipePool
+
+# <linux/fcntl.h>: splice flags
+SPLICE_F_MOVE = 1
+SPLICE_F_NONBLOCK = 2
+_FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+COPY_CHUNK_BYTES = 64 * 1024
+_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+
+
+class SplicePump:
+    """Moves one direction with splice until EOF or an error; `ended` tells which."""
+
+    __slots__ = (
+        "_buffer",
+        "_dst",
+        "_in_pipe",
+        "_loop",
+        "_pipe",
+        "_pool",
+        "_reading",
+        "_record",
+        "_src",
+        "_up",
+        "_writing",
+        "ended",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        source: socket.socket,
+        sink: socket.socket,
+        record: SessionRecord,
+        direction: Direction,
+        *,
+        pool: PipePool,
+    ) -> None:
+        self._loop = loop
+        self._src = source.fileno()
+        self._dst = sink.fileno()
+        self._record = record
+        self._up = direction is Direction.UP
+        self._pool = pool
+        self._pipe: Pipe | None = None
+        self._in_pipe = 0
+        self._buffer: memoryview | None = None  # a chunk being copied when no pipe was free
+        self._reading = True
+        self._writing = False
+        self.ended: asyncio.Future[End] = loop.create_future()
+        loop.add_reader(self._src, self._on_readable)
+
+    async def stop(self) -> None:
+        """Stop moving bytes; afterwards the pump touches neither socket."""
+        self._disarm()
+        if self._pipe is not None:
+            self._pipe.close()  # may hold bytes that now belong to nobody
+            self._pipe = None
+        if not self.ended.done():
+            self.ended.cancel()
+
+    def _disarm(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._src)
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self._dst)
+            self._writing = False
+
+    def _finish(self, end: End) -> None:
+        self._disarm()
+        if self._pipe is not None:
+            if self._in_pipe == 0:
+                self._pool.give_back(self._pipe)
+            else:
+                self._pipe.close()
+            self._pipe = None
+        if not self.ended.done():
+            self.ended.set_result(end)
+
+    def _on_readable(self) -> None:
+        while True:
+            pipe = self._pipe
+            if pipe is None:
+                try:
+                    pipe = self._pipe = self._pool.take()
+                except OSError:
+                    if not self._copy_one_chunk():
+                        return
+                    continue
+            try:
+                n = os.splice(self._src, pipe.w, pipe.size_bytes - self._in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                # The pipe is always empty here (we flush before reading again), so EAGAIN
+                # means the socket is empty: give the pipe back and wait for more.
+                self._pool.give_back(pipe)
+                self._pipe = None
+                return
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    self._finish(End.SOURCE_RESET)
+                    return
+                raise
+            if n == 0:
+                self._finish(End.EOF)
+                return
+            self._in_pipe += n
+            if not self._flush():
+                return
+
+    def _copy_one_chunk(self) -> bool:
+        """No pipe to be had: move one chunk through Python; True if the pump may go on."""
+        try:
+            data = os.read(self._src, COPY_CHUNK_BYTES)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in _GONE:
+                self._finish(End.SOURCE_RESET)
+                return False
+            raise
+        if not data:
+            self._finish(End.EOF)
+            return False
+        self._buffer = memoryview(data)
+        return self._flush()
+
+    def _count(self, n: int) -> None:
+        if self._up:
+            self._record.bytes_up += n
+        else:
+            self._record.bytes_down += n
+        self._record.last_activity_at = time.monotonic()
+
+    def _push_back(self) -> None:
+        """The sink is full: stop reading, wait for the sink to take more."""
+        if self._reading:
+            self._loop.remove_reader(self._src)
+            self._reading = False
+        if not self._writing:
+            self._loop.add_writer(self._dst, self._on_writable)
+            self._writing = True
+
+    def _flush(self) -> bool:
+        """Empty the pipe (or the copy buffer) into the sink; False if the sink pushed back."""
+        try:
+            buffer = self._buffer
+            while buffer is not None:
+                n = os.write(self._dst, buffer)
+                self._count(n)
+                buffer = self._buffer = buffer[n:] if n < len(buffer) else None
+            pipe = self._pipe
+            while self._in_pipe:
+                assert pipe is not None
+                n = os.splice(pipe.r, self._dst, self._in_pipe, flags=_FLAGS)
+                self._in_pipe -= n
+                self._count(n)
+        except BlockingIOError:
+            self._push_back()
+            return False
+        except OSError as exc:
+            if exc.errno in _GONE:
+                self._finish(End.SINK_RESET)
+                return False
+            raise
+        return True
+
+    def _on_writable(self) -> None:
+        if not self._flush():
+            return
+        self._loop.remove_writer(self._dst)
+        self._writing = False
+        self._loop.add_reader(self._src, self._on_readable)
+        self._reading = True
+        self._on_readable()  # the socket may have filled while we waited on the sink
+
+
+def splice_works() -> bool:
+    """Whether this kernel splices from a socket into a pipe (not every sandbox does)."""
+    left, right = socket.socketpair()
+    pipe = None
+    try:
+        pipe = Pipe()
+        left.send(b"x")
+        return os.splice(right.fileno(), pipe.w, 1, flags=_FLAGS) == 1
+    except (OSError, AttributeError):
+        return False
+    finally:
+        left.close()
+        right.close()
+        if pipe is not None:
+            pipe.close()
