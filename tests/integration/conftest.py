@@ -58,7 +58,10 @@ def served_lab(lab: Lab) -> Lab:
 
 
 def start_proxy(lab: Lab, *args: str) -> ProxyProcess:
-    proxy = ProxyProcess(lab, lab.router, list(args))
+    """`tproxy run ARGS` in the router, one process unless ARGS say otherwise (so descriptor
+    and memory probes see every session)."""
+    argv = list(args) if "--workers" in args else ["--workers", "1", *args]
+    proxy = ProxyProcess(lab, lab.router, argv)
     proxy.wait_listening()
     return proxy
 

@@ -177,7 +177,7 @@ def test_running_out_of_descriptors_degrades_and_recovers(
     peer_lab: tuple[Lab, PeerServer], limit: str
 ) -> None:
     lab, _ = peer_lab
-    args = [] if limit == "derived" else ["--max-connections", "1000"]
+    args = ["--workers", "1"] + ([] if limit == "derived" else ["--max-connections", "1000"])
     proxy = ProxyProcess(lab, lab.router, args, wrapper=["prlimit", "--nofile=256:256", "--"])
     listening = proxy.wait_listening()
     fds = proxy.open_fds()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -34,7 +35,8 @@ from tproxy.core.config import (
     parse_config_file,
 )
 from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
-from tproxy.engine.server import ProxyServer, StartupError
+from tproxy.engine.server import ProxyServer, StartupError, open_listeners
+from tproxy.engine.supervisor import close_all, run_workers
 from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
@@ -195,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="live sessions at most; new connections beyond it are reset at once (default: "
         f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="worker processes sharing the listening sockets, supervised and restarted if "
+        "they die (default: the number of CPUs; 1 runs without a supervisor)",
     )
     run.add_argument(
         "--relay",
@@ -364,15 +373,28 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     reload = None if args.config is None else partial(_load_config, args.config, overrides)
-    server = ProxyServer(config, EventLog(config.log_format), reload)
+    workers = args.workers or os.cpu_count() or 1
     try:
-        server.open()
+        listeners = open_listeners(config)
     except StartupError as exc:
         return _fail(str(exc))
-    factory = uvloop.new_event_loop if config.loop is LoopKind.UVLOOP else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(server.serve())
-    return 0
+
+    def worker_main(worker_id: int | None) -> int:
+        log = EventLog(config.log_format, worker=worker_id)
+        server = ProxyServer(config, log, reload, listeners=listeners, share=workers)
+        server.prepare()
+        factory = (
+            uvloop.new_event_loop if config.loop is LoopKind.UVLOOP else asyncio.new_event_loop
+        )
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(server.serve())
+        return 0
+
+    if workers == 1:
+        return worker_main(None)
+    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0))
+    close_all(listeners)
+    return code
 
 
 def _rules(args: argparse.Namespace) -> int:

@@ -58,6 +58,23 @@ class StartupError(Exception):
     """The proxy cannot start as configured; the message is one sentence for the operator."""
 
 
+def open_listeners(config: ProxyConfig) -> list[socket.socket]:
+    """Bind every configured listener, or none.
+
+    Raises:
+        StartupError: one could not be opened (the others are closed again).
+    """
+    listeners: list[socket.socket] = []
+    try:
+        for endpoint in config.listen:
+            listeners.append(open_transparent_listener(endpoint))
+    except SocketSetupError as exc:
+        for listener in listeners:
+            listener.close()
+        raise StartupError(str(exc)) from None
+    return listeners
+
+
 class ProxyServer:
     """Listens on every configured endpoint and serves each accepted connection as a session.
 
@@ -68,11 +85,19 @@ class ProxyServer:
     """
 
     def __init__(
-        self, config: ProxyConfig, log: EventLog, reload: ConfigLoader | None = None
+        self,
+        config: ProxyConfig,
+        log: EventLog,
+        reload: ConfigLoader | None = None,
+        *,
+        listeners: list[socket.socket] | None = None,
+        share: int = 1,
     ) -> None:
         self._log = log
         self._reload = reload
-        self._listeners: list[socket.socket] = []
+        self._listeners: list[socket.socket] = listeners or []
+        # This process's share of --max-connections when several workers split the load.
+        self._share = share
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = SessionContext(
             config, log, SelfConnectGuard(config.listen, is_local_address), self._spawn
@@ -93,19 +118,19 @@ class ProxyServer:
         return self._ctx.config
 
     def open(self) -> None:
-        """Raise the descriptor limit and bind every listener.
+        """Bind every listener (unless given) and get this process ready to serve.
 
         Raises:
             StartupError: a listener could not be opened (nothing stays open then).
         """
+        if not self._listeners:
+            self._listeners = open_listeners(self.config)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Per-process set-up: descriptor limit, connection limit, the reserve, splice probe."""
         self._nofile = raise_nofile_limit()
         self._max_connections = self._limit_for(self.config)
-        try:
-            for endpoint in self.config.listen:
-                self._listeners.append(open_transparent_listener(endpoint))
-        except SocketSetupError as exc:
-            self.close_listeners()
-            raise StartupError(str(exc)) from None
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._splice_works = splice_works()
         if self.config.relay is RelayKind.SPLICE and not self._splice_works:
@@ -113,10 +138,9 @@ class ProxyServer:
             self._log.emit(Notice("splice does not work on this kernel: relaying by copy"))
 
     def _limit_for(self, config: ProxyConfig) -> int:
-        derived = max_connections_for(self._nofile)
         if config.max_connections is None:
-            return derived
-        return config.max_connections
+            return max_connections_for(self._nofile)
+        return -(-config.max_connections // self._share)  # ceil: the workers' shares add up
 
     def close_listeners(self) -> None:
         for listener in self._listeners:

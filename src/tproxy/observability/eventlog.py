@@ -19,11 +19,20 @@ class EventLog:
         log_format: LogFormat,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.time,
+        worker: int | None = None,
     ) -> None:
-        self._render = render_json if log_format is LogFormat.JSON else render_text
+        self._json = log_format is LogFormat.JSON
         self._stream = stream if stream is not None else sys.stdout
         self._clock = clock
+        self.worker = worker
 
     def emit(self, event: Event) -> None:
-        self._stream.write(self._render(event, self._clock()) + "\n")
+        """Write one line. Lines under 4 KiB are one write(), so workers sharing a pipe never
+        interleave within a line."""
+        now = self._clock()
+        if self._json:
+            line = render_json(event, now, self.worker)
+        else:
+            line = render_text(event, now, self.worker)
+        self._stream.write(line + "\n")
         self._stream.flush()

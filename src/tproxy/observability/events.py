@@ -143,14 +143,17 @@ def format_timestamp(epoch_s: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{millis:03d}Z"
 
 
-def render_json(event: Event, epoch_s: float) -> str:
+def render_json(event: Event, epoch_s: float, worker: int | None = None) -> str:
     record: dict[str, Any] = {"ts": format_timestamp(epoch_s), "event": event.name}
+    if worker is not None:
+        record["worker"] = worker
     record.update(dataclasses.asdict(event))
     return json.dumps(record, separators=(",", ":"))
 
 
-def render_text(event: Event, epoch_s: float) -> str:
-    return f"{format_timestamp(epoch_s)} {event.text()}"
+def render_text(event: Event, epoch_s: float, worker: int | None = None) -> str:
+    where = "" if worker is None else f"[worker {worker}] "
+    return f"{format_timestamp(epoch_s)} {where}{event.text()}"
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
