@@ -348,6 +348,36 @@ async def swarm(
     return {"outcomes": dict(counts), "elapsed_s": round(time.monotonic() - started, 3)}
 
 
+async def hold(to: Endpoint, count: int) -> None:
+    """Open `count` ECHO sessions, prove each with one echoed byte, print the tally, then hold
+    them all open, idle, until stdin closes (for measuring what an idle session costs)."""
+    _raise_nofile()
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    ready = 0
+    for start in range(0, count, 500):  # in waves, so the listen backlogs never overflow
+        wave = []
+        for _ in range(start, min(count, start + 500)):
+            sock = socket.socket(to.family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            wave.append(sock)
+        results = await asyncio.gather(
+            *(_hold_one(loop, sock, to) for sock in wave), return_exceptions=True
+        )
+        ready += sum(1 for r in results if r is True)
+        socks.extend(wave)
+    print(json.dumps({"ready": ready}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    for sock in socks:
+        sock.close()
+
+
+async def _hold_one(loop: asyncio.AbstractEventLoop, sock: socket.socket, to: Endpoint) -> bool:
+    await loop.sock_connect(sock, to.sockaddr)
+    await loop.sock_sendall(sock, b"ECHO\nx")
+    return await loop.sock_recv(sock, 1) == b"x"
+
+
 def _outcome(exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -382,8 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     swarm_cmd.add_argument("endpoint", type=parse_endpoint)
     swarm_cmd.add_argument("--count", type=int, required=True)
     swarm_cmd.add_argument("--bytes", type=int, default=10_000)
+    hold_cmd = commands.add_parser("hold")
+    hold_cmd.add_argument("endpoint", type=parse_endpoint)
+    hold_cmd.add_argument("--count", type=int, required=True)
     args = parser.parse_args(argv)
 
+    if args.command == "hold":
+        asyncio.run(hold(args.endpoint, args.count))
+        return 0
     if args.command == "serve":
         asyncio.run(serve(args.port))
         return 0

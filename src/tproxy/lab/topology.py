@@ -187,13 +187,14 @@ class Lab:
         argv: Sequence[str],
         stdout: int | IO[Any] | None = subprocess.DEVNULL,
         stderr: int | IO[Any] | None = subprocess.DEVNULL,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[bytes]:
         """Start a long-running command in `host`'s namespace; `destroy` stops it."""
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, *argv],
             stdout=stdout,
             stderr=stderr,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
         )
         self._processes.append(proc)
         return proc
@@ -226,7 +227,7 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> int | N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
     return proc.returncode

@@ -1,0 +1,177 @@
+"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, medians.
+
+Builds the namespace lab, then for each round runs every mode in turn (A B C D A B C D ...) so
+that the machine's noise falls on all of them alike, and writes bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench.measure import (
+    GIB,
+    HTTP_PORT,
+    IPERF_PORT,
+    PEER_PORT,
+    connection_rate,
+    idle_rss_per_session,
+    iperf3,
+    latency,
+)
+from bench.modes import Mode
+from bench.report import MODES, render_table, render_targets
+from tproxy.lab.services import start_iperf_server, start_nginx, start_peer_server
+from tproxy.lab.topology import Lab
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+Samples = dict[str, dict[str, list[float]]]
+
+
+def _tproxy(lab: Lab, *args: str) -> None:
+    lab.run(lab.router, [sys.executable, "-m", "tproxy", *args])
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError:
+        return "not installed"
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Samples:
+    samples: Samples = defaultdict(lambda: defaultdict(list))
+    with Lab() as lab:
+        for host in (lab.client, lab.router):
+            lab.sysctl(host, "net.ipv4.ip_local_port_range", "1024 65000")
+        lab.sysctl(lab.client, "net.ipv4.tcp_tw_reuse", "1")
+        # Set before the first apply so that removing the rules between modes never flips it:
+        # a plain routing run after a spoofing run needs it off too.
+        lab.sysctl(lab.router, "net.ipv4.ip_early_demux", "0")
+        start_nginx(lab, lab.server, HTTP_PORT)
+        start_iperf_server(lab, lab.server, IPERF_PORT)
+        start_peer_server(lab, lab.server, PEER_PORT)
+        ports = f"{HTTP_PORT},{IPERF_PORT},{PEER_PORT}"
+        for round_no in range(1, rounds + 1):
+            for name in modes:
+                print(f"round {round_no}/{rounds}: {MODES[name]}", flush=True)
+                if name == "routing":
+                    _tproxy(lab, "rules", "remove")
+                else:
+                    _tproxy(lab, "rules", "apply", "--ports", ports, "--when-down", "pass")
+                mode = Mode(lab, name)
+                mode.start()
+                try:
+                    _measure_round(lab, mode, seconds, samples[name])
+                    if round_no == rounds and name != "routing":
+                        # HAProxy needs 2 descriptors per session in one process: under the
+                        # 20,000 hard limit it cannot hold 10,000.
+                        count = min(idle_sessions, 9000) if name == "haproxy" else idle_sessions
+                        rss = idle_rss_per_session(lab, mode, count)
+                        samples[name]["idle_rss"].append(rss)
+                        print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
+                finally:
+                    mode.stop()
+    return samples
+
+
+def _measure_round(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[float]]) -> None:
+    cpu_s = moved = 0.0
+    for streams, reverse, key in ((1, False, "stream1_up"), (1, True, "stream1_down"),
+                                  (4, False, "stream4_up"), (4, True, "stream4_down")):  # fmt: skip
+        result = iperf3(lab, mode, seconds, streams, reverse)
+        into[key].append(result["gbps"])
+        if streams == 1:
+            cpu_s += result["cpu_s"]
+            moved += result["bytes"]
+        print(f"  {key}: {result['gbps']:.2f} Gbit/s", flush=True)
+    if mode.name != "routing" and moved:
+        into["cpu_per_gib"].append(cpu_s / (moved / GIB))
+    rate = connection_rate(lab, seconds)
+    into["conn_rate"].append(rate)
+    print(f"  conn_rate: {rate:.0f}/s", flush=True)
+    lat = latency(lab, seconds)
+    for pct in ("p50", "p99"):
+        if pct in lat:
+            into[f"latency_{pct}"].append(lat[pct])
+    print(f"  latency: {lat}", flush=True)
+
+
+def write_results(samples: Samples, argv: list[str], started: float, elapsed_s: float) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")  # fmt: skip
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in "
+        f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`.",
+        "",
+        f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} × {cpu}, "
+        f"{mem_gib:.0f} GiB. The load generators, servers and proxy share these cores, so only "
+        "ratios within one run mean anything. Python "
+        f"{platform.python_version()}; {_version(['haproxy', '-v'])}; "
+        f"{_version(['nginx', '-v'])}; {_version(['iperf3', '--version'])}; "
+        f"{_version(['wrk', '--version'])}.",
+        "",
+        "Modes, in the router namespace of the lab (client → router → server, veth pairs):",
+        "plain routing (no rules, no proxy: the limit); HAProxy 2.6 in transparent mode "
+        "(`bind … transparent`, `server 0.0.0.0:0`, `source 0.0.0.0 usesrc clientip`, forced "
+        "splice, 1 MiB pipes); tproxy with `--spoof-source` and the splice relay, and with "
+        "the copy relay (default workers: one per CPU, uvloop, JSON session log on).",
+        "",
+        "Tests: iperf3 (3.x) one and four streams each way; wrk `Connection: close` against a "
+        "small nginx response (new connections/s); wrk keep-alive, 4 connections (latency "
+        "percentiles); idle sessions held open by the lab's `peers hold` (RSS of the proxy's "
+        "processes before and after, divided by the sessions; HAProxy at 9,000 because one "
+        "process cannot hold 10,000 sessions under the 20,000-descriptor hard limit); proxy "
+        "CPU seconds (user+system of its processes) per GiB during the single-stream runs.",
+        "",
+        "## Medians",
+        "",
+        *render_table(samples),
+        "",
+        "## Targets (issue 4), for the splice relay",
+        "",
+        *render_targets(samples),
+        "",
+        "## Every sample",
+        "",
+    ]
+    for mode, metrics in samples.items():
+        for metric, values in metrics.items():
+            lines.append(f"- {mode} {metric}: {', '.join(f'{v:.3f}' for v in values)}")
+    text = "\n".join(lines) + "\n"
+    RESULTS.write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--idle-sessions", type=int, default=10_000)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
+        return 1
+    modes = [m for m in args.modes.split(",") if m]
+    started = time.time()
+    samples = run(args.rounds, args.seconds, args.idle_sessions, modes)
+    text = write_results(samples, ["python", "-m", "bench", *sys.argv[1:]], started,
+                         time.time() - started)  # fmt: skip
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The measurements, each run from the client namespace against the server, whatever the mode."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from bench.modes import Mode, cpu_seconds, rss_bytes
+from tproxy.lab.topology import Lab, LabError, stop_process
+
+IPERF_PORT = 5201
+HTTP_PORT = 80
+PEER_PORT = 9000
+GIB = 1 << 30
+
+
+def iperf3(lab: Lab, mode: Mode, seconds: float, streams: int, reverse: bool) -> dict[str, float]:
+    """Throughput in Gbit/s, and the proxy's CPU seconds and the bytes moved meanwhile."""
+    argv = ["iperf3", "-c", str(lab.server.ipv4), "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
+            "-P", str(streams), "-J"]  # fmt: skip
+    if reverse:
+        argv.append("-R")
+    cpu_before = cpu_seconds(mode.pids())
+    result = lab.run(lab.client, argv, timeout_s=seconds + 30, check=False)
+    cpu = cpu_seconds(mode.pids()) - cpu_before
+    report = json.loads(result.stdout)
+    if "error" in report:
+        raise LabError(f"iperf3 failed in {mode.name}: {report['error']}")
+    received = report["end"]["sum_received"]
+    return {"gbps": received["bits_per_second"] / 1e9, "bytes": received["bytes"], "cpu_s": cpu}
+
+
+def _wrk(lab: Lab, args: list[str], seconds: float) -> str:
+    url = f"http://{lab.server.ipv4}:{HTTP_PORT}/"
+    argv = ["wrk", "-t1", "-d", f"{seconds:g}s", *args, url]
+    result = lab.run(lab.client, argv, timeout_s=seconds + 30, check=False)
+    out = result.stdout.decode()
+    if "Requests/sec" not in out:
+        raise LabError(f"wrk failed: {out} {result.stderr.decode()}")
+    return out
+
+
+def connection_rate(lab: Lab, seconds: float, connections: int = 32) -> float:
+    """New connections per second: every request on a new connection (Connection: close)."""
+    out = _wrk(lab, ["-c", str(connections), "-H", "Connection: close"], seconds)
+    errors = re.search(r"Socket errors: .*", out)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    if errors:
+        print(f"  wrk: {errors.group(0)}", file=sys.stderr)
+    return rate
+
+
+_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def latency(lab: Lab, seconds: float, connections: int = 4) -> dict[str, float]:
+    """Keep-alive request latency percentiles in µs, at a moderate load."""
+    out = _wrk(lab, ["-c", str(connections), "--latency"], seconds)
+    found = {}
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        found[f"p{pct}"] = float(value) * _UNITS[unit]
+    return found
+
+
+def idle_rss_per_session(lab: Lab, mode: Mode, sessions: int) -> float:
+    """User-space RSS per idle session, in KiB: hold `sessions` open and compare."""
+    before = rss_bytes(mode.pids())
+    argv = [sys.executable, "-m", "tproxy.lab.peers", "hold", str(lab.server.endpoint(PEER_PORT)),
+            "--count", str(sessions)]  # fmt: skip
+    holder = lab.start(lab.client, argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    assert holder.stdout is not None
+    try:
+        line = holder.stdout.readline()
+        ready = json.loads(line)["ready"] if line else 0
+        if ready < sessions:
+            raise LabError(f"only {ready} of {sessions} idle sessions came up in {mode.name}")
+        after = rss_bytes(mode.pids())
+    finally:
+        stop_process(holder)
+        lab.forget(holder)
+    return (after - before) / sessions / 1024
