@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import socket
 import struct
 import time
@@ -22,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tproxy.core.config import RelayKind
-from tproxy.core.endpoint import Endpoint
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
 from tproxy.engine.relay import relay
@@ -76,7 +74,6 @@ RELAYS = [
     # Out of descriptors, the splice relay copies instead of failing.
     pytest.param(Relay(RelayKind.SPLICE, "uvloop", pipes=False), id="splice-without-pipes"),
 ]
-LOOPBACK = Endpoint(ipaddress.ip_address("127.0.0.1"), 0)
 
 
 @dataclass
@@ -109,7 +106,7 @@ async def _wire() -> Wiring:
     loop = asyncio.get_running_loop()
     peer_client, proxy_client = await _tcp_pair(loop)
     proxy_upstream, peer_upstream = await _tcp_pair(loop)
-    record = SessionRecord(1, LOOPBACK, LOOPBACK, time.monotonic())
+    record = SessionRecord(1, "client", "upstream", "127.0.0.1", ("127.0.0.1", 0), time.monotonic())
     return Wiring(peer_client, proxy_client, proxy_upstream, peer_upstream, record)
 
 

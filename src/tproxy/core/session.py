@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from tproxy.core.endpoint import Endpoint
+
+def format_sockaddr(sockaddr: tuple[Any, ...]) -> str:
+    """`ip:port`, or `[ip]:port` for IPv6, straight from a socket address (no parsing).
+
+    The hot-path twin of `str(Endpoint)`: IPv4-mapped IPv6 addresses print as IPv4 and scope
+    ids are dropped, as there.
+    """
+    host, port = sockaddr[0], sockaddr[1]
+    if ":" not in host:
+        return f"{host}:{port}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{port}"
+    return f"[{host.split('%', 1)[0]}]:{port}"
 
 
 @dataclass(slots=True)
 class SessionRecord:
     """One session's identity, counters and clock readings (monotonic seconds).
 
-    `bytes_up` counts client → upstream bytes written to the upstream, `bytes_down` upstream →
-    client bytes written to the client: bytes the proxy read but could not deliver are not counted.
-    `last_activity_at` moves whenever a byte moves either way; `half_closed_at` is when the first
-    direction finished (one side sent FIN), None while both still flow.
+    `client` and `dst` are printed endpoints (`ip:port`, `[ip]:port`); `client_ip` and
+    `dst_addr` are what sockets take. `bytes_up` counts client → upstream bytes written to the
+    upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
+    but could not deliver are not counted. `last_activity_at` moves whenever a byte moves either
+    way; `half_closed_at` is when the first direction finished (one side sent FIN), None while
+    both still flow.
     """
 
     id: int
-    client: Endpoint
-    dst: Endpoint
+    client: str
+    dst: str
+    client_ip: str
+    dst_addr: tuple[str, int]
     opened_at: float
     bytes_up: int = 0
     bytes_down: int = 0

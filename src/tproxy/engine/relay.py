@@ -1,14 +1,12 @@
-"""The relay: moves bytes both ways between two connected sockets until the session ends.
+"""The relay: both directions of one session, and what happens when one of them ends.
 
-Two kinds of pump move one direction each: the splice pump (`engine.splice`, zero-copy, the fast
-path) and the copy pump here (bytes through Python, for where splice is unavailable and for
-sessions whose bytes Python must see). Both report how their direction ended; what happens then
-is decided by `tproxy.core.lifecycle` (the close matrix lives there) and carried out here, the
-same for both.
+Each direction is a `Pump` (`engine.pump`): with a pipe pool it splices (zero-copy, the fast
+path), without one it copies through Python. When a direction ends, `tproxy.core.lifecycle`
+decides what happens (the close matrix lives there) and this module carries it out: pass the
+FIN on, or stop the other direction and reset both sides -- after waiting, when the reset came
+from a peer, for the other peer to acknowledge what was already relayed to it.
 
-The copy pump reads a chunk, writes all of it, and only then reads again, so a slow reader slows
-its own direction only, and a direction holds at most one chunk, only while it is in flight (an
-idle session holds no buffer at all).
+Everything here is callbacks on the event loop; only that rare wait runs as a task.
 """
 
 from __future__ import annotations
@@ -17,83 +15,25 @@ import asyncio
 import contextlib
 import socket
 import time
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from tproxy.core.config import RelayKind
 from tproxy.core.lifecycle import Command, Direction, DirectionEnded, End, close_reason, decide
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import PipePool
-from tproxy.engine.splice import SplicePump
+from tproxy.engine.pump import Pump
 from tproxy.interception.sockopts import (
     abort_socket,
     reset_behind_eof,
     unacknowledged_bytes,
 )
 
-CHUNK_BYTES = 64 * 1024
 # Passing a reset on waits for the other peer to acknowledge what was already written to it, for
 # as long as it keeps acknowledging; it gives up after this long without progress.
 DRAIN_STALL_S = 5.0
 
-# Errors that mean "the peer reset or is gone": everything else is a bug and propagates.
-_PEER_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
-
-
-class Pump(Protocol):
-    """One direction: `ended` resolves with how it ended; `stop` makes it let go of both sockets."""
-
-    ended: asyncio.Future[End]
-
-    async def stop(self) -> None: ...
-
-
-class CopyPump:
-    """One direction through Python: recv a chunk, sendall it, repeat."""
-
-    __slots__ = ("ended",)
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        source: socket.socket,
-        sink: socket.socket,
-        record: SessionRecord,
-        direction: Direction,
-    ) -> None:
-        self.ended: asyncio.Future[End] = asyncio.ensure_future(
-            _copy(loop, source, sink, record, direction is Direction.UP)
-        )
-
-    async def stop(self) -> None:
-        # The cancellation unregisters the descriptor from the loop; it must complete while the
-        # descriptor number still belongs to this session's socket, hence the wait.
-        self.ended.cancel()
-        await asyncio.wait([self.ended])
-
-
-async def _copy(
-    loop: asyncio.AbstractEventLoop,
-    source: socket.socket,
-    sink: socket.socket,
-    record: SessionRecord,
-    up: bool,
-) -> End:
-    while True:
-        try:
-            chunk = await loop.sock_recv(source, CHUNK_BYTES)
-        except _PEER_GONE:
-            return End.SOURCE_RESET
-        if not chunk:
-            return End.EOF
-        try:
-            await loop.sock_sendall(sink, chunk)
-        except _PEER_GONE:
-            return End.SINK_RESET
-        if up:
-            record.bytes_up += len(chunk)
-        else:
-            record.bytes_down += len(chunk)
-        record.last_activity_at = time.monotonic()
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 async def wait_acknowledged(sock: socket.socket, stall_s: float = DRAIN_STALL_S) -> bool:
@@ -123,90 +63,138 @@ async def wait_acknowledged(sock: socket.socket, stall_s: float = DRAIN_STALL_S)
         interval_s = min(interval_s * 2, 0.05)
 
 
-def _shutdown_write(sock: socket.socket) -> None:
-    # If the peer is already gone, its own direction will report how.
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
+class Relay:
+    """Relays `client` ⇄ `upstream` until both directions end or one resets.
+
+    Calls `on_end(reason)` once, with both sockets left open after a clean close (the owner
+    closes them) and aborted after a reset; or `on_error(exc)` after an unexpected error, with
+    both pumps stopped. `stop()` ends it from outside without calling either.
+    """
+
+    __slots__ = (
+        "_client",
+        "_done",
+        "_drain",
+        "_ends",
+        "_on_end",
+        "_on_error",
+        "_record",
+        "_shut",
+        "_spawn",
+        "_upstream",
+        "down",
+        "up",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: SessionRecord,
+        *,
+        pool: PipePool | None,
+        on_end: Callable[[str], None],
+        on_error: Callable[[BaseException], None],
+        spawn: Spawn,
+    ) -> None:
+        self._client = client
+        self._upstream = upstream
+        self._record = record
+        self._on_end = on_end
+        self._on_error = on_error
+        self._spawn = spawn
+        self._ends: list[DirectionEnded] = []
+        self._shut: list[socket.socket] = []  # sockets we have sent FIN on
+        self._done = False
+        self._drain: asyncio.Task[None] | None = None
+        self.up = Pump(loop, client, upstream, record, Direction.UP, pool=pool,
+                       on_end=self._ended, on_error=self._failed)  # fmt: skip
+        self.down = Pump(loop, upstream, client, record, Direction.DOWN, pool=pool,
+                         on_end=self._ended, on_error=self._failed)  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop both directions (the owner resets the sockets); no callback follows."""
+        self._done = True
+        self.up.stop()
+        self.down.stop()
+        if self._drain is not None:
+            self._drain.cancel()
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self._done:
+            self.stop()
+            self._on_error(exc)
+
+    def _ended(self, direction: Direction, end: End) -> None:
+        if self._done:
+            return
+        source = self._client if direction is Direction.UP else self._upstream
+        if end is End.EOF and source not in self._shut and reset_behind_eof(source):
+            end = End.SOURCE_RESET
+        ended = DirectionEnded(direction, end)
+        self._ends.append(ended)
+        command = decide(ended)
+        if command is Command.SHUTDOWN_UPSTREAM_WRITE:
+            self._shutdown_write(self._upstream)
+        elif command is Command.SHUTDOWN_CLIENT_WRITE:
+            self._shutdown_write(self._client)
+        else:
+            self._done = True
+            self.up.stop()
+            self.down.stop()
+            if command is Command.DRAIN_SINK_THEN_ABORT_BOTH:
+                sink = self._upstream if direction is Direction.UP else self._client
+                self._drain = self._spawn(self._drain_then_abort(sink))
+            else:
+                self._abort_and_end()
+            return
+        if len(self._ends) == 2:
+            self._done = True
+            self._on_end(close_reason(self._ends))
+        elif self._record.half_closed_at is None:
+            self._record.half_closed_at = time.monotonic()
+
+    def _shutdown_write(self, sock: socket.socket) -> None:
+        self._shut.append(sock)
+        # If the peer is already gone, its own direction will report how.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    async def _drain_then_abort(self, sink: socket.socket) -> None:
+        await wait_acknowledged(sink)
+        self._abort_and_end()
+
+    def _abort_and_end(self) -> None:
+        abort_socket(self._client)
+        abort_socket(self._upstream)
+        self._on_end(close_reason(self._ends))
 
 
 async def relay(
     client: socket.socket,
     upstream: socket.socket,
     record: SessionRecord,
-    kind: RelayKind = RelayKind.COPY,
+    kind: RelayKind = RelayKind.SPLICE,
     pool: PipePool | None = None,
 ) -> str:
-    """Relay until both directions end or one resets; return the close reason.
-
-    Both sockets are left open on a clean close (the caller closes them) and aborted on a reset.
-    `pool` is required for the splice kind.
-    """
+    """Relay to the end and return the close reason (an awaitable face on `Relay`, for tests)."""
     loop = asyncio.get_running_loop()
-    pumps: dict[asyncio.Future[End], tuple[Direction, Pump]] = {}
-    for direction, source, sink in (
-        (Direction.UP, client, upstream),
-        (Direction.DOWN, upstream, client),
-    ):
-        pump: Pump
-        if kind is RelayKind.SPLICE:
-            assert pool is not None
-            pump = SplicePump(loop, source, sink, record, direction, pool=pool)
-        else:
-            pump = CopyPump(loop, source, sink, record, direction)
-        pumps[pump.ended] = (direction, pump)
-    ends: list[DirectionEnded] = []
-    shut_down: set[socket.socket] = set()  # sockets we have sent FIN on
-    pending = set(pumps)
+    finished: asyncio.Future[str] = loop.create_future()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    the_relay = Relay(loop, client, upstream, record,
+                      pool=pool if kind is RelayKind.SPLICE else None,
+                      on_end=finished.set_result, on_error=finished.set_exception,
+                      spawn=spawn)  # fmt: skip
     try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for ended in _in_order(pumps, done, client, upstream, shut_down):
-                ends.append(ended)
-                command = decide(ended)
-                if command is Command.SHUTDOWN_UPSTREAM_WRITE:
-                    _shutdown_write(upstream)
-                    shut_down.add(upstream)
-                elif command is Command.SHUTDOWN_CLIENT_WRITE:
-                    _shutdown_write(client)
-                    shut_down.add(client)
-                else:
-                    await _stop(pumps, pending)
-                    pending = set()
-                    if command is Command.DRAIN_SINK_THEN_ABORT_BOTH:
-                        await wait_acknowledged(upstream if ended.direction is Direction.UP
-                                                else client)  # fmt: skip
-                    abort_socket(client)
-                    abort_socket(upstream)
-                    break
-            if len(ends) == 1 and pending and record.half_closed_at is None:
-                record.half_closed_at = time.monotonic()
-        return close_reason(ends)
+        return await finished
     finally:
-        # Stop before any close: a pump must let go of its descriptors while their numbers
-        # still belong to this session's sockets.
-        await _stop(pumps, pending)
-
-
-def _in_order(
-    pumps: dict[asyncio.Future[End], tuple[Direction, Pump]],
-    done: set[asyncio.Future[End]],
-    client: socket.socket,
-    upstream: socket.socket,
-    shut_down: set[socket.socket],
-) -> list[DirectionEnded]:
-    """How the directions in `done` ended, resets first, EOFs that hid a reset corrected."""
-    ends = []
-    for future in done:
-        direction, end = pumps[future][0], future.result()
-        source = client if direction is Direction.UP else upstream
-        if end is End.EOF and source not in shut_down and reset_behind_eof(source):
-            end = End.SOURCE_RESET
-        ends.append(DirectionEnded(direction, end))
-    return sorted(ends, key=lambda e: e.end is End.EOF)
-
-
-async def _stop(
-    pumps: dict[asyncio.Future[End], tuple[Direction, Pump]], which: set[asyncio.Future[End]]
-) -> None:
-    for future in which:
-        await pumps[future][1].stop()
+        if not finished.done():
+            the_relay.stop()

@@ -24,10 +24,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tproxy.core.config import ConfigError, ProxyConfig, RelayKind, max_connections_for
-from tproxy.core.endpoint import Endpoint
 from tproxy.core.lifecycle import expired_reason
+from tproxy.core.session import format_sockaddr
+from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
-from tproxy.engine.splice import splice_works
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import (
@@ -153,6 +153,7 @@ class ProxyServer:
         """Serve until SIGTERM or SIGINT, drain, and return."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._ctx.loop = loop
         stop = asyncio.Event()
         received: list[str] = []
 
@@ -169,7 +170,7 @@ class ProxyServer:
         self._spawn(self._sweep_timeouts())
         self._log.emit(
             Listening(
-                [str(Endpoint.from_sockaddr(s.getsockname())) for s in self._listeners],
+                [format_sockaddr(s.getsockname()) for s in self._listeners],
                 self.config.spoof_source,
                 self.config.mark,
                 self._nofile,
@@ -191,6 +192,7 @@ class ProxyServer:
                 os.close(self._reserve_fd)
                 self._reserve_fd = -1
             self._log.emit(Stopped(received[0] if received else "exit", cut))
+            self._log.flush()
 
     async def _drain(self, timeout_s: float) -> int:
         """Let live sessions finish for up to `timeout_s`; cut the rest; return how many."""
@@ -316,7 +318,7 @@ class ProxyServer:
                 continue
             try:
                 prepare_client_socket(sock)
-                Session(self._ctx, sock, Endpoint.from_sockaddr(addr))
+                Session(self._ctx, sock, addr)
             except OSError:
                 abort_socket(sock)  # reset before we got to it
                 continue

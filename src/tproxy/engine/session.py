@@ -1,26 +1,28 @@
-"""The session runner: one accepted client connection, from original destination to close event.
+"""The session: one accepted client connection, from original destination to close event.
 
-The one catch at the session boundary lives here: whatever goes wrong inside one session is
-logged with its id, ends that session with a reset both ways, and never reaches the accept loop.
-A session can also be cut from outside (`Session.cut`: a timeout, the end of a drain); it then
-closes with that reason and resets both sides.
+A session is callbacks on the event loop, not a task: connect upstream without blocking (the
+socket becomes writable when the connect completes, a timer enforces the connect timeout), then
+hand both sockets to a `Relay`. Whatever goes wrong inside one session is caught here, at the
+session boundary: logged with its id, both sides reset, only this session ended. A session can
+also be cut from outside (`Session.cut`: a timeout, the end of a drain); it then closes with
+that reason and resets both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from tproxy.core.config import ProxyConfig
-from tproxy.core.endpoint import Endpoint
-from tproxy.core.session import SessionRecord
+from tproxy.core.config import ProxyConfig, RelayKind
+from tproxy.core.session import SessionRecord, format_sockaddr
 from tproxy.engine.pipes import PipePool
-from tproxy.engine.relay import relay
+from tproxy.engine.relay import Relay
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
 from tproxy.observability.eventlog import EventLog
@@ -41,8 +43,6 @@ _CONNECT_FAILURE_REASONS = {
     errno.EMFILE: "out_of_descriptors",
     errno.ENFILE: "out_of_descriptors",
 }
-# Reasons for which both sockets are reset rather than closed.
-_ABORT_REASONS = frozenset({"error", "cancelled"})
 
 
 @dataclass
@@ -56,6 +56,7 @@ class SessionContext:
     log: EventLog
     guard: SelfConnectGuard
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+    loop: asyncio.AbstractEventLoop = field(init=False)  # set when the server starts serving
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     next_id: int = 1
@@ -65,70 +66,123 @@ class SessionContext:
         return len(self.sessions)
 
 
-class _ConnectError(Exception):
-    def __init__(self, reason: str, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.error = error
-        self.detail = detail
-
-
 class Session:
-    """One intercepted connection: opened by `start`, ended by itself or by `cut`."""
+    """One intercepted connection: starts when created, ends by itself or by `cut`."""
 
-    __slots__ = ("_client_sock", "_ctx", "_cut_reason", "_task", "_upstream", "record")
+    __slots__ = ("_client_sock", "_connect_timer", "_ctx", "_relay", "_upstream", "record")
 
-    def __init__(self, ctx: SessionContext, client_sock: socket.socket, client: Endpoint) -> None:
+    def __init__(
+        self, ctx: SessionContext, client_sock: socket.socket, client_addr: tuple[Any, ...]
+    ) -> None:
         self._ctx = ctx
         self._client_sock = client_sock
         self._upstream: socket.socket | None = None
-        self._cut_reason: str | None = None
-        dst = Endpoint.from_sockaddr(client_sock.getsockname())
-        self.record = SessionRecord(ctx.next_id, client, dst, time.monotonic())
+        self._connect_timer: asyncio.TimerHandle | None = None
+        self._relay: Relay | None = None
+        dst_addr = client_sock.getsockname()
+        self.record = SessionRecord(
+            ctx.next_id, format_sockaddr(client_addr), format_sockaddr(dst_addr),
+            client_addr[0], (dst_addr[0], dst_addr[1]), time.monotonic(),
+        )  # fmt: skip
         ctx.next_id += 1
         ctx.sessions.add(self)
-        ctx.log.emit(SessionOpened(self.record.id, str(client), str(dst), ctx.active))
-        self._task = ctx.spawn(self._run())
+        record = self.record
+        ctx.log.emit(SessionOpened(record.id, record.client, record.dst, ctx.active))
+        try:
+            self._start()
+        except Exception as exc:  # the session boundary
+            self._fail(exc)
+
+    def _start(self) -> None:
+        ctx, record = self._ctx, self.record
+        if ctx.guard.is_self(record.dst_addr):
+            ctx.log.emit(
+                UpstreamFailed(record.id, record.dst, "ELOOP", "destination is this proxy")
+            )
+            self._end("loop_refused", abort=True)
+            return
+        config = ctx.config
+        spoof_ip = record.client_ip if config.spoof_source else None
+        try:
+            sock = open_upstream_socket(record.dst_addr, spoof_ip, config.mark)
+        except OSError as exc:
+            self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
+            return
+        self._upstream = sock
+        code = sock.connect_ex(record.dst_addr)
+        if code == 0:
+            self._connected()
+        elif code == errno.EINPROGRESS:
+            ctx.loop.add_writer(sock.fileno(), self._on_connect_ready)
+            self._connect_timer = ctx.loop.call_later(
+                config.connect_timeout_s, self._on_connect_timeout
+            )
+        else:
+            self._connect_failed(code, os.strerror(code))
+
+    def _on_connect_ready(self) -> None:
+        try:
+            self._stop_connecting()
+            assert self._upstream is not None
+            code = self._upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._connect_failed(code, os.strerror(code))
+            else:
+                self._connected()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _on_connect_timeout(self) -> None:
+        self._stop_connecting()
+        timeout_s = self._ctx.config.connect_timeout_s
+        self._connect_failed(errno.ETIMEDOUT, f"no answer within {timeout_s:g} s")
+
+    def _stop_connecting(self) -> None:
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+            assert self._upstream is not None
+            self._ctx.loop.remove_writer(self._upstream.fileno())
+
+    def _connect_failed(self, code: int, detail: str) -> None:
+        record = self.record
+        name = errno.errorcode.get(code, str(code))
+        self._ctx.log.emit(UpstreamFailed(record.id, record.dst, name, detail))
+        self._end(_CONNECT_FAILURE_REASONS.get(code, "upstream_failed"), abort=True)
+
+    def _connected(self) -> None:
+        ctx, record = self._ctx, self.record
+        upstream = self._upstream
+        assert upstream is not None
+        connect_ms = round((time.monotonic() - record.opened_at) * 1000, 3)
+        source = format_sockaddr(upstream.getsockname())
+        ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms))
+        pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
+        self._relay = Relay(ctx.loop, self._client_sock, upstream, record, pool=pool,
+                            on_end=self._relay_ended, on_error=self._fail,
+                            spawn=ctx.spawn)  # fmt: skip
+
+    def _relay_ended(self, reason: str) -> None:
+        self._end(reason, abort=False)  # the relay has already reset the sockets if it had to
 
     def cut(self, reason: str) -> None:
         """End the session now: both sides are reset and the close says `reason`."""
-        if self._cut_reason is None:
-            self._cut_reason = reason
-            self._task.cancel()
+        if self in self._ctx.sessions:
+            self._stop_connecting()
+            if self._relay is not None:
+                self._relay.stop()
+            self._end(reason, abort=True)
 
-    async def _run(self) -> None:
-        ctx, record = self._ctx, self.record
-        reason = "error"
-        try:
-            reason = await self._serve()
-        except asyncio.CancelledError:
-            reason = self._cut_reason or "cancelled"
-            if self._cut_reason is None:
-                raise  # cancelled by someone else (loop shutdown): let it propagate
-        except Exception as exc:  # the session boundary: log, count, end this session only
-            reason = "error"
-            ctx.log.emit(SessionFailed(record.id, f"{type(exc).__name__}: {exc}"))
-        finally:
-            self._close(reason)
+    def _fail(self, exc: BaseException) -> None:
+        """The session boundary: an unexpected error ends this session only, logged."""
+        if self in self._ctx.sessions:
+            self._stop_connecting()
+            if self._relay is not None:
+                self._relay.stop()
+            self._ctx.log.emit(SessionFailed(self.record.id, f"{type(exc).__name__}: {exc}"))
+            self._end("error", abort=True)
 
-    async def _serve(self) -> str:
-        ctx, record = self._ctx, self.record
-        if ctx.guard.is_self(record.dst):
-            ctx.log.emit(
-                UpstreamFailed(record.id, str(record.dst), "ELOOP", "destination is this proxy")
-            )
-            abort_socket(self._client_sock)
-            return "loop_refused"
-        try:
-            self._upstream = await _connect_upstream(ctx.config, ctx.log, record)
-        except _ConnectError as failed:
-            ctx.log.emit(UpstreamFailed(record.id, str(record.dst), failed.error, failed.detail))
-            abort_socket(self._client_sock)
-            return failed.reason
-        return await relay(self._client_sock, self._upstream, record, ctx.config.relay, ctx.pipes)
-
-    def _close(self, reason: str) -> None:
-        abort = reason in _ABORT_REASONS or self._cut_reason is not None
+    def _end(self, reason: str, *, abort: bool) -> None:
         for sock in (self._client_sock, self._upstream):
             if sock is None:
                 continue
@@ -142,8 +196,8 @@ class Session:
         ctx.log.emit(
             SessionClosed(
                 record.id,
-                str(record.client),
-                str(record.dst),
+                record.client,
+                record.dst,
                 record.bytes_up,
                 record.bytes_down,
                 round(time.monotonic() - record.opened_at, 6),
@@ -151,43 +205,3 @@ class Session:
                 ctx.active,
             )
         )
-
-
-async def _connect_upstream(
-    config: ProxyConfig, log: EventLog, record: SessionRecord
-) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    spoof_ip = record.client.ip if config.spoof_source else None
-    try:
-        sock = open_upstream_socket(record.dst, spoof_ip, config.mark)
-    except OSError as exc:
-        reason = _CONNECT_FAILURE_REASONS.get(exc.errno or 0, "upstream_failed")
-        raise _ConnectError(reason, _errno_name(exc), _detail(exc)) from None
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(config.connect_timeout_s):
-            await loop.sock_connect(sock, record.dst.sockaddr)
-    except TimeoutError:
-        sock.close()
-        raise _ConnectError(
-            "upstream_timeout", "ETIMEDOUT", f"no answer within {config.connect_timeout_s:g} s"
-        ) from None
-    except OSError as exc:
-        sock.close()
-        reason = _CONNECT_FAILURE_REASONS.get(exc.errno or 0, "upstream_failed")
-        raise _ConnectError(reason, _errno_name(exc), _detail(exc)) from None
-    except BaseException:
-        sock.close()
-        raise
-    source = Endpoint.from_sockaddr(sock.getsockname())
-    connect_ms = round((time.monotonic() - started) * 1000, 3)
-    log.emit(UpstreamConnected(record.id, str(record.dst), str(source), connect_ms))
-    return sock
-
-
-def _errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-
-
-def _detail(exc: OSError) -> str:
-    return exc.strerror or str(exc)

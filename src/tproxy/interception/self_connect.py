@@ -27,9 +27,11 @@ class SelfConnectGuard:
         self._ports = frozenset(ep.port for ep in listen)
         self._is_local = is_local
 
-    def is_self(self, dst: Endpoint) -> bool:
-        if dst.port not in self._ports:  # the common case: one set lookup, no syscall
+    def is_self(self, dst_addr: tuple[str, int]) -> bool:
+        """Whether a session to `dst_addr` (host, port) would connect to this proxy itself."""
+        if dst_addr[1] not in self._ports:  # the common case: one set lookup, no parsing
             return False
+        dst = Endpoint.from_sockaddr(dst_addr)
         for ep in self._listen:
             if ep.port != dst.port or ep.ip.version != dst.ip.version:
                 continue

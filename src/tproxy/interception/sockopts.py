@@ -86,23 +86,25 @@ def _bind_error_text(endpoint: Endpoint, exc: OSError) -> str:
     return f"cannot listen on {endpoint}: {exc.strerror}"
 
 
-def open_upstream_socket(dst: Endpoint, spoof_ip: IPAddress | None, mark: int) -> socket.socket:
-    """A non-blocking socket to connect to `dst`, marked, optionally bound to the client's IP.
+def open_upstream_socket(
+    dst_addr: tuple[str, int], spoof_ip: str | None, mark: int
+) -> socket.socket:
+    """A non-blocking socket to connect to `dst_addr`, marked, optionally bound to the client's IP.
 
     With `spoof_ip` the socket is transparent and bound to that address with
     IP_BIND_ADDRESS_NO_PORT, so the kernel picks the source port at connect() time knowing the
     destination: without it, bind() picks a port for the address alone and every session of one
     client shares one port space with that client's TIME_WAITs.
     """
-    sock = socket.socket(dst.family, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in dst_addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if spoof_ip is not None and spoof_ip.version == dst.ip.version:
-            _set_transparent(sock, dst.family)
+        if spoof_ip is not None and (":" in spoof_ip) == (family == socket.AF_INET6):
+            _set_transparent(sock, family)
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((str(spoof_ip), 0))
+            sock.bind((spoof_ip, 0))
     except BaseException:
         sock.close()
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +13,9 @@ from tproxy.observability.events import Event, render_json, render_text
 
 
 class EventLog:
-    """One line per event, flushed at once so `tail -f` and pipes see sessions as they happen."""
+    """One line per event. Inside a running event loop, the lines of one loop iteration are
+    written together at its end (one write() instead of one per event: the session log is on the
+    hot path of every connection); outside one, each line is written at once."""
 
     def __init__(
         self,
@@ -25,14 +28,28 @@ class EventLog:
         self._stream = stream if stream is not None else sys.stdout
         self._clock = clock
         self.worker = worker
+        self._pending: list[str] = []
 
     def emit(self, event: Event) -> None:
-        """Write one line. Lines under 4 KiB are one write(), so workers sharing a pipe never
-        interleave within a line."""
         now = self._clock()
         if self._json:
             line = render_json(event, now, self.worker)
         else:
             line = render_text(event, now, self.worker)
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write now
+                self._stream.write(line + "\n")
+                self._stream.flush()
+                return
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        """Write what is pending. Workers share one pipe: a write of whole lines under the pipe's
+        atomic size never interleaves with another worker's."""
+        if self._pending:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            self._stream.write(text)
+            self._stream.flush()

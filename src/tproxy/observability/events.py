@@ -138,17 +138,36 @@ class Stopped(Event):
         return f"stopped on {self.signal}, {self.sessions_cut} live sessions cut"
 
 
+_second_cache: list[Any] = [-1, ""]
+
+
 def format_timestamp(epoch_s: float) -> str:
-    millis = int(epoch_s * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{millis:03d}Z"
+    """ISO 8601 UTC with milliseconds; the part up to the second is formatted once a second."""
+    second = int(epoch_s)
+    if _second_cache[0] != second:
+        _second_cache[0] = second
+        _second_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_cache[1]}.{int(epoch_s * 1000) % 1000:03d}Z"
+
+
+_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _field_names(cls: type[Event]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def render_json(event: Event, epoch_s: float, worker: int | None = None) -> str:
     record: dict[str, Any] = {"ts": format_timestamp(epoch_s), "event": event.name}
     if worker is not None:
         record["worker"] = worker
-    record.update(dataclasses.asdict(event))
-    return json.dumps(record, separators=(",", ":"))
+    for name in _field_names(type(event)):
+        record[name] = getattr(event, name)
+    return _ENCODE(record)
 
 
 def render_text(event: Event, epoch_s: float, worker: int | None = None) -> str:

@@ -1,11 +1,14 @@
-"""The splice pump: one direction of a session moved by the kernel, socket → pipe → socket.
+"""The pump: one direction of a session, socket → socket, driven by readiness callbacks.
 
 Theory of operation
 -------------------
-Bytes never enter Python: `splice(source → pipe)` then `splice(pipe → sink)`, driven by the event
-loop's readiness callbacks, not by a task per direction. In steady state the source stays armed
-for reading and no epoll_ctl happens per chunk; only when the sink pushes back (EAGAIN on the
-write side) is reading disarmed and writing armed until the pipe is empty, then back.
+With a pipe pool (the splice relay) bytes never enter Python: `splice(source → pipe)` then
+`splice(pipe → sink)`. Without one (the copy relay), or when no pipe can be had because the
+process is out of descriptors, a chunk goes through a Python buffer instead (`read`, `write`).
+Either way there is no task per direction: the event loop calls the pump when its source is
+readable or its sink writable. In steady state the source stays armed for reading and no
+epoll_ctl happens per chunk; only when the sink pushes back (EAGAIN on the write side) is reading
+disarmed and writing armed until the pump's bytes are all written, then back.
 
 Why EAGAIN is ambiguous here (HAProxy's raw_sock.c has the same comment): splice(socket → pipe)
 returns EAGAIN when the socket is empty *and* when the pipe is full -- and a pipe fills by page
@@ -14,11 +17,9 @@ count of the bytes in its pipe, always empties the pipe before reading again, an
 EAGAIN from the read side as "socket empty" when its pipe is empty. It never asks for 0 bytes.
 
 A pipe is borrowed from the pool when bytes arrive and returned as soon as it is empty, so an
-idle session holds no pipe. When no pipe can be had (out of descriptors), the pump moves that
-chunk through a Python buffer instead of failing the session: service degrades, it does not end.
-
-The close semantics are the copy relay's: EOF is reported only with an empty pipe; errors are
-reported as SOURCE_RESET or SINK_RESET; `tproxy.core.lifecycle` decides.
+idle session holds no pipe and no buffer. The pump reports how its direction ended (EOF only with
+nothing left to write; SOURCE_RESET; SINK_RESET) to its owner, which decides what happens next
+(`tproxy.core.lifecycle`). An unexpected error is reported too, never raised into the loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from tproxy.core.lifecycle import Direction, End
 from tproxy.core.session import SessionRecord
@@ -40,23 +42,27 @@ _FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 COPY_CHUNK_BYTES = 64 * 1024
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
+EndedCallback = Callable[[Direction, End], None]
+ErrorCallback = Callable[[BaseException], None]
 
-class SplicePump:
-    """Moves one direction with splice until EOF or an error; `ended` tells which."""
+
+class Pump:
+    """Moves one direction until EOF or an error, then calls `on_end(direction, end)` once."""
 
     __slots__ = (
         "_buffer",
+        "_direction",
         "_dst",
         "_in_pipe",
         "_loop",
+        "_on_end",
+        "_on_error",
         "_pipe",
         "_pool",
         "_reading",
         "_record",
         "_src",
-        "_up",
         "_writing",
-        "ended",
     )
 
     def __init__(
@@ -67,30 +73,32 @@ class SplicePump:
         record: SessionRecord,
         direction: Direction,
         *,
-        pool: PipePool,
+        pool: PipePool | None,
+        on_end: EndedCallback,
+        on_error: ErrorCallback,
     ) -> None:
         self._loop = loop
         self._src = source.fileno()
         self._dst = sink.fileno()
         self._record = record
-        self._up = direction is Direction.UP
+        self._direction = direction
         self._pool = pool
+        self._on_end = on_end
+        self._on_error = on_error
         self._pipe: Pipe | None = None
         self._in_pipe = 0
-        self._buffer: memoryview | None = None  # a chunk being copied when no pipe was free
+        self._buffer: memoryview | None = None
         self._reading = True
         self._writing = False
-        self.ended: asyncio.Future[End] = loop.create_future()
         loop.add_reader(self._src, self._on_readable)
 
-    async def stop(self) -> None:
-        """Stop moving bytes; afterwards the pump touches neither socket."""
+    def stop(self) -> None:
+        """Stop moving bytes; afterwards the pump touches neither socket and calls nobody."""
         self._disarm()
         if self._pipe is not None:
             self._pipe.close()  # may hold bytes that now belong to nobody
             self._pipe = None
-        if not self.ended.done():
-            self.ended.cancel()
+        self._buffer = None
 
     def _disarm(self) -> None:
         if self._reading:
@@ -103,31 +111,56 @@ class SplicePump:
     def _finish(self, end: End) -> None:
         self._disarm()
         if self._pipe is not None:
-            if self._in_pipe == 0:
+            if self._in_pipe == 0 and self._pool is not None:
                 self._pool.give_back(self._pipe)
             else:
                 self._pipe.close()
             self._pipe = None
-        if not self.ended.done():
-            self.ended.set_result(end)
+        self._on_end(self._direction, end)
 
     def _on_readable(self) -> None:
+        try:
+            self._move()
+        except Exception as exc:  # reported to the session, never raised into the event loop
+            self.stop()
+            self._on_error(exc)
+
+    def _on_writable(self) -> None:
+        try:
+            if not self._flush():
+                return
+            self._loop.remove_writer(self._dst)
+            self._writing = False
+            self._loop.add_reader(self._src, self._on_readable)
+            self._reading = True
+            self._move()  # the source may have filled while we waited on the sink
+        except Exception as exc:
+            self.stop()
+            self._on_error(exc)
+
+    def _move(self) -> None:
+        """Read and write until the source is empty, the sink pushes back, or the end."""
         while True:
             pipe = self._pipe
             if pipe is None:
+                if self._pool is None:
+                    if not self._copy_one_chunk():
+                        return
+                    continue
                 try:
                     pipe = self._pipe = self._pool.take()
-                except OSError:
+                except OSError:  # out of descriptors: copy this chunk instead
                     if not self._copy_one_chunk():
                         return
                     continue
             try:
-                n = os.splice(self._src, pipe.w, pipe.size_bytes - self._in_pipe, flags=_FLAGS)
+                n = os.splice(self._src, pipe.w, pipe.size_bytes, flags=_FLAGS)
             except BlockingIOError:
                 # The pipe is always empty here (we flush before reading again), so EAGAIN
                 # means the socket is empty: give the pipe back and wait for more.
-                self._pool.give_back(pipe)
                 self._pipe = None
+                assert self._pool is not None
+                self._pool.give_back(pipe)
                 return
             except OSError as exc:
                 if exc.errno in _GONE:
@@ -137,12 +170,12 @@ class SplicePump:
             if n == 0:
                 self._finish(End.EOF)
                 return
-            self._in_pipe += n
+            self._in_pipe = n
             if not self._flush():
                 return
 
     def _copy_one_chunk(self) -> bool:
-        """No pipe to be had: move one chunk through Python; True if the pump may go on."""
+        """Move one chunk through Python; True if the pump may read again at once."""
         try:
             data = os.read(self._src, COPY_CHUNK_BYTES)
         except BlockingIOError:
@@ -159,11 +192,12 @@ class SplicePump:
         return self._flush()
 
     def _count(self, n: int) -> None:
-        if self._up:
-            self._record.bytes_up += n
+        record = self._record
+        if self._direction is Direction.UP:
+            record.bytes_up += n
         else:
-            self._record.bytes_down += n
-        self._record.last_activity_at = time.monotonic()
+            record.bytes_down += n
+        record.last_activity_at = time.monotonic()
 
     def _push_back(self) -> None:
         """The sink is full: stop reading, wait for the sink to take more."""
@@ -175,7 +209,7 @@ class SplicePump:
             self._writing = True
 
     def _flush(self) -> bool:
-        """Empty the pipe (or the copy buffer) into the sink; False if the sink pushed back."""
+        """Write the pump's bytes (pipe or buffer) to the sink; False if the sink pushed back."""
         try:
             buffer = self._buffer
             while buffer is not None:
@@ -197,15 +231,6 @@ class SplicePump:
                 return False
             raise
         return True
-
-    def _on_writable(self) -> None:
-        if not self._flush():
-            return
-        self._loop.remove_writer(self._dst)
-        self._writing = False
-        self._loop.add_reader(self._src, self._on_readable)
-        self._reading = True
-        self._on_readable()  # the socket may have filled while we waited on the sink
 
 
 def splice_works() -> bool:
