@@ -106,7 +106,7 @@ async def _wire() -> Wiring:
     loop = asyncio.get_running_loop()
     peer_client, proxy_client = await _tcp_pair(loop)
     proxy_upstream, peer_upstream = await _tcp_pair(loop)
-    record = SessionRecord(1, "client", "upstream", "127.0.0.1", ("127.0.0.1", 0), time.monotonic())
+    record = SessionRecord(1, "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
     return Wiring(peer_client, proxy_client, proxy_upstream, peer_upstream, record)
 
 

@@ -24,19 +24,17 @@ def format_sockaddr(sockaddr: tuple[Any, ...]) -> str:
 class SessionRecord:
     """One session's identity, counters and clock readings (monotonic seconds).
 
-    `client` and `dst` are printed endpoints (`ip:port`, `[ip]:port`); `client_ip` and
-    `dst_addr` are what sockets take. `bytes_up` counts client → upstream bytes written to the
-    upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
-    but could not deliver are not counted. `last_activity_at` moves whenever a byte moves either
-    way; `half_closed_at` is when the first direction finished (one side sent FIN), None while
-    both still flow.
+    `client` and `dst` are printed endpoints (`ip:port`, `[ip]:port`), made once when the session
+    opens (its first log line needs them anyway). `bytes_up` counts client → upstream bytes
+    written to the upstream, `bytes_down` upstream → client bytes written to the client: bytes
+    the proxy read but could not deliver are not counted. `last_activity_at` moves whenever a
+    byte moves either way; `half_closed_at` is when the first direction finished (one side sent
+    FIN), None while both still flow.
     """
 
     id: int
     client: str
     dst: str
-    client_ip: str
-    dst_addr: tuple[str, int]
     opened_at: float
     bytes_up: int = 0
     bytes_down: int = 0

@@ -5,10 +5,11 @@ Theory of operation
 With a pipe pool (the splice relay) bytes never enter Python: `splice(source → pipe)` then
 `splice(pipe → sink)`. Without one (the copy relay), or when no pipe can be had because the
 process is out of descriptors, a chunk goes through a Python buffer instead (`read`, `write`).
-Either way there is no task per direction: the event loop calls the pump when its source is
-readable or its sink writable. In steady state the source stays armed for reading and no
-epoll_ctl happens per chunk; only when the sink pushes back (EAGAIN on the write side) is reading
-disarmed and writing armed until the pump's bytes are all written, then back.
+Either way there is no task per direction: the poller (`engine.poller`, the relay's own epoll)
+calls the pump when its source is readable or its sink writable. In steady state the source
+stays armed for reading and no epoll_ctl happens per chunk; only when the sink pushes back
+(EAGAIN on the write side) is reading disarmed and writing armed until the pump's bytes are all
+written, then back.
 
 Why EAGAIN is ambiguous here (HAProxy's raw_sock.c has the same comment): splice(socket → pipe)
 returns EAGAIN when the socket is empty *and* when the pipe is full -- and a pipe fills by page
@@ -24,16 +25,16 @@ nothing left to write; SOURCE_RESET; SINK_RESET) to its owner, which decides wha
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import socket
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from tproxy.core.lifecycle import Direction, End
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
+from tproxy.engine.poller import Poller
 
 # <linux/fcntl.h>: splice flags
 SPLICE_F_MOVE = 1
@@ -42,22 +43,26 @@ _FLAGS = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 COPY_CHUNK_BYTES = 64 * 1024
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
-EndedCallback = Callable[[Direction, End], None]
-ErrorCallback = Callable[[BaseException], None]
+
+class PumpOwner(Protocol):
+    """Who hears how a pump ended (a protocol, not callbacks: no bound method per pump)."""
+
+    def pump_ended(self, direction: Direction, end: End) -> None: ...
+
+    def pump_failed(self, exc: BaseException) -> None: ...
 
 
 class Pump:
-    """Moves one direction until EOF or an error, then calls `on_end(direction, end)` once."""
+    """Moves one direction until EOF or an error, then tells its owner once."""
 
     __slots__ = (
         "_buffer",
         "_direction",
         "_dst",
         "_in_pipe",
-        "_loop",
-        "_on_end",
-        "_on_error",
+        "_owner",
         "_pipe",
+        "_poller",
         "_pool",
         "_reading",
         "_record",
@@ -67,30 +72,28 @@ class Pump:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: Poller,
         source: socket.socket,
         sink: socket.socket,
         record: SessionRecord,
         direction: Direction,
         *,
         pool: PipePool | None,
-        on_end: EndedCallback,
-        on_error: ErrorCallback,
+        owner: PumpOwner,
     ) -> None:
-        self._loop = loop
+        self._poller = poller
         self._src = source.fileno()
         self._dst = sink.fileno()
         self._record = record
         self._direction = direction
         self._pool = pool
-        self._on_end = on_end
-        self._on_error = on_error
+        self._owner = owner
         self._pipe: Pipe | None = None
         self._in_pipe = 0
         self._buffer: memoryview | None = None
         self._reading = True
         self._writing = False
-        loop.add_reader(self._src, self._on_readable)
+        poller.add_reader(self._src, self)
 
     def stop(self) -> None:
         """Stop moving bytes; afterwards the pump touches neither socket and calls nobody."""
@@ -102,10 +105,10 @@ class Pump:
 
     def _disarm(self) -> None:
         if self._reading:
-            self._loop.remove_reader(self._src)
+            self._poller.remove_reader(self._src)
             self._reading = False
         if self._writing:
-            self._loop.remove_writer(self._dst)
+            self._poller.remove_writer(self._dst)
             self._writing = False
 
     def _finish(self, end: End) -> None:
@@ -116,27 +119,27 @@ class Pump:
             else:
                 self._pipe.close()
             self._pipe = None
-        self._on_end(self._direction, end)
+        self._owner.pump_ended(self._direction, end)
 
-    def _on_readable(self) -> None:
+    def on_readable(self) -> None:
         try:
             self._move()
         except Exception as exc:  # reported to the session, never raised into the event loop
             self.stop()
-            self._on_error(exc)
+            self._owner.pump_failed(exc)
 
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
         try:
             if not self._flush():
                 return
-            self._loop.remove_writer(self._dst)
+            self._poller.remove_writer(self._dst)
             self._writing = False
-            self._loop.add_reader(self._src, self._on_readable)
+            self._poller.add_reader(self._src, self)
             self._reading = True
             self._move()  # the source may have filled while we waited on the sink
         except Exception as exc:
             self.stop()
-            self._on_error(exc)
+            self._owner.pump_failed(exc)
 
     def _move(self) -> None:
         """Read and write until the source is empty, the sink pushes back, or the end."""
@@ -202,10 +205,10 @@ class Pump:
     def _push_back(self) -> None:
         """The sink is full: stop reading, wait for the sink to take more."""
         if self._reading:
-            self._loop.remove_reader(self._src)
+            self._poller.remove_reader(self._src)
             self._reading = False
         if not self._writing:
-            self._loop.add_writer(self._dst, self._on_writable)
+            self._poller.add_writer(self._dst, self)
             self._writing = True
 
     def _flush(self) -> bool:

@@ -6,7 +6,7 @@ decides what happens (the close matrix lives there) and this module carries it o
 FIN on, or stop the other direction and reset both sides -- after waiting, when the reset came
 from a peer, for the other peer to acknowledge what was already relayed to it.
 
-Everything here is callbacks on the event loop; only that rare wait runs as a task.
+Everything here is callbacks from the poller; only that rare wait runs as a task.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tproxy.core.config import RelayKind
 from tproxy.core.lifecycle import Command, Direction, DirectionEnded, End, close_reason, decide
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import PipePool
+from tproxy.engine.poller import Poller
 from tproxy.engine.pump import Pump
 from tproxy.interception.sockopts import (
     abort_socket,
@@ -75,7 +76,7 @@ class Relay:
         "_client",
         "_done",
         "_drain",
-        "_ends",
+        "_first_end",
         "_on_end",
         "_on_error",
         "_record",
@@ -88,7 +89,7 @@ class Relay:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: Poller,
         client: socket.socket,
         upstream: socket.socket,
         record: SessionRecord,
@@ -104,14 +105,12 @@ class Relay:
         self._on_end = on_end
         self._on_error = on_error
         self._spawn = spawn
-        self._ends: list[DirectionEnded] = []
-        self._shut: list[socket.socket] = []  # sockets we have sent FIN on
+        self._first_end: DirectionEnded | None = None  # set once one direction has ended
+        self._shut: socket.socket | None = None  # the socket we have sent FIN on, if any
         self._done = False
         self._drain: asyncio.Task[None] | None = None
-        self.up = Pump(loop, client, upstream, record, Direction.UP, pool=pool,
-                       on_end=self._ended, on_error=self._failed)  # fmt: skip
-        self.down = Pump(loop, upstream, client, record, Direction.DOWN, pool=pool,
-                         on_end=self._ended, on_error=self._failed)  # fmt: skip
+        self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self)
+        self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self)
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""
@@ -121,19 +120,19 @@ class Relay:
         if self._drain is not None:
             self._drain.cancel()
 
-    def _failed(self, exc: BaseException) -> None:
+    def pump_failed(self, exc: BaseException) -> None:
         if not self._done:
             self.stop()
             self._on_error(exc)
 
-    def _ended(self, direction: Direction, end: End) -> None:
+    def pump_ended(self, direction: Direction, end: End) -> None:
         if self._done:
             return
         source = self._client if direction is Direction.UP else self._upstream
-        if end is End.EOF and source not in self._shut and reset_behind_eof(source):
+        if end is End.EOF and source is not self._shut and reset_behind_eof(source):
             end = End.SOURCE_RESET
         ended = DirectionEnded(direction, end)
-        self._ends.append(ended)
+        ends = [ended] if self._first_end is None else [self._first_end, ended]
         command = decide(ended)
         if command is Command.SHUTDOWN_UPSTREAM_WRITE:
             self._shutdown_write(self._upstream)
@@ -145,30 +144,31 @@ class Relay:
             self.down.stop()
             if command is Command.DRAIN_SINK_THEN_ABORT_BOTH:
                 sink = self._upstream if direction is Direction.UP else self._client
-                self._drain = self._spawn(self._drain_then_abort(sink))
+                self._drain = self._spawn(self._drain_then_abort(sink, ends))
             else:
-                self._abort_and_end()
+                self._abort_and_end(ends)
             return
-        if len(self._ends) == 2:
-            self._done = True
-            self._on_end(close_reason(self._ends))
-        elif self._record.half_closed_at is None:
+        if self._first_end is None:
+            self._first_end = ended
             self._record.half_closed_at = time.monotonic()
+        else:
+            self._done = True
+            self._on_end(close_reason(ends))
 
     def _shutdown_write(self, sock: socket.socket) -> None:
-        self._shut.append(sock)
+        self._shut = sock
         # If the peer is already gone, its own direction will report how.
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
 
-    async def _drain_then_abort(self, sink: socket.socket) -> None:
+    async def _drain_then_abort(self, sink: socket.socket, ends: list[DirectionEnded]) -> None:
         await wait_acknowledged(sink)
-        self._abort_and_end()
+        self._abort_and_end(ends)
 
-    def _abort_and_end(self) -> None:
+    def _abort_and_end(self, ends: list[DirectionEnded]) -> None:
         abort_socket(self._client)
         abort_socket(self._upstream)
-        self._on_end(close_reason(self._ends))
+        self._on_end(close_reason(ends))
 
 
 async def relay(
@@ -189,7 +189,8 @@ async def relay(
         task.add_done_callback(tasks.discard)
         return task
 
-    the_relay = Relay(loop, client, upstream, record,
+    poller = Poller(loop)
+    the_relay = Relay(poller, client, upstream, record,
                       pool=pool if kind is RelayKind.SPLICE else None,
                       on_end=finished.set_result, on_error=finished.set_exception,
                       spawn=spawn)  # fmt: skip
@@ -198,3 +199,4 @@ async def relay(
     finally:
         if not finished.done():
             the_relay.stop()
+        poller.close()

@@ -26,6 +26,7 @@ from typing import Any
 from tproxy.core.config import ConfigError, ProxyConfig, RelayKind, max_connections_for
 from tproxy.core.lifecycle import expired_reason
 from tproxy.core.session import format_sockaddr
+from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
 from tproxy.interception.nofile import raise_nofile_limit
@@ -154,6 +155,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ctx.loop = loop
+        self._ctx.poller = Poller(loop)
         stop = asyncio.Event()
         received: list[str] = []
 
@@ -188,6 +190,7 @@ class ProxyServer:
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
+            self._ctx.poller.close()
             if self._reserve_fd >= 0:
                 os.close(self._reserve_fd)
                 self._reserve_fd = -1

@@ -22,6 +22,7 @@ from typing import Any
 from tproxy.core.config import ProxyConfig, RelayKind
 from tproxy.core.session import SessionRecord, format_sockaddr
 from tproxy.engine.pipes import PipePool
+from tproxy.engine.poller import Poller
 from tproxy.engine.relay import Relay
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
@@ -57,6 +58,7 @@ class SessionContext:
     guard: SelfConnectGuard
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
     loop: asyncio.AbstractEventLoop = field(init=False)  # set when the server starts serving
+    poller: Poller = field(init=False)  # likewise
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     next_id: int = 1
@@ -80,47 +82,46 @@ class Session:
         self._connect_timer: asyncio.TimerHandle | None = None
         self._relay: Relay | None = None
         dst_addr = client_sock.getsockname()
-        self.record = SessionRecord(
-            ctx.next_id, format_sockaddr(client_addr), format_sockaddr(dst_addr),
-            client_addr[0], (dst_addr[0], dst_addr[1]), time.monotonic(),
-        )  # fmt: skip
+        record = self.record = SessionRecord(
+            ctx.next_id, format_sockaddr(client_addr), format_sockaddr(dst_addr), time.monotonic()
+        )
         ctx.next_id += 1
         ctx.sessions.add(self)
-        record = self.record
         ctx.log.emit(SessionOpened(record.id, record.client, record.dst, ctx.active))
         try:
-            self._start()
+            self._start(client_addr[0], dst_addr)
         except Exception as exc:  # the session boundary
             self._fail(exc)
 
-    def _start(self) -> None:
+    def _start(self, client_ip: str, dst_addr: tuple[Any, ...]) -> None:
         ctx, record = self._ctx, self.record
-        if ctx.guard.is_self(record.dst_addr):
+        if ctx.guard.is_self(dst_addr):
             ctx.log.emit(
                 UpstreamFailed(record.id, record.dst, "ELOOP", "destination is this proxy")
             )
             self._end("loop_refused", abort=True)
             return
         config = ctx.config
-        spoof_ip = record.client_ip if config.spoof_source else None
+        spoof_ip = client_ip if config.spoof_source else None
         try:
-            sock = open_upstream_socket(record.dst_addr, spoof_ip, config.mark)
+            sock = open_upstream_socket(dst_addr[0], spoof_ip, config.mark)
         except OSError as exc:
             self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
             return
         self._upstream = sock
-        code = sock.connect_ex(record.dst_addr)
+        code = sock.connect_ex(dst_addr[:2])
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            ctx.loop.add_writer(sock.fileno(), self._on_connect_ready)
+            ctx.poller.add_writer(sock.fileno(), self)
             self._connect_timer = ctx.loop.call_later(
                 config.connect_timeout_s, self._on_connect_timeout
             )
         else:
             self._connect_failed(code, os.strerror(code))
 
-    def _on_connect_ready(self) -> None:
+    def on_writable(self) -> None:
+        """The upstream connect finished, one way or the other."""
         try:
             self._stop_connecting()
             assert self._upstream is not None
@@ -142,7 +143,7 @@ class Session:
             self._connect_timer.cancel()
             self._connect_timer = None
             assert self._upstream is not None
-            self._ctx.loop.remove_writer(self._upstream.fileno())
+            self._ctx.poller.remove_writer(self._upstream.fileno())
 
     def _connect_failed(self, code: int, detail: str) -> None:
         record = self.record
@@ -158,7 +159,7 @@ class Session:
         source = format_sockaddr(upstream.getsockname())
         ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms))
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
-        self._relay = Relay(ctx.loop, self._client_sock, upstream, record, pool=pool,
+        self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self._fail,
                             spawn=ctx.spawn)  # fmt: skip
 

@@ -9,6 +9,7 @@ mitmproxy setups this way, and it killed the 2011 seed. We refuse such sessions 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tproxy.core.endpoint import Endpoint, IPAddress
 
@@ -27,7 +28,7 @@ class SelfConnectGuard:
         self._ports = frozenset(ep.port for ep in listen)
         self._is_local = is_local
 
-    def is_self(self, dst_addr: tuple[str, int]) -> bool:
+    def is_self(self, dst_addr: tuple[Any, ...]) -> bool:
         """Whether a session to `dst_addr` (host, port) would connect to this proxy itself."""
         if dst_addr[1] not in self._ports:  # the common case: one set lookup, no parsing
             return False

@@ -68,6 +68,8 @@ def open_transparent_listener(endpoint: Endpoint, backlog: int = 4096) -> socket
             sock.bind(endpoint.sockaddr)
         except OSError as exc:
             raise SocketSetupError(_bind_error_text(endpoint, exc)) from None
+        # Accepted sockets inherit TCP_NODELAY from the listener: set once here, not per session.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -86,17 +88,15 @@ def _bind_error_text(endpoint: Endpoint, exc: OSError) -> str:
     return f"cannot listen on {endpoint}: {exc.strerror}"
 
 
-def open_upstream_socket(
-    dst_addr: tuple[str, int], spoof_ip: str | None, mark: int
-) -> socket.socket:
-    """A non-blocking socket to connect to `dst_addr`, marked, optionally bound to the client's IP.
+def open_upstream_socket(dst_ip: str, spoof_ip: str | None, mark: int) -> socket.socket:
+    """A non-blocking socket to connect to `dst_ip`, marked, optionally bound to the client's IP.
 
     With `spoof_ip` the socket is transparent and bound to that address with
     IP_BIND_ADDRESS_NO_PORT, so the kernel picks the source port at connect() time knowing the
     destination: without it, bind() picks a port for the address alone and every session of one
     client shares one port space with that client's TIME_WAITs.
     """
-    family = socket.AF_INET6 if ":" in dst_addr[0] else socket.AF_INET
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -112,9 +112,9 @@ def open_upstream_socket(
 
 
 def prepare_client_socket(sock: socket.socket) -> None:
-    """Accepted sockets come back blocking from accept(); make them non-blocking, no Nagle."""
+    """Accepted sockets come back blocking from accept(); make them non-blocking (TCP_NODELAY
+    they inherit from the listener)."""
     sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def abort_socket(sock: socket.socket) -> None:

@@ -1,8 +1,11 @@
 """The session event schema: one dataclass per event, rendered as a text line or a JSON object.
 
-Every event has `ts` (UTC, ISO 8601 with milliseconds) and `event` (its name below). Endpoints are
-strings, `ip:port` or `[ip]:port`. The schema is documented in README.md ("Session log"); add
-fields freely, never rename or remove one (scripts parse these lines).
+Every event has `ts` (UTC, ISO 8601 with milliseconds) and `event` (its name below). Endpoints
+are strings, `ip:port` or `[ip]:port`. The schema is documented in README.md ("Session log");
+add fields freely, never rename or remove one (scripts parse these lines).
+
+Events are plain slotted dataclasses, not frozen: a frozen dataclass's __init__ costs a
+setattr call per field, and three events are made per connection.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     name: ClassVar[str] = "event"
 
@@ -22,7 +25,7 @@ class Event:
         raise NotImplementedError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Listening(Event):
     """The proxy is ready: every listener is bound."""
 
@@ -41,7 +44,7 @@ class Listening(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionOpened(Event):
     name: ClassVar[str] = "session_open"
     session: int
@@ -56,7 +59,7 @@ class SessionOpened(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamConnected(Event):
     name: ClassVar[str] = "upstream_connected"
     session: int
@@ -71,7 +74,7 @@ class UpstreamConnected(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamFailed(Event):
     name: ClassVar[str] = "upstream_failed"
     session: int
@@ -85,7 +88,7 @@ class UpstreamFailed(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionClosed(Event):
     name: ClassVar[str] = "session_close"
     session: int
@@ -105,7 +108,7 @@ class SessionClosed(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionFailed(Event):
     """A session ended by an unexpected error: a bug to report, logged with the session id."""
 
@@ -117,7 +120,7 @@ class SessionFailed(Event):
         return f"session {self.session} error: {self.error}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notice(Event):
     """Something the operator should know that is not about one session."""
 
@@ -128,7 +131,7 @@ class Notice(Event):
         return self.message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stopped(Event):
     name: ClassVar[str] = "stopped"
     signal: str
