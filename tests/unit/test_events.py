@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tproxy.core.config import LogFormat
 from tproxy.observability.eventlog import EventLog
-from tproxy.observability.events import SessionClosed, parse_json_event
+from tproxy.observability.events import (
+    Event,
+    SessionClosed,
+    SessionOpened,
+    UpstreamConnected,
+    parse_json_event,
+    render_json,
+)
 
 CLOSE = SessionClosed(7, "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3)
 
@@ -44,3 +55,25 @@ def test_text_line_is_one_readable_line() -> None:
 
 def test_unknown_events_are_not_parsed() -> None:
     assert parse_json_event({"event": "from_the_future"}) is None
+
+
+texts = st.text(max_size=40)
+counts = st.integers(min_value=0, max_value=2**63)
+seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False)
+
+
+@given(
+    st.one_of(
+        st.builds(SessionOpened, counts, texts, texts, counts),
+        st.builds(UpstreamConnected, counts, texts, texts, seconds),
+        st.builds(SessionClosed, counts, texts, texts, counts, counts, seconds, texts, counts),
+    ),
+    st.one_of(st.none(), st.integers(1, 64)),
+)
+def test_hand_rendered_json_equals_the_generic_rendering(event: Event, worker: int | None) -> None:
+    parsed = json.loads(render_json(event, 1_800_000_000.0, worker))
+    expected: dict[str, object] = {"ts": "2027-01-15T08:00:00.000Z", "event": event.name}
+    if worker is not None:
+        expected["worker"] = worker
+    expected.update(dataclasses.asdict(event))
+    assert parsed == expected

