@@ -36,5 +36,9 @@ def test_two_workers_serve_restart_and_stop(lab: Lab) -> None:
     again = client_json(lab, ["swarm", peer, "--count", "100"])
     assert again["outcomes"] == {"intact": 100}, again
 
+    # SIGHUP reaches every worker (without --config each says there is nothing to reload).
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(lambda e: "nothing to reload" in e.get("message", ""), "both", count=2)
+
     assert proxy.stop() == 0
     assert len(proxy.named("stopped")) == 2  # each worker drained and said so
