@@ -46,13 +46,20 @@ from tproxy.observability.events import Listening, Notice, Stopped
 ACCEPT_BATCH = 64
 # Out of descriptors even for the reserve trick: stop accepting for this long, then try again.
 ACCEPT_BACKOFF_S = 0.1
-# How often timeouts are checked, at most (a session is cut within this much after its timeout).
+# How often timeouts are checked, at most: a session is cut within this much after its timeout
+# (and within a quarter of the shortest timeout, for short ones).
 SWEEP_INTERVAL_S = 1.0
 # Refusals (limit reached, descriptors exhausted) are summed up in one notice per this period.
 REFUSAL_NOTICE_PERIOD_S = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ConfigLoader = Callable[[], ProxyConfig]
+
+
+def sweep_interval_s(config: ProxyConfig) -> float:
+    """How long the timeout sweep sleeps: a second, or a quarter of the shortest timeout."""
+    shortest = min(config.connect_timeout_s, config.idle_timeout_s, config.half_closed_timeout_s)
+    return min(SWEEP_INTERVAL_S, shortest / 4)
 
 
 class StartupError(Exception):
@@ -241,13 +248,19 @@ class ProxyServer:
         )
 
     async def _sweep_timeouts(self) -> None:
-        """Cut sessions that have been idle, or half-closed and silent, for too long."""
+        """Fail upstream connects that took too long; cut sessions that have been idle, or
+        half-closed and silent, for too long."""
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            config = self.config
+            await asyncio.sleep(sweep_interval_s(config))
             now = time.monotonic()
-            timeouts = self.config.timeouts
+            timeouts = config.timeouts
             for session in list(self._ctx.sessions):
                 record = session.record
+                if session.connecting:
+                    if now - record.opened_at >= config.connect_timeout_s:
+                        session.connect_timed_out()
+                    continue
                 reason = expired_reason(
                     record.last_activity_at, record.half_closed_at, now, timeouts
                 )

@@ -71,7 +71,7 @@ class SessionContext:
 class Session:
     """One intercepted connection: starts when created, ends by itself or by `cut`."""
 
-    __slots__ = ("_client_sock", "_connect_timer", "_ctx", "_relay", "_upstream", "record")
+    __slots__ = ("_client_sock", "_ctx", "_relay", "_upstream", "connecting", "record")
 
     def __init__(
         self, ctx: SessionContext, client_sock: socket.socket, client_addr: tuple[Any, ...]
@@ -79,7 +79,9 @@ class Session:
         self._ctx = ctx
         self._client_sock = client_sock
         self._upstream: socket.socket | None = None
-        self._connect_timer: asyncio.TimerHandle | None = None
+        # True while the upstream connect is in flight; the server's sweep enforces the
+        # connect timeout (a timer per connection would cost more than the rest of accepting).
+        self.connecting = False
         self._relay: Relay | None = None
         dst_addr = client_sock.getsockname()
         record = self.record = SessionRecord(
@@ -114,9 +116,7 @@ class Session:
             self._connected()
         elif code == errno.EINPROGRESS:
             ctx.poller.add_writer(sock.fileno(), self)
-            self._connect_timer = ctx.loop.call_later(
-                config.connect_timeout_s, self._on_connect_timeout
-            )
+            self.connecting = True
         else:
             self._connect_failed(code, os.strerror(code))
 
@@ -133,15 +133,15 @@ class Session:
         except Exception as exc:
             self._fail(exc)
 
-    def _on_connect_timeout(self) -> None:
+    def connect_timed_out(self) -> None:
+        """The sweep found the upstream connect still in flight after the connect timeout."""
         self._stop_connecting()
         timeout_s = self._ctx.config.connect_timeout_s
         self._connect_failed(errno.ETIMEDOUT, f"no answer within {timeout_s:g} s")
 
     def _stop_connecting(self) -> None:
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
+        if self.connecting:
+            self.connecting = False
             assert self._upstream is not None
             self._ctx.poller.remove_writer(self._upstream.fileno())
 
