@@ -126,7 +126,8 @@ def write_results(samples: Samples, argv: list[str], started: float, elapsed_s: 
         "plain routing (no rules, no proxy: the limit); HAProxy 2.6 in transparent mode "
         "(`bind … transparent`, `server 0.0.0.0:0`, `source 0.0.0.0 usesrc clientip`, forced "
         "splice, 1 MiB pipes); tproxy with `--spoof-source` and the splice relay, and with "
-        "the copy relay (default workers: one per CPU, uvloop, JSON session log on).",
+        "the copy relay (default workers: one per CPU, uvloop, JSON session log on, written "
+        "to a file).",
         "",
         "Tests: iperf3 (3.x) one and four streams each way; wrk `Connection: close` against a "
         "small nginx response (new connections/s); wrk keep-alive, 4 connections (latency "

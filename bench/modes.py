@@ -9,9 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import wait_listening
-from tproxy.lab.topology import Lab, stop_process
+from tproxy.lab.topology import Lab, stop_process, wait_until
 
 PROXY_PORT = 1800
 
@@ -41,7 +40,7 @@ class Mode:
     def __init__(self, lab: Lab, name: str) -> None:
         self.lab = lab
         self.name = name
-        self._proxy: ProxyProcess | None = None
+        self._tproxy: subprocess.Popen[Any] | None = None
         self._haproxy: subprocess.Popen[Any] | None = None
 
     def start(self) -> None:
@@ -55,18 +54,25 @@ class Mode:
             self._haproxy = self.lab.start(self.lab.router, ["haproxy", "-db", "-f", str(cfg)])
             wait_listening(self.lab, self.lab.router, PROXY_PORT, "haproxy")
             return
+        # The session log goes to a file, as in a deployment: a reader parsing it in the
+        # benchmark's own process would compete with the proxy for the same cores.
         relay = self.name.removeprefix("tproxy-")
-        args = ["--spoof-source", "--relay", relay]
-        self._proxy = ProxyProcess(self.lab, self.lab.router, args)
+        workdir = Path(tempfile.mkdtemp(prefix="tproxy-bench-log-"))
+        self.lab.cleanup_paths.append(workdir)
+        log = workdir / "sessions.jsonl"
+        argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
+                "--relay", relay]  # fmt: skip
+        with log.open("wb") as out:
+            self._tproxy = self.lab.start(self.lab.router, argv, stdout=out)
         workers = os.cpu_count() or 1
-        self._proxy.wait_for(lambda e: e.get("event") == "listening", "the workers", count=workers)
+        wait_until(lambda: log.read_text().count('"event":"listening"') >= workers, 10,
+                   "the workers to listen")  # fmt: skip
 
     def pids(self) -> list[int]:
         if self._haproxy is not None:
             return [self._haproxy.pid]
-        if self._proxy is not None:
-            pid = self._proxy.proc.pid
-            return [pid, *children(pid)]
+        if self._tproxy is not None:
+            return [self._tproxy.pid, *children(self._tproxy.pid)]
         return []
 
     def stop(self) -> None:
@@ -74,9 +80,10 @@ class Mode:
             stop_process(self._haproxy)
             self.lab.forget(self._haproxy)
             self._haproxy = None
-        if self._proxy is not None:
-            self._proxy.stop()
-            self._proxy = None
+        if self._tproxy is not None:
+            stop_process(self._tproxy, timeout_s=40)
+            self.lab.forget(self._tproxy)
+            self._tproxy = None
 
 
 def children(pid: int) -> list[int]:
