@@ -207,7 +207,9 @@ class Pump:
             self._finish(End.EOF)
             return False
         self._buffer = memoryview(data)
-        return self._flush()
+        # Less than a full chunk: the socket was empty a moment ago, so stop here rather than
+        # ask again for an EAGAIN; the level-triggered poller calls back if more has come.
+        return self._flush() and len(data) == COPY_CHUNK_BYTES
 
     def _moved(self) -> int:
         record = self._record
