@@ -9,10 +9,10 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import uvloop
 
@@ -59,6 +59,8 @@ from tproxy.rules.model import (
     parse_ports,
 )
 
+T = TypeVar("T")
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
@@ -68,25 +70,21 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _endpoint(text: str) -> Endpoint:
-    try:
-        return parse_endpoint(text)
-    except EndpointError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument_type(parse: Callable[[str], T], error: type[ValueError]) -> Callable[[str], T]:
+    """An argparse `type=` from a parser whose errors are already one sentence."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except error as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _port(text: str) -> int:
-    try:
-        return parse_port(text)
-    except EndpointError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _ports(text: str) -> tuple[PortRange, ...]:
-    try:
-        return parse_ports(text)
-    except RulesError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_endpoint: Callable[[str], Endpoint] = _argument_type(parse_endpoint, EndpointError)
+_port: Callable[[str], int] = _argument_type(parse_port, EndpointError)
+_ports: Callable[[str], tuple[PortRange, ...]] = _argument_type(parse_ports, RulesError)
 
 
 def _mark(text: str) -> int:

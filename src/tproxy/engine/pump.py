@@ -182,14 +182,10 @@ class Pump:
                 self._finish(End.EOF)
                 return
             self._in_pipe = n
-            if not self._flush() or n < pipe.size_bytes:
-                # Less than asked for: the socket was empty a moment ago. Rather than ask again
-                # for an EAGAIN, give the pipe back and let the level-triggered poller call
-                # again if more has come.
-                if self._pipe is pipe and self._in_pipe == 0:
-                    self._pipe = None
-                    assert self._pool is not None
-                    self._pool.give_back(pipe)
+            # A bulk transfer (we only splice past the first chunks) usually has more by now:
+            # reading on until EAGAIN costs one splice, a trip through the poller costs two
+            # epoll waits.
+            if not self._flush():
                 return
 
     def _copy_one_chunk(self) -> bool:
