@@ -34,6 +34,8 @@ from tproxy.interception.sockopts import (
 # as long as it keeps acknowledging; it gives up after this long without progress.
 DRAIN_STALL_S = 5.0
 
+_SHUTDOWNS = frozenset({Command.SHUTDOWN_UPSTREAM_WRITE, Command.SHUTDOWN_CLIENT_WRITE})
+
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
@@ -134,7 +136,11 @@ class Relay:
         ended = DirectionEnded(direction, end)
         ends = [ended] if self._first_end is None else [self._first_end, ended]
         command = decide(ended)
-        if command is Command.SHUTDOWN_UPSTREAM_WRITE:
+        if self._first_end is not None and command in _SHUTDOWNS:
+            # The last direction: the owner's close() sends this FIN (both sockets have read
+            # their peer's EOF, so nothing unread turns the close into a reset).
+            pass
+        elif command is Command.SHUTDOWN_UPSTREAM_WRITE:
             self._shutdown_write(self._upstream)
         elif command is Command.SHUTDOWN_CLIENT_WRITE:
             self._shutdown_write(self._client)
@@ -178,7 +184,8 @@ async def relay(
     kind: RelayKind = RelayKind.SPLICE,
     pool: PipePool | None = None,
 ) -> str:
-    """Relay to the end and return the close reason (an awaitable face on `Relay`, for tests)."""
+    """Relay to the end, close both sockets as a session does, return the close reason (an
+    awaitable face on `Relay`, for tests)."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[str] = loop.create_future()
     tasks: set[asyncio.Task[None]] = set()
@@ -200,3 +207,5 @@ async def relay(
         if not finished.done():
             the_relay.stop()
         poller.close()
+        client.close()  # the last FIN, after a clean end (a reset has closed them already)
+        upstream.close()
