@@ -20,6 +20,7 @@ reused number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 from typing import Protocol
 
@@ -39,14 +40,23 @@ class Writable(Protocol):
 
 
 class Poller:
-    """Level-triggered epoll for session sockets, driven by one reader on the event loop."""
+    """Level-triggered epoll for session sockets, driven by one reader on the event loop.
+
+    Interest changes made while a batch is dispatched are applied to the kernel once, at the end
+    of the batch, from the last wanted mask: a socket that stops being written and starts being
+    read in the same batch costs one EPOLL_CTL_MOD, not a DEL and an ADD. `forget(fd)` right
+    before closing a descriptor costs nothing: close() takes it out of the epoll set.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._epoll = select.epoll()
         self._readers: dict[int, Readable] = {}
         self._writers: dict[int, Writable] = {}
-        self._masks: dict[int, int] = {}
+        self._wanted: dict[int, int] = {}  # the interest mask owners want now
+        self._kernel: dict[int, int] = {}  # the mask registered in the epoll set
+        self._dirty: set[int] = set()
+        self._batching = False
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def close(self) -> None:
@@ -56,46 +66,74 @@ class Poller:
 
     def add_reader(self, fd: int, owner: Readable) -> None:
         self._readers[fd] = owner
-        self._set(fd, self._masks.get(fd, 0) | _IN)
+        self._set(fd, self._wanted.get(fd, 0) | _IN)
 
     def remove_reader(self, fd: int) -> None:
         if self._readers.pop(fd, None) is not None:
-            self._set(fd, self._masks.get(fd, 0) & ~_IN)
+            self._set(fd, self._wanted.get(fd, 0) & ~_IN)
 
     def add_writer(self, fd: int, owner: Writable) -> None:
         self._writers[fd] = owner
-        self._set(fd, self._masks.get(fd, 0) | _OUT)
+        self._set(fd, self._wanted.get(fd, 0) | _OUT)
 
     def remove_writer(self, fd: int) -> None:
         if self._writers.pop(fd, None) is not None:
-            self._set(fd, self._masks.get(fd, 0) & ~_OUT)
+            self._set(fd, self._wanted.get(fd, 0) & ~_OUT)
+
+    def forget(self, fd: int) -> None:
+        """Drop every trace of `fd`; the caller closes it right away, which removes it from the
+        epoll set (no other process shares our sockets: workers fork before any exists)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._wanted.pop(fd, None)
+        self._kernel.pop(fd, None)
+        self._dirty.discard(fd)
 
     def _set(self, fd: int, mask: int) -> None:
-        old = self._masks.get(fd, 0)
-        if mask == old:
-            return
-        if not mask:
-            del self._masks[fd]
-            self._epoll.unregister(fd)
-        elif not old:
-            self._masks[fd] = mask
-            self._epoll.register(fd, mask)
+        if mask:
+            self._wanted[fd] = mask
         else:
-            self._masks[fd] = mask
-            self._epoll.modify(fd, mask)
+            self._wanted.pop(fd, None)
+        if self._batching:
+            self._dirty.add(fd)
+        else:
+            self._apply(fd)
+
+    def _apply(self, fd: int) -> None:
+        wanted = self._wanted.get(fd, 0)
+        registered = self._kernel.get(fd, 0)
+        if wanted == registered:
+            return
+        if not wanted:
+            del self._kernel[fd]
+            with contextlib.suppress(OSError):  # already closed: nothing left to remove
+                self._epoll.unregister(fd)
+        elif not registered:
+            self._kernel[fd] = wanted
+            self._epoll.register(fd, wanted)
+        else:
+            self._kernel[fd] = wanted
+            self._epoll.modify(fd, wanted)
 
     @property
     def watched(self) -> int:
-        return len(self._masks)
+        return len(self._kernel)
 
     def _dispatch(self) -> None:
         readers, writers = self._readers, self._writers
-        for fd, events in self._epoll.poll(0, BATCH):
-            if events & _READ_EVENTS:
-                reader = readers.get(fd)
-                if reader is not None:
-                    reader.on_readable()
-            if events & _WRITE_EVENTS:
-                writer = writers.get(fd)
-                if writer is not None:
-                    writer.on_writable()
+        self._batching = True
+        try:
+            for fd, events in self._epoll.poll(0, BATCH):
+                if events & _READ_EVENTS:
+                    reader = readers.get(fd)
+                    if reader is not None:
+                        reader.on_readable()
+                if events & _WRITE_EVENTS:
+                    writer = writers.get(fd)
+                    if writer is not None:
+                        writer.on_writable()
+        finally:
+            self._batching = False
+            dirty, self._dirty = self._dirty, set()
+            for fd in dirty:
+                self._apply(fd)

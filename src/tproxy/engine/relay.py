@@ -81,6 +81,7 @@ class Relay:
         "_first_end",
         "_on_end",
         "_on_error",
+        "_poller",
         "_record",
         "_shut",
         "_spawn",
@@ -101,6 +102,7 @@ class Relay:
         on_error: Callable[[BaseException], None],
         spawn: Spawn,
     ) -> None:
+        self._poller = poller
         self._client = client
         self._upstream = upstream
         self._record = record
@@ -172,8 +174,10 @@ class Relay:
         self._abort_and_end(ends)
 
     def _abort_and_end(self, ends: list[DirectionEnded]) -> None:
-        abort_socket(self._client)
-        abort_socket(self._upstream)
+        for sock in (self._client, self._upstream):
+            if sock.fileno() >= 0:
+                self._poller.forget(sock.fileno())
+            abort_socket(sock)
         self._on_end(close_reason(ends))
 
 

@@ -187,6 +187,8 @@ class Session:
         for sock in (self._client_sock, self._upstream):
             if sock is None:
                 continue
+            if sock.fileno() >= 0:
+                self._ctx.poller.forget(sock.fileno())
             if abort:
                 abort_socket(sock)
             else:
