@@ -122,4 +122,3 @@ def rss_bytes(pids: list[int]) -> int:
 _CLK_TCK = float(
     subprocess.run(["getconf", "CLK_TCK"], capture_output=True, text=True, check=True).stdout
 )
-PYTHON = sys.executable

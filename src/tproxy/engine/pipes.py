@@ -67,7 +67,3 @@ class PipePool:
 
     def close(self) -> None:
         self.trim(0)
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)

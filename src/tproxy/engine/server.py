@@ -49,8 +49,6 @@ ACCEPT_BACKOFF_S = 0.1
 # How often timeouts are checked, at most: a session is cut within this much after its timeout
 # (and within a quarter of the shortest timeout, for short ones).
 SWEEP_INTERVAL_S = 1.0
-# Refusals (limit reached, descriptors exhausted) are summed up in one notice per this period.
-REFUSAL_NOTICE_PERIOD_S = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ConfigLoader = Callable[[], ProxyConfig]
@@ -309,7 +307,8 @@ class ProxyServer:
         if self._refused:
             self._log.emit(
                 Notice(
-                    f"reset {self._refused} new connections in the last second: {self._refused_why}"
+                    f"reset {self._refused} new connections since the last notice: "
+                    f"{self._refused_why}"
                 )
             )
             self._refused = 0

@@ -146,21 +146,8 @@ def render_ip_rule_add(spec: RulesSpec) -> list[IPCommand]:
     ]
 
 
-def render_ip_rule_del(spec: RulesSpec) -> list[IPCommand]:
-    return [
-        IPCommand(("ip", f"-{f}", "rule", "del", *_rule_args(spec)), f) for f in _families(spec)
-    ]
-
-
 def render_ip_route_replace(spec: RulesSpec) -> list[IPCommand]:
     return [
         IPCommand(("ip", f"-{f}", "route", "replace", *_route_args(spec, f)), f)
-        for f in _families(spec)
-    ]
-
-
-def render_ip_route_del(spec: RulesSpec) -> list[IPCommand]:
-    return [
-        IPCommand(("ip", f"-{f}", "route", "del", *_route_args(spec, f)), f)
         for f in _families(spec)
     ]
