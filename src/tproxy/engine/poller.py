@@ -53,9 +53,10 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, Readable] = {}
         self._writers: dict[int, Writable] = {}
-        self._wanted: dict[int, int] = {}  # the interest mask owners want now
-        self._kernel: dict[int, int] = {}  # the mask registered in the epoll set
-        self._dirty: set[int] = set()
+        # The interest mask owners want now; outside a batch it is what the epoll set holds.
+        self._wanted: dict[int, int] = {}
+        # Inside a batch: the mask the epoll set held before the batch changed it, per descriptor.
+        self._before: dict[int, int] = {}
         self._batching = False
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -86,38 +87,34 @@ class Poller:
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._wanted.pop(fd, None)
-        self._kernel.pop(fd, None)
-        self._dirty.discard(fd)
+        self._before.pop(fd, None)
 
     def _set(self, fd: int, mask: int) -> None:
+        registered = self._wanted.get(fd, 0)
         if mask:
             self._wanted[fd] = mask
         else:
             self._wanted.pop(fd, None)
         if self._batching:
-            self._dirty.add(fd)
+            self._before.setdefault(fd, registered)
         else:
-            self._apply(fd)
+            self._apply(fd, registered)
 
-    def _apply(self, fd: int) -> None:
+    def _apply(self, fd: int, registered: int) -> None:
         wanted = self._wanted.get(fd, 0)
-        registered = self._kernel.get(fd, 0)
         if wanted == registered:
             return
         if not wanted:
-            del self._kernel[fd]
             with contextlib.suppress(OSError):  # already closed: nothing left to remove
                 self._epoll.unregister(fd)
         elif not registered:
-            self._kernel[fd] = wanted
             self._epoll.register(fd, wanted)
         else:
-            self._kernel[fd] = wanted
             self._epoll.modify(fd, wanted)
 
     @property
     def watched(self) -> int:
-        return len(self._kernel)
+        return len(self._wanted)
 
     def _dispatch(self) -> None:
         readers, writers = self._readers, self._writers
@@ -134,6 +131,9 @@ class Poller:
                         writer.on_writable()
         finally:
             self._batching = False
-            dirty, self._dirty = self._dirty, set()
-            for fd in dirty:
-                self._apply(fd)
+            before, self._before = self._before, {}
+            for fd, registered in before.items():
+                # A descriptor closed within the batch without being forgotten has no owner
+                # left to wait on it: failing to change its interest is then harmless.
+                with contextlib.suppress(OSError):
+                    self._apply(fd, registered)
