@@ -94,7 +94,8 @@ def render_targets(samples: Samples, subject: str = "tproxy-splice") -> list[str
         higher = METRICS[target.metric][2]
         r = ratio(subj.get(target.metric), med.get(target.versus, {}).get(target.metric))
         met = r is not None and (r >= target.ratio if higher else r <= target.ratio)
-        lines.append(f"- {'met' if met else 'MISSED'}: {target.text} (measured {_fmt(r)}×)")
+        # Three digits: at two, 1.049 would print as 1.05 beside "MISSED: ≥ 1.05".
+        lines.append(f"- {'met' if met else 'MISSED'}: {target.text} (measured {_fmt(r, 3)}×)")
     rss = subj.get("idle_rss")
     met = rss is not None and rss <= IDLE_RSS_TARGET_KIB
     lines.append(f"- {'met' if met else 'MISSED'}: user-space RSS per idle session ≤ "
