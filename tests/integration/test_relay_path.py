@@ -19,10 +19,6 @@ from tproxy.lab.topology import Lab
 MIB = 1024 * 1024
 
 
-def _closes(events: list[dict[str, object]], dst: str) -> list[dict[str, object]]:
-    return [e for e in events if e.get("event") == "session_close" and e.get("dst") == dst]
-
-
 @pytest.mark.parametrize("family", [4, 6])
 def test_http_with_spoofing_the_server_sees_the_client(served_lab: Lab, family: int) -> None:
     lab = served_lab

@@ -159,7 +159,6 @@ class ProxyServer:
         """Serve until SIGTERM or SIGINT, drain, and return."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._ctx.loop = loop
         self._ctx.poller = Poller(loop)
         stop = asyncio.Event()
         received: list[str] = []

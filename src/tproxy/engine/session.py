@@ -57,8 +57,7 @@ class SessionContext:
     log: EventLog
     guard: SelfConnectGuard
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
-    loop: asyncio.AbstractEventLoop = field(init=False)  # set when the server starts serving
-    poller: Poller = field(init=False)  # likewise
+    poller: Poller = field(init=False)  # set when the server starts serving
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     next_id: int = 1
