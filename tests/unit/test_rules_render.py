@@ -7,14 +7,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tproxy.core.config import InterceptMode
 from tproxy.rules.apply import _nft_error_text
 from tproxy.rules.model import PortRange, RulesError, RulesSpec, WhenDown, parse_ports
 from tproxy.rules.render import (
-    parse_restore_comment,
+    AppliedSettings,
+    parse_comment,
+    render_comment,
     render_ip_route_replace,
     render_ip_rule_add,
     render_nft_apply,
-    render_restore_comment,
+    render_nft_remove,
+    required_sysctls,
+    settings_of,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -84,12 +89,97 @@ def test_ip_commands_cover_both_families() -> None:
     assert [c.family for c in render_ip_rule_add(v4_only)] == [4]
 
 
-def test_restore_comment_round_trip() -> None:
-    previous = {"net.ipv4.ip_early_demux": "1"}
-    assert parse_restore_comment(render_restore_comment(previous)) == previous
-    assert parse_restore_comment(render_restore_comment({})) == {}
+SPECS = {
+    "router": RulesSpec(ports=parse_ports("80")),
+    "local": RulesSpec(ports=parse_ports("80,443"), local=True, proxy_port=1900),
+    "bridge": RulesSpec(ports=parse_ports("80"), bridge="br-lan", divert_mark=7, route_table=55),
+    "redirect": RulesSpec(ports=parse_ports("80"), mode=InterceptMode.REDIRECT, local=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_comment_round_trip(name: str) -> None:
+    spec = SPECS[name]
+    previous = {"net.ipv4.ip_early_demux": "1", "net.bridge.bridge-nf-call-iptables": "1"}
+    for restore in (previous, {}):
+        comment = render_comment(spec, restore)
+        assert len(comment) < 256  # nftables' limit on a table comment
+        assert parse_comment(comment) == (settings_of(spec), restore)
+
+
+def test_comment_parse_ignores_what_it_did_not_write() -> None:
     # Nothing but known sysctls with numeric values is ever written back.
-    assert parse_restore_comment("tproxy restore: kernel.panic=1 net.ipv4.ip_early_demux=x") == {}
+    comment = "tproxy mode=bogus proxy_port=x; restore kernel.panic=1 net.ipv4.ip_early_demux=x"
+    assert parse_comment(comment) == (AppliedSettings(), {})
+    assert parse_comment("someone else's table") == (AppliedSettings(), {})
+
+
+@pytest.mark.parametrize("name", ["local", "bridge", "redirect"])
+def test_variant_scripts_match_golden(name: str) -> None:
+    spec = SPECS[name]
+    mac = "02:00:00:00:00:01" if spec.bridge else None
+    script = render_nft_apply(spec, {"net.ipv4.ip_early_demux": "1"}, mac)
+    assert script == (GOLDEN / f"nft-apply-{name}.nft").read_text()
+
+
+def test_local_mode_exempts_the_proxy_and_this_box() -> None:
+    script = render_nft_apply(SPECS["local"], {})
+    output = script[script.index("chain output") :].splitlines()
+    assert output[1].strip() == "type route hook output priority mangle; policy accept;"
+    # The proxy's own connections first, then connections to this box's own addresses...
+    assert output[2].strip() == "meta mark 0x00000002 return"
+    assert output[3].strip() == "fib daddr type local return"
+    # ...and only then are this box's connections marked for the trip through lo.
+    assert output[4].strip().endswith("meta mark set 0x00000001")
+
+
+def test_bridge_mode_lifts_both_directions_off_that_bridge_only() -> None:
+    script = render_nft_apply(SPECS["bridge"], {}, "02:00:00:00:00:01")
+    lifts = [line.strip() for line in script.splitlines() if "pkttype set host" in line]
+    assert [("dport" in line, "sport" in line) for line in lifts] == [(True, False), (False, True)]
+    assert all('meta ibrname "br-lan"' in line for line in lifts)
+    assert all("ether daddr set 02:00:00:00:00:01" in line for line in lifts)
+    with pytest.raises(ValueError, match="MAC"):
+        render_nft_apply(SPECS["bridge"], {})
+
+
+def test_bridge_table_is_named_only_when_needed() -> None:
+    # A kernel without the bridge family must still take a router's rules.
+    assert "bridge" not in render_nft_apply(SPECS["router"], {})
+    # An earlier bridge table goes when the rules are applied again without --bridge.
+    dropped = render_nft_apply(SPECS["router"], {}, drop_bridge_table=True)
+    assert "delete table bridge tproxy_rules" in dropped
+    assert "table bridge tproxy_rules {" not in dropped
+    assert render_nft_remove(inet=False, bridge=True) == (
+        "table bridge tproxy_rules\ndelete table bridge tproxy_rules\n"
+    )
+
+
+def test_redirect_mode_needs_no_policy_routing_and_no_sysctls() -> None:
+    spec = SPECS["redirect"]
+    assert render_ip_rule_add(spec) == []
+    assert render_ip_route_replace(spec) == []
+    assert required_sysctls(spec.mode, spec.bridge) == {}
+    assert set(required_sysctls(InterceptMode.TPROXY, "br0")) == {
+        "net.ipv4.ip_early_demux",
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": InterceptMode.REDIRECT, "when_down": WhenDown.PASS}, "--when-down pass"),
+        ({"mode": InterceptMode.REDIRECT, "bridge": "br0"}, "--bridge needs --mode tproxy"),
+        ({"bridge": "br/0"}, "not a valid interface name"),
+        ({"bridge": "a-name-far-too-long"}, "not a valid interface name"),
+        ({"bridge": 'br"0'}, "not a valid interface name"),
+    ],
+)
+def test_impossible_combinations_are_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(RulesError, match=message):
+        RulesSpec(ports=parse_ports("80"), **kwargs)  # type: ignore[arg-type]
 
 
 def test_nft_errors_become_one_sentence() -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -27,6 +30,7 @@ from tproxy.core.config import (
     DEFAULT_PROXY_PORT,
     RESERVED_DESCRIPTORS,
     ConfigError,
+    InterceptMode,
     LogFormat,
     LoopKind,
     ProxyConfig,
@@ -35,6 +39,8 @@ from tproxy.core.config import (
     parse_config_file,
 )
 from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
+from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
+from tproxy.diagnostics.facts import gather
 from tproxy.engine.server import ProxyServer, StartupError, open_listeners
 from tproxy.engine.supervisor import close_all, run_workers
 from tproxy.lab.demo import run_demo
@@ -42,10 +48,14 @@ from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.rules.apply import (
     RulesApplyError,
+    applied_settings,
     apply_rules,
+    has_net_admin,
     ipv6_available,
     plan_rules,
+    read_table,
     remove_rules,
+    run_command,
     show_rules,
     sysctl_findings,
 )
@@ -58,6 +68,7 @@ from tproxy.rules.model import (
     WhenDown,
     parse_ports,
 )
+from tproxy.rules.render import AppliedSettings, settings_of
 
 T = TypeVar("T")
 
@@ -145,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML file with any of the options below (names with underscores, e.g. "
         "idle_timeout = 600); options given here win; SIGHUP re-reads it",
+    )
+    run.add_argument(
+        "--mode",
+        choices=[m.value for m in InterceptMode],
+        help="how connections are diverted to the proxy, as set up by 'tproxy rules apply "
+        "--mode': tproxy (the default; the original destination is the accepted socket's own "
+        "address) or redirect (NAT; the original destination comes from conntrack, and "
+        "--spoof-source is not available)",
     )
     run.add_argument(
         "--listen",
@@ -286,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     apply.add_argument(
+        "--mode",
+        choices=[m.value for m in InterceptMode],
+        default=InterceptMode.TPROXY.value,
+        help="tproxy (the default: the kernel hands connections to the proxy untouched; "
+        "spoofing works) or redirect (NAT to the proxy port, for kernels without TPROXY; "
+        "no spoofing; run the proxy with --mode redirect)",
+    )
+    apply.add_argument(
+        "--local",
+        action="store_true",
+        help="also divert connections that programs on this box open to those ports (the "
+        "proxy's own connections are exempt by their mark)",
+    )
+    apply.add_argument(
+        "--bridge",
+        metavar="BRIDGE",
+        help="bridge mode: divert the TCP that crosses this Linux bridge (which needs an "
+        "IPv4 address of its own in the bridged subnet)",
+    )
+    apply.add_argument(
         "--dry-run", action="store_true", help="print what would be applied, change nothing"
     )
     actions.add_parser(
@@ -296,6 +335,48 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser(
         "show", help="print the current rules, routing and relevant sysctls", description=None
     )
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check everything a working setup needs, and say how to fix what is wrong",
+        description=(
+            "Check, in the current network namespace, what interception needs: privileges, nft "
+            "and the kernel's tproxy/socket (or redirect) expressions, IP_TRANSPARENT, "
+            "forwarding, the policy routing, rp_filter and src_valid_mark, bridge netfilter, our "
+            "rules and the proxy's listener. One line per check, with a fix for each that fails. "
+            "The setup checked for is what the installed rules were applied with, unless the "
+            "options say otherwise. Exit status: 0 all checks passed, 1 something is broken."
+        ),
+    )
+    doctor.add_argument(
+        "--mode",
+        choices=[m.value for m in InterceptMode],
+        help="check for this mode (default: the installed rules', else tproxy)",
+    )
+    doctor.add_argument(
+        "--bridge",
+        metavar="BRIDGE",
+        help="check for bridge mode on BRIDGE (default: the installed rules')",
+    )
+    doctor.add_argument(
+        "--proxy-port",
+        type=_port,
+        help=f"the proxy's port (default: the installed rules', else {DEFAULT_PROXY_PORT})",
+    )
+    doctor.add_argument(
+        "--divert-mark",
+        type=_mark,
+        help=f"the divert mark (default: the installed rules', else {DEFAULT_DIVERT_MARK:#x})",
+    )
+    doctor.add_argument(
+        "--table",
+        type=_positive_int,
+        help=f"the policy-routing table (default: the installed rules', else "
+        f"{DEFAULT_ROUTE_TABLE})",
+    )
+    doctor.add_argument("--json", action="store_true",
+                        help="one JSON object: {ok, expected, checks: [{check, status, detail, "
+                        "fix}]}")  # fmt: skip
 
     lab = commands.add_parser(
         "lab",
@@ -322,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "rules":
             return _rules(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -363,7 +446,11 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _RUN_OVERRIDES if getattr(args, name) is not None
     }
-    for name, kind in (("log_format", LogFormat), ("relay", RelayKind), ("loop", LoopKind)):
+    kinds: tuple[tuple[str, type[enum.Enum]], ...] = (
+        ("mode", InterceptMode), ("log_format", LogFormat), ("relay", RelayKind),
+        ("loop", LoopKind),
+    )  # fmt: skip
+    for name, kind in kinds:
         if getattr(args, name) is not None:
             overrides[name] = kind(getattr(args, name))
     try:
@@ -408,6 +495,9 @@ def _rules(args: argparse.Namespace) -> int:
                     rule_priority=args.rule_priority,
                     when_down=WhenDown(args.when_down),
                     ipv6=ipv6_available(),
+                    mode=InterceptMode(args.mode),
+                    local=args.local,
+                    bridge=args.bridge,
                 )
             except RulesError as exc:
                 sys.stderr.write(f"tproxy rules apply: error: {exc}\n")
@@ -416,7 +506,8 @@ def _rules(args: argparse.Namespace) -> int:
                 lines = plan_rules(spec)
             else:
                 lines = apply_rules(spec)
-                lines += [f"warning: {f}" for f in sysctl_findings() if not f.endswith("(ok)")]
+                findings = sysctl_findings(settings_of(spec))
+                lines += [f"warning: {f}" for f in findings if not f.endswith("(ok)")]
         elif args.action == "remove":
             lines = remove_rules()
         else:
@@ -425,6 +516,37 @@ def _rules(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print("\n".join(lines))
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    installed = AppliedSettings()
+    if has_net_admin() and shutil.which("nft") is not None:
+        installed = applied_settings(read_table(run_command))
+    expected = Expected(
+        mode=InterceptMode(args.mode) if args.mode else installed.mode,
+        proxy_port=args.proxy_port or installed.proxy_port or DEFAULT_PROXY_PORT,
+        divert_mark=args.divert_mark or installed.divert_mark or DEFAULT_DIVERT_MARK,
+        route_table=args.table or installed.route_table or DEFAULT_ROUTE_TABLE,
+        bridge=args.bridge or installed.bridge,
+    )
+    findings = evaluate(gather(expected), expected)
+    ok = passed(findings)
+    if args.json:
+        report = {
+            "ok": ok,
+            "expected": {
+                "mode": expected.mode.value,
+                "proxy_port": expected.proxy_port,
+                "divert_mark": expected.divert_mark,
+                "route_table": expected.route_table,
+                "bridge": expected.bridge,
+            },
+            "checks": [f.as_json() for f in findings],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(render_text(findings)))
+    return 0 if ok else 1
 
 
 def _lab(args: argparse.Namespace) -> int:

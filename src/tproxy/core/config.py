@@ -2,6 +2,7 @@
 
 The file (`tproxy run --config FILE`) uses the long option names with underscores:
 
+    mode = "tproxy"
     listen = ["0.0.0.0:1800", "[::]:1800"]
     spoof_source = true
     mark = 2
@@ -48,6 +49,21 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one sentence for the operator."""
 
 
+class InterceptMode(enum.Enum):
+    """How connections reach the proxy, and so where their original destination comes from.
+
+    TPROXY: the kernel hands the untouched connection to a transparent listener; the original
+    destination is the accepted socket's own address, and the proxy may connect upstream from the
+    client's address (spoofing). REDIRECT: NAT rewrites the destination to the proxy's port;
+    the original destination is asked of conntrack (SO_ORIGINAL_DST), and spoofing is not
+    possible (the server's replies to the client's address reach the proxy only through the
+    TPROXY rules' socket match and policy routing).
+    """
+
+    TPROXY = "tproxy"
+    REDIRECT = "redirect"
+
+
 class RelayKind(enum.Enum):
     """How bytes move: splice (zero-copy, in the kernel) or copy (through Python)."""
 
@@ -84,7 +100,8 @@ class ProxyConfig:
     """What `tproxy run` does.
 
     Args:
-        listen: the transparent listening endpoints.
+        mode: TPROXY (the default) or REDIRECT; fixed at start (a reload cannot change it).
+        listen: the listening endpoints (transparent in TPROXY mode).
         spoof_source: bind each upstream socket to the client's own IP (the server sees the client).
         mark: the firewall mark on upstream sockets (SO_MARK), so the rules can exempt them.
         connect_timeout_s: how long an upstream connect may take before the client is reset.
@@ -98,6 +115,7 @@ class ProxyConfig:
         loop: uvloop (the default) or asyncio's own loop.
     """
 
+    mode: InterceptMode = InterceptMode.TPROXY
     listen: list[Endpoint] = field(default_factory=default_listen)
     spoof_source: bool = False
     mark: int = DEFAULT_PROXY_MARK
@@ -117,6 +135,7 @@ class ProxyConfig:
 
 # File keys and the ProxyConfig field each one sets.
 _FILE_KEYS = {
+    "mode": "mode",
     "listen": "listen",
     "spoof_source": "spoof_source",
     "mark": "mark",
@@ -162,6 +181,11 @@ def _check_value(name: str, value: Any) -> Any:
             return LogFormat(value)
         except ValueError:
             raise ConfigError('log_format must be "text" or "json"') from None
+    if name == "mode":
+        try:
+            return InterceptMode(value)
+        except ValueError:
+            raise ConfigError('mode must be "tproxy" or "redirect"') from None
     if name == "relay":
         try:
             return RelayKind(value)
@@ -202,4 +226,11 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     unknown = set(merged) - names
     if unknown:
         raise AssertionError(f"not ProxyConfig fields: {sorted(unknown)}")
-    return replace(ProxyConfig(), **merged)
+    config = replace(ProxyConfig(), **merged)
+    if config.mode is InterceptMode.REDIRECT and config.spoof_source:
+        raise ConfigError(
+            "--spoof-source (spoof_source) is not available in redirect mode: the server's "
+            "replies to the client's address come back to the proxy only with the TPROXY rules "
+            "(socket match and policy routing); use --mode tproxy to spoof"
+        )
+    return config

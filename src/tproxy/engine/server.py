@@ -23,19 +23,26 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tproxy.core.config import ConfigError, ProxyConfig, RelayKind, max_connections_for
+from tproxy.core.config import (
+    ConfigError,
+    InterceptMode,
+    ProxyConfig,
+    RelayKind,
+    max_connections_for,
+)
 from tproxy.core.lifecycle import expired_reason
 from tproxy.core.session import format_sockaddr
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
 from tproxy.interception.nofile import raise_nofile_limit
+from tproxy.interception.original_dst import destination_lookup
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import (
     SocketSetupError,
     abort_socket,
     is_local_address,
-    open_transparent_listener,
+    open_listener,
     prepare_client_socket,
 )
 from tproxy.observability.eventlog import EventLog
@@ -71,9 +78,10 @@ def open_listeners(config: ProxyConfig) -> list[socket.socket]:
         StartupError: one could not be opened (the others are closed again).
     """
     listeners: list[socket.socket] = []
+    transparent = config.mode is InterceptMode.TPROXY
     try:
         for endpoint in config.listen:
-            listeners.append(open_transparent_listener(endpoint))
+            listeners.append(open_listener(endpoint, transparent=transparent))
     except SocketSetupError as exc:
         for listener in listeners:
             listener.close()
@@ -106,7 +114,11 @@ class ProxyServer:
         self._share = share
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = SessionContext(
-            config, log, SelfConnectGuard(config.listen, is_local_address), self._spawn
+            config,
+            log,
+            SelfConnectGuard(config.listen, is_local_address),
+            self._spawn,
+            destination_lookup(config.mode),
         )
         self._nofile = 0
         self._splice_works = True
@@ -236,6 +248,9 @@ class ProxyServer:
         if new.listen != self.config.listen:
             self._log.emit(Notice("reload: listen addresses change only on restart; kept as is"))
             new = dataclasses.replace(new, listen=self.config.listen)
+        if new.mode is not self.config.mode:
+            self._log.emit(Notice("reload: the mode changes only on restart; kept as is"))
+            new = dataclasses.replace(new, mode=self.config.mode)
         if new.relay is RelayKind.SPLICE and not self._splice_works:
             new = dataclasses.replace(new, relay=RelayKind.COPY)
         self._ctx.config = new

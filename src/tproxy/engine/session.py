@@ -24,6 +24,7 @@ from tproxy.core.session import SessionRecord, format_sockaddr
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
 from tproxy.engine.relay import Relay
+from tproxy.interception.original_dst import Destination
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
 from tproxy.observability.eventlog import EventLog
@@ -57,6 +58,9 @@ class SessionContext:
     log: EventLog
     guard: SelfConnectGuard
     spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]
+    # The accepted socket's original destination: getsockname() for TPROXY, conntrack for
+    # REDIRECT (`interception.original_dst`).
+    destination: Destination = socket.socket.getsockname
     poller: Poller = field(init=False)  # set when the server starts serving
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
@@ -82,13 +86,23 @@ class Session:
         # connect timeout (a timer per connection would cost more than the rest of accepting).
         self.connecting = False
         self._relay: Relay | None = None
-        dst_addr = client_sock.getsockname()
+        lookup_error: OSError | None = None
+        try:
+            dst_addr = ctx.destination(client_sock)
+        except OSError as exc:  # REDIRECT mode, and conntrack knows no original destination
+            dst_addr, lookup_error = client_sock.getsockname(), exc
         record = self.record = SessionRecord(
             ctx.next_id, format_sockaddr(client_addr), format_sockaddr(dst_addr), time.monotonic()
         )
         ctx.next_id += 1
         ctx.sessions.add(self)
         ctx.log.emit(SessionOpened(record.id, record.client, record.dst, ctx.active))
+        if lookup_error is not None:
+            detail = f"no original destination (not redirected?): {lookup_error.strerror}"
+            name = errno.errorcode.get(lookup_error.errno or 0, "ENOENT")
+            ctx.log.emit(UpstreamFailed(record.id, record.dst, name, detail))
+            self._end("no_original_destination", abort=True)
+            return
         try:
             self._start(client_addr[0], dst_addr)
         except Exception as exc:  # the session boundary

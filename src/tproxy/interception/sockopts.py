@@ -40,8 +40,11 @@ def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
-def open_transparent_listener(endpoint: Endpoint, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening socket with IP_TRANSPARENT, ready for TPROXY to hand it connections.
+def open_listener(
+    endpoint: Endpoint, *, transparent: bool = True, backlog: int = 4096
+) -> socket.socket:
+    """A non-blocking listening socket, with IP_TRANSPARENT for TPROXY to hand it connections
+    (`transparent=False`: a plain one, for REDIRECT mode).
 
     Raises:
         SocketSetupError: not permitted (needs CAP_NET_ADMIN), the port is in use, or the address
@@ -58,7 +61,8 @@ def open_transparent_listener(endpoint: Endpoint, backlog: int = 4096) -> socket
             # We listen on 0.0.0.0 and [::] side by side, as two sockets.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            _set_transparent(sock, endpoint.family)
+            if transparent:
+                _set_transparent(sock, endpoint.family)
         except PermissionError:
             raise SocketSetupError(
                 f"cannot listen transparently on {endpoint}: IP_TRANSPARENT needs root "

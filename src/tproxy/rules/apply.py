@@ -20,15 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tproxy.core.config import InterceptMode
 from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, RulesSpec
 from tproxy.rules.render import (
-    REQUIRED_SYSCTLS,
+    AppliedSettings,
     IPCommand,
-    parse_restore_comment,
+    parse_comment,
     render_ip_route_replace,
     render_ip_rule_add,
     render_nft_apply,
     render_nft_remove,
+    required_sysctls,
 )
 
 CAP_NET_ADMIN = 12  # <linux/capability.h>
@@ -106,9 +108,9 @@ def _nft(runner: Runner, script: str) -> None:
         raise RulesApplyError(_nft_error_text(result.stderr))
 
 
-def read_table(runner: Runner) -> str | None:
-    """Our table as `nft list` prints it, or None if it does not exist."""
-    result = runner(["nft", "list", "table", "inet", TABLE_NAME], None)
+def read_table(runner: Runner, family: str = "inet") -> str | None:
+    """Our table of `family` as `nft list` prints it, or None if it does not exist."""
+    result = runner(["nft", "list", "table", family, TABLE_NAME], None)
     return result.stdout if result.returncode == 0 else None
 
 
@@ -117,7 +119,51 @@ def _table_comment(listing: str | None) -> str:
     return match.group(1) if match else ""
 
 
-def _ip_json(runner: Runner, argv: Sequence[str]) -> list[dict[str, Any]]:
+def applied_settings(listing: str | None) -> AppliedSettings:
+    """What our installed table was applied with (defaults if there is none)."""
+    return parse_comment(_table_comment(listing))[0]
+
+
+@dataclass(frozen=True)
+class BridgeInfo:
+    """What bridge mode needs to know about the bridge: its MAC and its addresses."""
+
+    name: str
+    mac: str
+    ipv4: tuple[str, ...]
+    ipv6: tuple[str, ...]
+
+
+def read_bridge(runner: Runner, name: str) -> BridgeInfo:
+    """The bridge `name` in this namespace.
+
+    Raises:
+        RulesApplyError: there is no such interface, or it is not a bridge.
+    """
+    links = ip_json(runner, ["-d", "link", "show", "dev", name])
+    if not links:
+        raise RulesApplyError(
+            f"there is no interface {name!r} here: create the bridge first (ip link add {name} "
+            f"type bridge) and enslave the two sides to it"
+        )
+    kind = links[0].get("linkinfo", {}).get("info_kind")
+    if kind != "bridge":
+        raise RulesApplyError(f"{name!r} is not a Linux bridge (it is a {kind or 'plain'} link)")
+    addresses = ip_json(runner, ["addr", "show", "dev", name])
+    infos = addresses[0].get("addr_info", []) if addresses else []
+    return BridgeInfo(
+        name=name,
+        mac=str(links[0].get("address", "")),
+        ipv4=tuple(str(a["local"]) for a in infos if a.get("family") == "inet"),
+        ipv6=tuple(
+            str(a["local"])
+            for a in infos
+            if a.get("family") == "inet6" and a.get("scope") != "link"
+        ),
+    )
+
+
+def ip_json(runner: Runner, argv: Sequence[str]) -> list[dict[str, Any]]:
     result = runner(["ip", "-j", *argv], None)
     if result.returncode != 0 or not result.stdout.strip():
         return []
@@ -130,11 +176,11 @@ def _is_ours(entry: dict[str, Any]) -> bool:
 
 
 def our_ip_rules(runner: Runner, family: int) -> list[dict[str, Any]]:
-    return [e for e in _ip_json(runner, [f"-{family}", "rule", "show"]) if _is_ours(e)]
+    return [e for e in ip_json(runner, [f"-{family}", "rule", "show"]) if _is_ours(e)]
 
 
 def our_routes(runner: Runner, family: int) -> list[dict[str, Any]]:
-    return _ip_json(
+    return ip_json(
         runner, [f"-{family}", "route", "show", "table", "all", "proto", str(RTPROT_TPROXY)]
     )
 
@@ -168,10 +214,6 @@ class _Undo:
                 step()
 
 
-def _families(spec: RulesSpec) -> tuple[int, ...]:
-    return (4, 6) if spec.ipv6 else (4,)
-
-
 def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     """Install the diversion; return what was done, one line each.
 
@@ -182,10 +224,21 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     """
     preflight()
     report: list[str] = []
+    bridge_mac = None
+    if spec.bridge is not None:
+        bridge = read_bridge(runner, spec.bridge)
+        if not bridge.ipv4:
+            raise RulesApplyError(
+                f"bridge {spec.bridge} has no IPv4 address: give it one in the bridged subnet "
+                f"(ip addr add ADDRESS/PREFIX dev {spec.bridge}); the proxy's own packets "
+                "(ARP, and its connections as the client) need it"
+            )
+        bridge_mac = bridge.mac
     before = read_table(runner)
-    restore = parse_restore_comment(_table_comment(before))
+    before_bridge = read_table(runner, "bridge")
+    restore = parse_comment(_table_comment(before))[1]
     sysctl_changes: list[tuple[str, str]] = []
-    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+    for name, (wanted, why) in required_sysctls(spec.mode, spec.bridge).items():
         current = read_sysctl(name)
         if current is not None and current != wanted:
             restore.setdefault(name, current)
@@ -193,13 +246,24 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
             report.append(f"set {name}={wanted} (was {current}): {why}")
     undo = _Undo()
     try:
-        _nft(runner, render_nft_apply(spec, restore))
-        if before is None:
-            undo.steps.append(partial(_nft, runner, render_nft_remove()))
-            report.append(f"created nftables table inet {TABLE_NAME}")
-        else:
-            undo.steps.append(partial(_nft, runner, render_nft_remove() + before))
-            report.append(f"replaced nftables table inet {TABLE_NAME}")
+        script = render_nft_apply(
+            spec, restore, bridge_mac, drop_bridge_table=before_bridge is not None
+        )
+        _nft(runner, script)
+        had_bridge_table = before_bridge is not None
+        put_back = render_nft_remove(bridge=had_bridge_table or spec.bridge is not None)
+        undo.steps.append(partial(_nft, runner, put_back + (before or "") + (before_bridge or "")))
+        verb = "created" if before is None else "replaced"
+        report.append(f"{verb} nftables table inet {TABLE_NAME} ({_describe(spec)})")
+        if spec.bridge is not None:
+            verb = "created" if before_bridge is None else "replaced"
+            report.append(
+                f"{verb} nftables table bridge {TABLE_NAME}: TCP on those ports crossing "
+                f"{spec.bridge} goes up to this box's IP stack (frames re-addressed to "
+                f"{bridge_mac})"
+            )
+        elif had_bridge_table:
+            report.append(f"deleted nftables table bridge {TABLE_NAME} (no --bridge this time)")
         existing = {f: our_ip_rules(runner, f) for f in _families(spec)}
         for command in render_ip_rule_add(spec):
             if any(_rule_matches(e, spec) for e in existing[command.family]):
@@ -223,7 +287,29 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     except BaseException:
         undo.run()
         raise
+    if spec.mode is InterceptMode.REDIRECT:
+        # Policy routing left from an earlier TPROXY apply is not needed any more; it goes
+        # last, after everything that could fail, so a failure here leaves working rules.
+        report += _remove_policy_routing(runner)
     return report
+
+
+def _describe(spec: RulesSpec) -> str:
+    ports = ",".join(str(r) for r in spec.ports)
+    where = []
+    if spec.bridge:
+        where.append(f"bridged on {spec.bridge}")
+    else:
+        where.append("routed")
+    if spec.local:
+        where.append("this box's own")
+    return f"{spec.mode.value}: {ports} -> :{spec.proxy_port}, {' and '.join(where)} connections"
+
+
+def _families(spec: RulesSpec) -> tuple[int, ...]:
+    if spec.mode is InterceptMode.REDIRECT:
+        return ()
+    return (4, 6) if spec.ipv6 else (4,)
 
 
 def _as_delete(command: IPCommand) -> IPCommand:
@@ -243,12 +329,25 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
     preflight()
     report: list[str] = []
     listing = read_table(runner)
+    bridge_listing = read_table(runner, "bridge")
     if listing is not None:
-        for name, value in parse_restore_comment(_table_comment(listing)).items():
+        for name, value in parse_comment(_table_comment(listing))[1].items():
             write_sysctl(name, value)
             report.append(f"restored {name}={value}")
-        _nft(runner, render_nft_remove())
-        report.append(f"deleted nftables table inet {TABLE_NAME}")
+    if listing is not None or bridge_listing is not None:
+        _nft(runner, render_nft_remove(inet=listing is not None, bridge=bridge_listing is not None))
+        for family, found in (("inet", listing), ("bridge", bridge_listing)):
+            if found is not None:
+                report.append(f"deleted nftables table {family} {TABLE_NAME}")
+    report += _remove_policy_routing(runner)
+    if not report:
+        report.append("nothing to remove: no rules of tproxy's are installed")
+    return report
+
+
+def _remove_policy_routing(runner: Runner) -> list[str]:
+    """Delete our ip rules and routes (routing protocol 201); return what was deleted."""
+    report: list[str] = []
     for family in (4, 6) if ipv6_available() else (4,):
         for rule in our_ip_rules(runner, family):
             argv = ("ip", f"-{family}", "rule", "del", "pref", str(rule["priority"]),
@@ -263,8 +362,6 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
             )  # fmt: skip
             _run_ip(runner, IPCommand(route_argv, family))
             report.append(" ".join(route_argv))
-    if not report:
-        report.append("nothing to remove: no rules of tproxy's are installed")
     return report
 
 
@@ -275,9 +372,11 @@ def show_rules(runner: Runner = run_command) -> list[str]:
     listing = read_table(runner)
     if listing is None:
         lines.append(f"nftables: no table inet {TABLE_NAME} (rules not applied)")
-    else:
-        lines.append(f"nftables: table inet {TABLE_NAME}")
-        lines.extend("  " + line for line in listing.rstrip().splitlines())
+    for kind in ("inet", "bridge"):
+        found = listing if kind == "inet" else read_table(runner, kind)
+        if found is not None:
+            lines.append(f"nftables: table {kind} {TABLE_NAME}")
+            lines.extend("  " + line for line in found.rstrip().splitlines())
     for family in (4, 6) if ipv6_available() else (4,):
         rules = our_ip_rules(runner, family)
         routes = our_routes(runner, family)
@@ -293,24 +392,25 @@ def show_rules(runner: Runner = run_command) -> list[str]:
                 f"IPv{family} route: {route.get('type', '')} {route.get('dst')} dev "
                 f"{route.get('dev')} table {route.get('table')}"
             )
-    lines.extend(sysctl_findings())
+    lines.extend(sysctl_findings(applied_settings(listing)))
+    lines.append("for a check of everything a working setup needs: tproxy doctor")
     return lines
 
 
-def sysctl_findings() -> list[str]:
-    """The sysctls a TPROXY router depends on, each with what is wrong if it is wrong."""
+def sysctl_findings(settings: AppliedSettings) -> list[str]:
+    """The sysctls the applied rules depend on, each with what is wrong if it is wrong."""
     findings: list[str] = []
-    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+    for name, (wanted, why) in required_sysctls(settings.mode, settings.bridge).items():
         value = read_sysctl(name)
         if value is not None:
             verdict = "ok" if value == wanted else f"should be {wanted}: {why}"
             findings.append(f"{name} = {value} ({verdict})")
     forward = read_sysctl("net.ipv4.ip_forward")
-    if forward is not None:
+    if forward is not None and settings.bridge is None:
         verdict = "ok" if forward == "1" else "this box does not route: set it to 1 on a router"
         findings.append(f"net.ipv4.ip_forward = {forward} ({verdict})")
     valid_mark = read_sysctl("net.ipv4.conf.all.src_valid_mark")
-    if valid_mark == "1":
+    if valid_mark == "1" and settings.mode is InterceptMode.TPROXY:
         findings.append(
             "net.ipv4.conf.all.src_valid_mark = 1 (breaks TPROXY with --spoof-source: set it to 0)"
         )
@@ -322,16 +422,23 @@ def plan_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     preflight(need_root=False)
     restore: dict[str, str] = {}
     lines = ["# sysctls"]
-    for name, (wanted, why) in REQUIRED_SYSCTLS.items():
+    for name, (wanted, why) in required_sysctls(spec.mode, spec.bridge).items():
         current = read_sysctl(name)
         if current is not None and current != wanted:
             restore[name] = current
             lines.append(f"sysctl -w {name}={wanted}  # was {current}: {why}")
         else:
             lines.append(f"# {name} is already {wanted}")
+    bridge_mac = None
+    if spec.bridge is not None:
+        bridge_mac = read_bridge(runner, spec.bridge).mac
     lines.append("# nftables, one transaction (nft -f -)")
-    lines.extend(render_nft_apply(spec, restore).rstrip().splitlines())
-    lines.append("# policy routing (ip rules are added only if missing)")
-    for command in (*render_ip_rule_add(spec), *render_ip_route_replace(spec)):
+    lines.extend(render_nft_apply(spec, restore, bridge_mac).rstrip().splitlines())
+    routing = [*render_ip_rule_add(spec), *render_ip_route_replace(spec)]
+    if routing:
+        lines.append("# policy routing (ip rules are added only if missing)")
+    else:
+        lines.append("# no policy routing in redirect mode (our earlier ip rules are removed)")
+    for command in routing:
         lines.append(" ".join(command.argv))
     return lines

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
-from tproxy.core.config import DEFAULT_DIVERT_MARK, DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT
+from tproxy.core.config import (
+    DEFAULT_DIVERT_MARK,
+    DEFAULT_PROXY_MARK,
+    DEFAULT_PROXY_PORT,
+    InterceptMode,
+)
 from tproxy.core.endpoint import EndpointError, parse_port
 
 # Our own nftables table. Not "tproxy": that is an nft keyword and would need quoting everywhere.
@@ -16,6 +22,9 @@ DEFAULT_RULE_PRIORITY = 32000
 # The routing protocol number on our ip rules and routes (rtnetlink's rtm_protocol; numbers above
 # RTPROT_STATIC are free for daemons). It is how `remove` finds exactly what `apply` created.
 RTPROT_TPROXY = 201
+# What the kernel accepts as an interface name (dev_valid_name): up to 15 bytes, no '/', ':' or
+# white space, not "." or "..". The quote is ours: the name goes into the ruleset in quotes.
+_IFNAME = re.compile(r'[^/:\s"]{1,15}')
 
 
 class RulesError(ValueError):
@@ -58,6 +67,9 @@ class RulesSpec:
         rule_priority: the priority of the `fwmark -> table` ip rule.
         when_down: what diverted traffic does while no proxy listens.
         ipv6: whether to set up the IPv6 half of the policy routing.
+        mode: TPROXY (the default) or REDIRECT (NAT; no policy routing, no spoofing).
+        local: also divert connections that programs on this box open (the OUTPUT hook).
+        bridge: divert the TCP that crosses this Linux bridge (bridge mode), not only routed TCP.
     """
 
     ports: tuple[PortRange, ...]
@@ -68,6 +80,9 @@ class RulesSpec:
     rule_priority: int = DEFAULT_RULE_PRIORITY
     when_down: WhenDown = WhenDown.RESET
     ipv6: bool = True
+    mode: InterceptMode = InterceptMode.TPROXY
+    local: bool = False
+    bridge: str | None = None
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -85,6 +100,21 @@ class RulesSpec:
                 f"routing table {self.route_table} is reserved or out of range: pick a free table "
                 "number such as 100"
             )
+        if self.bridge is not None and (
+            not _IFNAME.fullmatch(self.bridge) or self.bridge in (".", "..")
+        ):
+            raise RulesError(f"{self.bridge!r} is not a valid interface name for --bridge")
+        if self.mode is InterceptMode.REDIRECT:
+            if self.when_down is WhenDown.PASS:
+                raise RulesError(
+                    "--when-down pass is not available with --mode redirect: a redirected "
+                    "connection is refused by the kernel while no proxy listens"
+                )
+            if self.bridge is not None:
+                raise RulesError(
+                    "--bridge needs --mode tproxy: bridge mode connects to the server as the "
+                    "client, which only TPROXY can do"
+                )
 
 
 def parse_ports(text: str) -> tuple[PortRange, ...]:

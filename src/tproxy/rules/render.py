@@ -30,6 +30,30 @@ TPROXY needs three cooperating pieces, all per network namespace:
 3. **sysctls**: a spoofing router needs ``net.ipv4.ip_early_demux=0``, or TIME_WAIT sockets that
    carry a client's address capture forwarded packets with the same 4-tuple and drop them.
 
+Three variants add to or replace that shape:
+
+* ``--local`` (locally-originated connections): a ``route`` chain on the output hook marks this
+  box's own connections to the diverted ports with the divert mark (except the proxy's own,
+  which carry the proxy mark, and those to this box's own addresses). A route chain re-routes a
+  packet whose mark changed, so the policy routing sends it out through ``lo``; it comes back
+  in through prerouting, where the ``tproxy`` rule hands it to the proxy like forwarded traffic.
+
+* ``--bridge BR`` (bridge mode): bridged frames never reach the IP layer, so a second table of
+  family ``bridge`` lifts TCP to and from the diverted ports off the bridge: it re-addresses the
+  frame to the bridge's own MAC and sets ``meta pkttype host``, and the IP stack of this box
+  takes it from there (the ``inet`` table as above). That needs
+  ``net.bridge.bridge-nf-call-iptables=0`` (and ``-ip6tables``; with br_netfilter's default of 1
+  the diverted SYN was answered with a reset) and an address on the bridge for the proxy's own
+  ARP and neighbour discovery. nft 1.0.6 has no ``meta broute`` and this kernel no ebtables broute
+  table, so this is the way that works here (KERNEL-NOTES item 6).
+
+* ``--mode redirect`` (no TPROXY in the kernel): NAT instead -- ``redirect to :<proxy port>`` in
+  a ``nat`` chain on prerouting (and on output with ``--local``). No policy routing, no
+  sysctls, no spoofing: the proxy asks conntrack for the original destination.
+
+What the rules were applied with is kept in the table's comment (with sysctl values to put back
+on remove), so `remove`, `show` and `doctor` need no options.
+
 Everything is rendered here as data; `rules.apply` runs it.
 """
 
@@ -37,17 +61,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tproxy.core.config import InterceptMode
 from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, RulesSpec, WhenDown
 
-# Sysctls the rules set, with the value they need and why; the old value is kept in the table's
-# comment so `remove` can put it back.
-REQUIRED_SYSCTLS = {
+TPROXY_SYSCTLS = {
     "net.ipv4.ip_early_demux": (
         "0",
         "TIME_WAIT sockets of spoofed connections must not capture forwarded packets",
     ),
 }
-_RESTORE_PREFIX = "tproxy restore:"
+BRIDGE_SYSCTLS = {
+    name: ("0", "bridged packets must not pass the IP hooks before the bridge table lifts them")
+    for name in ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
+}
+# Every sysctl any variant sets: the only names a restore comment may carry.
+MANAGED_SYSCTLS = frozenset({*TPROXY_SYSCTLS, *BRIDGE_SYSCTLS})
+_COMMENT_PREFIX = "tproxy"
+_RESTORE_MARK = "; restore"
+
+
+def required_sysctls(mode: InterceptMode, bridge: str | None) -> dict[str, tuple[str, str]]:
+    """The sysctls a diversion in `mode` (over `bridge`, if any) needs: name -> (value, why)."""
+    if mode is InterceptMode.REDIRECT:
+        return {}
+    return {**TPROXY_SYSCTLS, **(BRIDGE_SYSCTLS if bridge else {})}
 
 
 @dataclass(frozen=True)
@@ -58,40 +95,102 @@ class IPCommand:
     family: int  # 4 or 6
 
 
-def render_restore_comment(previous: dict[str, str]) -> str:
-    """The table comment that remembers sysctl values to restore on remove."""
-    items = " ".join(f"{key}={value}" for key, value in sorted(previous.items()))
-    return f"{_RESTORE_PREFIX} {items}".rstrip()
+@dataclass(frozen=True)
+class AppliedSettings:
+    """What the installed rules were applied with, as read back from our table's comment."""
+
+    mode: InterceptMode = InterceptMode.TPROXY
+    proxy_port: int | None = None
+    divert_mark: int | None = None
+    route_table: int | None = None
+    local: bool = False
+    bridge: str | None = None
 
 
-def parse_restore_comment(comment: str) -> dict[str, str]:
-    """The sysctl values to restore, from a table comment written by `render_restore_comment`."""
-    if not comment.startswith(_RESTORE_PREFIX):
-        return {}
-    previous: dict[str, str] = {}
-    for item in comment[len(_RESTORE_PREFIX) :].split():
+def settings_of(spec: RulesSpec) -> AppliedSettings:
+    """The settings `spec` would leave in the comment (what `doctor` then checks against)."""
+    return AppliedSettings(
+        mode=spec.mode,
+        proxy_port=spec.proxy_port,
+        divert_mark=spec.divert_mark,
+        route_table=spec.route_table,
+        local=spec.local,
+        bridge=spec.bridge,
+    )
+
+
+def render_comment(spec: RulesSpec, restore: dict[str, str]) -> str:
+    """The table comment: the settings, then the sysctl values to restore on remove."""
+    parts = [
+        _COMMENT_PREFIX,
+        f"mode={spec.mode.value}",
+        f"proxy_port={spec.proxy_port}",
+        f"divert_mark={spec.divert_mark:#x}",
+        f"route_table={spec.route_table}",
+        f"local={'yes' if spec.local else 'no'}",
+    ]
+    if spec.bridge:
+        parts.append(f"bridge={spec.bridge}")
+    items = " ".join(f"{key}={value}" for key, value in sorted(restore.items()))
+    return " ".join(parts) + (f"{_RESTORE_MARK} {items}" if items else "")
+
+
+def parse_comment(comment: str) -> tuple[AppliedSettings, dict[str, str]]:
+    """The settings and the sysctl values to restore, from a comment of `render_comment`'s.
+
+    Unknown or malformed items are ignored: the comment is ours, but a table is editable.
+    """
+    if not comment.startswith(_COMMENT_PREFIX + " "):
+        return AppliedSettings(), {}
+    settings_text, _, restore_text = comment.partition(_RESTORE_MARK)
+    values = dict(item.partition("=")[::2] for item in settings_text.split()[1:])
+    restore: dict[str, str] = {}
+    for item in restore_text.split():
         key, sep, value = item.partition("=")
-        if sep and key in REQUIRED_SYSCTLS and value.isdigit():
-            previous[key] = value
-    return previous
+        if sep and key in MANAGED_SYSCTLS and value.isdigit():
+            restore[key] = value
+    try:
+        mode = InterceptMode(values.get("mode", "tproxy"))
+    except ValueError:
+        mode = InterceptMode.TPROXY
+    return (
+        AppliedSettings(
+            mode=mode,
+            proxy_port=_int(values.get("proxy_port")),
+            divert_mark=_int(values.get("divert_mark")),
+            route_table=_int(values.get("route_table")),
+            local=values.get("local") == "yes",
+            bridge=values.get("bridge") or None,
+        ),
+        restore,
+    )
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text, 0) if text else None
+    except ValueError:
+        return None
 
 
 def _mark(value: int) -> str:
     return f"{value:#010x}"
 
 
-def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
-    """The `table inet tproxy_rules { ... }` block."""
+def _ports_set(spec: RulesSpec) -> list[str]:
     ports = ", ".join(str(r) for r in spec.ports)
-    divert = _mark(spec.divert_mark)
-    lines = [
-        f"table inet {TABLE_NAME} {{",
-        f'\tcomment "{render_restore_comment(restore)}"',
+    return [
         "\tset divert_ports {",
         "\t\ttype inet_service",
         "\t\tflags interval",
         f"\t\telements = {{ {ports} }}",
         "\t}",
+    ]
+
+
+def _tproxy_chains(spec: RulesSpec) -> list[str]:
+    divert = _mark(spec.divert_mark)
+    lines = [
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority mangle; policy accept;",
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
@@ -102,26 +201,109 @@ def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
     ]
     if spec.when_down is WhenDown.RESET:
         lines.append("\t\tmeta l4proto tcp tcp dport @divert_ports reject with tcp reset")
-    lines += ["\t}", "}"]
+    lines.append("\t}")
+    if spec.local:
+        lines += [
+            "\tchain output {",
+            "\t\ttype route hook output priority mangle; policy accept;",
+            f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
+            "\t\tfib daddr type local return",
+            f"\t\tmeta l4proto tcp tcp dport @divert_ports meta mark set {divert}",
+            "\t}",
+        ]
+    return lines
+
+
+def _redirect_chains(spec: RulesSpec) -> list[str]:
+    redirect = f"meta l4proto tcp tcp dport @divert_ports redirect to :{spec.proxy_port}"
+    lines = [
+        "\tchain prerouting {",
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        f"\t\t{redirect}",
+        "\t}",
+    ]
+    if spec.local:
+        lines += [
+            "\tchain output {",
+            "\t\ttype nat hook output priority -100; policy accept;",
+            f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
+            "\t\tfib daddr type local return",
+            f"\t\t{redirect}",
+            "\t}",
+        ]
+    return lines
+
+
+def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
+    """The `table inet tproxy_rules { ... }` block."""
+    chains = _redirect_chains(spec) if spec.mode is InterceptMode.REDIRECT else _tproxy_chains(spec)
+    lines = [
+        f"table inet {TABLE_NAME} {{",
+        f'\tcomment "{render_comment(spec, restore)}"',
+        *_ports_set(spec),
+        *chains,
+        "}",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def render_nft_apply(spec: RulesSpec, restore: dict[str, str]) -> str:
-    """One nft transaction that creates or replaces our table, and touches nothing else.
+def render_bridge_table(spec: RulesSpec, bridge_mac: str) -> str:
+    """The `table bridge tproxy_rules { ... }` block that lifts diverted TCP off the bridge.
 
-    Declaring the table first makes the delete succeed when it does not exist yet; the whole
-    file is one transaction, so the table is never seen half-built or missing.
+    Both directions: the client's packets to the diverted ports (for the proxy's listener) and
+    the server's packets from them (for the proxy's spoofed upstream sockets).
     """
-    return f"table inet {TABLE_NAME}\ndelete table inet {TABLE_NAME}\n" + render_table(
-        spec, restore
-    )
+    lift = f"ether daddr set {bridge_mac} meta pkttype set host"
+    on_bridge = f'meta ibrname "{spec.bridge}" meta l4proto tcp'
+    lines = [
+        f"table bridge {TABLE_NAME} {{",
+        *_ports_set(spec),
+        "\tchain prerouting {",
+        "\t\ttype filter hook prerouting priority dstnat; policy accept;",
+        f"\t\t{on_bridge} tcp dport @divert_ports {lift}",
+        f"\t\t{on_bridge} tcp sport @divert_ports {lift}",
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-def render_nft_remove() -> str:
-    return f"table inet {TABLE_NAME}\ndelete table inet {TABLE_NAME}\n"
+def _delete(family: str) -> str:
+    # Declaring the table first makes the delete succeed when it does not exist yet.
+    return f"table {family} {TABLE_NAME}\ndelete table {family} {TABLE_NAME}\n"
+
+
+def render_nft_apply(
+    spec: RulesSpec,
+    restore: dict[str, str],
+    bridge_mac: str | None = None,
+    *,
+    drop_bridge_table: bool = False,
+) -> str:
+    """One nft transaction that creates or replaces our tables, and touches nothing else.
+
+    The whole file is one transaction, so the tables are never seen half-built or missing.
+    `drop_bridge_table`: a bridge table of ours exists (from an earlier `--bridge`) and goes.
+    The bridge family is named only when needed: a kernel without it must still take the rest.
+    """
+    script = _delete("inet") + render_table(spec, restore)
+    if spec.bridge or drop_bridge_table:
+        script += _delete("bridge")
+    if spec.bridge:
+        if bridge_mac is None:
+            raise ValueError("bridge mode needs the bridge's MAC address")
+        script += render_bridge_table(spec, bridge_mac)
+    return script
+
+
+def render_nft_remove(*, inet: bool = True, bridge: bool = False) -> str:
+    """Delete our tables (the inet one, the bridge one) in one transaction."""
+    return (_delete("inet") if inet else "") + (_delete("bridge") if bridge else "")
 
 
 def _families(spec: RulesSpec) -> tuple[int, ...]:
+    if spec.mode is InterceptMode.REDIRECT:
+        return ()  # NAT needs no policy routing
     return (4, 6) if spec.ipv6 else (4,)
 
 

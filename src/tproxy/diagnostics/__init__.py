@@ -1,0 +1,1 @@
+"""`tproxy doctor`: what a working setup needs, checked in the current network namespace."""
