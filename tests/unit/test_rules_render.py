@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,10 @@ from hypothesis import strategies as st
 
 from tproxy.core.config import InterceptMode
 from tproxy.rules.apply import _nft_error_text
-from tproxy.rules.model import PortRange, RulesError, RulesSpec, WhenDown, parse_ports
+from tproxy.rules.model import BridgeInfo, PortRange, RulesError, RulesSpec, WhenDown, parse_ports
 from tproxy.rules.render import (
     AppliedSettings,
-    parse_comment,
-    render_comment,
+    parse_listing,
     render_ip_route_replace,
     render_ip_rule_add,
     render_nft_apply,
@@ -70,7 +70,7 @@ def test_ruleset_keeps_syns_off_the_socket_shortcut() -> None:
     assert "tcp flags & (syn | ack) != syn" in shortcut
     # The proxy's own traffic is exempt before anything else can divert it.
     chain = script[script.index("chain prerouting") :].splitlines()
-    assert chain[2].strip() == "meta mark 0x00000002 return"
+    assert chain[3].strip() == "meta mark 0x00000002 return"
 
 
 def test_ip_commands_cover_both_families() -> None:
@@ -89,6 +89,7 @@ def test_ip_commands_cover_both_families() -> None:
     assert [c.family for c in render_ip_rule_add(v4_only)] == [4]
 
 
+BRIDGE = BridgeInfo("br-lan", "02:00:00:00:00:01", ("eth1", "eth2"), ("198.18.3.1",))
 SPECS = {
     "router": RulesSpec(ports=parse_ports("80")),
     "local": RulesSpec(ports=parse_ports("80,443"), local=True, proxy_port=1900),
@@ -97,28 +98,36 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_comment_round_trip(name: str) -> None:
-    spec = SPECS[name]
-    previous = {"net.ipv4.ip_early_demux": "1", "net.bridge.bridge-nf-call-iptables": "1"}
-    for restore in (previous, {}):
-        comment = render_comment(spec, restore)
-        assert len(comment) < 256  # nftables' limit on a table comment
-        assert parse_comment(comment) == (settings_of(spec), restore)
+LONGEST = RulesSpec(ports=parse_ports("80"), proxy_port=65535, divert_mark=0xFFFFFFFF,
+                    proxy_mark=1, route_table=0xFFFFFFFF, local=True, bridge="b" * 15)  # fmt: skip
 
 
-def test_comment_parse_ignores_what_it_did_not_write() -> None:
+@pytest.mark.parametrize("name", [*sorted(SPECS), "longest"])
+def test_settings_and_restore_values_round_trip(name: str) -> None:
+    spec = SPECS.get(name, LONGEST)
+    every = {"net.ipv4.ip_early_demux": "1", "net.bridge.bridge-nf-call-iptables": "1",
+             "net.bridge.bridge-nf-call-ip6tables": "1"}  # fmt: skip
+    for restore in (every, {}):
+        listing = render_nft_apply(spec, restore, BRIDGE)
+        comments = re.findall(r'comment "([^"]*)"', listing)
+        assert all(len(c) <= 128 for c in comments)  # nft refuses longer comments
+        assert parse_listing(listing) == (settings_of(spec), restore)
+
+
+def test_listing_parse_ignores_what_it_did_not_write() -> None:
     # Nothing but known sysctls with numeric values is ever written back.
-    comment = "tproxy mode=bogus proxy_port=x; restore kernel.panic=1 net.ipv4.ip_early_demux=x"
-    assert parse_comment(comment) == (AppliedSettings(), {})
-    assert parse_comment("someone else's table") == (AppliedSettings(), {})
+    listing = 'comment "tproxy mode=bogus proxy_port=x"\n'
+    listing += 'comment "restore kernel.panic=1 net.ipv4.ip_early_demux=x"\n'
+    assert parse_listing(listing) == (AppliedSettings(), {})
+    assert parse_listing('comment "someone else\'s table"') == (AppliedSettings(), {})
+    assert parse_listing(None) == (AppliedSettings(), {})
 
 
 @pytest.mark.parametrize("name", ["local", "bridge", "redirect"])
 def test_variant_scripts_match_golden(name: str) -> None:
     spec = SPECS[name]
-    mac = "02:00:00:00:00:01" if spec.bridge else None
-    script = render_nft_apply(spec, {"net.ipv4.ip_early_demux": "1"}, mac)
+    bridge = BRIDGE if spec.bridge else None
+    script = render_nft_apply(spec, {"net.ipv4.ip_early_demux": "1"}, bridge)
     assert script == (GOLDEN / f"nft-apply-{name}.nft").read_text()
 
 
@@ -134,10 +143,11 @@ def test_local_mode_exempts_the_proxy_and_this_box() -> None:
 
 
 def test_bridge_mode_lifts_both_directions_off_that_bridge_only() -> None:
-    script = render_nft_apply(SPECS["bridge"], {}, "02:00:00:00:00:01")
+    script = render_nft_apply(SPECS["bridge"], {}, BRIDGE)
     lifts = [line.strip() for line in script.splitlines() if "pkttype set host" in line]
     assert [("dport" in line, "sport" in line) for line in lifts] == [(True, False), (False, True)]
-    assert all('meta ibrname "br-lan"' in line for line in lifts)
+    assert all(line.startswith("iifname @bridge_ports") for line in lifts)
+    assert 'elements = { "eth1", "eth2" }' in script
     assert all("ether daddr set 02:00:00:00:00:01" in line for line in lifts)
     with pytest.raises(ValueError, match="MAC"):
         render_nft_apply(SPECS["bridge"], {})

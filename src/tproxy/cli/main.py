@@ -393,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the lab up after the demo until Ctrl-C, to try things by hand",
     )
+    lab.add_argument(
+        "--bridge",
+        action="store_true",
+        help="the bridge variant: client and server in one subnet, tproxy on a Linux bridge "
+        "between them (tproxy rules apply --bridge)",
+    )
     return parser
 
 
@@ -551,6 +557,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _lab(args: argparse.Namespace) -> int:
     try:
-        return run_demo(keep_going=args.keep_going)
+        return run_demo(keep_going=args.keep_going, bridge=args.bridge)
     except LabError as exc:
         return _fail(str(exc))

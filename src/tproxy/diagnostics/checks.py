@@ -60,6 +60,7 @@ class BridgeFacts:
     is_bridge: bool
     mac: str
     ipv4: tuple[str, ...]
+    ports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,17 @@ def check_bridge(facts: Facts, expected: Expected) -> list[Finding]:
                 f"apply the rules again (tproxy rules apply --bridge {name} ...), and pin the "
                 f"MAC: ip link set {name} address {bridge.mac}",
             ))  # fmt: skip
+        missing = [p for p in bridge.ports if f'"{p}"' not in facts.bridge_table]
+        if missing:
+            findings.append(Finding(
+                "bridge-ports", Status.FAIL,
+                f"{', '.join(missing)} joined {name} after the rules were applied: TCP coming in "
+                "there is bridged past the proxy",
+                f"apply the rules again: tproxy rules apply --bridge {name} ...",
+            ))  # fmt: skip
+        else:
+            findings.append(Finding("bridge-ports", Status.OK,
+                                    f"the rules cover {', '.join(bridge.ports)}"))  # fmt: skip
     return findings
 
 

@@ -135,7 +135,7 @@ def gather(expected: Expected, runner: Runner = run_command) -> Facts:
     if expected.bridge is not None and have_ip:
         try:
             info = read_bridge(runner, expected.bridge)
-            bridge = BridgeFacts(True, info.mac, info.ipv4)
+            bridge = BridgeFacts(True, info.mac, info.ipv4, info.ports)
         except RulesApplyError as exc:
             if "not a Linux bridge" in str(exc):
                 bridge = BridgeFacts(False, "", ())

@@ -17,6 +17,10 @@ _DIAGRAM = """\
   client ({client})            router ({router})              server ({server})
   198.18.1.2  2001:db8:1::2 ── 198.18.1.1 | 198.18.2.1 ── 198.18.2.2  2001:db8:2::2
                                nftables TPROXY -> tproxy :1800"""
+_BRIDGE_DIAGRAM = """\
+  client ({client})        bridge ({router})                   server ({server})
+  198.18.3.2  2001:db8:3::2 ── br0 (198.18.3.1, 2001:db8:3::1) ── 198.18.3.3  2001:db8:3::3
+                        one subnet; nft's bridge family lifts TCP off br0 -> TPROXY -> :1800"""
 
 
 def _say(text: str) -> None:
@@ -27,20 +31,30 @@ def _step(text: str) -> None:
     _say(f"\n== {text}")
 
 
-def run_demo(keep_going: bool = False) -> int:
-    """Build the lab, show interception working over IPv4 and IPv6, tear it down; exit status."""
-    ok = True
-    with Lab() as lab:
-        _step("three network namespaces, wired as a routed path")
-        _say(_DIAGRAM.format(client=lab.client.netns, router=lab.router.netns,
-                             server=lab.server.netns))  # fmt: skip
+def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
+    """Build the lab, show interception working over IPv4 and IPv6, tear it down; exit status.
 
-        _step(f"router: tproxy rules apply --ports {HTTP_PORT},{PEER_PORT}")
-        applied = lab.run(lab.router, [sys.executable, "-m", "tproxy", "rules", "apply",
-                                       "--ports", f"{HTTP_PORT},{PEER_PORT}"])  # fmt: skip
+    `bridge`: the bridge variant (client and server in one subnet, a Linux bridge between).
+    """
+    ok = True
+    with Lab(bridge=bridge) as lab:
+        if bridge:
+            _step("three network namespaces: one subnet, a Linux bridge in the middle")
+            diagram = _BRIDGE_DIAGRAM
+        else:
+            _step("three network namespaces, wired as a routed path")
+            diagram = _DIAGRAM
+        _say(diagram.format(client=lab.client.netns, router=lab.router.netns,
+                            server=lab.server.netns))  # fmt: skip
+
+        apply = ["rules", "apply", "--ports", f"{HTTP_PORT},{PEER_PORT}"]
+        if bridge:
+            apply += ["--bridge", lab.BRIDGE]
+        _step(f"{lab.router.role}: tproxy {' '.join(apply)}")
+        applied = lab.run(lab.router, [sys.executable, "-m", "tproxy", *apply])
         _say(applied.stdout.decode().rstrip())
 
-        _step("router: tproxy run --spoof-source")
+        _step(f"{lab.router.role}: tproxy run --spoof-source")
         proxy = ProxyProcess(lab, lab.router, ["--spoof-source"])
         listening = proxy.wait_listening()
         _say(f"listening on {', '.join(listening['listen'])}")
@@ -88,8 +102,8 @@ def run_demo(keep_going: bool = False) -> int:
 
         if keep_going:
             _step("the lab stays up until Ctrl-C; try for example:")
-            _say(f"  ip netns exec {lab.client.netns} curl http://198.18.2.2/")
-            _say(f"  ip netns exec {lab.router.netns} tproxy rules show")
+            _say(f"  ip netns exec {lab.client.netns} curl http://{lab.server.ipv4}/")
+            _say(f"  ip netns exec {lab.router.netns} tproxy doctor")
             try:
                 while proxy.proc.poll() is None:
                     time.sleep(0.5)

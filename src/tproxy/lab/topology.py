@@ -4,6 +4,13 @@
     198.18.1.2/24   ── veth ──   198.18.1.1/24 | 198.18.2.1/24   ── veth ──   198.18.2.2/24
     2001:db8:1::2/64             2001:db8:1::1 | 2001:db8:2::1                2001:db8:2::2/64
 
+or, with `Lab(bridge=True)`, as one subnet with a Linux bridge in the middle namespace (which
+keeps the "router" role: it is where tproxy runs), the bridge holding a management address:
+
+    client ns                    bridge ns: br0 = to-client + to-server      server ns
+    198.18.3.2/24   ── veth ──   br0 198.18.3.1/24, 2001:db8:3::1/64 ── veth ── 198.18.3.3/24
+    2001:db8:3::2/64                                                         2001:db8:3::3/64
+
 Only addresses from the benchmarking range (198.18.0.0/15) and the documentation prefix
 (2001:db8::/32) are used, and no route leads anywhere else. Names carry a random id so parallel
 runs never collide; `Lab` is a context manager that always tears everything down (processes it
@@ -54,13 +61,31 @@ def _ip(text: str) -> IPAddress:
 class Lab:
     """Client, router and server namespaces; `with Lab() as lab:` builds, then always destroys."""
 
-    def __init__(self, run_id: str | None = None) -> None:
+    BRIDGE = "br0"
+
+    def __init__(self, run_id: str | None = None, *, bridge: bool = False) -> None:
         self.run_id = run_id or secrets.token_hex(3)
+        self.bridged = bridge
         prefix = f"tp{self.run_id}"
-        self.client = Host("client", f"{prefix}-client", _ip("198.18.1.2"), _ip("2001:db8:1::2"))
-        # The router is reached by the client on its client-side addresses.
-        self.router = Host("router", f"{prefix}-router", _ip("198.18.1.1"), _ip("2001:db8:1::1"))
-        self.server = Host("server", f"{prefix}-server", _ip("198.18.2.2"), _ip("2001:db8:2::2"))
+        if bridge:
+            self.client = Host(
+                "client", f"{prefix}-client", _ip("198.18.3.2"), _ip("2001:db8:3::2")
+            )
+            self.router = Host(
+                "router", f"{prefix}-bridge", _ip("198.18.3.1"), _ip("2001:db8:3::1")
+            )
+            self.server = Host("server", f"{prefix}-server", _ip("198.18.3.3"),
+                               _ip("2001:db8:3::3"))  # fmt: skip
+        else:
+            self.client = Host(
+                "client", f"{prefix}-client", _ip("198.18.1.2"), _ip("2001:db8:1::2")
+            )
+            # The router is reached by the client on its client-side addresses.
+            self.router = Host(
+                "router", f"{prefix}-router", _ip("198.18.1.1"), _ip("2001:db8:1::1")
+            )
+            self.server = Host("server", f"{prefix}-server", _ip("198.18.2.2"),
+                               _ip("2001:db8:2::2"))  # fmt: skip
         self._processes: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
         self.cleanup_paths: list[Path] = []
@@ -105,6 +130,13 @@ class Lab:
                   "peer", "name", "eth0", "netns", c])  # fmt: skip
         self._sh(["ip", "-n", r, "link", "add", "to-server", "type", "veth",
                   "peer", "name", "eth0", "netns", s])  # fmt: skip
+        if self.bridged:
+            self._build_bridge()
+        else:
+            self._build_routes()
+
+    def _build_routes(self) -> None:
+        c, r, s = self.client.netns, self.router.netns, self.server.netns
         addresses = [
             (c, "eth0", "198.18.1.2/24", "2001:db8:1::2/64"),
             (r, "to-client", "198.18.1.1/24", "2001:db8:1::1/64"),
@@ -129,6 +161,32 @@ class Lab:
             self._pin_neighbours(peer_ns, peer_dev, ns, dev)
         self.sysctl(self.router, "net.ipv4.ip_forward", "1")
         self.sysctl(self.router, "net.ipv6.conf.all.forwarding", "1")
+
+    def _build_bridge(self) -> None:
+        c, r, s = self.client.netns, self.router.netns, self.server.netns
+        br = self.BRIDGE
+        self._sh(["ip", "-n", r, "link", "add", br, "type", "bridge"])
+        for port in ("to-client", "to-server"):
+            self._sh(["ip", "-n", r, "link", "set", port, "master", br])
+            self._sh(["ip", "-n", r, "link", "set", port, "up"])
+        addresses = [
+            (c, "eth0", "198.18.3.2/24", "2001:db8:3::2/64"),
+            (r, br, "198.18.3.1/24", "2001:db8:3::1/64"),
+            (s, "eth0", "198.18.3.3/24", "2001:db8:3::3/64"),
+        ]
+        for ns, dev, v4, v6 in addresses:
+            self._sh(["ip", "-n", ns, "addr", "add", v4, "dev", dev])
+            self._sh(["ip", "-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"])
+            self._sh(["ip", "-n", ns, "link", "set", dev, "up"])
+        # A bridge takes the lowest MAC of its ports unless it has one of its own: pin it, as
+        # the README tells bridge users to, so the rules' MAC stays the bridge's.
+        mac = json.loads(self._out(["ip", "-j", "-n", r, "link", "show", "dev", br]))[0]["address"]
+        self._sh(["ip", "-n", r, "link", "set", br, "address", mac])
+        ends = [(c, "eth0"), (r, br), (s, "eth0")]
+        for ns, dev in ends:
+            for peer_ns, peer_dev in ends:
+                if peer_ns != ns:
+                    self._pin_neighbours(ns, dev, peer_ns, peer_dev)
 
     def _pin_neighbours(self, ns: str, dev: str, peer_ns: str, peer_dev: str) -> None:
         """Tell `ns` the MAC address of every address `peer_ns` has on `peer_dev`."""

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from tproxy.core.config import InterceptMode
-from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, RulesSpec
+from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, RulesSpec
 from tproxy.rules.render import (
     AppliedSettings,
     IPCommand,
-    parse_comment,
+    parse_listing,
     render_ip_route_replace,
     render_ip_rule_add,
     render_nft_apply,
@@ -114,24 +114,9 @@ def read_table(runner: Runner, family: str = "inet") -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def _table_comment(listing: str | None) -> str:
-    match = re.search(r'^\s*comment "([^"]*)"', listing or "", re.MULTILINE)
-    return match.group(1) if match else ""
-
-
 def applied_settings(listing: str | None) -> AppliedSettings:
     """What our installed table was applied with (defaults if there is none)."""
-    return parse_comment(_table_comment(listing))[0]
-
-
-@dataclass(frozen=True)
-class BridgeInfo:
-    """What bridge mode needs to know about the bridge: its MAC and its addresses."""
-
-    name: str
-    mac: str
-    ipv4: tuple[str, ...]
-    ipv6: tuple[str, ...]
+    return parse_listing(listing)[0]
 
 
 def read_bridge(runner: Runner, name: str) -> BridgeInfo:
@@ -151,9 +136,11 @@ def read_bridge(runner: Runner, name: str) -> BridgeInfo:
         raise RulesApplyError(f"{name!r} is not a Linux bridge (it is a {kind or 'plain'} link)")
     addresses = ip_json(runner, ["addr", "show", "dev", name])
     infos = addresses[0].get("addr_info", []) if addresses else []
+    ports = ip_json(runner, ["link", "show", "master", name])
     return BridgeInfo(
         name=name,
         mac=str(links[0].get("address", "")),
+        ports=tuple(sorted(str(p["ifname"]) for p in ports if "ifname" in p)),
         ipv4=tuple(str(a["local"]) for a in infos if a.get("family") == "inet"),
         ipv6=tuple(
             str(a["local"])
@@ -224,19 +211,23 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     """
     preflight()
     report: list[str] = []
-    bridge_mac = None
+    bridge = None
     if spec.bridge is not None:
         bridge = read_bridge(runner, spec.bridge)
+        if not bridge.ports:
+            raise RulesApplyError(
+                f"bridge {spec.bridge} has no ports: enslave the interfaces first "
+                f"(ip link set IFACE master {spec.bridge})"
+            )
         if not bridge.ipv4:
             raise RulesApplyError(
                 f"bridge {spec.bridge} has no IPv4 address: give it one in the bridged subnet "
                 f"(ip addr add ADDRESS/PREFIX dev {spec.bridge}); the proxy's own packets "
                 "(ARP, and its connections as the client) need it"
             )
-        bridge_mac = bridge.mac
     before = read_table(runner)
     before_bridge = read_table(runner, "bridge")
-    restore = parse_comment(_table_comment(before))[1]
+    restore = parse_listing(before)[1]
     sysctl_changes: list[tuple[str, str]] = []
     for name, (wanted, why) in required_sysctls(spec.mode, spec.bridge).items():
         current = read_sysctl(name)
@@ -247,7 +238,7 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     undo = _Undo()
     try:
         script = render_nft_apply(
-            spec, restore, bridge_mac, drop_bridge_table=before_bridge is not None
+            spec, restore, bridge, drop_bridge_table=before_bridge is not None
         )
         _nft(runner, script)
         had_bridge_table = before_bridge is not None
@@ -255,12 +246,12 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
         undo.steps.append(partial(_nft, runner, put_back + (before or "") + (before_bridge or "")))
         verb = "created" if before is None else "replaced"
         report.append(f"{verb} nftables table inet {TABLE_NAME} ({_describe(spec)})")
-        if spec.bridge is not None:
+        if bridge is not None:
             verb = "created" if before_bridge is None else "replaced"
             report.append(
                 f"{verb} nftables table bridge {TABLE_NAME}: TCP on those ports crossing "
-                f"{spec.bridge} goes up to this box's IP stack (frames re-addressed to "
-                f"{bridge_mac})"
+                f"{bridge.name} (ports {', '.join(bridge.ports)}) goes up to this box's IP "
+                f"stack (frames re-addressed to {bridge.mac})"
             )
         elif had_bridge_table:
             report.append(f"deleted nftables table bridge {TABLE_NAME} (no --bridge this time)")
@@ -331,7 +322,7 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
     listing = read_table(runner)
     bridge_listing = read_table(runner, "bridge")
     if listing is not None:
-        for name, value in parse_comment(_table_comment(listing))[1].items():
+        for name, value in parse_listing(listing)[1].items():
             write_sysctl(name, value)
             report.append(f"restored {name}={value}")
     if listing is not None or bridge_listing is not None:
@@ -429,11 +420,9 @@ def plan_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
             lines.append(f"sysctl -w {name}={wanted}  # was {current}: {why}")
         else:
             lines.append(f"# {name} is already {wanted}")
-    bridge_mac = None
-    if spec.bridge is not None:
-        bridge_mac = read_bridge(runner, spec.bridge).mac
+    bridge = None if spec.bridge is None else read_bridge(runner, spec.bridge)
     lines.append("# nftables, one transaction (nft -f -)")
-    lines.extend(render_nft_apply(spec, restore, bridge_mac).rstrip().splitlines())
+    lines.extend(render_nft_apply(spec, restore, bridge).rstrip().splitlines())
     routing = [*render_ip_rule_add(spec), *render_ip_route_replace(spec)]
     if routing:
         lines.append("# policy routing (ip rules are added only if missing)")

@@ -46,6 +46,17 @@ class WhenDown(enum.Enum):
 
 
 @dataclass(frozen=True)
+class BridgeInfo:
+    """What bridge mode needs to know about a bridge: its MAC, its ports and its addresses."""
+
+    name: str
+    mac: str
+    ports: tuple[str, ...]
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PortRange:
     first: int
     last: int

@@ -51,18 +51,20 @@ Three variants add to or replace that shape:
   a ``nat`` chain on prerouting (and on output with ``--local``). No policy routing, no
   sysctls, no spoofing: the proxy asks conntrack for the original destination.
 
-What the rules were applied with is kept in the table's comment (with sysctl values to put back
-on remove), so `remove`, `show` and `doctor` need no options.
+What the rules were applied with is kept in the table's comment, and the sysctl values to put
+back on remove in the prerouting chain's (nft allows 128 characters per comment), so `remove`,
+`show` and `doctor` need no options.
 
 Everything is rendered here as data; `rules.apply` runs it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tproxy.core.config import InterceptMode
-from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, RulesSpec, WhenDown
+from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, RulesSpec, WhenDown
 
 TPROXY_SYSCTLS = {
     "net.ipv4.ip_early_demux": (
@@ -77,7 +79,7 @@ BRIDGE_SYSCTLS = {
 # Every sysctl any variant sets: the only names a restore comment may carry.
 MANAGED_SYSCTLS = frozenset({*TPROXY_SYSCTLS, *BRIDGE_SYSCTLS})
 _COMMENT_PREFIX = "tproxy"
-_RESTORE_MARK = "; restore"
+_RESTORE_PREFIX = "restore"
 
 
 def required_sysctls(mode: InterceptMode, bridge: str | None) -> dict[str, tuple[str, str]]:
@@ -119,8 +121,8 @@ def settings_of(spec: RulesSpec) -> AppliedSettings:
     )
 
 
-def render_comment(spec: RulesSpec, restore: dict[str, str]) -> str:
-    """The table comment: the settings, then the sysctl values to restore on remove."""
+def render_comment(spec: RulesSpec) -> str:
+    """The table's comment: what the rules were applied with (at most 128 characters)."""
     parts = [
         _COMMENT_PREFIX,
         f"mode={spec.mode.value}",
@@ -131,21 +133,25 @@ def render_comment(spec: RulesSpec, restore: dict[str, str]) -> str:
     ]
     if spec.bridge:
         parts.append(f"bridge={spec.bridge}")
-    items = " ".join(f"{key}={value}" for key, value in sorted(restore.items()))
-    return " ".join(parts) + (f"{_RESTORE_MARK} {items}" if items else "")
+    return " ".join(parts)
 
 
-def parse_comment(comment: str) -> tuple[AppliedSettings, dict[str, str]]:
-    """The settings and the sysctl values to restore, from a comment of `render_comment`'s.
+def render_restore_comment(restore: dict[str, str]) -> str:
+    """The prerouting chain's comment: sysctl values to put back on remove (<= 128 characters)."""
+    return " ".join([_RESTORE_PREFIX, *(f"{k}={v}" for k, v in sorted(restore.items()))])
 
-    Unknown or malformed items are ignored: the comment is ours, but a table is editable.
+
+def parse_listing(listing: str | None) -> tuple[AppliedSettings, dict[str, str]]:
+    """The settings and the sysctl values to restore, from our table as `nft list` prints it.
+
+    Unknown or malformed items are ignored: the comments are ours, but a table is editable.
     """
-    if not comment.startswith(_COMMENT_PREFIX + " "):
-        return AppliedSettings(), {}
-    settings_text, _, restore_text = comment.partition(_RESTORE_MARK)
-    values = dict(item.partition("=")[::2] for item in settings_text.split()[1:])
+    comments = re.findall(r'^\s*comment "([^"]*)"', listing or "", re.MULTILINE)
+    settings = next((c for c in comments if c.startswith(_COMMENT_PREFIX + " ")), "")
+    restore_text = next((c for c in comments if c.startswith(_RESTORE_PREFIX + " ")), "")
+    values = dict(item.partition("=")[::2] for item in settings.split()[1:])
     restore: dict[str, str] = {}
-    for item in restore_text.split():
+    for item in restore_text.split()[1:]:
         key, sep, value = item.partition("=")
         if sep and key in MANAGED_SYSCTLS and value.isdigit():
             restore[key] = value
@@ -188,10 +194,11 @@ def _ports_set(spec: RulesSpec) -> list[str]:
     ]
 
 
-def _tproxy_chains(spec: RulesSpec) -> list[str]:
+def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
     divert = _mark(spec.divert_mark)
     lines = [
         "\tchain prerouting {",
+        f'\t\tcomment "{render_restore_comment(restore)}"',
         "\t\ttype filter hook prerouting priority mangle; policy accept;",
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
         "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 "
@@ -214,10 +221,11 @@ def _tproxy_chains(spec: RulesSpec) -> list[str]:
     return lines
 
 
-def _redirect_chains(spec: RulesSpec) -> list[str]:
+def _redirect_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
     redirect = f"meta l4proto tcp tcp dport @divert_ports redirect to :{spec.proxy_port}"
     lines = [
         "\tchain prerouting {",
+        f'\t\tcomment "{render_restore_comment(restore)}"',
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
         f"\t\t{redirect}",
         "\t}",
@@ -236,10 +244,13 @@ def _redirect_chains(spec: RulesSpec) -> list[str]:
 
 def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
     """The `table inet tproxy_rules { ... }` block."""
-    chains = _redirect_chains(spec) if spec.mode is InterceptMode.REDIRECT else _tproxy_chains(spec)
+    if spec.mode is InterceptMode.REDIRECT:
+        chains = _redirect_chains(spec, restore)
+    else:
+        chains = _tproxy_chains(spec, restore)
     lines = [
         f"table inet {TABLE_NAME} {{",
-        f'\tcomment "{render_comment(spec, restore)}"',
+        f'\tcomment "{render_comment(spec)}"',
         *_ports_set(spec),
         *chains,
         "}",
@@ -247,17 +258,24 @@ def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_bridge_table(spec: RulesSpec, bridge_mac: str) -> str:
+def render_bridge_table(spec: RulesSpec, bridge: BridgeInfo) -> str:
     """The `table bridge tproxy_rules { ... }` block that lifts diverted TCP off the bridge.
 
     Both directions: the client's packets to the diverted ports (for the proxy's listener) and
-    the server's packets from them (for the proxy's spoofed upstream sockets).
+    the server's packets from them (for the proxy's spoofed upstream sockets). Only frames that
+    came in on this bridge's ports (nft's `meta ibrname` needs a module this kernel lacks, so
+    the ports are listed; `tproxy doctor` says when they change).
     """
-    lift = f"ether daddr set {bridge_mac} meta pkttype set host"
-    on_bridge = f'meta ibrname "{spec.bridge}" meta l4proto tcp'
+    ports = ", ".join(f'"{name}"' for name in bridge.ports)
+    lift = f"ether daddr set {bridge.mac} meta pkttype set host"
+    on_bridge = "iifname @bridge_ports meta l4proto tcp"
     lines = [
         f"table bridge {TABLE_NAME} {{",
         *_ports_set(spec),
+        "\tset bridge_ports {",
+        "\t\ttype ifname",
+        f"\t\telements = {{ {ports} }}",
+        "\t}",
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority dstnat; policy accept;",
         f"\t\t{on_bridge} tcp dport @divert_ports {lift}",
@@ -276,7 +294,7 @@ def _delete(family: str) -> str:
 def render_nft_apply(
     spec: RulesSpec,
     restore: dict[str, str],
-    bridge_mac: str | None = None,
+    bridge: BridgeInfo | None = None,
     *,
     drop_bridge_table: bool = False,
 ) -> str:
@@ -290,9 +308,9 @@ def render_nft_apply(
     if spec.bridge or drop_bridge_table:
         script += _delete("bridge")
     if spec.bridge:
-        if bridge_mac is None:
-            raise ValueError("bridge mode needs the bridge's MAC address")
-        script += render_bridge_table(spec, bridge_mac)
+        if bridge is None:
+            raise ValueError("bridge mode needs the bridge's MAC address and ports")
+        script += render_bridge_table(spec, bridge)
     return script
 
 
