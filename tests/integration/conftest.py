@@ -28,15 +28,26 @@ WITHOUT_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--
 ROOT_REASON = "needs root: builds network namespaces and nftables rules (run as root or in CI)"
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
+def _built_lab(*, bridge: bool) -> Iterator[Lab]:
     if NOT_ROOT:
         pytest.skip(ROOT_REASON)
     for tool in ("nft", "ip", "curl", "iperf3", "nginx"):
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             pytest.fail(f"{tool} is not installed: run scripts/bootstrap")
-    with Lab() as built:
+    with Lab(bridge=bridge) as built:
         yield built
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """client -- router -- server, each side its own subnet."""
+    yield from _built_lab(bridge=False)
+
+
+@pytest.fixture
+def bridge_lab() -> Iterator[Lab]:
+    """client -- bridge -- server, one subnet; the bridge (br0) has a management address."""
+    yield from _built_lab(bridge=True)
 
 
 def tproxy_cli(lab: Lab, host: Host, *args: str, check: bool = True) -> str:
@@ -66,11 +77,15 @@ def start_proxy(lab: Lab, *args: str) -> ProxyProcess:
     return proxy
 
 
-def client_json(lab: Lab, argv: Sequence[str], timeout_s: float = 120) -> dict[str, Any]:
-    """Run a `tproxy.lab.peers` client in the client namespace; return its JSON verdict."""
+def client_json(
+    lab: Lab, argv: Sequence[str], timeout_s: float = 120, host: Host | None = None
+) -> dict[str, Any]:
+    """Run a `tproxy.lab.peers` client in the client namespace (or `host`'s); return its JSON
+    verdict."""
     result = lab.run(
-        lab.client, [sys.executable, "-m", "tproxy.lab.peers", *argv], timeout_s, check=False
-    )
+        host or lab.client, [sys.executable, "-m", "tproxy.lab.peers", *argv], timeout_s,
+        check=False,
+    )  # fmt: skip
     try:
         parsed: dict[str, Any] = json.loads(result.stdout)
     except ValueError:
@@ -78,9 +93,9 @@ def client_json(lab: Lab, argv: Sequence[str], timeout_s: float = 120) -> dict[s
     return parsed
 
 
-def curl(lab: Lab, url: str) -> tuple[int, str]:
-    """GET `url` from the client; return the HTTP status (0 if none) and the body."""
+def curl(lab: Lab, url: str, host: Host | None = None) -> tuple[int, str]:
+    """GET `url` from the client (or `host`); return the HTTP status (0 if none) and the body."""
     argv = ["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", url]
-    result = lab.run(lab.client, argv, check=False)
+    result = lab.run(host or lab.client, argv, check=False)
     body, _, status = result.stdout.decode(errors="replace").rpartition("\n")
     return int(status or 0), body

@@ -16,10 +16,12 @@ TPROXY needs three cooperating pieces, all per network namespace:
       SYNs are excluded: a new connection whose 4-tuple matches a TIME_WAIT socket of an earlier
       spoofed connection would otherwise be delivered to that TIME_WAIT socket, answered with an
       ACK, reset by the client and retried 1 s later (measured: ~20% of new connections +1 s).
-   c. ``tcp dport @divert_ports tproxy to :<proxy port> meta mark set <divert> accept`` -- new
+   c. ``fib daddr type local return`` -- connections to this box's own addresses (its own
+      services on a diverted port, from outside or from itself) are not intercepted.
+   d. ``tcp dport @divert_ports tproxy to :<proxy port> meta mark set <divert> accept`` -- new
       connections to the diverted ports are assigned to the proxy's listening socket. The
       ``tproxy`` statement handles SYN-on-TIME_WAIT correctly.
-   d. with ``--when-down reset`` only: ``tcp dport @divert_ports reject with tcp reset``. nft's
+   e. with ``--when-down reset`` only: ``tcp dport @divert_ports reject with tcp reset``. nft's
       ``tproxy`` does not stop the packet when no socket listens (iptables' TPROXY drops): without
       this rule a stopped proxy is silently routed around.
 
@@ -203,6 +205,7 @@ def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
         "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 "
         f"meta mark set {divert} accept",
+        "\t\tfib daddr type local return",
         f"\t\tmeta l4proto tcp tcp dport @divert_ports tproxy to :{spec.proxy_port} "
         f"meta mark set {divert} accept",
     ]
@@ -227,6 +230,7 @@ def _redirect_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         "\tchain prerouting {",
         f'\t\tcomment "{render_restore_comment(restore)}"',
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        "\t\tfib daddr type local return",
         f"\t\t{redirect}",
         "\t}",
     ]
