@@ -123,6 +123,9 @@ class Lab:
             # discovery, and with it the first IPv6 connection, by a second.
             for scope in ("all", "default"):
                 self.sysctl(host, f"net.ipv6.conf.{scope}.accept_dad", "0")
+                # A new namespace may inherit the host's defaults (devconf_inherit_init_net):
+                # the lab's reverse-path filtering is the kernel's default, whatever the host's.
+                self.sysctl(host, f"net.ipv4.conf.{scope}.rp_filter", "0")
         c, r, s = self.client.netns, self.router.netns, self.server.netns
         # The veth pairs are created inside the router namespace: interface names only have to
         # be unique per namespace, so parallel labs never collide.
