@@ -127,6 +127,8 @@ BROKEN: list[tuple[str, dict[str, Any], Expected, str, str]] = [
     ("rules", {}, REDIRECT, "checked for redirect mode", "--mode redirect"),
     ("rules", {"table": TABLE.replace(":1800", ":1900")}, ROUTER, "another port",
      "--proxy-port 1800"),
+    ("rules", {"table": TABLE.replace(":1800", ":18000")}, ROUTER, "another port",
+     "--proxy-port 1800"),
     ("listener", {"listening": frozenset({22})}, ROUTER, "nothing listens on TCP port 1800",
      "tproxy run --spoof-source"),
 ]  # fmt: skip

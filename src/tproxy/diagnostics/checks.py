@@ -13,6 +13,7 @@ from its options, then from what our table was applied with, then from the defau
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,7 +379,7 @@ def check_rules(facts: Facts, expected: Expected) -> Finding:
         return Finding("rules", Status.FAIL,
                        f"{detail}, but the proxy is checked for {expected.mode.value} mode",
                        f"tproxy rules apply --mode {expected.mode.value} ...")  # fmt: skip
-    if f"to :{expected.proxy_port}" not in facts.table:
+    if not re.search(rf"to :{expected.proxy_port}\b", facts.table):
         return Finding("rules", Status.FAIL,
                        f"table inet {TABLE_NAME} diverts to another port than "
                        f"{expected.proxy_port}",
