@@ -2,7 +2,9 @@
 
 Nothing here changes the system, with one exception: whether the kernel takes nft's tproxy,
 socket and redirect expressions is learnt by trying them, in a scratch table that the same nft
-transaction deletes again, in a chain that no hook calls (no packet ever sees it).
+transaction deletes again, so the rule is never live: a chain no hook calls for tproxy and
+socket; for redirect, which insists on a nat chain, an output chain that is gone before the
+transaction's rules would take effect.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ def probe_expression(runner: Runner, name: str) -> str | None:
         f"delete table inet {table}\n"
     )
     if chain_type == "nat":
-        # redirect insists on a nat chain: a base chain of type nat whose hook no packet of
-        # ours reaches in the transaction's lifetime (it is deleted in the same transaction).
+        # redirect insists on a nat chain; the transaction deletes it again, so its rule is
+        # never committed and no packet is ever redirected.
         script = script.replace(
             "chain probe { }",
             "chain probe { type nat hook output priority 100; policy accept; }",
