@@ -514,6 +514,8 @@ def _rules(args: argparse.Namespace) -> int:
                 lines = apply_rules(spec)
                 findings = sysctl_findings(settings_of(spec))
                 lines += [f"warning: {f}" for f in findings if not f.endswith("(ok)")]
+                run = "tproxy run --mode redirect" if args.mode == "redirect" else "tproxy run"
+                lines.append(f"next: start the proxy ({run} ...), then check it all: tproxy doctor")
         elif args.action == "remove":
             lines = remove_rules()
         else:
