@@ -31,6 +31,7 @@ from tproxy.rules.render import (
     render_nft_apply,
     render_nft_remove,
     required_sysctls,
+    routing_families,
 )
 
 CAP_NET_ADMIN = 12  # <linux/capability.h>
@@ -59,6 +60,10 @@ def has_net_admin() -> bool:
 
 def ipv6_available() -> bool:
     return (SYSCTL_ROOT / "net/ipv6").is_dir()
+
+
+def _available_families() -> tuple[int, ...]:
+    return (4, 6) if ipv6_available() else (4,)
 
 
 def read_sysctl(name: str) -> str | None:
@@ -237,11 +242,8 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
             report.append(f"set {name}={wanted} (was {current}): {why}")
     undo = _Undo()
     try:
-        script = render_nft_apply(
-            spec, restore, bridge, drop_bridge_table=before_bridge is not None
-        )
-        _nft(runner, script)
         had_bridge_table = before_bridge is not None
+        _nft(runner, render_nft_apply(spec, restore, bridge, drop_bridge_table=had_bridge_table))
         put_back = render_nft_remove(bridge=had_bridge_table or spec.bridge is not None)
         undo.steps.append(partial(_nft, runner, put_back + (before or "") + (before_bridge or "")))
         verb = "created" if before is None else "replaced"
@@ -255,7 +257,7 @@ def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
             )
         elif had_bridge_table:
             report.append(f"deleted nftables table bridge {TABLE_NAME} (no --bridge this time)")
-        existing = {f: our_ip_rules(runner, f) for f in _families(spec)}
+        existing = {f: our_ip_rules(runner, f) for f in routing_families(spec)}
         for command in render_ip_rule_add(spec):
             if any(_rule_matches(e, spec) for e in existing[command.family]):
                 continue
@@ -297,12 +299,6 @@ def _describe(spec: RulesSpec) -> str:
     return f"{spec.mode.value}: {ports} -> :{spec.proxy_port}, {' and '.join(where)} connections"
 
 
-def _families(spec: RulesSpec) -> tuple[int, ...]:
-    if spec.mode is InterceptMode.REDIRECT:
-        return ()
-    return (4, 6) if spec.ipv6 else (4,)
-
-
 def _as_delete(command: IPCommand) -> IPCommand:
     """The `ip ... del` that undoes an `ip ... add` or `ip ... replace`."""
     argv = list(command.argv)
@@ -339,7 +335,7 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
 def _remove_policy_routing(runner: Runner) -> list[str]:
     """Delete our ip rules and routes (routing protocol 201); return what was deleted."""
     report: list[str] = []
-    for family in (4, 6) if ipv6_available() else (4,):
+    for family in _available_families():
         for rule in our_ip_rules(runner, family):
             argv = ("ip", f"-{family}", "rule", "del", "pref", str(rule["priority"]),
                     "protocol", str(RTPROT_TPROXY))  # fmt: skip
@@ -368,7 +364,7 @@ def show_rules(runner: Runner = run_command) -> list[str]:
         if found is not None:
             lines.append(f"nftables: table {kind} {TABLE_NAME}")
             lines.extend("  " + line for line in found.rstrip().splitlines())
-    for family in (4, 6) if ipv6_available() else (4,):
+    for family in _available_families():
         rules = our_ip_rules(runner, family)
         routes = our_routes(runner, family)
         if not rules and not routes:

@@ -213,14 +213,11 @@ def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         lines.append("\t\tmeta l4proto tcp tcp dport @divert_ports reject with tcp reset")
     lines.append("\t}")
     if spec.local:
-        lines += [
-            "\tchain output {",
-            "\t\ttype route hook output priority mangle; policy accept;",
-            f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
-            "\t\tfib daddr type local return",
-            f"\t\tmeta l4proto tcp tcp dport @divert_ports meta mark set {divert}",
-            "\t}",
-        ]
+        lines += _output_chain(
+            spec,
+            "type route hook output priority mangle",
+            f"meta l4proto tcp tcp dport @divert_ports meta mark set {divert}",
+        )
     return lines
 
 
@@ -235,15 +232,21 @@ def _redirect_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         "\t}",
     ]
     if spec.local:
-        lines += [
-            "\tchain output {",
-            "\t\ttype nat hook output priority -100; policy accept;",
-            f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
-            "\t\tfib daddr type local return",
-            f"\t\t{redirect}",
-            "\t}",
-        ]
+        lines += _output_chain(spec, "type nat hook output priority -100", redirect)
     return lines
+
+
+def _output_chain(spec: RulesSpec, hook: str, divert: str) -> list[str]:
+    """`--local`: this box's own connections to the diverted ports get `divert`, except the
+    proxy's own (they carry its mark) and those to this box's own addresses."""
+    return [
+        "\tchain output {",
+        f"\t\t{hook}; policy accept;",
+        f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
+        "\t\tfib daddr type local return",
+        f"\t\t{divert}",
+        "\t}",
+    ]
 
 
 def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
@@ -323,7 +326,8 @@ def render_nft_remove(*, inet: bool = True, bridge: bool = False) -> str:
     return (_delete("inet") if inet else "") + (_delete("bridge") if bridge else "")
 
 
-def _families(spec: RulesSpec) -> tuple[int, ...]:
+def routing_families(spec: RulesSpec) -> tuple[int, ...]:
+    """The IP versions that need policy routing for `spec` (none for REDIRECT)."""
     if spec.mode is InterceptMode.REDIRECT:
         return ()  # NAT needs no policy routing
     return (4, 6) if spec.ipv6 else (4,)
@@ -346,12 +350,13 @@ def _route_args(spec: RulesSpec, family: int) -> tuple[str, ...]:
 
 def render_ip_rule_add(spec: RulesSpec) -> list[IPCommand]:
     return [
-        IPCommand(("ip", f"-{f}", "rule", "add", *_rule_args(spec)), f) for f in _families(spec)
+        IPCommand(("ip", f"-{f}", "rule", "add", *_rule_args(spec)), f)
+        for f in routing_families(spec)
     ]
 
 
 def render_ip_route_replace(spec: RulesSpec) -> list[IPCommand]:
     return [
         IPCommand(("ip", f"-{f}", "route", "replace", *_route_args(spec, f)), f)
-        for f in _families(spec)
+        for f in routing_families(spec)
     ]
