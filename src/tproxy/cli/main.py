@@ -68,7 +68,7 @@ from tproxy.rules.model import (
     WhenDown,
     parse_ports,
 )
-from tproxy.rules.render import AppliedSettings, settings_of
+from tproxy.rules.render import settings_of
 
 T = TypeVar("T")
 
@@ -527,9 +527,10 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    installed = AppliedSettings()
+    listing = None
     if has_net_admin() and shutil.which("nft") is not None:
-        installed = applied_settings(read_table(run_command))
+        listing = read_table(run_command)
+    installed = applied_settings(listing)
     expected = Expected(
         mode=InterceptMode(args.mode) if args.mode else installed.mode,
         proxy_port=args.proxy_port or installed.proxy_port or DEFAULT_PROXY_PORT,
@@ -537,7 +538,7 @@ def _doctor(args: argparse.Namespace) -> int:
         route_table=args.table or installed.route_table or DEFAULT_ROUTE_TABLE,
         bridge=args.bridge or installed.bridge,
     )
-    findings = evaluate(gather(expected), expected)
+    findings = evaluate(gather(expected, listing), expected)
     ok = passed(findings)
     if args.json:
         report = {

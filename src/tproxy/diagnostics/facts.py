@@ -66,21 +66,16 @@ def _read(path: Path) -> str:
 def probe_expression(runner: Runner, name: str) -> str | None:
     """None when the kernel takes nft expression `name`, else nft's complaint."""
     table = f"tproxy_doctor_{os.getpid()}"
-    chain_type = "nat" if name == "redirect" else "filter"
+    # redirect insists on a nat chain; the transaction deletes it again, so its rule is never
+    # committed and no packet is ever redirected. The others go in a chain no hook calls.
+    chain = "type nat hook output priority 100; policy accept;" if name == "redirect" else ""
     script = (
         f"table inet {table} {{\n"
-        f"\tchain probe {{ }}\n"
+        f"\tchain probe {{ {chain} }}\n"
         "}\n"
         f"add rule inet {table} probe {_PROBES[name]}\n"
         f"delete table inet {table}\n"
     )
-    if chain_type == "nat":
-        # redirect insists on a nat chain; the transaction deletes it again, so its rule is
-        # never committed and no packet is ever redirected.
-        script = script.replace(
-            "chain probe { }",
-            "chain probe { type nat hook output priority 100; policy accept; }",
-        )
     result = runner(["nft", "-f", "-"], script)
     if result.returncode == 0:
         return None
@@ -116,8 +111,11 @@ def _diverted_ports(listing: str | None) -> str:
     return " ".join(match.group(1).split()) if match else ""
 
 
-def gather(expected: Expected, runner: Runner = run_command) -> Facts:
-    """Everything `checks.evaluate` looks at, read from the current network namespace."""
+def gather(expected: Expected, table: str | None, runner: Runner = run_command) -> Facts:
+    """Everything `checks.evaluate` looks at, read from the current network namespace.
+
+    `table`: our inet table's listing, as the caller read it to decide `expected`.
+    """
     admin = has_net_admin()
     nft = shutil.which("nft") is not None
     can_nft = admin and nft
@@ -131,7 +129,6 @@ def gather(expected: Expected, runner: Runner = run_command) -> Facts:
          for f in families}
         if have_ip else {}
     )  # fmt: skip
-    table = read_table(runner) if can_nft else None
     bridge_table = read_table(runner, "bridge") if can_nft else None
     bridge = None
     if expected.bridge is not None and have_ip:
