@@ -248,6 +248,12 @@ def probe(to: Endpoint, send: bytes, timeout_s: float, half_close: bool = False)
     try:
         try:
             sock.connect(to.sockaddr)
+        except ConnectionResetError:
+            # The handshake completed and a reset followed before connect() returned (a loaded
+            # machine): what the client saw is a connection that was then reset, not a refusal
+            # (a reset answering the SYN is ECONNREFUSED).
+            result["read"] = "ECONNRESET"
+            return result
         except OSError as exc:
             result["connect"] = _outcome(exc)
             return result
