@@ -166,28 +166,27 @@ def check_ip_transparent(facts: Facts, expected: Expected) -> Finding:
 def check_forwarding(facts: Facts, expected: Expected) -> list[Finding]:
     if not expected.router:
         return [Finding("ip-forward", Status.SKIP, "bridge mode: frames are bridged, not routed")]
-    findings = []
-    v4 = _sysctl(facts, "net.ipv4.ip_forward")
-    if v4 == "1":
-        findings.append(Finding("ip-forward", Status.OK, "net.ipv4.ip_forward = 1"))
-    else:
-        findings.append(Finding(
-            "ip-forward", Status.FAIL,
-            f"net.ipv4.ip_forward = {v4}: this box does not route IPv4, so nothing crosses it",
-            "sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d/)",
-        ))  # fmt: skip
+    findings = [
+        _forwarding(facts, "ip-forward", "net.ipv4.ip_forward", off=Status.FAIL,
+                    meaning="this box does not route IPv4, so nothing crosses it",
+                    fix_note=" (and persist it in /etc/sysctl.d/)"),
+    ]  # fmt: skip
     if facts.ipv6:
-        v6 = _sysctl(facts, "net.ipv6.conf.all.forwarding")
-        if v6 == "1":
-            findings.append(Finding("ip6-forward", Status.OK, "net.ipv6.conf.all.forwarding = 1"))
-        else:
-            findings.append(Finding(
-                "ip6-forward", Status.WARN,
-                f"net.ipv6.conf.all.forwarding = {v6}: IPv6 is not routed (fine if only IPv4 "
-                "crosses this box)",
-                "sysctl -w net.ipv6.conf.all.forwarding=1",
-            ))  # fmt: skip
+        findings.append(
+            _forwarding(facts, "ip6-forward", "net.ipv6.conf.all.forwarding", off=Status.WARN,
+                        meaning="IPv6 is not routed (fine if only IPv4 crosses this box)",
+                        fix_note="")
+        )  # fmt: skip
     return findings
+
+
+def _forwarding(
+    facts: Facts, check: str, name: str, *, off: Status, meaning: str, fix_note: str
+) -> Finding:
+    value = _sysctl(facts, name)
+    if value == "1":
+        return Finding(check, Status.OK, f"{name} = 1")
+    return Finding(check, off, f"{name} = {value}: {meaning}", f"sysctl -w {name}=1{fix_note}")
 
 
 def _fwmark(entry: Mapping[str, Any]) -> int | None:

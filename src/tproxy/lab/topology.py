@@ -67,25 +67,17 @@ class Lab:
         self.run_id = run_id or secrets.token_hex(3)
         self.bridged = bridge
         prefix = f"tp{self.run_id}"
-        if bridge:
-            self.client = Host(
-                "client", f"{prefix}-client", _ip("198.18.3.2"), _ip("2001:db8:3::2")
-            )
-            self.router = Host(
-                "router", f"{prefix}-bridge", _ip("198.18.3.1"), _ip("2001:db8:3::1")
-            )
-            self.server = Host("server", f"{prefix}-server", _ip("198.18.3.3"),
-                               _ip("2001:db8:3::3"))  # fmt: skip
-        else:
-            self.client = Host(
-                "client", f"{prefix}-client", _ip("198.18.1.2"), _ip("2001:db8:1::2")
-            )
-            # The router is reached by the client on its client-side addresses.
-            self.router = Host(
-                "router", f"{prefix}-router", _ip("198.18.1.1"), _ip("2001:db8:1::1")
-            )
-            self.server = Host("server", f"{prefix}-server", _ip("198.18.2.2"),
-                               _ip("2001:db8:2::2"))  # fmt: skip
+        # The router is reached by the client on its client-side addresses.
+        middle, client, router, server = (
+            ("bridge", ("198.18.3.2", "2001:db8:3::2"), ("198.18.3.1", "2001:db8:3::1"),
+             ("198.18.3.3", "2001:db8:3::3"))
+            if bridge else
+            ("router", ("198.18.1.2", "2001:db8:1::2"), ("198.18.1.1", "2001:db8:1::1"),
+             ("198.18.2.2", "2001:db8:2::2"))
+        )  # fmt: skip
+        self.client = Host("client", f"{prefix}-client", _ip(client[0]), _ip(client[1]))
+        self.router = Host("router", f"{prefix}-{middle}", _ip(router[0]), _ip(router[1]))
+        self.server = Host("server", f"{prefix}-server", _ip(server[0]), _ip(server[1]))
         self._processes: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
         self.cleanup_paths: list[Path] = []
