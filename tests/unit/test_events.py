@@ -18,7 +18,9 @@ from tproxy.observability.events import (
     render_json,
 )
 
-CLOSE = SessionClosed(7, "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3)
+CLOSE = SessionClosed(
+    "01kbj9dq70102", "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3, "splice", 25
+)
 
 
 def _log(log_format: LogFormat) -> str:
@@ -34,7 +36,7 @@ def test_json_close_event_has_the_documented_fields() -> None:
     assert record == {
         "ts": "2027-01-15T08:00:00.250Z",
         "event": "session_close",
-        "session": 7,
+        "session": "01kbj9dq70102",
         "client": "198.18.1.2:5000",
         "dst": "[2001:db8::1]:443",
         "bytes_up": 10,
@@ -42,14 +44,16 @@ def test_json_close_event_has_the_documented_fields() -> None:
         "duration_s": 0.5,
         "reason": "closed",
         "active": 3,
+        "relay": "splice",
+        "spliced_bytes": 25,
     }
     assert parse_json_event(record) == CLOSE
 
 
 def test_text_line_is_one_readable_line() -> None:
     assert _log(LogFormat.TEXT) == (
-        "2027-01-15T08:00:00.250Z session 7 closed (closed): 198.18.1.2:5000 -> "
-        "[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, 3 active sessions\n"
+        "2027-01-15T08:00:00.250Z session 01kbj9dq70102 closed (closed): 198.18.1.2:5000 -> "
+        "[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, splice, 3 active sessions\n"
     )
 
 
@@ -64,9 +68,21 @@ seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False)
 
 @given(
     st.one_of(
-        st.builds(SessionOpened, counts, texts, texts, counts),
-        st.builds(UpstreamConnected, counts, texts, texts, seconds),
-        st.builds(SessionClosed, counts, texts, texts, counts, counts, seconds, texts, counts),
+        st.builds(SessionOpened, texts, texts, texts, counts),
+        st.builds(UpstreamConnected, texts, texts, texts, seconds),
+        st.builds(
+            SessionClosed,
+            texts,
+            texts,
+            texts,
+            counts,
+            counts,
+            seconds,
+            texts,
+            counts,
+            st.one_of(st.none(), texts),
+            counts,
+        ),
     ),
     st.one_of(st.none(), st.integers(1, 64)),
 )

@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 from tproxy.core.config import RelayKind
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
-from tproxy.engine.relay import relay
+from tproxy.engine.pump import COPY_CHUNK_BYTES, SPLICE_AFTER_BYTES
 from tproxy.interception.sockopts import unacknowledged_bytes
+
+from .relay_harness import relay
 
 POOL = PipePool()
 
@@ -41,16 +43,39 @@ EXHAUSTED = ExhaustedPipePool()
 
 @dataclass(frozen=True)
 class Relay:
-    """One relay kind on one event loop: call it like `relay()`, run scenarios with `run`."""
+    """One relay kind on one event loop: call it like `relay()`, run scenarios with `run`.
+
+    The splice relays splice from the first byte (`splice_after` 0) unless they are the
+    "splice-auto" case, which copies the first 64 KiB of each direction as `tproxy run` does:
+    the scenarios' small exchanges would otherwise never reach the splice code.
+    """
 
     kind: RelayKind
     loop: str
     pipes: bool = True
+    splice_after: int = 0
 
     def __call__(
         self, client: socket.socket, upstream: socket.socket, record: SessionRecord
     ) -> Awaitable[str]:
-        return relay(client, upstream, record, self.kind, POOL if self.pipes else EXHAUSTED)
+        if self.kind is RelayKind.COPY:
+            return relay(client, upstream, record, None)
+        pool = POOL if self.pipes else EXHAUSTED
+        return relay(client, upstream, record, pool, self.splice_after)
+
+    def spliced_all(self, record: SessionRecord) -> bool:
+        """Whether `record`'s bytes moved as this relay must move them: all by splice when it
+        splices from the first byte, none when it copies (or has no pipes), and everything past
+        each direction's first 64 KiB for splice-auto."""
+        moved = record.bytes_up + record.bytes_down
+        if self.kind is RelayKind.COPY or not self.pipes:
+            return record.spliced_bytes == 0
+        if self.splice_after == 0:
+            return record.spliced_bytes == moved
+        copied_at_most = min(record.bytes_up, self.splice_after + COPY_CHUNK_BYTES) + min(
+            record.bytes_down, self.splice_after + COPY_CHUNK_BYTES
+        )
+        return moved - copied_at_most <= record.spliced_bytes <= moved
 
     def run(self, scenario: Callable[[], Awaitable[None]]) -> None:
         async def bounded() -> None:
@@ -70,6 +95,10 @@ RELAYS = [
         pytest.param(Relay(kind, loop), id=f"{kind.value}-{loop}")
         for kind in RelayKind
         for loop in ("asyncio", "uvloop")
+    ),
+    # As `tproxy run` splices: copy each direction's first 64 KiB, splice the rest.
+    pytest.param(
+        Relay(RelayKind.SPLICE, "uvloop", splice_after=SPLICE_AFTER_BYTES), id="splice-auto-uvloop"
     ),
     # Out of descriptors, the splice relay copies instead of failing.
     pytest.param(Relay(RelayKind.SPLICE, "uvloop", pipes=False), id="splice-without-pipes"),
@@ -106,7 +135,7 @@ async def _wire() -> Wiring:
     loop = asyncio.get_running_loop()
     peer_client, proxy_client = await _tcp_pair(loop)
     proxy_upstream, peer_upstream = await _tcp_pair(loop)
-    record = SessionRecord(1, "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+    record = SessionRecord("test", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
     return Wiring(peer_client, proxy_client, proxy_upstream, peer_upstream, record)
 
 
@@ -183,6 +212,43 @@ def test_bytes_and_half_closes_arrive_intact(
             assert got_down == b"".join(down)
             assert await relaying == "closed"
             assert (w.record.bytes_up, w.record.bytes_down) == (len(got_up), len(got_down))
+            assert relay.spliced_all(w.record), w.record
+        finally:
+            w.close()
+
+    relay.run(scenario)
+
+
+@pytest.mark.parametrize("relay", RELAYS)
+@pytest.mark.parametrize("ending", ["half_close", "upstream_resets"])
+def test_a_bulk_transfer_moves_by_the_relays_own_path_to_the_end(relay: Relay, ending: str) -> None:
+    """1 MiB each way: the splice relays really splice (all of it, or all past the first 64 KiB
+    for splice-auto), the copy relays never do, and a half-close or a reset after splicing
+    ends the session as the lifecycle matrix says."""
+    up, down = bytes(range(256)) * 4096, bytes(reversed(range(256))) * 4096
+
+    async def scenario() -> None:
+        w = await _wire()
+        try:
+            relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
+            client_reads = asyncio.ensure_future(_read_until_end(w.peer_client))
+            await _send_chunks(w.peer_client, [up], then_shutdown=True)
+            assert await _read_all(w.peer_upstream) == up  # the client's FIN came after it
+            await _send_chunks(w.peer_upstream, [down], then_shutdown=ending == "half_close")
+            if ending == "half_close":
+                assert await relaying == "closed"
+                assert await client_reads == (down, "eof")
+            else:
+                await _abort_after_acknowledged(w.peer_upstream)
+                assert await relaying == "upstream_reset"
+                assert await client_reads == (down, "reset")
+            assert (w.record.bytes_up, w.record.bytes_down) == (len(up), len(down))
+            assert relay.spliced_all(w.record), w.record
+            if relay.kind is RelayKind.SPLICE and relay.pipes:
+                assert w.record.spliced_bytes > len(up)
+                assert w.record.relay == "splice"
+            else:
+                assert w.record.relay == ("copy" if relay.kind is RelayKind.COPY else "splice")
         finally:
             w.close()
 
@@ -264,6 +330,7 @@ def test_resets_arrive_after_every_byte_sent_before_them(
             else:
                 assert reason == "client_reset"
                 assert await upstream_reads == (b"".join(up), "reset")
+            assert relay.spliced_all(w.record), w.record
             for reader in (client_reads, upstream_reads):
                 await _cancel(reader)
         finally:

@@ -472,7 +472,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def worker_main(worker_id: int | None) -> int:
         log = EventLog(config.log_format, worker=worker_id)
-        server = ProxyServer(config, log, reload, listeners=listeners, share=workers)
+        server = ProxyServer(
+            config, log, reload, listeners=listeners, share=workers, worker=worker_id or 0
+        )
         server.prepare()
         factory = (
             uvloop.new_event_loop if config.loop is LoopKind.UVLOOP else asyncio.new_event_loop

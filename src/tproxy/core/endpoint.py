@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -42,9 +43,19 @@ class Endpoint:
         return cls(ip, int(sockaddr[1]))
 
     def __str__(self) -> str:
-        if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+        return format_sockaddr(self.sockaddr)
+
+
+def format_sockaddr(sockaddr: tuple[Any, ...]) -> str:
+    """`ip:port`, or `[ip]:port` for IPv6, straight from a socket address (no parsing: this runs
+    for every connection); IPv4-mapped IPv6 addresses print as IPv4 and scope ids are dropped,
+    as `Endpoint.from_sockaddr` reads them."""
+    host, port = sockaddr[0], sockaddr[1]
+    if ":" not in host:
+        return f"{host}:{port}"
+    if host.startswith("::ffff:") and "." in host:
+        return f"{host[7:]}:{port}"
+    return f"[{host.split('%', 1)[0]}]:{port}"
 
 
 def parse_port(text: str) -> int:

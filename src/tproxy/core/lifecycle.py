@@ -45,6 +45,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from tproxy.core.reasons import CloseReason
+
 
 class Direction(enum.Enum):
     UP = "up"  # client -> upstream
@@ -81,7 +83,7 @@ def decide(ended: DirectionEnded) -> Command:
     return Command.ABORT_BOTH
 
 
-def close_reason(ends: list[DirectionEnded]) -> str:
+def close_reason(ends: list[DirectionEnded]) -> CloseReason:
     """The `reason` logged on session close, from the directions' ends in the order they came.
 
     `closed` is a clean close both ways; otherwise the first reset names who caused it.
@@ -90,8 +92,8 @@ def close_reason(ends: list[DirectionEnded]) -> str:
         if ended.end is End.EOF:
             continue
         client_side = (ended.direction is Direction.UP) == (ended.end is End.SOURCE_RESET)
-        return "client_reset" if client_side else "upstream_reset"
-    return "closed"
+        return CloseReason.CLIENT_RESET if client_side else CloseReason.UPSTREAM_RESET
+    return CloseReason.CLOSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +106,13 @@ class Timeouts:
 
 def expired_reason(
     last_activity_at: float, half_closed_at: float | None, now: float, timeouts: Timeouts
-) -> str | None:
+) -> CloseReason | None:
     """Why a session must be cut now, or None: `idle_timeout` or `half_closed_timeout`."""
     silent_s = now - last_activity_at
     if half_closed_at is not None and now - max(half_closed_at, last_activity_at) >= (
         timeouts.half_closed_s
     ):
-        return "half_closed_timeout"
+        return CloseReason.HALF_CLOSED_TIMEOUT
     if silent_s >= timeouts.idle_s:
-        return "idle_timeout"
+        return CloseReason.IDLE_TIMEOUT
     return None

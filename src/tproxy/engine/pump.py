@@ -17,9 +17,11 @@ slots, which socket buffers' fragments use well below its byte size. So the pump
 count of the bytes in its pipe, always empties the pipe before reading again, and only takes
 EAGAIN from the read side as "socket empty" when its pipe is empty. It never asks for 0 bytes.
 
-A direction copies its first SPLICE_AFTER_BYTES and splices the rest: small exchanges are cheaper
-through a buffer than through a pipe. A pipe is borrowed from the pool when bytes arrive and
-returned as soon as it is empty, so an idle session holds no pipe and no buffer.
+A direction copies its first SPLICE_AFTER_BYTES (`splice_after`: tests set 0 to splice from the
+first byte) and splices the rest: small exchanges are cheaper through a buffer than through a
+pipe; the session record counts what went by splice (`spliced_bytes`). A pipe is borrowed from
+the pool when bytes arrive and returned as soon as it is empty, so an idle session holds no pipe
+and no buffer.
 
 The pump reports how its direction ended (EOF only with nothing left to write; SOURCE_RESET;
 SINK_RESET) to its owner, which decides what happens next (`tproxy.core.lifecycle`). An
@@ -74,6 +76,7 @@ class Pump:
         "_pool",
         "_reading",
         "_record",
+        "_splice_after",
         "_src",
         "_writing",
     )
@@ -88,6 +91,7 @@ class Pump:
         *,
         pool: PipePool | None,
         owner: PumpOwner,
+        splice_after: int = SPLICE_AFTER_BYTES,
     ) -> None:
         self._poller = poller
         self._src = source.fileno()
@@ -96,6 +100,7 @@ class Pump:
         self._direction = direction
         self._pool = pool
         self._owner = owner
+        self._splice_after = splice_after
         self._pipe: Pipe | None = None
         self._in_pipe = 0
         self._buffer: memoryview | None = None
@@ -154,7 +159,7 @@ class Pump:
         while True:
             pipe = self._pipe
             if pipe is None:
-                if self._pool is None or self._moved() < SPLICE_AFTER_BYTES:
+                if self._pool is None or self._moved() < self._splice_after:
                     if not self._copy_one_chunk():
                         return
                     continue
@@ -242,6 +247,7 @@ class Pump:
                 n = os.splice(pipe.r, self._dst, self._in_pipe, flags=_FLAGS)
                 self._in_pipe -= n
                 self._count(n)
+                self._record.spliced_bytes += n
         except BlockingIOError:
             self._push_back()
             return False

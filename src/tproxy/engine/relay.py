@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from tproxy.core.config import RelayKind
 from tproxy.core.lifecycle import Command, Direction, DirectionEnded, End, close_reason, decide
+from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
-from tproxy.engine.pump import Pump
+from tproxy.engine.pump import SPLICE_AFTER_BYTES, Pump
 from tproxy.interception.sockopts import (
     abort_socket,
     reset_behind_eof,
@@ -69,6 +69,9 @@ async def wait_acknowledged(sock: socket.socket, stall_s: float = DRAIN_STALL_S)
 class Relay:
     """Relays `client` ⇄ `upstream` until both directions end or one resets.
 
+    With a pipe pool it splices after each direction's first `splice_after` bytes; without one it
+    copies. Sets `record.relay` to which it is ("splice" or "copy").
+
     Calls `on_end(reason)` once, with both sockets left open after a clean close (the owner
     closes them) and aborted after a reset; or `on_error(exc)` after an unexpected error, with
     both pumps stopped. `stop()` ends it from outside without calling either.
@@ -98,9 +101,10 @@ class Relay:
         record: SessionRecord,
         *,
         pool: PipePool | None,
-        on_end: Callable[[str], None],
+        on_end: Callable[[CloseReason], None],
         on_error: Callable[[BaseException], None],
         spawn: Spawn,
+        splice_after: int = SPLICE_AFTER_BYTES,
     ) -> None:
         self._poller = poller
         self._client = client
@@ -113,8 +117,11 @@ class Relay:
         self._shut: socket.socket | None = None  # the socket we have sent FIN on, if any
         self._done = False
         self._drain: asyncio.Task[None] | None = None
-        self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self)
-        self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self)
+        record.relay = "copy" if pool is None else "splice"
+        self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self,
+                       splice_after=splice_after)  # fmt: skip
+        self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self,
+                         splice_after=splice_after)  # fmt: skip
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""
@@ -179,37 +186,3 @@ class Relay:
                 self._poller.forget(sock.fileno())
             abort_socket(sock)
         self._on_end(close_reason(ends))
-
-
-async def relay(
-    client: socket.socket,
-    upstream: socket.socket,
-    record: SessionRecord,
-    kind: RelayKind = RelayKind.SPLICE,
-    pool: PipePool | None = None,
-) -> str:
-    """Relay to the end, close both sockets as a session does, return the close reason (an
-    awaitable face on `Relay`, for tests)."""
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[str] = loop.create_future()
-    tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
-
-    poller = Poller(loop)
-    the_relay = Relay(poller, client, upstream, record,
-                      pool=pool if kind is RelayKind.SPLICE else None,
-                      on_end=finished.set_result, on_error=finished.set_exception,
-                      spawn=spawn)  # fmt: skip
-    try:
-        return await finished
-    finally:
-        if not finished.done():
-            the_relay.stop()
-        poller.close()
-        client.close()  # the last FIN, after a clean end (a reset has closed them already)
-        upstream.close()

@@ -1,9 +1,11 @@
-"""The proxy server: opens the transparent listeners, accepts in batches, runs one task per session.
+"""The proxy server: opens the transparent listeners, accepts in batches, starts a session for each.
 
 Start-up problems (not root, port in use, address not local) raise `StartupError` before anything
 is served; after start-up nothing that traffic does can stop the process: each session's failure
-ends only that session (see `engine.session`), and running out of descriptors never spins or
-crashes (see `_accept_batch`).
+ends only that session (see `engine.session`), running out of descriptors never spins or crashes
+(see `_accept_batch`), and the timeout sweep -- one task per process that enforces every
+session's deadlines (connect, idle, half-closed) -- logs whatever goes wrong in it and carries
+on.
 
 Signals: SIGTERM/SIGINT stop accepting at once and let live sessions finish for up to the drain
 timeout, then cut the rest (a second signal cuts them at once); SIGHUP reloads the configuration
@@ -30,8 +32,9 @@ from tproxy.core.config import (
     RelayKind,
     max_connections_for,
 )
-from tproxy.core.lifecycle import expired_reason
-from tproxy.core.session import format_sockaddr
+from tproxy.core.endpoint import format_sockaddr
+from tproxy.core.reasons import CloseReason
+from tproxy.core.session_id import SessionIds
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
@@ -46,7 +49,12 @@ from tproxy.interception.sockopts import (
     prepare_client_socket,
 )
 from tproxy.observability.eventlog import EventLog
-from tproxy.observability.events import Listening, Notice, Stopped
+from tproxy.observability.events import (
+    ConnectionsRefused,
+    Listening,
+    Notice,
+    Stopped,
+)
 
 # Accept at most this many connections per readiness event, so one busy listener cannot starve
 # the sessions already running on the loop.
@@ -106,6 +114,7 @@ class ProxyServer:
         *,
         listeners: list[socket.socket] | None = None,
         share: int = 1,
+        worker: int = 0,
     ) -> None:
         self._log = log
         self._reload = reload
@@ -118,6 +127,7 @@ class ProxyServer:
             log,
             SelfConnectGuard(config.listen, is_local_address),
             self._spawn,
+            SessionIds(worker),
             destination_lookup(config.mode),
         )
         self._nofile = 0
@@ -128,22 +138,13 @@ class ProxyServer:
         self._reserve_fd = -1
         self._accept_paused = False
         self._refused = 0
+        self._refused_reason = ""
         self._refused_why = ""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def config(self) -> ProxyConfig:
         return self._ctx.config
-
-    def open(self) -> None:
-        """Bind every listener (unless given) and get this process ready to serve.
-
-        Raises:
-            StartupError: a listener could not be opened (nothing stays open then).
-        """
-        if not self._listeners:
-            self._listeners = open_listeners(self.config)
-        self.prepare()
 
     def prepare(self) -> None:
         """Per-process set-up: descriptor limit, connection limit, the reserve, splice probe."""
@@ -154,6 +155,12 @@ class ProxyServer:
         if self.config.relay is RelayKind.SPLICE and not self._splice_works:
             self._ctx.config = dataclasses.replace(self.config, relay=RelayKind.COPY)
             self._log.emit(Notice("splice does not work on this kernel: relaying by copy"))
+
+    def release(self) -> None:
+        """Give back what `prepare` took (the reserve descriptor); `serve` does it at its end."""
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
 
     def _limit_for(self, config: ProxyConfig) -> int:
         if config.max_connections is None:
@@ -178,7 +185,7 @@ class ProxyServer:
         def on_stop_signal(signum: signal.Signals) -> None:
             received.append(signum.name)
             if stop.is_set():  # a second signal: no more waiting
-                self._cut_all("second_signal")
+                self._cut_all(CloseReason.SECOND_SIGNAL)
             stop.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -207,9 +214,7 @@ class ProxyServer:
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
             self._ctx.poller.close()
-            if self._reserve_fd >= 0:
-                os.close(self._reserve_fd)
-                self._reserve_fd = -1
+            self.release()
             self._log.emit(Stopped(received[0] if received else "exit", cut))
             self._log.flush()
 
@@ -227,14 +232,14 @@ class ProxyServer:
             await asyncio.sleep(min(0.05, max(0.0, deadline_at - time.monotonic())))
         cut = len(self._ctx.sessions)
         if cut:
-            self._cut_all("drain_timeout")
+            self._cut_all(CloseReason.DRAIN_TIMEOUT)
             while self._ctx.sessions:
                 await asyncio.sleep(0.01)
         return cut
 
-    def _cut_all(self, reason: str) -> None:
+    def _cut_all(self, reason: CloseReason) -> None:
         for session in list(self._ctx.sessions):
-            session.cut(reason)
+            session.close(reason)
 
     def _on_reload(self) -> None:
         if self._reload is None:
@@ -260,25 +265,30 @@ class ProxyServer:
         )
 
     async def _sweep_timeouts(self) -> None:
-        """Fail upstream connects that took too long; cut sessions that have been idle, or
-        half-closed and silent, for too long."""
+        """Every sweep interval, enforce the sessions' deadlines and write the refusal count.
+
+        This one task carries every timeout of the process: whatever goes wrong in one round is
+        logged and the next round runs (an exception escaping here would end every timeout of
+        this worker, silently).
+        """
         while True:
-            config = self.config
-            await asyncio.sleep(sweep_interval_s(config))
-            now = time.monotonic()
-            timeouts = config.timeouts
-            for session in list(self._ctx.sessions):
-                record = session.record
-                if session.connecting:
-                    if now - record.opened_at >= config.connect_timeout_s:
-                        session.connect_timed_out()
-                    continue
-                reason = expired_reason(
-                    record.last_activity_at, record.half_closed_at, now, timeouts
+            await asyncio.sleep(sweep_interval_s(self.config))
+            try:
+                self.sweep_once(time.monotonic())
+            except Exception as exc:
+                self._log.emit(
+                    Notice(f"timeout sweep failed, carrying on: {type(exc).__name__}: {exc}")
                 )
-                if reason is not None:
-                    session.cut(reason)
-            self._flush_refusals()
+
+    def sweep_once(self, now: float) -> None:
+        """One round of the sweep: each session checks its deadlines; a session whose check
+        raises is ended as failed (logged with its id), and the others are still checked."""
+        for session in list(self._ctx.sessions):
+            try:
+                session.sweep(now)
+            except Exception as exc:  # the session boundary, as in the session's own callbacks
+                session.fail(exc)
+        self._flush_refusals()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """The one place tasks are created: keeps a reference until the task is done."""
@@ -312,18 +322,16 @@ class ProxyServer:
             self._reopen_reserve()
             self._resume_accepting()
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
+    def _refuse(self, sock: socket.socket, reason: str, why: str) -> None:
         abort_socket(sock)
         self._refused += 1
+        self._refused_reason = reason
         self._refused_why = why
 
     def _flush_refusals(self) -> None:
         if self._refused:
             self._log.emit(
-                Notice(
-                    f"reset {self._refused} new connections since the last notice: "
-                    f"{self._refused_why}"
-                )
+                ConnectionsRefused(self._refused, self._refused_reason, self._refused_why)
             )
             self._refused = 0
 
@@ -343,11 +351,12 @@ class ProxyServer:
                     return
                 raise
             if self._ctx.active >= self._max_connections:
-                self._refuse(sock, f"max connections ({self._max_connections}) reached")
+                why = f"max connections ({self._max_connections}) reached"
+                self._refuse(sock, "max_connections", why)
                 continue
             try:
                 prepare_client_socket(sock)
-                Session(self._ctx, sock, addr)
+                Session(self._ctx, sock, addr).start()
             except OSError:
                 abort_socket(sock)  # reset before we got to it
                 continue
@@ -363,7 +372,8 @@ class ProxyServer:
         except OSError:
             sock = None
         if sock is not None:
-            self._refuse(sock, "out of file descriptors")  # frees the slot the reserve had
+            # Frees the slot the reserve had.
+            self._refuse(sock, "out_of_descriptors", "out of file descriptors")
         self._reopen_reserve()
         return sock is not None
 

@@ -1,7 +1,8 @@
 """The session event schema: one dataclass per event, rendered as a text line or a JSON object.
 
 Every event has `ts` (UTC, ISO 8601 with milliseconds) and `event` (its name below). Endpoints
-are strings, `ip:port` or `[ip]:port`. The schema is documented in README.md ("Session log");
+are strings, `ip:port` or `[ip]:port`; a session is named by its id (`tproxy.core.session_id`),
+a string. The schema is `docs/events.md` (a unit test keeps it and these classes the same):
 add fields freely, never rename or remove one (scripts parse these lines).
 
 Events are plain slotted dataclasses, not frozen: a frozen dataclass's __init__ costs a
@@ -54,7 +55,7 @@ class Listening(Event):
 @dataclass(slots=True)
 class SessionOpened(Event):
     name: ClassVar[str] = "session_open"
-    session: int
+    session: str
     client: str
     dst: str
     active: int
@@ -67,7 +68,7 @@ class SessionOpened(Event):
 
     def json_fields(self) -> str:
         return (
-            f'"session":{self.session},"client":{_q(self.client)},"dst":{_q(self.dst)},'
+            f'"session":{_q(self.session)},"client":{_q(self.client)},"dst":{_q(self.dst)},'
             f'"active":{self.active}'
         )
 
@@ -75,7 +76,7 @@ class SessionOpened(Event):
 @dataclass(slots=True)
 class UpstreamConnected(Event):
     name: ClassVar[str] = "upstream_connected"
-    session: int
+    session: str
     dst: str
     source: str
     connect_ms: float
@@ -88,7 +89,7 @@ class UpstreamConnected(Event):
 
     def json_fields(self) -> str:
         return (
-            f'"session":{self.session},"dst":{_q(self.dst)},"source":{_q(self.source)},'
+            f'"session":{_q(self.session)},"dst":{_q(self.dst)},"source":{_q(self.source)},'
             f'"connect_ms":{float(self.connect_ms)!r}'
         )
 
@@ -96,7 +97,7 @@ class UpstreamConnected(Event):
 @dataclass(slots=True)
 class UpstreamFailed(Event):
     name: ClassVar[str] = "upstream_failed"
-    session: int
+    session: str
     dst: str
     error: str
     detail: str
@@ -110,7 +111,7 @@ class UpstreamFailed(Event):
 @dataclass(slots=True)
 class SessionClosed(Event):
     name: ClassVar[str] = "session_close"
-    session: int
+    session: str
     client: str
     dst: str
     bytes_up: int
@@ -118,20 +119,24 @@ class SessionClosed(Event):
     duration_s: float
     reason: str
     active: int
+    relay: str | None  # "splice", "copy"; None: never relayed (the connect failed or was refused)
+    spliced_bytes: int  # of bytes_up + bytes_down, how many moved by splice
 
     def text(self) -> str:
+        how = "" if self.relay is None else f", {self.relay}"
         return (
             f"session {self.session} closed ({self.reason}): {self.client} -> {self.dst}, "
-            f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s, "
+            f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s{how}, "
             f"{self.active} active sessions"
         )
 
     def json_fields(self) -> str:
         return (
-            f'"session":{self.session},"client":{_q(self.client)},"dst":{_q(self.dst)},'
+            f'"session":{_q(self.session)},"client":{_q(self.client)},"dst":{_q(self.dst)},'
             f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
             f'"duration_s":{float(self.duration_s)!r},"reason":{_q(self.reason)},'
-            f'"active":{self.active}'
+            f'"active":{self.active},"relay":{"null" if self.relay is None else _q(self.relay)},'
+            f'"spliced_bytes":{self.spliced_bytes}'
         )
 
 
@@ -140,11 +145,26 @@ class SessionFailed(Event):
     """A session ended by an unexpected error: a bug to report, logged with the session id."""
 
     name: ClassVar[str] = "session_error"
-    session: int
+    session: str
     error: str
 
     def text(self) -> str:
         return f"session {self.session} error: {self.error}"
+
+
+@dataclass(slots=True)
+class ConnectionsRefused(Event):
+    """New connections reset at accept, counted and written at most once per sweep (a flood of
+    them must not become a flood of log lines): `reason` is `max_connections` or
+    `out_of_descriptors`."""
+
+    name: ClassVar[str] = "connections_refused"
+    count: int
+    reason: str
+    detail: str
+
+    def text(self) -> str:
+        return f"reset {self.count} new connections since the last notice: {self.detail}"
 
 
 @dataclass(slots=True)
@@ -219,6 +239,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         UpstreamFailed,
         SessionClosed,
         SessionFailed,
+        ConnectionsRefused,
         Notice,
         Stopped,
     )

@@ -1,0 +1,32 @@
+"""Why a session closed: the `reason` of every `session_close` event, in one place.
+
+`docs/events.md` lists each reason with what the client and the upstream saw; a unit test keeps
+that table and this enum the same. Reasons are strings in the log (a `StrEnum` compares and
+prints as its value), never renamed once shipped: scripts match on them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseReason(enum.StrEnum):
+    # The relay ended (tproxy.core.lifecycle decides which).
+    CLOSED = "closed"  # both sides sent FIN: a clean close
+    CLIENT_RESET = "client_reset"  # the client reset (or vanished); the upstream is reset too
+    UPSTREAM_RESET = "upstream_reset"  # the upstream reset; the client is reset too
+    # The upstream connect failed: the client is reset.
+    UPSTREAM_REFUSED = "upstream_refused"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_FAILED = "upstream_failed"  # any other connect error (its errno is logged)
+    OUT_OF_DESCRIPTORS = "out_of_descriptors"  # no descriptor for the upstream socket
+    # Refused before connecting: the client is reset.
+    NO_ORIGINAL_DESTINATION = "no_original_destination"  # REDIRECT without a conntrack entry
+    LOOP_REFUSED = "loop_refused"  # the destination is this proxy's own listener
+    # Cut by the proxy: both sides are reset.
+    IDLE_TIMEOUT = "idle_timeout"
+    HALF_CLOSED_TIMEOUT = "half_closed_timeout"
+    DRAIN_TIMEOUT = "drain_timeout"  # still live when the drain after SIGTERM/SIGINT ended
+    SECOND_SIGNAL = "second_signal"  # a second SIGTERM/SIGINT during the drain
+    ERROR = "error"  # an unexpected error in this session (a `session_error` event says which)

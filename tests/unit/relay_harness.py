@@ -1,0 +1,50 @@
+"""An awaitable face on the engine's `Relay`, for tests: relay two connected sockets to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from tproxy.core.reasons import CloseReason
+from tproxy.core.session import SessionRecord
+from tproxy.engine.pipes import PipePool
+from tproxy.engine.poller import Poller
+from tproxy.engine.pump import SPLICE_AFTER_BYTES
+from tproxy.engine.relay import Relay
+
+
+async def relay(
+    client: socket.socket,
+    upstream: socket.socket,
+    record: SessionRecord,
+    pool: PipePool | None,
+    splice_after: int = SPLICE_AFTER_BYTES,
+) -> CloseReason:
+    """Relay to the end, close both sockets as a session does, return the close reason.
+
+    `pool` None copies; a pool splices after each direction's first `splice_after` bytes.
+    """
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[CloseReason] = loop.create_future()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    poller = Poller(loop)
+    the_relay = Relay(poller, client, upstream, record, pool=pool,
+                      on_end=finished.set_result, on_error=finished.set_exception,
+                      spawn=spawn, splice_after=splice_after)  # fmt: skip
+    try:
+        return await finished
+    finally:
+        if not finished.done():
+            the_relay.stop()
+        poller.close()
+        client.close()  # the last FIN, after a clean end (a reset has closed them already)
+        upstream.close()
