@@ -61,6 +61,23 @@ def test_64_mib_each_way_arrive_intact(served_lab: Lab, family: int) -> None:
     assert down["intact"], down
     closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "2 closes", count=2)
     assert all(e["reason"] == "closed" for e in closes)
+    # The fast path really carried them: all but each direction's first copied chunks spliced.
+    for event in closes:
+        assert event["relay"] == "splice"
+        assert event["spliced_bytes"] >= 64 * MIB - 256 * 1024, event
+
+
+def test_with_relay_copy_nothing_is_spliced(served_lab: Lab) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(PEER_PORT))
+    proxy = start_proxy(lab, "--relay", "copy")
+    peer = str(lab.server.endpoint(PEER_PORT))
+    up = client_json(lab, ["upload", peer, "--bytes", str(16 * MIB), "--seed", "13"])
+    down = client_json(lab, ["download", peer, "--bytes", str(16 * MIB), "--seed", "14"])
+    assert up["intact"] and down["intact"]
+    closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "2 closes", count=2)
+    assert [(e["relay"], e["spliced_bytes"]) for e in closes] == [("copy", 0), ("copy", 0)]
+    assert closes[0]["bytes_up"] > 16 * MIB and closes[1]["bytes_down"] == 16 * MIB
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -97,6 +114,7 @@ def test_refused_destination_reaches_the_client_as_a_reset(served_lab: Lab, fami
     assert failed[0]["error"] == "ECONNREFUSED"
     closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "the close")
     assert closes[0]["reason"] == "upstream_refused"
+    assert (closes[0]["relay"], closes[0]["spliced_bytes"]) == (None, 0)  # never relayed
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["upload", "download"])

@@ -168,8 +168,9 @@ def test_max_connections_resets_the_excess(peer_lab: tuple[Lab, PeerServer]) -> 
     assert outcomes.get("intact") == 50, result
     assert outcomes.get("ECONNRESET", 0) + outcomes.get("EPIPE", 0) == 30, result
     settled(proxy, fds, 50)
-    notices = proxy.wait_for(lambda e: "max connections (50)" in e.get("message", ""), "notice")
-    assert "reset 30 new connections" in notices[0]["message"]
+    refused = proxy.wait_for(lambda e: e.get("event") == "connections_refused", "the count")
+    assert (refused[0]["count"], refused[0]["reason"]) == (30, "max_connections")
+    assert refused[0]["detail"] == "max connections (50) reached"
 
 
 @pytest.mark.parametrize("limit", ["derived", "above-the-descriptors"])
