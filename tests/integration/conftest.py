@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,16 @@ from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT, start_nginx, start_peer_server
 from tproxy.lab.topology import Host, Lab
 
-pytestmark = pytest.mark.root
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in this directory needs root: mark it `root` (a conftest's `pytestmark` would
+    mark nothing; `-m "not root"` selects the tests an unprivileged user can run)."""
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.root)
+
 
 NOT_ROOT = os.geteuid() != 0
 # Runs a command as root with every capability dropped: what an unprivileged user gets, while the
