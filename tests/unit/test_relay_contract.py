@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from tproxy.core.config import RelayKind
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
 from tproxy.engine.pump import COPY_CHUNK_BYTES, SPLICE_AFTER_BYTES
-from tproxy.interception.sockopts import unacknowledged_bytes
+from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
 
 from .relay_harness import relay
 
@@ -155,9 +154,7 @@ async def _send_chunks(sock: socket.socket, chunks: list[bytes], then_shutdown: 
         sock.shutdown(socket.SHUT_WR)
 
 
-def _abort(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+_abort = abort_socket
 
 
 async def _abort_after_acknowledged(sock: socket.socket) -> None:

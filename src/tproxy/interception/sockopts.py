@@ -26,7 +26,7 @@ IPV6_TRANSPARENT = 75
 # <asm-generic/socket.h>
 SO_MARK = 36
 
-_LINGER_ABORT = struct.pack("ii", 1, 0)
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SocketSetupError(Exception):
@@ -127,7 +127,7 @@ def abort_socket(sock: socket.socket) -> None:
         return
     # Already reset by the peer: then the close below is all that is left to do.
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     sock.close()
 
 

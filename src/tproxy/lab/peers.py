@@ -31,7 +31,6 @@ import json
 import random
 import resource
 import socket
-import struct
 import sys
 import time
 from collections import Counter
@@ -39,10 +38,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from tproxy.core.endpoint import Endpoint, parse_endpoint
-from tproxy.interception.sockopts import unacknowledged_bytes
+from tproxy.interception.sockopts import LINGER_RESET, unacknowledged_bytes
 
 CHUNK_BYTES = 1 << 20
-_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
 def pattern_chunks(seed: int, total_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -120,7 +118,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             sock = writer.get_extra_info("socket")
             while unacknowledged_bytes(sock):
                 await asyncio.sleep(0.001)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             writer.transport.abort()
             end = "aborted"
     except (ConnectionResetError, BrokenPipeError):
@@ -177,7 +175,7 @@ def upload(
         for chunk in pattern_chunks(seed, total_bytes):
             sock.sendall(chunk)
         if abort:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             return {"request_bytes": len(request), "sent": total_bytes, "aborted": True,
                     "intact": True}  # fmt: skip
         sock.shutdown(socket.SHUT_WR)
