@@ -333,3 +333,12 @@ def test_a_repeatable_spec_drives_argparse_too() -> None:
             _add_option(parser, spec)
     assert parser.parse_args(["--addon", "a.py", "--addon", "b.py"]).addon == ["a.py", "b.py"]
     assert parser.parse_args([]).addon is None
+
+
+def test_the_readme_names_what_changes_only_on_restart() -> None:
+    sighup = next(p for p in README.read_text().split("\n* ") if p.startswith("**SIGHUP**"))
+    for spec in FILE_OPTIONS:
+        if not spec.reloadable:
+            assert f"`{spec.file_key}`" in sighup, (
+                f"README's SIGHUP paragraph omits {spec.file_key}"
+            )
