@@ -34,6 +34,10 @@ def _no_text(text: str) -> Any:
     raise AssertionError(f"this value has no command-line spelling: {text!r}")
 
 
+def _no_toml(value: Any) -> str:
+    raise AssertionError(f"this value has no one-line TOML spelling: {value!r}")
+
+
 @dataclass(frozen=True)
 class ValueType:
     """How one kind of value is read and written.
@@ -50,7 +54,7 @@ class ValueType:
 
     from_file: Callable[[str, Any], Any]
     from_text: Callable[[str], Any] = _no_text
-    to_toml: Callable[[Any], str] = repr
+    to_toml: Callable[[Any], str] = _no_toml
     choices: tuple[str, ...] = ()
     repeatable: bool = False
     switch: bool = False
@@ -290,14 +294,8 @@ def _path_from_file(key: str, value: Any) -> str:
     return value
 
 
-def _path_from_text(text: str) -> str:
-    if not text:
-        raise ConfigError("expected a file name")
-    return text
-
-
-PATH = ValueType(_path_from_file, _path_from_text, lambda v: f'"{v}"')
-"""A file name."""
+PATH = ValueType(_path_from_file, str, lambda v: f'"{v}"')
+"""A file name (on the command line taken as given: opening it says what is wrong)."""
 
 
 def table_list(specs: Sequence[OptionSpec], build: Callable[..., T]) -> ValueType:
@@ -306,6 +304,9 @@ def table_list(specs: Sequence[OptionSpec], build: Callable[..., T]) -> ValueTyp
     Args:
         specs: the rows of one table.
         build: makes one record from a table's field values (missing keys keep its defaults).
+
+    File-only (no command-line spelling), and not in `render_example`'s one-line form: a
+    shipped table list shows its own `[[key]]` example.
     """
 
     def from_file(key: str, value: Any) -> tuple[T, ...]:
