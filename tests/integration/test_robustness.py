@@ -262,3 +262,36 @@ def test_sighup_reloads_without_dropping_anything(
     assert json.loads(out)["intact"], "the live transfer was disturbed by the reloads"
     assert proxy.proc.poll() is None
     settled(proxy, fds, 2)
+
+
+def test_sighup_switches_the_log_format_and_names_what_needs_a_restart(
+    peer_lab: tuple[Lab, PeerServer], tmp_path: Path
+) -> None:
+    lab, _ = peer_lab
+    config = tmp_path / "tproxy.toml"
+    config.write_text('log_format = "text"\n')
+    # No --log-format on the command line: it would win over the file, also on reload.
+    proxy = ProxyProcess(lab, lab.router, ["--workers", "1", "--config", str(config)],
+                         log_format=None)  # fmt: skip
+    proxy.wait_for(lambda e: " listening on " in e.get("line", ""), "tproxy to listen (text)")
+    upload = ["upload", peer(lab), "--bytes", "1000"]
+    assert client_json(lab, upload)["intact"]
+    proxy.wait_for(lambda e: " closed (closed): " in e.get("line", ""), "a text session_close")
+
+    config.write_text('log_format = "json"\nloop = "asyncio"\n')
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(lambda e: "reloaded" in e.get("message", ""), "the reload, in JSON")
+    assert client_json(lab, upload)["intact"]
+    proxy.wait_for(lambda e: e.get("event") == "session_close", "a JSON session_close")
+
+    events = proxy.snapshot()
+    notice = next(i for i, e in enumerate(events) if e.get("event") == "notice")
+    # Text until the reload, JSON from its first notice on: one notice naming loop, the reload,
+    # then the next session's lines.
+    assert {e["event"] for e in events[:notice]} == {"unparsed"}
+    assert [e["event"] for e in events[notice:]] == [
+        "notice", "notice", "session_open", "upstream_connected", "session_close",
+    ]  # fmt: skip
+    assert events[notice]["message"] == "reload: loop changes only on restart; kept as is"
+    assert not any("loop" in str(e.get("line")) for e in events[:notice])
+    assert proxy.stop() == 0

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from tproxy.cli.main import main
+from tproxy.cli.main import build_parser, main
+from tproxy.core.config import RUN_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -38,16 +41,54 @@ def test_bad_input_is_one_line_and_status_2(
     assert "error:" in err
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [["--help"], ["run", "--help"], ["rules", "apply", "--help"], ["lab", "--help"],
-     ["doctor", "--help"]],
-)  # fmt: skip
-def test_help_explains_the_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+# The options each command's help must explain; `run`'s are its option table.
+MAIN_OPTIONS = {
+    (): ["--version", "run", "rules", "doctor", "lab"],
+    ("run",): [spec.flag for spec in RUN_OPTIONS if spec.flag is not None],
+    ("rules", "apply"): ["--ports", "--proxy-port", "--mark", "--divert-mark", "--table",
+                         "--rule-priority", "--when-down", "--mode", "--local", "--bridge",
+                         "--dry-run"],
+    ("doctor",): ["--mode", "--bridge", "--proxy-port", "--divert-mark", "--table", "--json"],
+    ("lab",): ["--keep-going", "--bridge"],
+}  # fmt: skip
+
+
+def _help_texts(command: tuple[str, ...]) -> dict[str, str]:
+    """Each option (or subcommand) of `command` and its help text, from the parser itself."""
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    texts: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts.update({c.dest: c.help or "" for c in action._choices_actions})
+        for flag in action.option_strings:
+            texts[flag] = action.help or ""
+    return texts
+
+
+def _squashed(text: str) -> str:
+    """Without whitespace: argparse wraps lines (and breaks after hyphens) where it likes."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("command", list(MAIN_OPTIONS), ids=lambda c: " ".join(c) or "tproxy")
+def test_help_explains_the_options(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(argv)
+        main([*command, "--help"])
     assert exited.value.code == 0
-    assert "usage: tproxy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {' '.join(['tproxy', *command])} ")
+    texts = _help_texts(command)
+    if command == ("run",):
+        texts = {spec.flag: spec.help for spec in RUN_OPTIONS if spec.flag is not None}
+    for option in MAIN_OPTIONS[command]:
+        assert len(texts.get(option, "")) > 10, f"{option} has no help text"
+        assert _squashed(f"{option}") in _squashed(out), f"--help does not name {option}"
+        assert _squashed(texts[option]) in _squashed(out), f"--help does not explain {option}"
 
 
 def test_dry_run_needs_no_root_and_prints_the_ruleset(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import enum
 import json
 import os
 import shutil
@@ -21,24 +20,20 @@ import uvloop
 
 from tproxy import __version__
 from tproxy.core.config import (
-    DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_DIVERT_MARK,
-    DEFAULT_DRAIN_TIMEOUT_S,
-    DEFAULT_HALF_CLOSED_TIMEOUT_S,
-    DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_PROXY_MARK,
     DEFAULT_PROXY_PORT,
-    RESERVED_DESCRIPTORS,
+    FILE_OPTIONS,
+    RUN_OPTIONS,
     ConfigError,
     InterceptMode,
-    LogFormat,
     LoopKind,
     ProxyConfig,
-    RelayKind,
     build_config,
     parse_config_file,
 )
-from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint, parse_port
+from tproxy.core.endpoint import EndpointError, parse_port
+from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
 from tproxy.engine.server import ProxyServer, StartupError, open_listeners
@@ -93,35 +88,28 @@ def _argument_type(parse: Callable[[str], T], error: type[ValueError]) -> Callab
     return convert
 
 
-_endpoint: Callable[[str], Endpoint] = _argument_type(parse_endpoint, EndpointError)
 _port: Callable[[str], int] = _argument_type(parse_port, EndpointError)
 _ports: Callable[[str], tuple[PortRange, ...]] = _argument_type(parse_ports, RulesError)
+_mark: Callable[[str], int] = _argument_type(parse_mark, ConfigError)
+_positive_int: Callable[[str], int] = _argument_type(parse_positive_int, ConfigError)
 
 
-def _mark(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid mark {text!r}: expected e.g. 2 or 0x2") from None
-    if not 1 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"mark {text} out of range: expected 1 to 0xffffffff")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a positive integer")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0")
-    return value
+def _add_option(parser: argparse.ArgumentParser, spec: OptionSpec) -> None:
+    """One argparse argument from an option spec; absent, it is None (the file or default wins)."""
+    assert spec.flag is not None
+    if spec.kind.switch:
+        parser.add_argument(
+            spec.flag, dest=spec.name, action="store_true", default=None, help=spec.help
+        )
+        return
+    parser.add_argument(
+        spec.flag,
+        dest=spec.name,
+        type=_argument_type(spec.kind.from_text, ConfigError),
+        action="append" if spec.kind.repeatable else "store",
+        metavar=spec.shown_metavar,
+        help=spec.help,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,93 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
             "SIGHUP: reload --config."
         ),
     )
-    run.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file with any of the options below (names with underscores, e.g. "
-        "idle_timeout = 600); options given here win; SIGHUP re-reads it",
-    )
-    run.add_argument(
-        "--mode",
-        choices=[m.value for m in InterceptMode],
-        help="how connections are diverted to the proxy, as set up by 'tproxy rules apply "
-        "--mode': tproxy (the default; the original destination is the accepted socket's own "
-        "address) or redirect (NAT; the original destination comes from conntrack, and "
-        "--spoof-source is not available)",
-    )
-    run.add_argument(
-        "--listen",
-        action="append",
-        type=_endpoint,
-        metavar="HOST:PORT",
-        help=(
-            f"where to listen, repeatable; IPv6 as [addr]:port "
-            f"(default: 0.0.0.0:{DEFAULT_PROXY_PORT} and [::]:{DEFAULT_PROXY_PORT})"
-        ),
-    )
-    run.add_argument(
-        "--spoof-source",
-        action="store_true",
-        default=None,
-        help=(
-            "connect upstream from the client's own IP address, so the server sees the real "
-            "client (the server's replies must route back through this box)"
-        ),
-    )
-    run.add_argument(
-        "--mark",
-        type=_mark,
-        help=(
-            f"firewall mark on upstream connections, so the rules never divert the proxy's own "
-            f"traffic; must differ from the divert mark (default: {DEFAULT_PROXY_MARK:#x}; "
-            "use the same value as 'tproxy rules apply --mark')"
-        ),
-    )
-    seconds = (
-        ("--connect-timeout", "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S,
-         "reset the client if upstream does not answer in time"),
-        ("--idle-timeout", "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S,
-         "reset both sides of a session that moved no byte either way for this long"),
-        ("--half-closed-timeout", "half_closed_timeout_s", DEFAULT_HALF_CLOSED_TIMEOUT_S,
-         "reset both sides of a session that is half-closed (one side sent FIN) and silent "
-         "for this long"),
-        ("--drain-timeout", "drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S,
-         "on SIGTERM/SIGINT, how long live sessions may take to finish before they are reset"),
-    )  # fmt: skip
-    for flag, dest, default, text in seconds:
-        run.add_argument(
-            flag, dest=dest, type=_seconds, metavar="SECONDS", help=f"{text} (default: {default:g})"
-        )
-    run.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        metavar="N",
-        help="live sessions at most; new connections beyond it are reset at once (default: "
-        f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)",
-    )
-    run.add_argument(
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="worker processes sharing the listening sockets, supervised and restarted if "
-        "they die (default: the number of CPUs; 1 runs without a supervisor)",
-    )
-    run.add_argument(
-        "--relay",
-        choices=[k.value for k in RelayKind],
-        help="splice: zero-copy in the kernel (the default; falls back to copy where splice "
-        "does not work); copy: bytes pass through Python",
-    )
-    run.add_argument(
-        "--loop",
-        choices=[k.value for k in LoopKind],
-        help="the event loop: uvloop (the default) or asyncio's own",
-    )
-    run.add_argument(
-        "--log-format",
-        choices=[f.value for f in LogFormat],
-        help="session log on stdout: text for humans, json for one object per line (default: text)",
-    )
+    for spec in RUN_OPTIONS:
+        if spec.flag is not None:
+            _add_option(run, spec)
 
     rules = commands.add_parser(
         "rules",
@@ -421,16 +325,10 @@ def _fail(message: str) -> int:
     return 1
 
 
-_RUN_OVERRIDES = (
-    "listen",
-    "spoof_source",
-    "mark",
-    "connect_timeout_s",
-    "idle_timeout_s",
-    "half_closed_timeout_s",
-    "max_connections",
-    "drain_timeout_s",
-)
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ProxyConfig fields the command line sets (they win over the file, also on reload)."""
+    given = {spec.name: getattr(args, spec.name) for spec in FILE_OPTIONS}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
@@ -449,16 +347,7 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {
-        name: getattr(args, name) for name in _RUN_OVERRIDES if getattr(args, name) is not None
-    }
-    kinds: tuple[tuple[str, type[enum.Enum]], ...] = (
-        ("mode", InterceptMode), ("log_format", LogFormat), ("relay", RelayKind),
-        ("loop", LoopKind),
-    )  # fmt: skip
-    for name, kind in kinds:
-        if getattr(args, name) is not None:
-            overrides[name] = kind(getattr(args, name))
+    overrides = cli_overrides(args)
     try:
         config = _load_config(args.config, overrides)
     except ConfigError as exc:

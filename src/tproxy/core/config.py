@@ -1,6 +1,9 @@
 """The proxy's configuration: defaults, a TOML file, command-line overrides; validated, no I/O.
 
-The file (`tproxy run --config FILE`) uses the long option names with underscores:
+`RUN_OPTIONS` is the one table of `tproxy run`'s options (see `core.options`): it drives the
+command line, this file format, the overrides' merge and reload. The file (`tproxy run --config
+FILE`) uses the long option names with underscores (`render_example_file` writes this example,
+and a test keeps it and the README's equal to it):
 
     mode = "tproxy"
     listen = ["0.0.0.0:1800", "[::]:1800"]
@@ -9,14 +12,15 @@ The file (`tproxy run --config FILE`) uses the long option names with underscore
     connect_timeout = 10
     idle_timeout = 3600
     half_closed_timeout = 60
-    max_connections = 5000
     drain_timeout = 30
-    log_format = "json"
+    max_connections = 5000
     relay = "splice"
     loop = "uvloop"
+    log_format = "json"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
-overrides.
+overrides, and applies what it can to the running proxy: `mode`, `listen` and `loop` change only
+on restart (`reload_config`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from tproxy.core.endpoint import Endpoint, EndpointError, parse_endpoint
+from tproxy.core.endpoint import Endpoint, parse_endpoint
 from tproxy.core.lifecycle import Timeouts
+from tproxy.core.options import (
+    ENDPOINTS,
+    MARK,
+    PATH,
+    POSITIVE_INT,
+    SECONDS,
+    SWITCH,
+    OptionSpec,
+    choice,
+    option,
+    parse_table,
+    render_example,
+)
+
+# Re-exported: callers catch ConfigError from this module, where the configuration is.
+from tproxy.core.options import ConfigError as ConfigError  # noqa: PLC0414
 
 DEFAULT_PROXY_PORT = 1800
 # The mark on every upstream socket. It must differ from the divert mark (0x1 by default) so the
@@ -43,10 +63,6 @@ DEFAULT_HALF_CLOSED_TIMEOUT_S = 60.0
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # Descriptors kept out of the session budget: listeners, stdio, the event loop, the reserve.
 RESERVED_DESCRIPTORS = 64
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one sentence for the operator."""
 
 
 class InterceptMode(enum.Enum):
@@ -79,6 +95,8 @@ class LoopKind(enum.Enum):
 
 
 class LogFormat(enum.Enum):
+    """The session log's lines: text for people, JSON for machines."""
+
     TEXT = "text"
     JSON = "json"
 
@@ -97,11 +115,12 @@ def max_connections_for(nofile_limit: int) -> int:
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """What `tproxy run` does.
+    """What `tproxy run` does: one field per option of `RUN_OPTIONS` with a file key (same order
+    aside), its default the option's default.
 
     Args:
         mode: TPROXY (the default) or REDIRECT; fixed at start (a reload cannot change it).
-        listen: the listening endpoints (transparent in TPROXY mode).
+        listen: the listening endpoints (transparent in TPROXY mode); fixed at start.
         spoof_source: bind each upstream socket to the client's own IP (the server sees the client).
         mark: the firewall mark on upstream sockets (SO_MARK), so the rules can exempt them.
         connect_timeout_s: how long an upstream connect may take before the client is reset.
@@ -112,7 +131,7 @@ class ProxyConfig:
         drain_timeout_s: on SIGTERM/SIGINT, how long live sessions may take to finish.
         log_format: text for humans, JSON (one object per line) for machines.
         relay: splice (zero-copy, the default) or copy (through Python).
-        loop: uvloop (the default) or asyncio's own loop.
+        loop: uvloop (the default) or asyncio's own loop; fixed at start.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -133,70 +152,57 @@ class ProxyConfig:
         return Timeouts(self.idle_timeout_s, self.half_closed_timeout_s)
 
 
-# File keys and the ProxyConfig field each one sets.
-_FILE_KEYS = {
-    "mode": "mode",
-    "listen": "listen",
-    "spoof_source": "spoof_source",
-    "mark": "mark",
-    "connect_timeout": "connect_timeout_s",
-    "idle_timeout": "idle_timeout_s",
-    "half_closed_timeout": "half_closed_timeout_s",
-    "max_connections": "max_connections",
-    "drain_timeout": "drain_timeout_s",
-    "log_format": "log_format",
-    "relay": "relay",
-    "loop": "loop",
-}
-_SECONDS = {"connect_timeout_s", "idle_timeout_s", "half_closed_timeout_s", "drain_timeout_s"}
+RUN_OPTIONS: tuple[OptionSpec, ...] = (
+    option("config", PATH, file=False, metavar="FILE",
+           help="TOML file with any of the options below (names with underscores, e.g. "
+           "idle_timeout = 600); options given here win; SIGHUP re-reads it"),
+    option("mode", choice(InterceptMode), reloadable=False,
+           help="how connections are diverted to the proxy, as set up by 'tproxy rules apply "
+           "--mode': tproxy (the default; the original destination is the accepted socket's own "
+           "address) or redirect (NAT; the original destination comes from conntrack, and "
+           "--spoof-source is not available)"),
+    option("listen", ENDPOINTS, metavar="HOST:PORT", reloadable=False,
+           help=f"where to listen, repeatable; IPv6 as [addr]:port "
+           f"(default: 0.0.0.0:{DEFAULT_PROXY_PORT} and [::]:{DEFAULT_PROXY_PORT})"),
+    option("spoof_source", SWITCH, example=True,
+           help="connect upstream from the client's own IP address, so the server sees the real "
+           "client (the server's replies must route back through this box)"),
+    option("mark", MARK, metavar="MARK",
+           help=f"firewall mark on upstream connections, so the rules never divert the proxy's "
+           f"own traffic; must differ from the divert mark (default: {DEFAULT_PROXY_MARK:#x}; "
+           "use the same value as 'tproxy rules apply --mark')"),
+    option("connect_timeout_s", SECONDS, metavar="SECONDS",
+           help="reset the client if upstream does not answer in time "
+           f"(default: {DEFAULT_CONNECT_TIMEOUT_S:g})"),
+    option("idle_timeout_s", SECONDS, metavar="SECONDS",
+           help="reset both sides of a session that moved no byte either way for this long "
+           f"(default: {DEFAULT_IDLE_TIMEOUT_S:g})"),
+    option("half_closed_timeout_s", SECONDS, metavar="SECONDS",
+           help="reset both sides of a session that is half-closed (one side sent FIN) and "
+           f"silent for this long (default: {DEFAULT_HALF_CLOSED_TIMEOUT_S:g})"),
+    option("drain_timeout_s", SECONDS, metavar="SECONDS",
+           help="on SIGTERM/SIGINT, how long live sessions may take to finish before they are "
+           f"reset (default: {DEFAULT_DRAIN_TIMEOUT_S:g})"),
+    option("max_connections", POSITIVE_INT, metavar="N", example=5000,
+           help="live sessions at most; new connections beyond it are reset at once (default: "
+           f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)"),
+    option("workers", POSITIVE_INT, file=False, metavar="N", reloadable=False,
+           help="worker processes sharing the listening sockets, supervised and restarted if "
+           "they die (default: the number of CPUs; 1 runs without a supervisor)"),
+    option("relay", choice(RelayKind),
+           help="splice: zero-copy in the kernel (the default; falls back to copy where splice "
+           "does not work); copy: bytes pass through Python"),
+    option("loop", choice(LoopKind), reloadable=False,
+           help="the event loop: uvloop (the default) or asyncio's own"),
+    option("log_format", choice(LogFormat), example=LogFormat.JSON,
+           help="session log on stdout: text for humans, json for one object per line "
+           "(default: text)"),
+)  # fmt: skip
+"""Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
+`ProxyConfig` fields (whose defaults are the options' defaults); `config` and `workers` say how to
+run, not what the proxy does, and exist on the command line only."""
 
-
-def _check_value(name: str, value: Any) -> Any:
-    """Validate one file value for field `name`; return it converted."""
-    if name == "listen":
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise ConfigError('listen must be a non-empty list of "HOST:PORT" strings')
-        try:
-            return [parse_endpoint(v) for v in value]
-        except EndpointError as exc:
-            raise ConfigError(f"listen: {exc}") from None
-    if name == "spoof_source":
-        if not isinstance(value, bool):
-            raise ConfigError("spoof_source must be true or false")
-        return value
-    if name in ("mark", "max_connections"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be a whole number")
-        if name == "mark" and not 1 <= value <= 0xFFFFFFFF:
-            raise ConfigError("mark must be from 1 to 0xffffffff")
-        if name == "max_connections" and value < 1:
-            raise ConfigError("max_connections must be at least 1")
-        return value
-    if name in _SECONDS:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"{name.removesuffix('_s')} must be a number of seconds above 0")
-        return float(value)
-    if name == "log_format":
-        try:
-            return LogFormat(value)
-        except ValueError:
-            raise ConfigError('log_format must be "text" or "json"') from None
-    if name == "mode":
-        try:
-            return InterceptMode(value)
-        except ValueError:
-            raise ConfigError('mode must be "tproxy" or "redirect"') from None
-    if name == "relay":
-        try:
-            return RelayKind(value)
-        except ValueError:
-            raise ConfigError('relay must be "splice" or "copy"') from None
-    if name == "loop":
-        try:
-            return LoopKind(value)
-        except ValueError:
-            raise ConfigError('loop must be "uvloop" or "asyncio"') from None
-    raise AssertionError(name)
+FILE_OPTIONS = tuple(spec for spec in RUN_OPTIONS if spec.file_key is not None)
 
 
 def parse_config_file(text: str) -> dict[str, Any]:
@@ -209,14 +215,34 @@ def parse_config_file(text: str) -> dict[str, Any]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = _FILE_KEYS.get(key)
-        if name is None:
-            known = ", ".join(sorted(_FILE_KEYS))
-            raise ConfigError(f"unknown setting {key!r} (known: {known})")
-        values[name] = _check_value(name, value)
-    return values
+    return parse_table(FILE_OPTIONS, raw)
+
+
+def render_example_file() -> str:
+    """A config file that sets every key, as the module docstring and the README show it."""
+    defaults = ProxyConfig()
+    return render_example(FILE_OPTIONS, {s.name: getattr(defaults, s.name) for s in FILE_OPTIONS})
+
+
+def reload_config(running: ProxyConfig, loaded: ProxyConfig) -> tuple[ProxyConfig, list[str]]:
+    """What a reload applies: `loaded`, except the options that change only on restart.
+
+    Args:
+        running: the configuration in use.
+        loaded: the configuration just read (file and command line).
+
+    Returns:
+        The configuration to use from now on (the running value of every restart-only option)
+        and the file keys of the restart-only options that `loaded` would have changed, in
+        --help's order.
+    """
+    kept = {
+        spec.name: getattr(running, spec.name)
+        for spec in FILE_OPTIONS
+        if not spec.reloadable and getattr(loaded, spec.name) != getattr(running, spec.name)
+    }
+    names = [spec.file_key for spec in FILE_OPTIONS if spec.name in kept]
+    return replace(loaded, **kept), [name for name in names if name is not None]
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> ProxyConfig:

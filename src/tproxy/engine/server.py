@@ -31,6 +31,7 @@ from tproxy.core.config import (
     ProxyConfig,
     RelayKind,
     max_connections_for,
+    reload_config,
 )
 from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.reasons import CloseReason
@@ -250,15 +251,18 @@ class ProxyServer:
         except ConfigError as exc:
             self._log.emit(Notice(f"reload failed, keeping the running configuration: {exc}"))
             return
-        if new.listen != self.config.listen:
-            self._log.emit(Notice("reload: listen addresses change only on restart; kept as is"))
-            new = dataclasses.replace(new, listen=self.config.listen)
-        if new.mode is not self.config.mode:
-            self._log.emit(Notice("reload: the mode changes only on restart; kept as is"))
-            new = dataclasses.replace(new, mode=self.config.mode)
+        new, restart_only = reload_config(self.config, new)
         if new.relay is RelayKind.SPLICE and not self._splice_works:
             new = dataclasses.replace(new, relay=RelayKind.COPY)
         self._ctx.config = new
+        # Sessions read the configuration when they start, the sweep on every round; the log's
+        # format is the one thing to switch here (before the notices, so they show it).
+        self._log.log_format = new.log_format
+        if restart_only:
+            verb = "changes" if len(restart_only) == 1 else "change"
+            self._log.emit(
+                Notice(f"reload: {', '.join(restart_only)} {verb} only on restart; kept as is")
+            )
         self._max_connections = self._limit_for(new)
         self._log.emit(
             Notice(f"reloaded the configuration (max connections {self._max_connections})")

@@ -17,13 +17,23 @@ Event = dict[str, Any]
 
 
 class ProxyProcess:
-    """Runs `python -m tproxy run --log-format json ARGS` in `host` and collects its events."""
+    """Runs `python -m tproxy run --log-format json ARGS` in `host` and collects its events.
+
+    With `log_format=None` the flag is left out (the config file decides); a line that is not
+    JSON becomes an event `{"event": "unparsed", "line": ...}`.
+    """
 
     def __init__(
-        self, lab: Lab, host: Host, args: Sequence[str], wrapper: Sequence[str] = ()
+        self,
+        lab: Lab,
+        host: Host,
+        args: Sequence[str],
+        wrapper: Sequence[str] = (),
+        log_format: str | None = "json",
     ) -> None:
         self._lab = lab
-        self.argv = [*wrapper, sys.executable, "-m", "tproxy", "run", "--log-format", "json", *args]
+        fmt = [] if log_format is None else ["--log-format", log_format]
+        self.argv = [*wrapper, sys.executable, "-m", "tproxy", "run", *fmt, *args]
         self.proc = lab.start(host, self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.events: list[Event] = []
         self._lock = threading.Lock()

@@ -15,7 +15,10 @@ from tproxy.observability.events import Event, render_json, render_text
 class EventLog:
     """One line per event. Inside a running event loop, the lines of one loop iteration are
     written together at its end (one write() instead of one per event: the session log is on the
-    hot path of every connection); outside one, each line is written at once."""
+    hot path of every connection); outside one, each line is written at once.
+
+    The format can be switched while running (a reload): lines already emitted keep theirs.
+    """
 
     def __init__(
         self,
@@ -24,7 +27,7 @@ class EventLog:
         clock: Callable[[], float] = time.time,
         worker: int | None = None,
     ) -> None:
-        self._json = log_format is LogFormat.JSON
+        self.log_format = log_format
         self._stream = stream if stream is not None else sys.stdout
         self._clock = clock
         self.worker = worker
@@ -32,7 +35,7 @@ class EventLog:
 
     def emit(self, event: Event) -> None:
         now = self._clock()
-        if self._json:
+        if self.log_format is LogFormat.JSON:
             line = render_json(event, now, self.worker)
         else:
             line = render_text(event, now, self.worker)
