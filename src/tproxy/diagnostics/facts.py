@@ -41,7 +41,8 @@ _SYSCTLS = (
 )
 _PROBES = {
     "tproxy": "meta l4proto tcp tproxy to :9",
-    "socket": "socket transparent 1 accept",
+    # The shortcut rule's own socket match, wildcard key included (nft_socket learnt it late).
+    "socket": "socket transparent 1 socket wildcard 0 accept",
     "redirect": "meta l4proto tcp redirect to :9",
 }
 
