@@ -140,3 +140,22 @@ def test_missing_nft_is_one_sentence(lab: Lab) -> None:
     assert result.stderr.strip() == (
         "tproxy: error: 'nft' was not found: install it (apt-get install nftables) and try again"
     )
+
+
+@pytest.mark.parametrize(
+    ("off", "warned"),
+    [("net.ipv4.ip_forward", "IPv4"), ("net.ipv6.conf.all.forwarding", "IPv6")],
+)
+def test_apply_warns_when_the_box_does_not_forward(lab: Lab, off: str, warned: str) -> None:
+    lab.sysctl(lab.router, off, "0")
+    printed = tproxy_cli(lab, lab.router, "rules", "apply", "--ports", "80")
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {off} = 0 (this box does not route {warned}: set it to 1 on "
+                        "a router)"]  # fmt: skip
+    shown = tproxy_cli(lab, lab.router, "rules", "show")
+    assert f"{off} = 0 (this box does not route {warned}" in shown
+
+
+def test_apply_is_quiet_about_forwarding_when_the_box_forwards(lab: Lab) -> None:
+    printed = tproxy_cli(lab, lab.router, "rules", "apply", "--ports", "80")
+    assert "warning:" not in printed

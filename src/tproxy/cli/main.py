@@ -512,7 +512,7 @@ def _rules(args: argparse.Namespace) -> int:
                 lines = plan_rules(spec)
             else:
                 lines = apply_rules(spec)
-                findings = sysctl_findings(settings_of(spec))
+                findings = sysctl_findings(settings_of(spec), ipv6=spec.ipv6)
                 lines += [f"warning: {f}" for f in findings if not f.endswith("(ok)")]
                 run = "tproxy run --mode redirect" if args.mode == "redirect" else "tproxy run"
                 lines.append(f"next: start the proxy ({run} ...), then check it all: tproxy doctor")

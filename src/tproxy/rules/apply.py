@@ -379,23 +379,35 @@ def show_rules(runner: Runner = run_command) -> list[str]:
                 f"IPv{family} route: {route.get('type', '')} {route.get('dst')} dev "
                 f"{route.get('dev')} table {route.get('table')}"
             )
-    lines.extend(sysctl_findings(applied_settings(listing)))
+    lines.extend(sysctl_findings(applied_settings(listing), ipv6=ipv6_available()))
     lines.append("for a check of everything a working setup needs: tproxy doctor")
     return lines
 
 
-def sysctl_findings(settings: AppliedSettings) -> list[str]:
-    """The sysctls the applied rules depend on, each with what is wrong if it is wrong."""
+def sysctl_findings(settings: AppliedSettings, *, ipv6: bool) -> list[str]:
+    """The sysctls the applied rules depend on, each with what is wrong if it is wrong.
+
+    `ipv6`: the rules divert IPv6 too, so IPv6 forwarding is checked as well as IPv4's.
+    """
     findings: list[str] = []
     for name, (wanted, why) in required_sysctls(settings.mode, settings.bridge).items():
         value = read_sysctl(name)
         if value is not None:
             verdict = "ok" if value == wanted else f"should be {wanted}: {why}"
             findings.append(f"{name} = {value} ({verdict})")
-    forward = read_sysctl("net.ipv4.ip_forward")
-    if forward is not None and settings.bridge is None:
-        verdict = "ok" if forward == "1" else "this box does not route: set it to 1 on a router"
-        findings.append(f"net.ipv4.ip_forward = {forward} ({verdict})")
+    if settings.bridge is None:  # a bridge bridges; only a router must forward
+        forwarding = [("net.ipv4.ip_forward", "IPv4")]
+        if ipv6:
+            forwarding.append(("net.ipv6.conf.all.forwarding", "IPv6"))
+        for name, version in forwarding:
+            forward = read_sysctl(name)
+            if forward is not None:
+                verdict = (
+                    "ok"
+                    if forward == "1"
+                    else f"this box does not route {version}: set it to 1 on a router"
+                )
+                findings.append(f"{name} = {forward} ({verdict})")
     valid_mark = read_sysctl("net.ipv4.conf.all.src_valid_mark")
     if valid_mark == "1" and settings.mode is InterceptMode.TPROXY:
         findings.append(
