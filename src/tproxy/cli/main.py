@@ -47,7 +47,6 @@ from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.rules.apply import (
-    RulesApplyError,
     applied_settings,
     apply_rules,
     has_net_admin,
@@ -68,6 +67,7 @@ from tproxy.rules.model import (
     WhenDown,
     parse_ports,
 )
+from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 
 T = TypeVar("T")

@@ -19,7 +19,6 @@ from pathlib import Path
 from tproxy.diagnostics.checks import BridgeFacts, Expected, Facts
 from tproxy.interception.sockopts import IP_TRANSPARENT
 from tproxy.rules.apply import (
-    RulesApplyError,
     Runner,
     has_net_admin,
     ip_json,
@@ -29,6 +28,7 @@ from tproxy.rules.apply import (
     read_table,
     run_command,
 )
+from tproxy.rules.plan import RulesApplyError
 
 PROC_NET = Path("/proc/net")
 _TCP_LISTEN = "0A"
