@@ -325,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
         "IPv4 address of its own in the bridged subnet)",
     )
     apply.add_argument(
-        "--dry-run", action="store_true", help="print what would be applied, change nothing"
+        "--dry-run",
+        action="store_true",
+        help="print exactly what apply would run here, change nothing (no root needed; without "
+        "it, rules already installed cannot be read and the output says so)",
     )
     actions.add_parser(
         "remove",

@@ -63,7 +63,8 @@ What the rules were applied with is kept in the table's comment, and the sysctl 
 back on remove in the prerouting chain's (nft allows 128 characters per comment), so `remove`,
 `show` and `doctor` need no options.
 
-Everything is rendered here as data; `rules.apply` runs it.
+Everything is rendered here as data; `rules.plan` decides what of it an apply runs on a given box
+(and `--dry-run` prints that plan), `rules.apply` reads the box and runs it.
 """
 
 from __future__ import annotations
