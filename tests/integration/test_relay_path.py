@@ -81,6 +81,26 @@ def test_with_relay_copy_nothing_is_spliced(served_lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("family", [4, 6])
+def test_routed_traffic_to_the_proxy_port_of_another_host_is_left_alone(
+    lab: Lab, family: int
+) -> None:
+    """A router must not break what it was not asked to divert: the server listens on 1800,
+    the proxy's own port, and a client's connection to it is only routed (port 80 is
+    diverted). The rule for established connections once took it for the proxy's wildcard
+    listener after the SYN and the listener reset it (KERNEL-NOTES item 19)."""
+    proxy_port = 1800
+    start_peer_server(lab, lab.server, proxy_port)
+    apply_rules(lab, "--ports", str(HTTP_PORT), "--proxy-port", str(proxy_port))
+    proxy = start_proxy(lab, "--spoof-source")
+    peer = str(lab.server.endpoint(proxy_port, family))
+    up = client_json(lab, ["upload", peer, "--bytes", str(MIB), "--seed", "21"])
+    assert up["intact"], up
+    down = client_json(lab, ["download", peer, "--bytes", str(MIB), "--seed", "22"])
+    assert down["intact"] and down["end"] == "eof", down
+    assert proxy.named("session_open") == [], "a routed connection reached the proxy"
+
+
+@pytest.mark.parametrize("family", [4, 6])
 def test_close_event_counts_every_byte(served_lab: Lab, family: int) -> None:
     lab = served_lab
     apply_rules(lab, "--ports", str(PEER_PORT))

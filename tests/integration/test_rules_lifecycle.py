@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -107,14 +106,17 @@ def test_a_failed_apply_leaves_nothing_behind(lab: Lab) -> None:
 
 
 def test_rules_need_root(lab: Lab) -> None:
-    result = subprocess.run(
+    before = network_state(lab)
+    result = lab.run(
+        lab.router,
         [*WITHOUT_CAPABILITIES, sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        check=False,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == (
+    assert result.stderr.decode().strip() == (
         "tproxy: error: changing firewall rules needs root (CAP_NET_ADMIN): run with sudo"
     )
+    assert network_state(lab) == before
 
 
 @pytest.mark.parametrize("args", [["--ports", "0"], ["--ports", "80-70"], ["--ports", "x"],
@@ -129,14 +131,65 @@ def test_bad_rules_input_is_one_line_and_status_2(lab: Lab, args: list[str]) -> 
 
 
 def test_missing_nft_is_one_sentence(lab: Lab) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80"],
-        capture_output=True,
-        text=True,
+    result = lab.run(
+        lab.router,
+        ["env", "PATH=/nonexistent", sys.executable, "-m", "tproxy", "rules", "apply",
+         "--ports", "80"],
         check=False,
-        env={"PATH": "/nonexistent"},
-    )
+    )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip() == (
+    assert result.stderr.decode().strip() == (
         "tproxy: error: 'nft' was not found: install it (apt-get install nftables) and try again"
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--ports", "70000"], ["--ports", "80", "--mode", "redirect", "--when-down", "pass"],
+     ["--ports", "80", "--mode", "redirect", "--bridge", "br0"],
+     ["--ports", "80", "--bridge", "no/such"], ["--ports", "80", "--bridge", "nosuch"],
+     ["--ports", "80", "--bridge", "nosuch", "--dry-run"]],
+)  # fmt: skip
+def test_refused_rules_change_nothing(lab: Lab, args: list[str]) -> None:
+    before = network_state(lab)
+    result = lab.run(
+        lab.router, [sys.executable, "-m", "tproxy", "rules", "apply", *args], check=False
+    )
+    assert result.returncode in (1, 2)
+    err = result.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+    assert network_state(lab) == before
+
+
+def test_dry_run_prints_the_ruleset_and_needs_no_root(lab: Lab) -> None:
+    before = network_state(lab)
+    for prefix in ([], WITHOUT_CAPABILITIES):
+        argv = [*prefix, sys.executable, "-m", "tproxy", "rules", "apply", "--ports", "80",
+                "--dry-run", "--when-down", "pass"]  # fmt: skip
+        out = lab.run(lab.router, argv).stdout.decode()
+        assert "tproxy to :1800" in out
+        assert "reject" not in out
+    redirect = tproxy_cli(lab, lab.router, "rules", "apply", "--ports", "80", "--mode",
+                          "redirect", "--local", "--dry-run")  # fmt: skip
+    assert "redirect to :1800" in redirect and "type nat hook output" in redirect
+    assert "ip -4 rule" not in redirect
+    assert network_state(lab) == before
+
+
+@pytest.mark.parametrize(
+    ("off", "warned"),
+    [("net.ipv4.ip_forward", "IPv4"), ("net.ipv6.conf.all.forwarding", "IPv6")],
+)
+def test_apply_warns_when_the_box_does_not_forward(lab: Lab, off: str, warned: str) -> None:
+    lab.sysctl(lab.router, off, "0")
+    printed = tproxy_cli(lab, lab.router, "rules", "apply", "--ports", "80")
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {off} = 0 (this box does not route {warned}: set it to 1 on "
+                        "a router)"]  # fmt: skip
+    shown = tproxy_cli(lab, lab.router, "rules", "show")
+    assert f"{off} = 0 (this box does not route {warned}" in shown
+
+
+def test_apply_is_quiet_about_forwarding_when_the_box_forwards(lab: Lab) -> None:
+    printed = tproxy_cli(lab, lab.router, "rules", "apply", "--ports", "80")
+    assert "warning:" not in printed

@@ -165,6 +165,15 @@ def test_what_only_breaks_some_setups_warns_without_failing() -> None:
     assert passed(list(findings.values()))
 
 
+def test_rules_whose_socket_rule_matches_the_listener_warn() -> None:
+    shortcut = "tcp flags != syn / syn,ack socket transparent 1 {}meta mark set 0x00000001 accept"
+    old = dataclasses.replace(HEALTHY, table=TABLE + "\n" + shortcut.format(""))
+    finding = _by_check(evaluate(old, ROUTER))["rules"]
+    assert finding.status is Status.WARN and "port 1800 of another host" in finding.detail
+    fixed = dataclasses.replace(HEALTHY, table=TABLE + "\n" + shortcut.format("socket wildcard 0 "))
+    assert _by_check(evaluate(fixed, ROUTER))["rules"].status is Status.OK
+
+
 def test_without_root_the_nft_checks_are_skipped_not_guessed() -> None:
     findings = _by_check(evaluate(dataclasses.replace(HEALTHY, net_admin=False), ROUTER))
     for check in ("nft-tproxy", "nft-socket", "rules"):

@@ -68,6 +68,8 @@ def test_ruleset_keeps_syns_off_the_socket_shortcut() -> None:
     script = render_nft_apply(RulesSpec(ports=parse_ports("80")), {})
     shortcut = next(line for line in script.splitlines() if "socket transparent" in line)
     assert "tcp flags & (syn | ack) != syn" in shortcut
+    # Nor the proxy's wildcard listener (KERNEL-NOTES item 19): only sockets of live sessions.
+    assert "socket transparent 1 socket wildcard 0" in shortcut
     # The proxy's own traffic is exempt before anything else can divert it.
     chain = script[script.index("chain prerouting") :].splitlines()
     assert chain[3].strip() == "meta mark 0x00000002 return"

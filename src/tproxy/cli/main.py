@@ -42,7 +42,6 @@ from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.rules.apply import (
-    RulesApplyError,
     applied_settings,
     apply_rules,
     has_net_admin,
@@ -63,6 +62,7 @@ from tproxy.rules.model import (
     WhenDown,
     parse_ports,
 )
+from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 
 T = TypeVar("T")
@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         "IPv4 address of its own in the bridged subnet)",
     )
     apply.add_argument(
-        "--dry-run", action="store_true", help="print what would be applied, change nothing"
+        "--dry-run",
+        action="store_true",
+        help="print exactly what apply would run here, change nothing (no root needed; without "
+        "it, rules already installed cannot be read and the output says so)",
     )
     actions.add_parser(
         "remove",
@@ -403,7 +406,7 @@ def _rules(args: argparse.Namespace) -> int:
                 lines = plan_rules(spec)
             else:
                 lines = apply_rules(spec)
-                findings = sysctl_findings(settings_of(spec))
+                findings = sysctl_findings(settings_of(spec), ipv6=spec.ipv6)
                 lines += [f"warning: {f}" for f in findings if not f.endswith("(ok)")]
                 run = "tproxy run --mode redirect" if args.mode == "redirect" else "tproxy run"
                 lines.append(f"next: start the proxy ({run} ...), then check it all: tproxy doctor")

@@ -387,6 +387,13 @@ def check_rules(facts: Facts, expected: Expected) -> Finding:
         return Finding("rules", Status.FAIL,
                        f"{detail}, but there is no bridge table: bridged TCP is not diverted",
                        f"tproxy rules apply --bridge {expected.bridge} ...")  # fmt: skip
+    if "socket transparent 1" in facts.table and "socket wildcard 0" not in facts.table:
+        # Rules applied by an older tproxy (KERNEL-NOTES item 19).
+        return Finding("rules", Status.WARN,
+                       f"{detail}, but its socket rule also matches the proxy's listener: "
+                       f"connections routed through this box to port {expected.proxy_port} of "
+                       "another host are reset",
+                       "apply the rules again (tproxy rules apply ...)")  # fmt: skip
     return Finding("rules", Status.OK, detail)
 
 

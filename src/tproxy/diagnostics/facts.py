@@ -19,7 +19,6 @@ from pathlib import Path
 from tproxy.diagnostics.checks import BridgeFacts, Expected, Facts
 from tproxy.interception.sockopts import IP_TRANSPARENT
 from tproxy.rules.apply import (
-    RulesApplyError,
     Runner,
     has_net_admin,
     ip_json,
@@ -29,6 +28,7 @@ from tproxy.rules.apply import (
     read_table,
     run_command,
 )
+from tproxy.rules.plan import RulesApplyError
 
 PROC_NET = Path("/proc/net")
 _TCP_LISTEN = "0A"
@@ -41,7 +41,8 @@ _SYSCTLS = (
 )
 _PROBES = {
     "tproxy": "meta l4proto tcp tproxy to :9",
-    "socket": "socket transparent 1 accept",
+    # The shortcut rule's own socket match, wildcard key included (nft_socket learnt it late).
+    "socket": "socket transparent 1 socket wildcard 0 accept",
     "redirect": "meta l4proto tcp redirect to :9",
 }
 

@@ -22,26 +22,27 @@ from typing import Any
 
 from tproxy.core.config import InterceptMode
 from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, RulesSpec
+from tproxy.rules.plan import (
+    Observed,
+    RoutingStep,
+    RulesApplyError,
+    plan_apply,
+    render_dry_run,
+    render_policy_routing_removal,
+    render_report,
+)
 from tproxy.rules.render import (
     AppliedSettings,
     IPCommand,
     parse_listing,
-    render_ip_route_replace,
-    render_ip_rule_add,
-    render_nft_apply,
     render_nft_remove,
     required_sysctls,
-    routing_families,
 )
 
 CAP_NET_ADMIN = 12  # <linux/capability.h>
 SYSCTL_ROOT = Path("/proc/sys")
 
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
-
-
-class RulesApplyError(Exception):
-    """The rules could not be applied or removed; the message is one sentence for the operator."""
 
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -83,10 +84,14 @@ def write_sysctl(name: str, value: str) -> None:
 def preflight(need_root: bool = True) -> None:
     """Fail early, with one sentence, on what would make every later step fail.
 
+    `need_root=False` (a dry run, which only reads): nft is not needed either; without it or
+    without CAP_NET_ADMIN the dry run says what it could not read.
+
     Raises:
         RulesApplyError: nft or ip is not installed, or we lack CAP_NET_ADMIN.
     """
-    for tool, package in (("nft", "nftables"), ("ip", "iproute2")):
+    tools = (("nft", "nftables"), ("ip", "iproute2")) if need_root else (("ip", "iproute2"),)
+    for tool, package in tools:
         if shutil.which(tool) is None:
             raise RulesApplyError(
                 f"'{tool}' was not found: install it (apt-get install {package}) and try again"
@@ -117,6 +122,65 @@ def read_table(runner: Runner, family: str = "inet") -> str | None:
     """Our table of `family` as `nft list` prints it, or None if it does not exist."""
     result = runner(["nft", "list", "table", family, TABLE_NAME], None)
     return result.stdout if result.returncode == 0 else None
+
+
+def _read_table_exactly(runner: Runner, family: str) -> str | None:
+    """Like `read_table`, but an answer other than "no such table" is an error, not None.
+
+    Raises:
+        RulesApplyError: nft could not list the table.
+    """
+    result = runner(["nft", "list", "table", family, TABLE_NAME], None)
+    if result.returncode == 0:
+        return result.stdout
+    if "No such file or directory" in result.stderr:
+        return None
+    raise RulesApplyError(
+        f"cannot read table {family} {TABLE_NAME}: {_nft_error_text(result.stderr)}"
+    )
+
+
+def _tables_unreadable() -> str | None:
+    """Why our tables cannot be read here, or None if they can."""
+    if shutil.which("nft") is None:
+        return "nft is not installed"
+    if not has_net_admin():
+        return "reading nftables needs CAP_NET_ADMIN: run as root for an exact plan"
+    return None
+
+
+def observe(spec: RulesSpec, runner: Runner, *, exact: bool = True) -> Observed:
+    """Read what `plan_apply` needs from this network namespace; change nothing.
+
+    `exact=False` (a dry run): where our tables cannot be read, say why in
+    `Observed.unreadable` instead of failing.
+
+    Raises:
+        RulesApplyError: the bridge named in `spec` is missing or not a bridge, or (`exact`)
+            nft could not list our tables.
+    """
+    bridge = None if spec.bridge is None else read_bridge(runner, spec.bridge)
+    unreadable = None if exact else _tables_unreadable()
+    table = bridge_table = None
+    if unreadable is None:
+        try:
+            table = _read_table_exactly(runner, "inet")
+            bridge_table = _read_table_exactly(runner, "bridge")
+        except RulesApplyError as exc:
+            if exact:
+                raise
+            table, unreadable = None, str(exc)
+    sysctls = {name: read_sysctl(name) for name in required_sysctls(spec.mode, spec.bridge)}
+    families = _available_families()
+    return Observed(
+        table=table,
+        bridge_table=bridge_table,
+        unreadable=unreadable,
+        sysctls=sysctls,
+        bridge=bridge,
+        ip_rules={f: tuple(our_ip_rules(runner, f)) for f in families},
+        routes={f: tuple(our_routes(runner, f)) for f in families},
+    )
 
 
 def applied_settings(listing: str | None) -> AppliedSettings:
@@ -177,16 +241,6 @@ def our_routes(runner: Runner, family: int) -> list[dict[str, Any]]:
     )
 
 
-def _rule_matches(entry: dict[str, Any], spec: RulesSpec) -> bool:
-    fwmark = str(entry.get("fwmark", ""))
-    return (
-        entry.get("priority") == spec.rule_priority
-        and fwmark.startswith("0x")
-        and int(fwmark.split("/", 1)[0], 16) == spec.divert_mark
-        and str(entry.get("table")) == str(spec.route_table)
-    )
-
-
 def _run_ip(runner: Runner, command: IPCommand) -> None:
     result = runner(command.argv, None)
     if result.returncode != 0:
@@ -209,102 +263,35 @@ class _Undo:
 def apply_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
     """Install the diversion; return what was done, one line each.
 
-    Idempotent: applying the same spec twice leaves the same state and says so.
+    Idempotent: applying the same spec twice leaves the same state and says so. What is done is
+    exactly `plan_apply`'s plan, the one `plan_rules` prints.
 
     Raises:
         RulesApplyError: a step failed; everything this call changed has been put back.
     """
     preflight()
-    report: list[str] = []
-    bridge = None
-    if spec.bridge is not None:
-        bridge = read_bridge(runner, spec.bridge)
-        if not bridge.ports:
-            raise RulesApplyError(
-                f"bridge {spec.bridge} has no ports: enslave the interfaces first "
-                f"(ip link set IFACE master {spec.bridge})"
-            )
-        if not bridge.ipv4:
-            raise RulesApplyError(
-                f"bridge {spec.bridge} has no IPv4 address: give it one in the bridged subnet "
-                f"(ip addr add ADDRESS/PREFIX dev {spec.bridge}); the proxy's own packets "
-                "(ARP, and its connections as the client) need it"
-            )
-    before = read_table(runner)
-    before_bridge = read_table(runner, "bridge")
-    restore = parse_listing(before)[1]
-    sysctl_changes: list[tuple[str, str]] = []
-    for name, (wanted, why) in required_sysctls(spec.mode, spec.bridge).items():
-        current = read_sysctl(name)
-        if current is not None and current != wanted:
-            restore.setdefault(name, current)
-            sysctl_changes.append((name, wanted))
-            report.append(f"set {name}={wanted} (was {current}): {why}")
+    plan = plan_apply(spec, observe(spec, runner))
     undo = _Undo()
     try:
-        had_bridge_table = before_bridge is not None
-        _nft(runner, render_nft_apply(spec, restore, bridge, drop_bridge_table=had_bridge_table))
-        put_back = render_nft_remove(bridge=had_bridge_table or spec.bridge is not None)
-        undo.steps.append(partial(_nft, runner, put_back + (before or "") + (before_bridge or "")))
-        verb = "created" if before is None else "replaced"
-        report.append(f"{verb} nftables table inet {TABLE_NAME} ({_describe(spec)})")
-        if bridge is not None:
-            verb = "created" if before_bridge is None else "replaced"
-            report.append(
-                f"{verb} nftables table bridge {TABLE_NAME}: TCP on those ports crossing "
-                f"{bridge.name} (ports {', '.join(bridge.ports)}) goes up to this box's IP "
-                f"stack (frames re-addressed to {bridge.mac})"
-            )
-        elif had_bridge_table:
-            report.append(f"deleted nftables table bridge {TABLE_NAME} (no --bridge this time)")
-        existing = {f: our_ip_rules(runner, f) for f in routing_families(spec)}
-        for command in render_ip_rule_add(spec):
-            if any(_rule_matches(e, spec) for e in existing[command.family]):
-                continue
-            _run_ip(runner, command)
-            undo.steps.append(partial(_run_ip, runner, _as_delete(command)))
-            report.append(" ".join(command.argv))
-        for command in render_ip_route_replace(spec):
-            had_route = any(
-                str(r.get("table")) == str(spec.route_table)
-                for r in our_routes(runner, command.family)
-            )
-            _run_ip(runner, command)
-            if not had_route:
-                undo.steps.append(partial(_run_ip, runner, _as_delete(command)))
-            report.append(" ".join(command.argv))
-        for name, wanted in sysctl_changes:
-            old = restore[name]
-            write_sysctl(name, wanted)
-            undo.steps.append(partial(write_sysctl, name, old))
+        _nft(runner, plan.nft_script)
+        undo.steps.append(partial(_nft, runner, plan.nft_undo))
+        for step in plan.routing:
+            _run_step(runner, step, undo)
+        for change in plan.sysctls:
+            write_sysctl(change.name, change.value)
+            undo.steps.append(partial(write_sysctl, change.name, change.was))
     except BaseException:
         undo.run()
         raise
-    if spec.mode is InterceptMode.REDIRECT:
-        # Policy routing left from an earlier TPROXY apply is not needed any more; it goes
-        # last, after everything that could fail, so a failure here leaves working rules.
-        report += _remove_policy_routing(runner)
-    return report
+    for command in plan.cleanup:
+        _run_ip(runner, command)
+    return render_report(plan)
 
 
-def _describe(spec: RulesSpec) -> str:
-    ports = ",".join(str(r) for r in spec.ports)
-    where = []
-    if spec.bridge:
-        where.append(f"bridged on {spec.bridge}")
-    else:
-        where.append("routed")
-    if spec.local:
-        where.append("this box's own")
-    return f"{spec.mode.value}: {ports} -> :{spec.proxy_port}, {' and '.join(where)} connections"
-
-
-def _as_delete(command: IPCommand) -> IPCommand:
-    """The `ip ... del` that undoes an `ip ... add` or `ip ... replace`."""
-    argv = list(command.argv)
-    verb = 3  # ip -4 rule|route VERB ...
-    argv[verb] = "del"
-    return IPCommand(tuple(argv), command.family)
+def _run_step(runner: Runner, step: RoutingStep, undo: _Undo) -> None:
+    _run_ip(runner, step.command)
+    if step.undo is not None:
+        undo.steps.append(partial(_run_ip, runner, step.undo))
 
 
 def remove_rules(runner: Runner = run_command) -> list[str]:
@@ -326,30 +313,20 @@ def remove_rules(runner: Runner = run_command) -> list[str]:
         for family, found in (("inet", listing), ("bridge", bridge_listing)):
             if found is not None:
                 report.append(f"deleted nftables table {family} {TABLE_NAME}")
-    report += _remove_policy_routing(runner)
+    for command in _policy_routing_removal(runner):
+        _run_ip(runner, command)
+        report.append(" ".join(command.argv))
     if not report:
         report.append("nothing to remove: no rules of tproxy's are installed")
     return report
 
 
-def _remove_policy_routing(runner: Runner) -> list[str]:
-    """Delete our ip rules and routes (routing protocol 201); return what was deleted."""
-    report: list[str] = []
-    for family in _available_families():
-        for rule in our_ip_rules(runner, family):
-            argv = ("ip", f"-{family}", "rule", "del", "pref", str(rule["priority"]),
-                    "protocol", str(RTPROT_TPROXY))  # fmt: skip
-            _run_ip(runner, IPCommand(argv, family))
-            report.append(" ".join(argv))
-        for route in our_routes(runner, family):
-            route_argv = (
-                "ip", f"-{family}", "route", "del", str(route.get("type", "local")),
-                str(route["dst"]), "dev", str(route.get("dev", "lo")),
-                "table", str(route.get("table", "main")), "proto", str(RTPROT_TPROXY),
-            )  # fmt: skip
-            _run_ip(runner, IPCommand(route_argv, family))
-            report.append(" ".join(route_argv))
-    return report
+def _policy_routing_removal(runner: Runner) -> list[IPCommand]:
+    """The commands that delete our ip rules and routes (routing protocol 201), as read now."""
+    families = _available_families()
+    return render_policy_routing_removal(
+        {f: our_ip_rules(runner, f) for f in families}, {f: our_routes(runner, f) for f in families}
+    )
 
 
 def show_rules(runner: Runner = run_command) -> list[str]:
@@ -379,23 +356,35 @@ def show_rules(runner: Runner = run_command) -> list[str]:
                 f"IPv{family} route: {route.get('type', '')} {route.get('dst')} dev "
                 f"{route.get('dev')} table {route.get('table')}"
             )
-    lines.extend(sysctl_findings(applied_settings(listing)))
+    lines.extend(sysctl_findings(applied_settings(listing), ipv6=ipv6_available()))
     lines.append("for a check of everything a working setup needs: tproxy doctor")
     return lines
 
 
-def sysctl_findings(settings: AppliedSettings) -> list[str]:
-    """The sysctls the applied rules depend on, each with what is wrong if it is wrong."""
+def sysctl_findings(settings: AppliedSettings, *, ipv6: bool) -> list[str]:
+    """The sysctls the applied rules depend on, each with what is wrong if it is wrong.
+
+    `ipv6`: the rules divert IPv6 too, so IPv6 forwarding is checked as well as IPv4's.
+    """
     findings: list[str] = []
     for name, (wanted, why) in required_sysctls(settings.mode, settings.bridge).items():
         value = read_sysctl(name)
         if value is not None:
             verdict = "ok" if value == wanted else f"should be {wanted}: {why}"
             findings.append(f"{name} = {value} ({verdict})")
-    forward = read_sysctl("net.ipv4.ip_forward")
-    if forward is not None and settings.bridge is None:
-        verdict = "ok" if forward == "1" else "this box does not route: set it to 1 on a router"
-        findings.append(f"net.ipv4.ip_forward = {forward} ({verdict})")
+    if settings.bridge is None:  # a bridge bridges; only a router must forward
+        forwarding = [("net.ipv4.ip_forward", "IPv4")]
+        if ipv6:
+            forwarding.append(("net.ipv6.conf.all.forwarding", "IPv6"))
+        for name, version in forwarding:
+            forward = read_sysctl(name)
+            if forward is not None:
+                verdict = (
+                    "ok"
+                    if forward == "1"
+                    else f"this box does not route {version}: set it to 1 on a router"
+                )
+                findings.append(f"{name} = {forward} ({verdict})")
     valid_mark = read_sysctl("net.ipv4.conf.all.src_valid_mark")
     if valid_mark == "1" and settings.mode is InterceptMode.TPROXY:
         findings.append(
@@ -405,25 +394,42 @@ def sysctl_findings(settings: AppliedSettings) -> list[str]:
 
 
 def plan_rules(spec: RulesSpec, runner: Runner = run_command) -> list[str]:
-    """What `apply_rules` would do, changing nothing (`--dry-run`; needs no root)."""
+    """What `apply_rules` would do, changing nothing (`--dry-run`; needs no root).
+
+    The same `plan_apply` as `apply_rules`, from the same reads, through a runner that refuses
+    anything but reading: as root the output is exactly what apply would run; without
+    CAP_NET_ADMIN (or without nft) our installed tables cannot be read, and the output says so.
+    """
     preflight(need_root=False)
-    restore: dict[str, str] = {}
-    lines = ["# sysctls"]
-    for name, (wanted, why) in required_sysctls(spec.mode, spec.bridge).items():
-        current = read_sysctl(name)
-        if current is not None and current != wanted:
-            restore[name] = current
-            lines.append(f"sysctl -w {name}={wanted}  # was {current}: {why}")
-        else:
-            lines.append(f"# {name} is already {wanted}")
-    bridge = None if spec.bridge is None else read_bridge(runner, spec.bridge)
-    lines.append("# nftables, one transaction (nft -f -)")
-    lines.extend(render_nft_apply(spec, restore, bridge).rstrip().splitlines())
-    routing = [*render_ip_rule_add(spec), *render_ip_route_replace(spec)]
-    if routing:
-        lines.append("# policy routing (ip rules are added only if missing)")
-    else:
-        lines.append("# no policy routing in redirect mode (our earlier ip rules are removed)")
-    for command in routing:
-        lines.append(" ".join(command.argv))
-    return lines
+    reader = read_only(runner)
+    return render_dry_run(plan_apply(spec, observe(spec, reader, exact=False)))
+
+
+def read_only(runner: Runner) -> Runner:
+    """`runner`, restricted to the commands that only read (`nft list ...`, `ip ... show`).
+
+    Raises (from the returned runner):
+        PermissionError: anything else was asked for, which would be a bug in a dry run.
+    """
+
+    def run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+        if not is_read_only(argv) or stdin is not None:
+            raise PermissionError(f"a dry run must not run {' '.join(argv)!r}")
+        return runner(argv, stdin)
+
+    return run
+
+
+def is_read_only(argv: Sequence[str]) -> bool:
+    """Whether `argv` is an nft or ip command that only reads."""
+    words = list(argv)
+    if words[:2] == ["nft", "list"]:
+        return True
+    if words[:1] != ["ip"]:
+        return False
+    objects = [w for w in words[1:] if not w.startswith("-")]
+    return (
+        len(objects) >= 2
+        and objects[0] in ("link", "addr", "rule", "route")
+        and (objects[1] in ("show", "list"))
+    )

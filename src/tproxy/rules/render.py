@@ -10,12 +10,18 @@ TPROXY needs three cooperating pieces, all per network namespace:
    a. ``meta mark <proxy mark> return`` -- the proxy's own upstream traffic (it carries SO_MARK)
       is never diverted. Forwarded traffic never carries it; it matters where our own packets
       come back in through lo (locally-originated interception).
-   b. ``tcp flags & (syn|ack) != syn socket transparent 1 meta mark set <divert> accept`` --
-      packets of connections that already have a transparent socket on this box (the accepted
-      client leg, and the server's replies to a spoofed upstream socket) go straight to it. Pure
-      SYNs are excluded: a new connection whose 4-tuple matches a TIME_WAIT socket of an earlier
-      spoofed connection would otherwise be delivered to that TIME_WAIT socket, answered with an
-      ACK, reset by the client and retried 1 s later (measured: ~20% of new connections +1 s).
+   b. ``tcp flags & (syn|ack) != syn socket transparent 1 socket wildcard 0 meta mark set
+      <divert> accept`` -- packets of connections that already have a transparent socket on
+      this box (the accepted client leg, and the server's replies to a spoofed upstream socket)
+      go straight to it. Pure SYNs are excluded: a new connection whose 4-tuple matches a
+      TIME_WAIT socket of an earlier spoofed connection would otherwise be delivered to that
+      TIME_WAIT socket, answered with an ACK, reset by the client and retried 1 s later
+      (measured: ~20% of new connections +1 s). ``socket wildcard 0``: nft's socket lookup also
+      finds listeners, and the proxy's own listener is transparent and bound to the wildcard
+      address; without it a connection that is only routed through this box to *another*
+      host's port equal to the proxy port (1800) is handed to that listener after its SYN and
+      reset (iptables' ``-m socket`` skips wildcard sockets by default; KERNEL-NOTES item 19).
+      Sockets of live sessions are bound to real addresses, so they still match.
    c. ``fib daddr type local return`` -- connections to this box's own addresses (its own
       services on a diverted port, from outside or from itself) are not intercepted.
    d. ``tcp dport @divert_ports tproxy to :<proxy port> meta mark set <divert> accept`` -- new
@@ -57,7 +63,8 @@ What the rules were applied with is kept in the table's comment, and the sysctl 
 back on remove in the prerouting chain's (nft allows 128 characters per comment), so `remove`,
 `show` and `doctor` need no options.
 
-Everything is rendered here as data; `rules.apply` runs it.
+Everything is rendered here as data; `rules.plan` decides what of it an apply runs on a given box
+(and `--dry-run` prints that plan), `rules.apply` reads the box and runs it.
 """
 
 from __future__ import annotations
@@ -204,7 +211,7 @@ def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         "\t\ttype filter hook prerouting priority mangle; policy accept;",
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
         "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 "
-        f"meta mark set {divert} accept",
+        f"socket wildcard 0 meta mark set {divert} accept",
         "\t\tfib daddr type local return",
         f"\t\tmeta l4proto tcp tcp dport @divert_ports tproxy to :{spec.proxy_port} "
         f"meta mark set {divert} accept",
