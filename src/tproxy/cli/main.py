@@ -483,7 +483,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if workers == 1:
         return worker_main(None)
-    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0))
+    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0), listeners)
     close_all(listeners)
     return code
 

@@ -5,7 +5,10 @@ forks one worker per CPU. Each worker inherits the listening sockets and runs it
 and sessions; the kernel hands each connection to whichever worker accepts it first. The parent
 does nothing on the data path: it forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a
 worker that dies without being told to (with a pause if workers keep dying), and exits 0 once
-every worker has finished its drain after a stop signal.
+every worker has finished its drain after a stop signal. At the first stop signal it closes its
+own copies of the listening sockets, as each worker does: a listening socket lives as long as
+any copy of it, and one left open in the parent would complete new handshakes into a backlog
+that nobody reads for the whole drain.
 
 One shared listening socket or SO_REUSEPORT? With a shared socket the parent binds once and
 workers inherit it; a second tproxy on the same port is refused, as the operator expects. With
@@ -22,7 +25,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice
@@ -35,11 +38,19 @@ RESTART_PAUSE_S = 1.0
 WorkerMain = Callable[[int], int]
 
 
-def run_workers(count: int, worker_main: WorkerMain, log: EventLog) -> int:
+def run_workers(
+    count: int,
+    worker_main: WorkerMain,
+    log: EventLog,
+    listeners: Sequence[socket.socket] = (),
+) -> int:
     """Run `worker_main(worker_id)` in `count` child processes until told to stop; exit status.
 
     `worker_main` runs in the child and returns its exit status; it must install its own
-    signal handling (signals arrive unblocked in the child).
+    signal handling (signals arrive unblocked in the child). `listeners` are the parent's copies
+    of the listening sockets: they are closed at the first stop signal, together with the
+    workers' copies, so that no new connection completes a handshake into a backlog that nobody
+    reads any more (the rules' `--when-down` answers it at once instead).
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
     workers: dict[int, tuple[int, float]] = {}  # pid -> (worker id, started at)
@@ -53,6 +64,7 @@ def run_workers(count: int, worker_main: WorkerMain, log: EventLog) -> int:
         if info.si_signo in (signal.SIGTERM, signal.SIGINT):
             if not stopping:
                 log.emit(Notice(f"{signal.Signals(info.si_signo).name}: stopping {count} workers"))
+                close_all(listeners)
             stopping = True
             _tell(workers, info.si_signo)
         elif info.si_signo == signal.SIGHUP:
@@ -102,6 +114,7 @@ def _reap() -> list[tuple[int, int]]:
         reaped.append((pid, status))
 
 
-def close_all(listeners: list[socket.socket]) -> None:
+def close_all(listeners: Sequence[socket.socket]) -> None:
+    """Close every listener (closing one twice is harmless)."""
     for listener in listeners:
         listener.close()
