@@ -179,6 +179,17 @@ def summarise(results: list[dict[str, Any]]) -> None:
         busiest = [max(r["shares"]) for r in rows]
         print(f"{variant:8} {clients:7} {family:7}  {min(rates)}-{max(rates):<12} "
               f"{min(busiest):.2f}-{max(busiest):.2f}")  # fmt: skip
+    # The fair comparison: steered over shared within one round (the two ran back to back).
+    print("clients  family  steered/shared conn/s per round (min-max)")
+    for clients in (1, CLIENTS):
+        for family in (4, 6):
+            by_round: dict[int, dict[str, float]] = defaultdict(dict)
+            for row in results:
+                if row["clients"] == clients and row["family"] == family:
+                    by_round[row["round"]][row["variant"]] = row["conn_per_s"]
+            ratios = [r["steered"] / r["shared"] for r in by_round.values() if len(r) == 2]
+            if ratios:
+                print(f"{clients:7} {family:7}  {min(ratios):.2f}-{max(ratios):.2f}")
 
 
 def main() -> int:
@@ -188,7 +199,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.steering")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--summarise", metavar="FILE", help="only summarise a former run's output")
     args = parser.parse_args()
+    if args.summarise:
+        lines = Path(args.summarise).read_text().splitlines()
+        summarise([json.loads(line) for line in lines if line.startswith("{")])
+        return 0
     summarise(measure(args.rounds, args.seconds))
     return 0
 

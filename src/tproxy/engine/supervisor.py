@@ -1,21 +1,34 @@
-"""The supervisor: N worker processes sharing the listening sockets, kept alive, told to stop.
+"""The supervisor: N worker processes, kept alive, watched, asked, and told to stop.
 
 The parent binds the listeners (so "port in use" is caught once, before anything forks), then
-forks one worker per CPU. Each worker inherits the listening sockets and runs its own event loop
-and sessions; the kernel hands each connection to whichever worker accepts it first. The parent
-does nothing on the data path: it forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a
-worker that dies without being told to (with a pause if workers keep dying), and exits 0 once
-every worker has finished its drain after a stop signal. At the first stop signal it closes its
-own copies of the listening sockets, as each worker does: a listening socket lives as long as
-any copy of it, and one left open in the parent would complete new handshakes into a backlog
-that nobody reads for the whole drain.
+forks one worker per CPU. Each worker runs its own event loop and sessions. The parent does
+nothing on the data path: it forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a worker
+that dies without being told to (with a pause if workers keep dying), and exits 0 once every
+worker has finished its drain after a stop signal. At the first stop signal it closes its own
+copies of the listening sockets, as each worker does: a listening socket lives as long as any
+copy of it, and one left open in the parent would complete new handshakes into a backlog that
+nobody reads for the whole drain.
 
-One shared listening socket or SO_REUSEPORT? With a shared socket the parent binds once and
-workers inherit it; a second tproxy on the same port is refused, as the operator expects. With
-SO_REUSEPORT every worker binds its own socket, and so could a second, unrelated instance. The
-shared socket costs spurious wake-ups (every worker's epoll sees each new connection), yet
-measured here with two workers (wrk, Connection: close, three interleaved rounds) it accepted
-as fast or faster: 7,040-7,250 new connections/s shared against 6,600-7,210 with SO_REUSEPORT.
+Listening: one socket per worker, each client address steered to one worker
+(`engine.steering`: SO_REUSEPORT and a classic BPF program on the client's source address), so
+that per-client state can live in one worker. Measured against one listening socket shared by
+all workers (bench/steering.py; two workers on the shared 2-core machine, load average 2.5-7.3;
+wrk `Connection: close` through the TPROXY path, 10 interleaved rounds): steered/shared new
+connections/s in the same round, 64 clients 1.03 (0.82-1.83) IPv4 and 0.92 (0.64-2.52) IPv6,
+one client 0.94 (0.39-1.63) and 1.22 (0.56-2.50) -- no cost that clears the noise. Balance over
+64 equal clients: the busiest worker had 0.50 of the sessions steered, 0.50-0.58 shared; but one
+client is always one worker's. nft's `tproxy` lookup honoured the program on IPv4 and IPv6 in
+every measurement. The parent keeps every socket open so a restarted worker gets its own back.
+
+The channel: each worker has a SOCK_SEQPACKET socketpair with the parent (`core.worker_protocol`
+for the messages, `engine.worker_channel` for the worker's end). Workers send a heartbeat with
+their counters every second; a worker silent for `STALL_AFTER_S` is reported once in a notice,
+and so is its recovery. `Supervisor.ask` sends a request to every worker and collects the
+replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` event).
+
+The loop is plain `selectors`, not asyncio (forking from inside an event loop is asking for
+trouble): signals arrive as bytes through `signal.set_wakeup_fd`, next to the channels.
+docs/workers-design.md has the whole design, with what happens when a worker dies or stalls.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from tproxy.engine.session import SessionContext
 from tproxy.observability.events import Notice
 
 # A listing names at most this many sessions (and says when it stopped short).
-LISTING_LIMIT = 5000
+LISTING_LIMIT = 1000
 
 Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
 
