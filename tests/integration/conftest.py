@@ -78,12 +78,17 @@ def served_lab(lab: Lab) -> Lab:
     return lab
 
 
-def start_proxy(lab: Lab, *args: str) -> ProxyProcess:
+def start_proxy(lab: Lab, *args: str, default_workers: bool = False) -> ProxyProcess:
     """`tproxy run ARGS` in the router, one process unless ARGS say otherwise (so descriptor
-    and memory probes see every session)."""
-    argv = list(args) if "--workers" in args else ["--workers", "1", *args]
+    and memory probes see every session); `default_workers=True` runs what a user gets without
+    `--workers` (one worker per CPU, supervised) and waits until every worker listens."""
+    own_choice = default_workers or "--workers" in args
+    argv = list(args) if own_choice else ["--workers", "1", *args]
     proxy = ProxyProcess(lab, lab.router, argv)
     proxy.wait_listening()
+    if default_workers:
+        expected = os.cpu_count() or 1
+        proxy.wait_for(lambda e: e.get("event") == "listening", "every worker", count=expected)
     return proxy
 
 

@@ -1,11 +1,22 @@
-"""`tproxy run --workers N`: sessions spread over workers, a dead one comes back, stop is clean."""
+"""`tproxy run --workers N`: each client address steered to one worker, a dead worker comes back
+with its own socket, a stalled one is noticed, the supervisor lists every worker's sessions."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import signal
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
 
 from tests.integration.conftest import apply_rules, client_json, start_proxy
+from tproxy.core.endpoint import IPAddress
+from tproxy.engine.steering import worker_for
+from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import PEER_PORT, start_peer_server
 from tproxy.lab.topology import Lab, wait_until
 
@@ -15,26 +26,62 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-def test_two_workers_serve_restart_and_stop(lab: Lab) -> None:
+def _one_client_per_worker(lab: Lab, family: int, workers: int) -> dict[int, IPAddress]:
+    """An extra client address for each worker, added to the client namespace."""
+    chosen: dict[int, IPAddress] = {}
+    for i in range(16, 256):
+        text = f"198.18.1.{i}" if family == 4 else f"2001:db8:1::{i:x}"
+        ip = ipaddress.ip_address(text)
+        chosen.setdefault(worker_for(ip, workers), ip)
+        if len(chosen) == workers:
+            break
+    for ip in chosen.values():
+        lab.add_client_address(ip)
+    return chosen
+
+
+def _host(client: str) -> str:
+    return client.rsplit(":", 1)[0].strip("[]")
+
+
+def _workers_by_client(proxy: ProxyProcess, since: int = 0) -> dict[str, set[int]]:
+    seen: dict[str, set[int]] = defaultdict(set)
+    for event in proxy.named("session_open")[since:]:
+        seen[_host(event["client"])].add(event["worker"])
+    return seen
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_each_client_stays_on_its_worker_through_a_restart(lab: Lab, family: int) -> None:
     start_peer_server(lab, lab.server, PEER_PORT)
     apply_rules(lab, "--ports", str(PEER_PORT))
     proxy = start_proxy(lab, "--workers", "2")
     proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
-    peer = str(lab.server.endpoint(PEER_PORT))
-    result = client_json(lab, ["swarm", peer, "--count", "400"])
-    assert result["outcomes"] == {"intact": 400}, result
-    opened = proxy.named("session_open")
-    assert {e["worker"] for e in opened} == {1, 2}, "one worker did all the work"
+    clients = _one_client_per_worker(lab, family, 2)
+    peer = str(lab.server.endpoint(PEER_PORT, family))
+    for ip in clients.values():
+        result = client_json(lab, ["swarm", peer, "--count", "100", "--source", str(ip)])
+        assert result["outcomes"] == {"intact": 100}, result
+    # The kernel ran the steering program on nft's own listener lookup: every session of a
+    # client went to the worker the program's arithmetic names, and both workers served.
+    expected = {str(ip): {worker} for worker, ip in clients.items()}
+    assert _workers_by_client(proxy) == expected
 
-    # Kill one worker outright: the supervisor starts a new one and service goes on.
+    # Kill worker 1 outright: the supervisor starts a new one, which gets worker 1's socket
+    # back, so worker 1's client is served by worker 1 again.
+    opened = len(proxy.named("session_open"))
     workers = _children(proxy.proc.pid)
     assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
-    proxy.wait_for(lambda e: "restarting it" in e.get("message", ""), "the restart notice")
+    victim = _worker_pid(proxy, 1)
+    os.kill(victim, signal.SIGKILL)
+    proxy.wait_for(lambda e: "worker 1" in e.get("message", "") and "restarting it" in
+                   e.get("message", ""), "the restart notice")  # fmt: skip
     wait_until(lambda: len(proxy.named("listening")) == 3, 10, "the new worker to listen")
     assert len(_children(proxy.proc.pid)) == 2
-    again = client_json(lab, ["swarm", peer, "--count", "100"])
-    assert again["outcomes"] == {"intact": 100}, again
+    for ip in clients.values():
+        again = client_json(lab, ["swarm", peer, "--count", "50", "--source", str(ip)])
+        assert again["outcomes"] == {"intact": 50}, again
+    assert _workers_by_client(proxy, since=opened) == expected
 
     # SIGHUP reaches every worker (without --config each says there is nothing to reload).
     proxy.signal(signal.SIGHUP)
@@ -42,3 +89,90 @@ def test_two_workers_serve_restart_and_stop(lab: Lab) -> None:
 
     assert proxy.stop() == 0
     assert len(proxy.named("stopped")) == 2  # each worker drained and said so
+
+
+def _worker_pid(proxy: ProxyProcess, worker: int) -> int:
+    """The PID of worker `worker` now, asked of the supervisor through its listing."""
+    count = len(proxy.named("sessions"))
+    proxy.signal(signal.SIGUSR1)
+    listing = proxy.wait_for(lambda e: e.get("event") == "sessions", "a listing", count=count + 1)
+    return int(next(w["pid"] for w in listing[-1]["workers"] if w["worker"] == worker))
+
+
+def test_a_second_tproxy_on_the_same_port_is_refused(lab: Lab) -> None:
+    proxy = start_proxy(lab, "--workers", "2")
+    for workers in ("1", "2"):
+        second = ProxyProcess(lab, lab.router, ["--workers", workers])
+        assert second.proc.wait(10) == 1
+        assert "already in use" in second.stderr_text()
+        second.stop()
+    assert proxy.proc.poll() is None
+
+
+def test_the_supervisor_lists_every_workers_sessions(lab: Lab) -> None:
+    start_peer_server(lab, lab.server, PEER_PORT)
+    apply_rules(lab, "--ports", str(PEER_PORT))
+    proxy = start_proxy(lab, "--workers", "2")
+    proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
+    clients = _one_client_per_worker(lab, 4, 2)
+    peer = str(lab.server.endpoint(PEER_PORT))
+    holders = []
+    try:
+        for worker, ip in clients.items():
+            argv = [sys.executable, "-m", "tproxy.lab.peers", "hold", peer,
+                    "--count", str(worker + 1), "--source", str(ip)]  # fmt: skip
+            holder = lab.start(lab.client, argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+            holders.append(holder)
+            assert holder.stdout is not None
+            assert json.loads(holder.stdout.readline()) == {"ready": worker + 1}
+        proxy.signal(signal.SIGUSR1)
+        listing = proxy.wait_for(lambda e: e.get("event") == "sessions", "the listing")[0]
+    finally:
+        for holder in holders:
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(10)
+    assert listing["missing"] == []
+    assert listing.get("worker") == 0  # the supervisor's
+    by_worker = {w["worker"]: w for w in listing["workers"]}
+    assert sorted(by_worker) == [1, 2]
+    opened = proxy.named("session_open")
+    for worker, ip in clients.items():
+        entry = by_worker[worker]
+        assert entry["active"] == worker + 1
+        assert entry["pid"] in _children(proxy.proc.pid)
+        assert {_host(s["client"]) for s in entry["sessions"]} == {str(ip)}
+        ids = {e["session"] for e in opened if e["worker"] == worker}
+        assert {s["id"] for s in entry["sessions"]} == ids
+
+
+def test_a_stalled_worker_is_noticed_and_so_is_its_recovery(lab: Lab) -> None:
+    proxy = start_proxy(lab, "--workers", "2")
+    proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
+    victim = _worker_pid(proxy, 2)
+    assert victim in _children(proxy.proc.pid)  # a process this test started
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        stalled = proxy.wait_for(lambda e: "no heartbeat" in e.get("message", ""), "the notice")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert stalled[0]["message"].startswith(f"worker 2 (pid {victim}) sent no heartbeat for 3")
+    assert stalled[0]["worker"] == 0
+    back = proxy.wait_for(lambda e: "answering again" in e.get("message", ""), "the recovery")
+    assert back[0]["message"].startswith(f"worker 2 (pid {victim}) is answering again")
+    assert len(proxy.find(lambda e: "no heartbeat" in e.get("message", ""))) == 1
+    assert proxy.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(lab: Lab) -> None:
+    proxy = start_proxy(lab, "--workers", "2")
+    proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
+    workers = _children(proxy.proc.pid)
+    assert len(workers) == 2
+    proxy.proc.kill()  # SIGKILL: no forwarding, no cleanup in the supervisor
+    proxy.proc.wait(10)
+    # Each worker reads EOF on its channel, drains and exits rather than serve unsupervised.
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10,
+               "the orphaned workers to exit")  # fmt: skip
+    gone = proxy.find(lambda e: "the supervisor is gone" in e.get("message", ""))
+    assert sorted(e["worker"] for e in gone) == [1, 2]

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -37,7 +38,10 @@ from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
 from tproxy.engine.server import ProxyServer, StartupError, open_listeners
+from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
+from tproxy.engine.worker_channel import WorkerChannel
+from tproxy.interception.sockopts import SocketSetupError
 from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
@@ -358,14 +362,26 @@ def _run(args: argparse.Namespace) -> int:
     reload = None if args.config is None else partial(_load_config, args.config, overrides)
     workers = args.workers or os.cpu_count() or 1
     try:
-        listeners = open_listeners(config)
+        per_worker = _open_worker_listeners(config, workers)
     except StartupError as exc:
         return _fail(str(exc))
+    everyone = list({id(s): s for own in per_worker for s in own}.values())
 
-    def worker_main(worker_id: int | None) -> int:
+    def worker_main(worker_id: int | None, channel_sock: socket.socket | None = None) -> int:
+        own = per_worker[(worker_id or 1) - 1]
+        close_all([s for s in everyone if s not in own])  # other workers' sockets
         log = EventLog(config.log_format, worker=worker_id)
+        channel = None
+        if worker_id is not None and channel_sock is not None:
+            channel = WorkerChannel(channel_sock, worker_id)
         server = ProxyServer(
-            config, log, reload, listeners=listeners, share=workers, worker=worker_id or 0
+            config,
+            log,
+            reload,
+            listeners=list(own),
+            share=workers,
+            channel=channel,
+            worker=worker_id or 0,
         )
         server.prepare()
         factory = (
@@ -377,9 +393,25 @@ def _run(args: argparse.Namespace) -> int:
 
     if workers == 1:
         return worker_main(None)
-    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0))
-    close_all(listeners)
+    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0), everyone)
+    close_all(everyone)
     return code
+
+
+# Several workers: each its own listening socket, each client address steered to one worker
+# (engine.steering); False shares one socket among all workers (kept for measuring the two).
+STEER_BY_CLIENT = True
+
+
+def _open_worker_listeners(config: ProxyConfig, workers: int) -> list[list[socket.socket]]:
+    """Each worker's listening sockets (index 0 is worker 1); raises StartupError."""
+    if workers == 1 or not STEER_BY_CLIENT:
+        return [open_listeners(config)] * workers
+    transparent = config.mode is InterceptMode.TPROXY
+    try:
+        return open_steered_listeners(config.listen, workers, transparent=transparent)
+    except SocketSetupError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _rules(args: argparse.Namespace) -> int:

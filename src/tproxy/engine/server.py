@@ -39,6 +39,7 @@ from tproxy.core.session_id import SessionIds
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
+from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.original_dst import destination_lookup
 from tproxy.interception.self_connect import SelfConnectGuard
@@ -116,12 +117,15 @@ class ProxyServer:
         listeners: list[socket.socket] | None = None,
         share: int = 1,
         worker: int = 0,
+        channel: WorkerChannel | None = None,
     ) -> None:
         self._log = log
         self._reload = reload
         self._listeners: list[socket.socket] = listeners or []
         # This process's share of --max-connections when several workers split the load.
         self._share = share
+        # The supervisor's channel (heartbeats, requests), when this process is one of several.
+        self._channel = channel
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctx = SessionContext(
             config,
@@ -194,6 +198,8 @@ class ProxyServer:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         self._resume_accepting()
         self._spawn(self._sweep_timeouts())
+        if self._channel is not None:
+            self._channel.start(loop, self._ctx)
         self._log.emit(
             Listening(
                 [format_sockaddr(s.getsockname()) for s in self._listeners],
@@ -216,6 +222,8 @@ class ProxyServer:
                 await asyncio.wait(list(self._tasks))
             self._ctx.poller.close()
             self.release()
+            if self._channel is not None:
+                self._channel.close()
             self._log.emit(Stopped(received[0] if received else "exit", cut))
             self._log.flush()
 

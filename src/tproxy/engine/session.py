@@ -90,6 +90,10 @@ class SessionContext:
     poller: Poller = field(init=False)  # set when the server starts serving
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
+    # Counters since this process started (the supervisor's heartbeats carry them).
+    opened: int = 0
+    closed_bytes_up: int = 0
+    closed_bytes_down: int = 0
 
     @property
     def active(self) -> int:
@@ -141,6 +145,7 @@ class Session:
             ctx.ids.next(), format_sockaddr(self._client_addr), format_sockaddr(dst_addr), now
         )
         ctx.sessions.add(self)
+        ctx.opened += 1
         ctx.log.emit(SessionOpened(record.id, record.client, record.dst, ctx.active))
         if lookup_error is not None:
             detail = f"no original destination (not redirected?): {lookup_error.strerror}"
@@ -263,6 +268,8 @@ class Session:
         if record is None:  # failed before the open was logged: nothing to close in the log
             return
         ctx.sessions.discard(self)
+        ctx.closed_bytes_up += record.bytes_up
+        ctx.closed_bytes_down += record.bytes_down
         ctx.pipes.trim(ctx.active)
         ctx.log.emit(
             SessionClosed(

@@ -1,93 +1,364 @@
-"""The supervisor: N worker processes sharing the listening sockets, kept alive, told to stop.
+"""The supervisor: N worker processes, kept alive, watched, asked, and told to stop.
 
 The parent binds the listeners (so "port in use" is caught once, before anything forks), then
-forks one worker per CPU. Each worker inherits the listening sockets and runs its own event loop
-and sessions; the kernel hands each connection to whichever worker accepts it first. The parent
-does nothing on the data path: it forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a
-worker that dies without being told to (with a pause if workers keep dying), and exits 0 once
-every worker has finished its drain after a stop signal.
+forks one worker per CPU. Each worker runs its own event loop and sessions. The parent does
+nothing on the data path: it forwards SIGTERM/SIGINT/SIGHUP to the workers, restarts a worker
+that dies without being told to (with a pause if workers keep dying), and exits 0 once every
+worker has finished its drain after a stop signal. At the first stop signal it closes its own
+copies of the listening sockets, as each worker does: a listening socket lives as long as any
+copy of it, and one left open in the parent would complete new handshakes into a backlog that
+nobody reads for the whole drain.
 
-One shared listening socket or SO_REUSEPORT? With a shared socket the parent binds once and
-workers inherit it; a second tproxy on the same port is refused, as the operator expects. With
-SO_REUSEPORT every worker binds its own socket, and so could a second, unrelated instance. The
-shared socket costs spurious wake-ups (every worker's epoll sees each new connection), yet
-measured here with two workers (wrk, Connection: close, three interleaved rounds) it accepted
-as fast or faster: 7,040-7,250 new connections/s shared against 6,600-7,210 with SO_REUSEPORT.
+Listening: one socket per worker, each client address steered to one worker
+(`engine.steering`: SO_REUSEPORT and a classic BPF program on the client's source address), so
+that per-client state can live in one worker. Measured against one listening socket shared by
+all workers (bench/steering.py; two workers on the shared 2-core machine, load average 2.5-7.3;
+wrk `Connection: close` through the TPROXY path, 10 interleaved rounds): steered/shared new
+connections/s in the same round, 64 clients 1.03 (0.82-1.83) IPv4 and 0.92 (0.64-2.52) IPv6,
+one client 0.94 (0.39-1.63) and 1.22 (0.56-2.50) -- no cost that clears the noise. Balance over
+64 equal clients: the busiest worker had 0.50 of the sessions steered, 0.50-0.58 shared; but one
+client is always one worker's. nft's `tproxy` lookup honoured the program on IPv4 and IPv6 in
+every measurement. The parent keeps every socket open so a restarted worker gets its own back.
+
+The channel: each worker has a SOCK_SEQPACKET socketpair with the parent (`core.worker_protocol`
+for the messages, `engine.worker_channel` for the worker's end). Workers send a heartbeat with
+their counters every second; a worker silent for `STALL_AFTER_S` is reported once in a notice,
+and so is its recovery. `Supervisor.ask` sends a request to every worker and collects the
+replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` event).
+
+The loop is plain `selectors`, not asyncio (forking from inside an event loop is asking for
+trouble): signals arrive as bytes through `signal.set_wakeup_fd`, next to the channels.
+docs/workers-design.md has the whole design, with what happens when a worker dies or stalls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
+from tproxy.core.worker_protocol import (
+    MAX_MESSAGE_BYTES,
+    REPLY_TIMEOUT_S,
+    STALL_AFTER_S,
+    Gathering,
+    Heartbeat,
+    MessageError,
+    Reply,
+    Request,
+    Watchdog,
+    decode,
+    encode,
+)
 from tproxy.observability.eventlog import EventLog
-from tproxy.observability.events import Notice
+from tproxy.observability.events import Notice, SessionsListed
 
-_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_STOP = (signal.SIGTERM, signal.SIGINT)
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
 # A worker that dies this soon after its start counts as crashing; restarts then wait.
 CRASH_WINDOW_S = 1.0
 RESTART_PAUSE_S = 1.0
+# The supervisor's loop wakes up at least this often (watchdog, reply deadlines, restarts).
+TICK_S = 0.25
+CHANNEL_BUFFER_BYTES = 1 << 20
 
-WorkerMain = Callable[[int], int]
+WorkerMain = Callable[[int, socket.socket], int]
+"""Runs in the child as worker `worker_id` with its end of the channel; returns its exit status.
+It must install its own signal handling (the child starts with the default dispositions)."""
+
+ListingDone = Callable[[Gathering], None]
 
 
-def run_workers(count: int, worker_main: WorkerMain, log: EventLog) -> int:
-    """Run `worker_main(worker_id)` in `count` child processes until told to stop; exit status.
+@dataclass(slots=True)
+class _Worker:
+    id: int
+    pid: int
+    started_at: float
+    channel: socket.socket | None
 
-    `worker_main` runs in the child and returns its exit status; it must install its own
-    signal handling (signals arrive unblocked in the child).
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The handler the supervisor's signals get: the wakeup descriptor does the rest."""
+
+
+class Supervisor:
+    """Forks `count` workers, keeps them running, multiplexes signals and worker channels.
+
+    Args:
+        count: how many workers.
+        worker_main: what each child runs.
+        log: the supervisor's own notices.
+        listeners: the parent's copies of the listening sockets, closed at the first stop signal.
+        stall_after_s: a worker silent this long is reported as stalled.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
-    workers: dict[int, tuple[int, float]] = {}  # pid -> (worker id, started at)
-    for worker_id in range(1, count + 1):
-        pid, started_at = _fork(worker_id, worker_main)
-        workers[pid] = (worker_id, started_at)
-    stopping = False
-    worst = 0
-    while workers:
-        info = signal.sigwaitinfo(_HANDLED)
-        if info.si_signo in (signal.SIGTERM, signal.SIGINT):
-            if not stopping:
-                log.emit(Notice(f"{signal.Signals(info.si_signo).name}: stopping {count} workers"))
-            stopping = True
-            _tell(workers, info.si_signo)
-        elif info.si_signo == signal.SIGHUP:
-            _tell(workers, signal.SIGHUP)
+
+    def __init__(
+        self,
+        count: int,
+        worker_main: WorkerMain,
+        log: EventLog,
+        listeners: Sequence[socket.socket] = (),
+        *,
+        stall_after_s: float = STALL_AFTER_S,
+    ) -> None:
+        self._count = count
+        self._worker_main = worker_main
+        self._log = log
+        self._listeners = listeners
+        self._workers: dict[int, _Worker] = {}  # by pid
+        self._restart_at: dict[int, float] = {}  # worker id -> when to start it again
+        self._watchdog = Watchdog(stall_after_s)
+        self._gatherings: list[tuple[Gathering, ListingDone]] = []
+        self._next_request_id = 1
+        self._stopping = False
+        self._worst = 0
+        self._selector = selectors.DefaultSelector()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._old_wakeup_fd = -1
+
+    @property
+    def latest(self) -> dict[int, Heartbeat]:
+        """Each live worker's last heartbeat, by worker id."""
+        return dict(self._watchdog.latest)
+
+    def run(self) -> int:
+        """Run the workers until every one has stopped after a stop signal; the exit status."""
+        self._install_signals()
+        try:
+            for worker_id in range(1, self._count + 1):
+                self._start(worker_id)
+            while self._workers or (self._restart_at and not self._stopping):
+                self._step()
+        finally:
+            self._restore_signals()
+            self._selector.close()
+        return self._worst
+
+    def ask(self, command: str, args: dict[str, Any], done: ListingDone) -> None:
+        """Send `command` to every live worker; call `done` with the replies once all answered or
+        `REPLY_TIMEOUT_S` passed."""
+        request = Request(self._next_request_id, command, args)
+        self._next_request_id += 1
+        data = encode(request)
+        asked = {w.id: w for w in self._workers.values() if w.channel is not None}
+        gathering = Gathering(request, set(asked), time.monotonic() + REPLY_TIMEOUT_S)
+        for worker in asked.values():
+            assert worker.channel is not None
+            try:
+                worker.channel.send(data)
+            except OSError:  # its buffer is full (stalled) or it is dying
+                gathering.lost(worker.id)
+        self._gatherings.append((gathering, done))
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        for key, _ in self._selector.select(TICK_S):
+            if key.data is None:
+                self._on_signals()
+            else:
+                self._on_channel(key.data)
+        self._reap()
+        now = time.monotonic()
+        if not self._stopping:
+            for worker_id, at in list(self._restart_at.items()):
+                if now >= at:
+                    del self._restart_at[worker_id]
+                    self._start(worker_id)
+        for stalled in self._watchdog.check(now):
+            self._log.emit(
+                Notice(
+                    f"worker {stalled.worker} ({self._pid_text(stalled.worker)}) sent no "
+                    f"heartbeat for {stalled.silent_s:.1f} s: its event loop is stuck or stopped"
+                )
+            )
+        for entry in list(self._gatherings):
+            gathering, done = entry
+            if gathering.done(now):
+                self._gatherings.remove(entry)
+                done(gathering)
+
+    def _on_signals(self) -> None:
+        assert self._wake_r is not None
+        while True:
+            try:
+                data = self._wake_r.recv(512)
+            except (BlockingIOError, InterruptedError):
+                return
+            for signum in data:
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in _STOP:
+            if not self._stopping:
+                name = signal.Signals(signum).name
+                self._log.emit(Notice(f"{name}: stopping {self._count} workers"))
+                close_all(self._listeners)
+                self._restart_at.clear()
+            self._stopping = True
+            self._tell(signum)
+        elif signum == signal.SIGHUP:
+            self._tell(signal.SIGHUP)
+        elif signum == signal.SIGUSR1:
+            self.ask("sessions", {}, self._log_listing)
+
+    def _on_channel(self, worker: _Worker) -> None:
+        channel = worker.channel
+        while channel is not None:
+            try:
+                data = channel.recv(MAX_MESSAGE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the worker is exiting; the reap restarts it if it should
+                self._close_channel(worker)
+                return
+            try:
+                message = decode(data)
+            except MessageError as exc:
+                self._log.emit(Notice(f"worker {worker.id}: ignored a malformed message ({exc})"))
+                continue
+            now = time.monotonic()
+            beat = message if isinstance(message, Heartbeat) else None
+            recovered = self._watchdog.heard(worker.id, now, beat)
+            if recovered is not None:
+                self._log.emit(
+                    Notice(
+                        f"worker {worker.id} (pid {worker.pid}) is answering again after "
+                        f"{recovered.silent_s:.1f} s of silence"
+                    )
+                )
+            if isinstance(message, Reply):
+                for gathering, _ in self._gatherings:
+                    gathering.add(message)
+
+    def _reap(self) -> None:
         for pid, status in _reap():
-            worker_id, started_at = workers.pop(pid)
+            worker = self._workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._close_channel(worker)
+            self._watchdog.forget(worker.id)
+            for gathering, _ in self._gatherings:
+                gathering.lost(worker.id)
             code = os.waitstatus_to_exitcode(status)
-            if stopping:
-                worst = max(worst, code if code >= 0 else 1)
+            if self._stopping:
+                self._worst = max(self._worst, code if code >= 0 else 1)
                 continue
             how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-            log.emit(Notice(f"worker {worker_id} (pid {pid}) ended with {how}; restarting it"))
-            if time.monotonic() - started_at < CRASH_WINDOW_S:
-                time.sleep(RESTART_PAUSE_S)
-            new_pid, new_started_at = _fork(worker_id, worker_main)
-            workers[new_pid] = (worker_id, new_started_at)
-    return worst
+            self._log.emit(
+                Notice(f"worker {worker.id} (pid {pid}) ended with {how}; restarting it")
+            )
+            crashed = time.monotonic() - worker.started_at < CRASH_WINDOW_S
+            self._restart_at[worker.id] = time.monotonic() + (RESTART_PAUSE_S if crashed else 0)
+
+    # --- workers -------------------------------------------------------------------------
+
+    def _start(self, worker_id: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (parent_end, child_end):
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    end.setsockopt(socket.SOL_SOCKET, option, CHANNEL_BUFFER_BYTES)
+        # Blocked across the fork: a signal must not reach the supervisor's handler in the
+        # child (it would write to the supervisor's wakeup socket, as if sent to the parent).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                parent_end.close()
+                self._become_worker()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+                code = self._worker_main(worker_id, child_end)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+        child_end.close()
+        parent_end.setblocking(False)
+        worker = _Worker(worker_id, pid, time.monotonic(), parent_end)
+        self._workers[pid] = worker
+        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+        self._watchdog.started(worker_id, worker.started_at)
+
+    def _become_worker(self) -> None:
+        """In the child: drop everything of the supervisor's (its signal handling, its
+        descriptors, the other workers' channels)."""
+        self._restore_signals()
+        for worker in self._workers.values():
+            if worker.channel is not None:
+                worker.channel.close()
+        self._selector.close()
+
+    def _close_channel(self, worker: _Worker) -> None:
+        if worker.channel is not None:
+            self._selector.unregister(worker.channel)
+            worker.channel.close()
+            worker.channel = None
+
+    def _tell(self, signum: int) -> None:
+        for pid in self._workers:
+            with contextlib.suppress(ProcessLookupError):  # already gone: reaped next
+                os.kill(pid, signum)
+
+    def _pid_text(self, worker_id: int) -> str:
+        pids = [w.pid for w in self._workers.values() if w.id == worker_id]
+        return f"pid {pids[0]}" if pids else "gone"
+
+    def _log_listing(self, gathering: Gathering) -> None:
+        pids = {w.id: w.pid for w in self._workers.values()}
+        workers = []
+        missing = set(gathering.missing)
+        for worker_id, reply in sorted(gathering.replies.items()):
+            if reply.error:
+                missing.add(worker_id)
+                continue
+            workers.append({"worker": worker_id, "pid": pids.get(worker_id), **reply.result})
+        self._log.emit(SessionsListed(workers, sorted(missing)))
+
+    # --- signals -------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        """Signals arrive as bytes on a socketpair the loop watches (signal.set_wakeup_fd): the
+        handlers themselves do nothing, so no Python code runs at an arbitrary point."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in _HANDLED:
+            self._old_handlers[signum] = signal.signal(signum, _ignore)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers.clear()
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+        self._wake_r = self._wake_w = None
 
 
-def _fork(worker_id: int, worker_main: WorkerMain) -> tuple[int, float]:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
-            code = worker_main(worker_id)
-        finally:
-            os._exit(code)
-    return pid, time.monotonic()
-
-
-def _tell(workers: dict[int, tuple[int, float]], signum: int) -> None:
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):  # already gone: reaped below
-            os.kill(pid, signum)
+def run_workers(
+    count: int,
+    worker_main: WorkerMain,
+    log: EventLog,
+    listeners: Sequence[socket.socket] = (),
+) -> int:
+    """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
+    the exit status (the worst of the workers' after a stop). See `Supervisor`."""
+    return Supervisor(count, worker_main, log, listeners).run()
 
 
 def _reap() -> list[tuple[int, int]]:
@@ -102,6 +373,7 @@ def _reap() -> list[tuple[int, int]]:
         reaped.append((pid, status))
 
 
-def close_all(listeners: list[socket.socket]) -> None:
+def close_all(listeners: Sequence[socket.socket]) -> None:
+    """Close every listener (closing one twice is harmless)."""
     for listener in listeners:
         listener.close()

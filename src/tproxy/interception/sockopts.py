@@ -41,10 +41,11 @@ def _set_transparent(sock: socket.socket, family: socket.AddressFamily) -> None:
 
 
 def open_listener(
-    endpoint: Endpoint, *, transparent: bool = True, backlog: int = 4096
+    endpoint: Endpoint, *, transparent: bool = True, backlog: int = 4096, reuseport: bool = False
 ) -> socket.socket:
     """A non-blocking listening socket, with IP_TRANSPARENT for TPROXY to hand it connections
-    (`transparent=False`: a plain one, for REDIRECT mode).
+    (`transparent=False`: a plain one, for REDIRECT mode); `reuseport=True` sets SO_REUSEPORT
+    before the bind, so that further sockets of this user can join its group.
 
     Raises:
         SocketSetupError: not permitted (needs CAP_NET_ADMIN), the port is in use, or the address
@@ -57,6 +58,8 @@ def open_listener(
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.family == socket.AF_INET6:
             # We listen on 0.0.0.0 and [::] side by side, as two sockets.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

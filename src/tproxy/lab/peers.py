@@ -290,7 +290,11 @@ def chatter(to: Endpoint, interval_s: float, duration_s: float) -> dict[str, Any
 
 
 async def _swarm_one(
-    to: Endpoint, payload: bytes, connected: asyncio.Barrier, established: asyncio.Barrier
+    to: Endpoint,
+    payload: bytes,
+    connected: asyncio.Barrier,
+    established: asyncio.Barrier,
+    source: str | None = None,
 ) -> str:
     loop = asyncio.get_running_loop()
     sock = socket.socket(to.family, socket.SOCK_STREAM)
@@ -298,6 +302,8 @@ async def _swarm_one(
     outcome = ""
     try:
         try:
+            if source is not None:
+                sock.bind((source, 0))
             await loop.sock_connect(sock, to.sockaddr)
         except OSError as exc:
             outcome = _outcome(exc)
@@ -327,13 +333,14 @@ async def _swarm_one(
 
 
 async def swarm(
-    to: Endpoint, count: int, payload_bytes: int, timeout_s: float = 60
+    to: Endpoint, count: int, payload_bytes: int, timeout_s: float = 60, source: str | None = None
 ) -> dict[str, Any]:
     """`count` ECHO sessions open at the same time, each with its own payload: what happened?
 
     All connect first; then each proves its session works with one echoed byte (or sees it
     reset); only when every one has an answer do they exchange the rest and close. So every
-    session that is served is open at the same time as all the others.
+    session that is served is open at the same time as all the others. `source`: the client
+    address to connect from (one of this host's).
     """
     _raise_nofile()
     connected, established = asyncio.Barrier(count), asyncio.Barrier(count)
@@ -343,7 +350,7 @@ async def swarm(
     async def bounded(payload: bytes) -> str:
         try:
             async with asyncio.timeout(timeout_s):
-                return await _swarm_one(to, payload, connected, established)
+                return await _swarm_one(to, payload, connected, established, source)
         except TimeoutError:
             return "timeout"
 
@@ -352,7 +359,7 @@ async def swarm(
     return {"outcomes": dict(counts), "elapsed_s": round(time.monotonic() - started, 3)}
 
 
-async def hold(to: Endpoint, count: int) -> None:
+async def hold(to: Endpoint, count: int, source: str | None = None) -> None:
     """Open `count` ECHO sessions, prove each with one echoed byte, print the tally, then hold
     them all open, idle, until stdin closes (for measuring what an idle session costs)."""
     _raise_nofile()
@@ -364,6 +371,8 @@ async def hold(to: Endpoint, count: int) -> None:
         for _ in range(start, min(count, start + 500)):
             sock = socket.socket(to.family, socket.SOCK_STREAM)
             sock.setblocking(False)
+            if source is not None:
+                sock.bind((source, 0))
             wave.append(sock)
         results = await asyncio.gather(
             *(_hold_one(loop, sock, to) for sock in wave), return_exceptions=True
@@ -416,13 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     swarm_cmd.add_argument("endpoint", type=parse_endpoint)
     swarm_cmd.add_argument("--count", type=int, required=True)
     swarm_cmd.add_argument("--bytes", type=int, default=10_000)
+    swarm_cmd.add_argument("--source", help="connect from this address (one of this host's)")
     hold_cmd = commands.add_parser("hold")
     hold_cmd.add_argument("endpoint", type=parse_endpoint)
     hold_cmd.add_argument("--count", type=int, required=True)
+    hold_cmd.add_argument("--source", help="connect from this address (one of this host's)")
     args = parser.parse_args(argv)
 
     if args.command == "hold":
-        asyncio.run(hold(args.endpoint, args.count))
+        asyncio.run(hold(args.endpoint, args.count, args.source))
         return 0
     if args.command == "serve":
         asyncio.run(serve(args.port))
@@ -438,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "chatter":
         result = chatter(args.endpoint, args.interval, args.duration)
     else:
-        result = asyncio.run(swarm(args.endpoint, args.count, args.bytes))
+        result = asyncio.run(swarm(args.endpoint, args.count, args.bytes, source=args.source))
     print(json.dumps(result))
     return 0
 

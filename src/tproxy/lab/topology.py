@@ -210,6 +210,16 @@ class Lab:
             shutil.rmtree(path, ignore_errors=True)
         self.cleanup_paths.clear()
 
+    def add_client_address(self, ip: IPAddress) -> None:
+        """One more address on the client (many clients behind one interface), known to the
+        router without address resolution. Routed lab only."""
+        plen, extra = (64, ["nodad"]) if ip.version == 6 else (24, [])
+        c, r = self.client.netns, self.router.netns
+        self._sh(["ip", "-n", c, "addr", "add", f"{ip}/{plen}", "dev", "eth0", *extra])
+        link = json.loads(self._out(["ip", "-j", "-n", c, "link", "show", "dev", "eth0"]))
+        self._sh(["ip", "-n", r, "neigh", "replace", str(ip), "lladdr", link[0]["address"],
+                  "dev", "to-client", "nud", "permanent"])  # fmt: skip
+
     # --- running things in a namespace -----------------------------------------------------
 
     def sysctl(self, host: Host, name: str, value: str) -> None:

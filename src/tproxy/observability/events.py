@@ -188,6 +188,25 @@ class Stopped(Event):
         return f"stopped on {self.signal}, {self.sessions_cut} live sessions cut"
 
 
+@dataclass(slots=True)
+class SessionsListed(Event):
+    """Every worker's live sessions, as the supervisor collected them (on SIGUSR1).
+
+    `workers`: one object per worker that answered, {worker, pid, active, sessions: [{id,
+    client, dst}], truncated}; `missing`: the workers that did not answer in time.
+    """
+
+    name: ClassVar[str] = "sessions"
+    workers: list[dict[str, Any]]
+    missing: list[int]
+
+    def text(self) -> str:
+        parts = [f"worker {w['worker']}: {w['active']} live" for w in self.workers]
+        parts += [f"worker {m}: no answer" for m in self.missing]
+        total = sum(int(w["active"]) for w in self.workers)
+        return f"{total} live sessions ({'; '.join(parts)})"
+
+
 _second_cache: list[Any] = [-1, ""]
 
 
@@ -242,6 +261,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ConnectionsRefused,
         Notice,
         Stopped,
+        SessionsListed,
     )
 }
 

@@ -1,0 +1,240 @@
+"""The supervisor-worker protocol: its messages, their codec, and the supervisor's bookkeeping.
+
+Each worker has one SOCK_SEQPACKET socketpair with the supervisor: one datagram is one message,
+a small JSON object with a `type`. This module holds no I/O: it turns messages into bytes and
+back, and keeps the state the supervisor derives from them (which worker is silent, which
+listing is complete), with the clock passed in as an argument.
+
+Messages:
+
+* `Heartbeat` (worker -> supervisor, every `HEARTBEAT_INTERVAL_S`): the worker's counters. It
+  also proves the worker's event loop turns: a worker silent for `STALL_AFTER_S` is reported.
+* `Request` (supervisor -> worker): a command by name with arguments and an id.
+* `Reply` (worker -> supervisor): the id, and a result object or an error.
+
+`decode` accepts only well-formed messages and raises `MessageError` on anything else: a reader
+never crashes on bytes it did not expect (a fuzz test feeds it random bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+HEARTBEAT_INTERVAL_S = 1.0
+# A worker that sent nothing for this long is reported as stalled (three missed heartbeats).
+STALL_AFTER_S = 3.0
+# How long the supervisor waits for every worker's reply to a request.
+REPLY_TIMEOUT_S = 2.0
+# A message never exceeds this (the socketpair's buffers are sized for it).
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class MessageError(ValueError):
+    """Bytes that are not a well-formed message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A worker's counters, sent every second from its event loop.
+
+    `active` live sessions, `opened` sessions since the worker started, `bytes_up` and
+    `bytes_down` every byte its sessions moved since it started (closed ones, counted at the
+    session's one teardown, and live ones so far).
+    """
+
+    worker: int
+    pid: int
+    active: int
+    opened: int
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A command for a worker; the reply carries the same `id`."""
+
+    id: int
+    command: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A worker's answer to request `id`: `result` if `error` is empty."""
+
+    id: int
+    worker: int
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+Message = Heartbeat | Request | Reply
+
+_INT_FIELDS: dict[str, tuple[str, ...]] = {
+    "heartbeat": ("worker", "pid", "active", "opened", "bytes_up", "bytes_down"),
+    "request": ("id",),
+    "reply": ("id", "worker"),
+}
+
+
+def encode(message: Message) -> bytes:
+    """One datagram for `message`."""
+    if isinstance(message, Heartbeat):
+        body: dict[str, Any] = {
+            "type": "heartbeat",
+            "worker": message.worker,
+            "pid": message.pid,
+            "active": message.active,
+            "opened": message.opened,
+            "bytes_up": message.bytes_up,
+            "bytes_down": message.bytes_down,
+        }
+    elif isinstance(message, Request):
+        body = {"type": "request", "id": message.id, "command": message.command,
+                "args": message.args}  # fmt: skip
+    else:
+        body = {"type": "reply", "id": message.id, "worker": message.worker,
+                "result": message.result, "error": message.error}  # fmt: skip
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message:
+    """The message in one datagram.
+
+    Raises:
+        MessageError: not JSON, not an object, an unknown type, or a field missing or of the
+            wrong type.
+    """
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes is over the limit")
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MessageError("not a JSON object")
+    kind = body.get("type")
+    if not isinstance(kind, str) or kind not in _INT_FIELDS:
+        raise MessageError(f"unknown message type {kind!r}")
+    for name in _INT_FIELDS[kind]:
+        value = body.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MessageError(f"{kind}: {name} must be a non-negative integer")
+    if kind == "heartbeat":
+        return Heartbeat(
+            body["worker"], body["pid"], body["active"], body["opened"], body["bytes_up"],
+            body["bytes_down"],
+        )  # fmt: skip
+    if kind == "request":
+        command, args = body.get("command"), body.get("args", {})
+        if not isinstance(command, str) or not isinstance(args, dict):
+            raise MessageError("request: command must be a string and args an object")
+        return Request(body["id"], command, args)
+    result, error = body.get("result", {}), body.get("error", "")
+    if not isinstance(result, dict) or not isinstance(error, str):
+        raise MessageError("reply: result must be an object and error a string")
+    return Reply(body["id"], body["worker"], result, error)
+
+
+# --- the supervisor's bookkeeping ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """Worker `worker` has sent nothing for `silent_s` seconds."""
+
+    worker: int
+    silent_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """Worker `worker`, reported stalled, was heard from again after `silent_s` seconds."""
+
+    worker: int
+    silent_s: float
+
+
+class Watchdog:
+    """Notices workers whose heartbeats stop, and their recovery; each is reported once.
+
+    `heard(worker, now)` on every message from a worker, `check(now)` on every tick of the
+    supervisor's loop; `forget(worker)` when it dies (a restarted worker starts afresh).
+    """
+
+    def __init__(self, stall_after_s: float = STALL_AFTER_S) -> None:
+        self._stall_after_s = stall_after_s
+        self._last_heard_at: dict[int, float] = {}
+        self._stalled: set[int] = set()
+        self.latest: dict[int, Heartbeat] = {}
+
+    def started(self, worker: int, now: float) -> None:
+        """A worker was started: it has until `now + stall_after_s` to be heard from."""
+        self._last_heard_at[worker] = now
+        self._stalled.discard(worker)
+        self.latest.pop(worker, None)
+
+    def heard(
+        self, worker: int, now: float, heartbeat: Heartbeat | None = None
+    ) -> Recovered | None:
+        """A message from `worker` arrived; its recovery if it was reported stalled."""
+        last = self._last_heard_at.get(worker, now)
+        self._last_heard_at[worker] = now
+        if heartbeat is not None:
+            self.latest[worker] = heartbeat
+        if worker in self._stalled:
+            self._stalled.discard(worker)
+            return Recovered(worker, now - last)
+        return None
+
+    def check(self, now: float) -> list[Stalled]:
+        """Workers silent for too long that were not reported yet."""
+        found = []
+        for worker, last in self._last_heard_at.items():
+            if worker not in self._stalled and now - last >= self._stall_after_s:
+                self._stalled.add(worker)
+                found.append(Stalled(worker, now - last))
+        return found
+
+    def forget(self, worker: int) -> None:
+        self._last_heard_at.pop(worker, None)
+        self._stalled.discard(worker)
+        self.latest.pop(worker, None)
+
+    def is_stalled(self, worker: int) -> bool:
+        return worker in self._stalled
+
+
+class Gathering:
+    """The replies to one request sent to several workers: complete when every worker asked has
+    answered, or at `deadline_at` with the silent ones named as missing."""
+
+    def __init__(self, request: Request, workers: set[int], deadline_at: float) -> None:
+        self.request = request
+        self.deadline_at = deadline_at
+        self._waiting = set(workers)
+        self._missing: set[int] = set()
+        self.replies: dict[int, Reply] = {}
+
+    def add(self, reply: Reply) -> None:
+        """A reply arrived; one for another request, or from a worker not asked, is ignored."""
+        if reply.id == self.request.id and reply.worker in self._waiting:
+            self._waiting.discard(reply.worker)
+            self.replies[reply.worker] = reply
+
+    def lost(self, worker: int) -> None:
+        """`worker` died: it will not answer (it is reported missing)."""
+        if worker in self._waiting:
+            self._waiting.discard(worker)
+            self._missing.add(worker)
+
+    def done(self, now: float) -> bool:
+        return not self._waiting or now >= self.deadline_at
+
+    @property
+    def missing(self) -> list[int]:
+        """Workers asked that have not answered (at the end: that never will)."""
+        return sorted(self._waiting | self._missing)

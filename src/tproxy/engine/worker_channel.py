@@ -1,0 +1,148 @@
+"""A worker's end of its channel with the supervisor: heartbeats out, requests in, replies out.
+
+The channel lives on the worker's event loop as one reader and one timer: a heartbeat with the
+worker's counters every `HEARTBEAT_INTERVAL_S` (and one at once, when serving starts), and each
+request answered by the handler registered for its command in `HANDLERS`. A new command (kill,
+metrics, readiness) is one function and one entry there.
+
+Nothing here may stop the worker: a message that cannot be sent at once (the supervisor is not
+reading) is dropped, a malformed request is answered with an error. When the supervisor goes
+away (the channel reads EOF) the worker stops as if told to: it sends itself SIGTERM, drains and
+exits, rather than serve on unsupervised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from tproxy.core.worker_protocol import (
+    HEARTBEAT_INTERVAL_S,
+    MAX_MESSAGE_BYTES,
+    Heartbeat,
+    MessageError,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
+from tproxy.engine.session import SessionContext
+from tproxy.observability.events import Notice
+
+# A listing names at most this many sessions (and says when it stopped short).
+LISTING_LIMIT = 1000
+
+Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
+
+
+def list_sessions(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
+    """`sessions`: this worker's live sessions (id, client, original destination)."""
+    records = sorted((s.record for s in ctx.sessions if s.record is not None), key=lambda r: r.id)
+    shown = records[:LISTING_LIMIT]
+    return {
+        "active": len(records),
+        "sessions": [{"id": r.id, "client": r.client, "dst": r.dst} for r in shown],
+        "truncated": len(shown) < len(records),
+    }
+
+
+HANDLERS: dict[str, Handler] = {"sessions": list_sessions}
+
+
+def heartbeat_of(ctx: SessionContext, worker: int, pid: int) -> Heartbeat:
+    """The worker's counters now."""
+    bytes_up, bytes_down = ctx.closed_bytes_up, ctx.closed_bytes_down
+    for session in ctx.sessions:
+        if session.record is not None:
+            bytes_up += session.record.bytes_up
+            bytes_down += session.record.bytes_down
+    return Heartbeat(worker, pid, ctx.active, ctx.opened, bytes_up, bytes_down)
+
+
+class WorkerChannel:
+    """The worker's end of a SOCK_SEQPACKET socketpair with the supervisor.
+
+    Args:
+        sock: the worker's end (made non-blocking here).
+        worker: this worker's number, 1 to N.
+    """
+
+    def __init__(self, sock: socket.socket, worker: int) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._worker = worker
+        self._pid = os.getpid()
+        self._ctx: SessionContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.dropped = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop, ctx: SessionContext) -> None:
+        """Serving has started: beat now and every second, answer requests."""
+        self._loop, self._ctx = loop, ctx
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._beat()
+
+    def close(self) -> None:
+        """The worker is done: no more heartbeats (the supervisor reaps it next)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+    def _beat(self) -> None:
+        assert self._loop is not None and self._ctx is not None
+        self._send(encode(heartbeat_of(self._ctx, self._worker, self._pid)))
+        self._timer = self._loop.call_later(HEARTBEAT_INTERVAL_S, self._beat)
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.send(data)
+        except BlockingIOError:
+            self.dropped += 1  # the supervisor is not reading: it learns we live next time
+        except OSError:
+            pass  # the supervisor is gone: EOF on the reader says so
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(MAX_MESSAGE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._supervisor_gone()
+                return
+            self._handle(data)
+
+    def _handle(self, data: bytes) -> None:
+        assert self._ctx is not None
+        try:
+            message = decode(data)
+        except MessageError as exc:
+            self._ctx.log.emit(Notice(f"supervisor channel: ignored a malformed message ({exc})"))
+            return
+        if not isinstance(message, Request):
+            return
+        handler = HANDLERS.get(message.command)
+        if handler is None:
+            reply = Reply(message.id, self._worker, error=f"unknown command {message.command!r}")
+        else:
+            try:
+                reply = Reply(message.id, self._worker, handler(self._ctx, message.args))
+            except Exception as exc:  # a handler's bug answers this request, nothing more
+                reply = Reply(message.id, self._worker, error=f"{type(exc).__name__}: {exc}")
+        self._send(encode(reply))
+
+    def _supervisor_gone(self) -> None:
+        assert self._loop is not None and self._ctx is not None
+        self._loop.remove_reader(self._sock.fileno())
+        self._ctx.log.emit(Notice("the supervisor is gone: stopping this worker"))
+        os.kill(os.getpid(), signal.SIGTERM)
