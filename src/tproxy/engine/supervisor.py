@@ -28,7 +28,8 @@ replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` ev
 
 The loop is plain `selectors`, not asyncio (forking from inside an event loop is asking for
 trouble): signals arrive as bytes through `signal.set_wakeup_fd`, next to the channels.
-docs/workers-design.md has the whole design, with what happens when a worker dies or stalls.
+docs/life-of-a-connection.md ("State across workers") has the whole design, with what happens
+when a worker dies or stalls.
 """
 
 from __future__ import annotations
