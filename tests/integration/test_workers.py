@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,26 @@ def test_workers_stop_when_the_supervisor_is_killed(lab: Lab) -> None:
                "the orphaned workers to exit")  # fmt: skip
     gone = proxy.find(lambda e: "the supervisor is gone" in e.get("message", ""))
     assert sorted(e["worker"] for e in gone) == [1, 2]
+
+
+def test_sighup_reloads_the_supervisor_and_the_workers_it_restarts(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """After a reload to JSON, the supervisor's own notices are JSON too (not a mix of text and
+    JSON on one stdout), and a worker that dies later comes back with the reloaded file."""
+    config = tmp_path / "tproxy.toml"
+    config.write_text('log_format = "text"\n')
+    proxy = ProxyProcess(lab, lab.router, ["--workers", "2", "--config", str(config)],
+                         log_format=None)  # fmt: skip
+    proxy.wait_for(lambda e: " listening on " in e.get("line", ""), "two text listeners", count=2)
+    config.write_text('log_format = "json"\n')
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(lambda e: "reloaded" in e.get("message", ""), "both reloads", count=2)
+    os.kill(_worker_pid(proxy, 1), signal.SIGKILL)
+    # The supervisor's notice of the restart, and the new worker's ready line, both in JSON.
+    proxy.wait_for(lambda e: e.get("worker") == 0 and "restarting" in e.get("message", ""),
+                   "the supervisor's restart notice, in JSON")  # fmt: skip
+    proxy.wait_for(lambda e: e.get("event") == "listening", "the restarted worker, in JSON")
+    assert proxy.stop() == 0
+    stopping = [e for e in proxy.named("notice") if e["worker"] == 0]
+    assert any("stopping 2 workers" in e["message"] for e in stopping)

@@ -32,6 +32,7 @@ from tproxy.core.config import (
     ProxyConfig,
     build_config,
     parse_config_file,
+    reload_config,
 )
 from tproxy.core.endpoint import EndpointError, parse_port
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
@@ -366,8 +367,12 @@ def _run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         return _fail(str(exc))
     everyone = list({id(s): s for own in per_worker for s in own}.values())
+    # The configuration a worker starts with: a worker restarted after a SIGHUP is forked from a
+    # supervisor that has reloaded too, so it starts with what its siblings run.
+    current = [config]
 
     def worker_main(worker_id: int | None, channel_sock: socket.socket | None = None) -> int:
+        config = current[0]
         own = per_worker[(worker_id or 1) - 1]
         close_all([s for s in everyone if s not in own])  # other workers' sockets
         log = EventLog(config.log_format, worker=worker_id)
@@ -393,7 +398,20 @@ def _run(args: argparse.Namespace) -> int:
 
     if workers == 1:
         return worker_main(None)
-    code = run_workers(workers, worker_main, EventLog(config.log_format, worker=0), everyone)
+    supervisor_log = EventLog(config.log_format, worker=0)
+
+    def on_reload() -> None:
+        """The supervisor's part of SIGHUP; the workers report errors and restart-only keys."""
+        if reload is None:
+            return
+        try:
+            loaded = reload()
+        except ConfigError:
+            return
+        current[0], _ = reload_config(current[0], loaded)
+        supervisor_log.log_format = current[0].log_format
+
+    code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload)
     close_all(everyone)
     return code
 

@@ -98,6 +98,8 @@ class Supervisor:
         log: the supervisor's own notices.
         listeners: the parent's copies of the listening sockets, closed at the first stop signal.
         stall_after_s: a worker silent this long is reported as stalled.
+        on_reload: the supervisor's own part of SIGHUP (its log's format, the configuration a
+            restarted worker starts with); the workers reload and report for themselves.
     """
 
     def __init__(
@@ -108,8 +110,10 @@ class Supervisor:
         listeners: Sequence[socket.socket] = (),
         *,
         stall_after_s: float = STALL_AFTER_S,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         self._count = count
+        self._on_reload = on_reload
         self._worker_main = worker_main
         self._log = log
         self._listeners = listeners
@@ -208,6 +212,8 @@ class Supervisor:
             self._stopping = True
             self._tell(signum)
         elif signum == signal.SIGHUP:
+            if self._on_reload is not None:
+                self._on_reload()  # before the workers: a worker forked after it starts as reloaded
             self._tell(signal.SIGHUP)
         elif signum == signal.SIGUSR1:
             self.ask("sessions", {}, self._log_listing)
@@ -356,10 +362,11 @@ def run_workers(
     worker_main: WorkerMain,
     log: EventLog,
     listeners: Sequence[socket.socket] = (),
+    on_reload: Callable[[], None] | None = None,
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
     the exit status (the worst of the workers' after a stop). See `Supervisor`."""
-    return Supervisor(count, worker_main, log, listeners).run()
+    return Supervisor(count, worker_main, log, listeners, on_reload=on_reload).run()
 
 
 def _reap() -> list[tuple[int, int]]:
