@@ -114,3 +114,10 @@ def test_spoofing_in_redirect_mode_is_refused(capsys: pytest.CaptureFixture[str]
     assert main(["run", "--mode", "redirect", "--spoof-source"]) == 1
     err = capsys.readouterr().err
     assert "not available in redirect mode" in err and len(err.strip().splitlines()) == 1
+
+
+def test_more_workers_than_session_ids_have_room_for_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["run", "--workers", "1024"]) == 1
+    assert "--workers 1024 is more than tproxy runs (1023 at most)" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from tproxy.core.config import (
 )
 from tproxy.core.endpoint import EndpointError, parse_port
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
+from tproxy.core.session_id import MAX_WORKER
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
 from tproxy.engine.server import ProxyServer, StartupError, open_listeners
@@ -362,6 +363,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     reload = None if args.config is None else partial(_load_config, args.config, overrides)
     workers = args.workers or os.cpu_count() or 1
+    if workers > MAX_WORKER:  # the session id has room for this many
+        return _fail(f"--workers {workers} is more than tproxy runs ({MAX_WORKER} at most)")
     try:
         per_worker = _open_worker_listeners(config, workers)
     except StartupError as exc:
