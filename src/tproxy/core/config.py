@@ -187,8 +187,9 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="live sessions at most; new connections beyond it are reset at once (default: "
            f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)"),
     option("workers", POSITIVE_INT, file=False, metavar="N", reloadable=False,
-           help="worker processes sharing the listening sockets, supervised and restarted if "
-           "they die (default: the number of CPUs; 1 runs without a supervisor)"),
+           help="worker processes, each client address always served by the same one; "
+           "supervised and restarted if they die (default: the number of CPUs; 1 runs without "
+           "a supervisor)"),
     option("relay", choice(RelayKind),
            help="splice: zero-copy in the kernel (the default; falls back to copy where splice "
            "does not work); copy: bytes pass through Python"),
