@@ -20,6 +20,10 @@ CHANGES = {
     "nft": "subprocess.run(['nft', 'add', 'table', 'inet', 'left_behind'], check=True)",
     "ip rule": "subprocess.run(['ip', 'rule', 'add', 'fwmark', '9', 'lookup', '99'], check=True)",
     "sysctl": "Path('/proc/sys/net/ipv4/ip_forward').write_text('1')",
+    # One test changes it, the next puts it back: the session ends as it started, yet the
+    # first test changed the machine.
+    "and back": "Path('/proc/sys/net/ipv4/ip_forward').write_text('1')\n\n\n"
+    "def test_after() -> None:\n    Path('/proc/sys/net/ipv4/ip_forward').write_text('0')",
 }
 
 
@@ -42,7 +46,11 @@ def test_a_run_that_changes_its_namespace_fails(lab: Lab, change: str) -> None:
         assert "changed this machine's own network namespace" not in out
     else:
         assert result.returncode == 1, out
-        assert "ERROR: the test run changed this machine's own network namespace" in out
+        assert "this test changed this machine's own network namespace" in out
+        assert "test_inner.py::test_it - " in out  # the error is the test that changed it
         shown = {"nft": "+table inet left_behind", "ip rule": "fwmark 0x9 lookup 99",
-                 "sysctl": "+net.ipv4.ip_forward = 1"}[change]  # fmt: skip
+                 "sysctl": "+net.ipv4.ip_forward = 1", "and back": "+net.ipv4.ip_forward = 1",
+                 }[change]  # fmt: skip
         assert shown in out
+        session_wide = "ERROR: the test run changed this machine's own network namespace" in out
+        assert session_wide == (change != "and back")
