@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxy.core.session_id import ID_LENGTH, MAX_WORKER, SessionIds, decode, encode
+from tproxy.core.session_id import (
+    ID_LENGTH,
+    MAX_WORKER,
+    DecodedId,
+    SessionIds,
+    decode,
+    encode,
+)
 
 
 class Clock:
@@ -40,6 +47,27 @@ def test_ids_sort_as_their_sessions_opened(opens: list[tuple[float, int]]) -> No
     assert [ms for ms, _ in by_id] == sorted(ms for ms, _ in made)
 
 
+@given(st.lists(st.floats(-5.0, 5.0, allow_nan=False), min_size=1, max_size=3000))
+def test_one_process_makes_ever_growing_ids_whatever_the_clock_does(steps: list[float]) -> None:
+    """Many sessions in one millisecond, a clock that stands still or steps back: each id sorts
+    after the one before, so one process never repeats one."""
+    clock = Clock(1_800_000_000.0)
+    ids = SessionIds(7, clock)
+    made = []
+    for step in steps:
+        clock.now += step / 1000  # up to 5 ms either way, often less than one
+        made.append(ids.next())
+    assert made == sorted(made) and len(set(made)) == len(made)
+
+
+def test_the_1025th_session_in_one_millisecond_borrows_the_next() -> None:
+    ids = SessionIds(0, Clock(1_800_000_000.0))
+    made = [ids.next() for _ in range(1025)]
+    assert decode(made[1023]) == DecodedId(1_800_000_000_000, 0, 1023)
+    assert decode(made[1024]) == DecodedId(1_800_000_000_001, 0, 0)
+    assert made == sorted(made)
+
+
 def test_two_workers_in_the_same_millisecond_never_share_an_id() -> None:
     clock = Clock(1_800_000_000.0)
     one, two = SessionIds(1, clock), SessionIds(2, clock)
@@ -50,10 +78,15 @@ def test_two_workers_in_the_same_millisecond_never_share_an_id() -> None:
 def test_a_restarted_worker_does_not_repeat_the_ids_of_the_one_before() -> None:
     clock = Clock(1_800_000_000.0)
     before = SessionIds(1, clock)
-    old = {before.next() for _ in range(5000)}
-    clock.now += 0.002  # a new process: at least a millisecond later
+    old = []
+    for n in range(5000):
+        clock.now = 1_800_000_000.0 + n / 1_000_000  # 1,000 sessions a millisecond, for 5 ms
+        old.append(before.next())
+    clock.now += 0.002  # a new process starts: at least a millisecond later
     after = SessionIds(1, clock)
-    assert not old & {after.next() for _ in range(5000)}
+    new = [after.next() for _ in range(5000)]
+    assert not set(old) & set(new)
+    assert max(old) < min(new)
 
 
 def test_a_busy_process_never_repeats_an_id() -> None:

@@ -1,17 +1,21 @@
 """Session ids: short, sortable, unique across workers and restarts of the proxy.
 
 An id is 13 characters of Crockford's base32 (lowercase, no i/l/o/u), fixed width so that
-sorting ids as strings sorts them by when their sessions opened:
+sorting ids as strings sorts them by the millisecond their sessions opened (within one worker,
+exactly in the order they opened):
 
     01kbj9dq7  01  2f
-    |          |   `- a per-process counter, modulo 1024     (2 chars, 10 bits)
-    |          `----- the worker (0 without a supervisor)    (2 chars, 10 bits)
-    `---------------- milliseconds since 1970 (UTC)          (9 chars, 45 bits: until year 3084)
+    |          |   `- the session's number within that millisecond  (2 chars, 10 bits)
+    |          `----- the worker (0 without a supervisor)           (2 chars, 10 bits)
+    `---------------- milliseconds since 1970 (UTC)                 (9 chars, 45 bits: to 3084)
 
-Why it is unique: within one process the counter would have to wrap (1,024 sessions opened in
-one millisecond) to repeat an id; a restarted worker (or a restarted proxy) starts a new process,
-which takes longer than a millisecond, so its ids carry a later time. What it assumes: the wall
-clock does not step back while sessions open (NTP slews, it does not step, on a running router).
+Within one process ids only grow: the number restarts at 0 each millisecond, a 1,025th session
+in one millisecond borrows the next millisecond, and a wall clock that steps back does not move
+the time part back (it waits for the clock to catch up). So one process never repeats an id.
+Across processes the worker part keeps ids apart, and a restarted worker (or a restarted proxy)
+is a new process that starts later than its predecessor's last id -- unless the wall clock was
+stepped back across the restart (a router without a battery-backed clock that boots, serves and
+is then corrected by NTP), which could repeat an id of the process before it.
 
 One field, no spaces, safe to paste into grep; `decode` reads an id back (tests, tooling).
 """
@@ -76,8 +80,9 @@ def decode(session_id: str) -> DecodedId:
 
 
 class SessionIds:
-    """Makes the ids of one process's sessions (`next()` is on every connection's path: a clock
-    read, and a string join; the time part is encoded once per millisecond).
+    """Makes the ids of one process's sessions, always growing (`next()` is on every
+    connection's path: a clock read and a string join; the time part is encoded once per
+    millisecond).
 
     Args:
         worker: this process's worker number, 0 to 1023 (0 without a supervisor).
@@ -97,9 +102,13 @@ class SessionIds:
 
     def next(self) -> str:
         ms = int(self._clock() * 1000)
-        if ms != self._ms:
-            self._ms = ms
+        if ms > self._ms:
+            self._ms, count = ms, 0
             self._prefix = encode(ms, TIME_CHARS) + self._worker
-        count = self._count
-        self._count = (count + 1) % _COUNTER_MODULO
+        else:  # the same millisecond (or the clock stepped back: keep counting where we are)
+            count = self._count + 1
+            if count == _COUNTER_MODULO:  # borrow the next millisecond
+                self._ms, count = self._ms + 1, 0
+                self._prefix = encode(self._ms, TIME_CHARS) + self._worker
+        self._count = count
         return self._prefix + _COUNTERS[count]
