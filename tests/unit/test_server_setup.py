@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -155,3 +156,19 @@ def test_the_sweep_logs_a_failed_round_and_runs_the_next(
     server._log.flush()
     notices = [json.loads(line)["message"] for line in log.getvalue().splitlines()]
     assert notices == ["timeout sweep failed, carrying on: RuntimeError: the first round breaks"]
+
+
+def test_refusals_are_counted_per_reason(prepared: Callable[..., ProxyServer]) -> None:
+    log = io.StringIO()
+    server = prepared(ProxyConfig(), log)
+    for _ in range(30):
+        server._refuse(socket.socket(), "max_connections", "max connections (50) reached")
+    server._refuse(socket.socket(), "out_of_descriptors", "out of file descriptors")
+    server.sweep_once(0.0)
+    server.sweep_once(1.0)  # nothing new: nothing written
+    server._log.flush()
+    refused = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert [(e["count"], e["reason"], e["detail"]) for e in refused] == [
+        (30, "max_connections", "max connections (50) reached"),
+        (1, "out_of_descriptors", "out of file descriptors"),
+    ]

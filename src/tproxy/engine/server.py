@@ -142,9 +142,8 @@ class ProxyServer:
         # accept the waiting connection and reset it instead of leaving it to time out.
         self._reserve_fd = -1
         self._accept_paused = False
-        self._refused = 0
-        self._refused_reason = ""
-        self._refused_why = ""
+        # Connections reset at accept since the last sweep: reason -> [count, detail].
+        self._refused: dict[str, list[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -224,6 +223,7 @@ class ProxyServer:
             self.release()
             if self._channel is not None:
                 self._channel.close()
+            self._flush_refusals()  # counted since the last sweep
             self._log.emit(Stopped(received[0] if received else "exit", cut))
             self._log.flush()
 
@@ -299,7 +299,13 @@ class ProxyServer:
             try:
                 session.sweep(now)
             except Exception as exc:  # the session boundary, as in the session's own callbacks
-                session.fail(exc)
+                try:
+                    session.fail(exc)
+                except Exception as teardown:  # logged; the round goes on
+                    self._log.emit(
+                        Notice(f"could not end a failed session: {type(teardown).__name__}: "
+                               f"{teardown}")
+                    )  # fmt: skip
         self._flush_refusals()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -336,16 +342,17 @@ class ProxyServer:
 
     def _refuse(self, sock: socket.socket, reason: str, why: str) -> None:
         abort_socket(sock)
-        self._refused += 1
-        self._refused_reason = reason
-        self._refused_why = why
+        counted = self._refused.get(reason)
+        if counted is None:
+            self._refused[reason] = [1, why]
+        else:
+            counted[0] += 1
+            counted[1] = why  # the latest words (the limit may have been reloaded)
 
     def _flush_refusals(self) -> None:
-        if self._refused:
-            self._log.emit(
-                ConnectionsRefused(self._refused, self._refused_reason, self._refused_why)
-            )
-            self._refused = 0
+        for reason, (count, why) in self._refused.items():
+            self._log.emit(ConnectionsRefused(count, reason, why))
+        self._refused.clear()
 
     def _accept_batch(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
