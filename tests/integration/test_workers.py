@@ -200,3 +200,21 @@ def test_sighup_reloads_the_supervisor_and_the_workers_it_restarts(
     assert proxy.stop() == 0
     stopping = [e for e in proxy.named("notice") if e["worker"] == 0]
     assert any("stopping 2 workers" in e["message"] for e in stopping)
+
+
+def test_sigusr1_lists_without_a_supervisor_and_never_kills_a_worker(lab: Lab) -> None:
+    single = start_proxy(lab)  # --workers 1: no supervisor
+    single.signal(signal.SIGUSR1)
+    listing = single.wait_for(lambda e: e.get("event") == "sessions", "the listing")[0]
+    assert listing["workers"] == [
+        {"worker": 0, "pid": single.proc.pid, "active": 0, "sessions": [], "truncated": False}
+    ]
+    assert single.stop() == 0
+
+    proxy = start_proxy(lab, "--workers", "2", "--listen", "0.0.0.0:1801")
+    proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
+    worker = _worker_pid(proxy, 1)
+    os.kill(worker, signal.SIGUSR1)  # as `pkill -USR1 tproxy` would
+    assert _worker_pid(proxy, 1) == worker  # still the same process: not killed, not restarted
+    assert not [e for e in proxy.named("notice") if "ended with" in e["message"]]
+    assert proxy.stop() == 0

@@ -20,9 +20,13 @@ MIB = 1024 * 1024
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the default is one worker on this machine")
 @pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("how", ["SIGTERM", "ctrl-c"])
 def test_default_workers_refuse_new_connections_at_once_while_draining(
-    lab: Lab, family: int
+    lab: Lab, family: int, how: str
 ) -> None:
+    """`ctrl-c` is SIGINT to the proxy's whole process group, as a terminal sends it: it must
+    start one drain, not count twice in each worker (once from the terminal, once passed on by
+    the supervisor) and cut every session at once."""
     start_peer_server(lab, lab.server, PEER_PORT)
     apply_rules(lab, "--ports", str(PEER_PORT))  # --when-down reset, the default
     proxy = start_proxy(lab, default_workers=True)
@@ -31,7 +35,10 @@ def test_default_workers_refuse_new_connections_at_once_while_draining(
             "--bytes", str(16 * MIB), "--rate", str(8_000_000)]  # about 2 s  # fmt: skip
     upload = lab.start(lab.client, argv, stdout=subprocess.PIPE)
     proxy.wait_for(lambda e: e.get("event") == "upstream_connected", "the upload's session")
-    proxy.signal(signal.SIGTERM)
+    if how == "SIGTERM":
+        proxy.signal(signal.SIGTERM)
+    else:
+        proxy.signal_group(signal.SIGINT)
     proxy.wait_for(lambda e: "draining 1 live" in e.get("message", ""), "the drain notice")
 
     # Every copy of the listening socket is closed: the rules' reset answers the SYN at once,

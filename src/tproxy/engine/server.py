@@ -39,7 +39,7 @@ from tproxy.core.session_id import SessionIds
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
-from tproxy.engine.worker_channel import WorkerChannel
+from tproxy.engine.worker_channel import WorkerChannel, list_sessions
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.original_dst import destination_lookup
 from tproxy.interception.self_connect import SelfConnectGuard
@@ -55,6 +55,7 @@ from tproxy.observability.events import (
     ConnectionsRefused,
     Listening,
     Notice,
+    SessionsListed,
     Stopped,
 )
 
@@ -195,6 +196,7 @@ class ProxyServer:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_list_request)
         self._resume_accepting()
         self._spawn(self._sweep_timeouts())
         if self._channel is not None:
@@ -213,7 +215,7 @@ class ProxyServer:
         finally:
             self.close_listeners()
             cut = await self._drain(self.config.drain_timeout_s)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
             for task in list(self._tasks):
                 task.cancel()
@@ -249,6 +251,14 @@ class ProxyServer:
     def _cut_all(self, reason: CloseReason) -> None:
         for session in list(self._ctx.sessions):
             session.close(reason)
+
+    def _on_list_request(self) -> None:
+        """SIGUSR1: without a supervisor, log this process's live sessions as the supervisor
+        would; a worker leaves listings to its supervisor (which asks over the channel), so a
+        stray `pkill -USR1 tproxy` costs nothing."""
+        if self._channel is None:
+            listing = {"worker": 0, "pid": os.getpid(), **list_sessions(self._ctx, {})}
+            self._log.emit(SessionsListed([listing], []))
 
     def _on_reload(self) -> None:
         if self._reload is None:

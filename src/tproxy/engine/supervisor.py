@@ -40,6 +40,7 @@ import selectors
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -142,7 +143,12 @@ class Supervisor:
             for worker_id in range(1, self._count + 1):
                 self._start(worker_id)
             while self._workers or (self._restart_at and not self._stopping):
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # the supervisor outlives its own bugs: log, go on
+                    self._log.emit(
+                        Notice(f"supervisor error, carrying on: {type(exc).__name__}: {exc}")
+                    )
         finally:
             self._restore_signals()
             self._selector.close()
@@ -284,10 +290,16 @@ class Supervisor:
         if pid == 0:
             code = 1
             try:
+                # A process group of its own: a terminal's Ctrl-C (sent to the whole foreground
+                # group) reaches the supervisor only, which passes it on once; otherwise each
+                # worker would get it twice and take the second as "cut everything now".
+                os.setpgid(0, 0)
                 parent_end.close()
                 self._become_worker()
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
                 code = self._worker_main(worker_id, child_end)
+            except Exception:
+                traceback.print_exc()  # before _exit, which would lose it
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
@@ -327,10 +339,11 @@ class Supervisor:
         workers = []
         missing = set(gathering.missing)
         for worker_id, reply in sorted(gathering.replies.items()):
-            if reply.error:
+            listing = _listing_of(reply.result)
+            if reply.error or listing is None:
                 missing.add(worker_id)
                 continue
-            workers.append({"worker": worker_id, "pid": pids.get(worker_id), **reply.result})
+            workers.append({"worker": worker_id, "pid": pids.get(worker_id), **listing})
         self._log.emit(SessionsListed(workers, sorted(missing)))
 
     # --- signals -------------------------------------------------------------------------
@@ -355,6 +368,17 @@ class Supervisor:
             if end is not None:
                 end.close()
         self._wake_r = self._wake_w = None
+
+
+def _listing_of(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A worker's `sessions` reply in the shape the `sessions` event promises, or None if it is
+    not one (a worker's bug must not become a supervisor's crash)."""
+    if not isinstance(result, dict):
+        return None
+    active, sessions = result.get("active"), result.get("sessions")
+    if isinstance(active, bool) or not isinstance(active, int) or not isinstance(sessions, list):
+        return None
+    return {"active": active, "sessions": sessions, "truncated": bool(result.get("truncated"))}
 
 
 def run_workers(

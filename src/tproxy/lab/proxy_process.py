@@ -90,6 +90,10 @@ class ProxyProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
+    def signal_group(self, signum: int) -> None:
+        """Signal the proxy's whole process group, as a terminal's Ctrl-C does."""
+        os.killpg(self.proc.pid, signum)
+
     def stderr_text(self) -> str:
         """What the process wrote to stderr, once it has exited."""
         if self.proc.poll() is None:

@@ -252,12 +252,14 @@ class Lab:
         stderr: int | IO[Any] | None = subprocess.DEVNULL,
         stdin: int | IO[Any] | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[bytes]:
-        """Start a long-running command in `host`'s namespace; `destroy` stops it."""
+        """Start a long-running command in `host`'s namespace; `destroy` stops it. It leads a
+        process group of its own, so a test can signal that group as a terminal would."""
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, *argv],
             stdout=stdout,
             stderr=stderr,
             stdin=stdin,
+            start_new_session=True,
         )
         self._processes.append(proc)
         return proc
