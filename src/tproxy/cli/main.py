@@ -33,6 +33,7 @@ from tproxy.core.config import (
     build_config,
     parse_config_file,
     reload_config,
+    restart_only_notice,
 )
 from tproxy.core.endpoint import EndpointError, parse_port
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
@@ -47,6 +48,7 @@ from tproxy.interception.sockopts import SocketSetupError
 from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
+from tproxy.observability.events import Notice
 from tproxy.rules.apply import (
     applied_settings,
     apply_rules,
@@ -404,15 +406,23 @@ def _run(args: argparse.Namespace) -> int:
     supervisor_log = EventLog(config.log_format, worker=0)
 
     def on_reload() -> None:
-        """The supervisor's part of SIGHUP; the workers report errors and restart-only keys."""
+        """The supervisor's part of SIGHUP: its own log's format, what a restarted worker starts
+        with, and the reload's notices, once (the workers reload the same file silently)."""
         if reload is None:
+            supervisor_log.emit(Notice("SIGHUP: no --config file, nothing to reload"))
             return
         try:
             loaded = reload()
-        except ConfigError:
+        except ConfigError as exc:
+            message = f"reload failed, keeping the running configuration: {exc}"
+            supervisor_log.emit(Notice(message))
             return
-        current[0], _ = reload_config(current[0], loaded)
+        current[0], restart_only = reload_config(current[0], loaded)
         supervisor_log.log_format = current[0].log_format
+        notice = restart_only_notice(restart_only)
+        if notice is not None:
+            supervisor_log.emit(Notice(notice))
+        supervisor_log.emit(Notice(f"reloaded the configuration in {workers} workers"))
 
     code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload)
     close_all(everyone)

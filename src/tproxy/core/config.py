@@ -246,6 +246,14 @@ def reload_config(running: ProxyConfig, loaded: ProxyConfig) -> tuple[ProxyConfi
     return replace(loaded, **kept), [name for name in names if name is not None]
 
 
+def restart_only_notice(names: list[str]) -> str | None:
+    """The one notice a reload writes about the options it could not apply (None: all applied)."""
+    if not names:
+        return None
+    verb = "changes" if len(names) == 1 else "change"
+    return f"reload: {', '.join(names)} {verb} only on restart; kept as is"
+
+
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> ProxyConfig:
     """Defaults, then the file's values, then the command line's; unknown names are a bug."""
     names = {f.name for f in fields(ProxyConfig)}

@@ -32,6 +32,7 @@ from tproxy.core.config import (
     RelayKind,
     max_connections_for,
     reload_config,
+    restart_only_notice,
 )
 from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.reasons import CloseReason
@@ -53,6 +54,7 @@ from tproxy.interception.sockopts import (
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import (
     ConnectionsRefused,
+    Event,
     Listening,
     Notice,
     SessionsListed,
@@ -76,6 +78,10 @@ def sweep_interval_s(config: ProxyConfig) -> float:
     """How long the timeout sweep sleeps: a second, or a quarter of the shortest timeout."""
     shortest = min(config.connect_timeout_s, config.idle_timeout_s, config.half_closed_timeout_s)
     return min(SWEEP_INTERVAL_S, shortest / 4)
+
+
+def _quiet(_event: Event) -> None:
+    """Where a supervised worker's reload notices go: the supervisor writes them once."""
 
 
 class StartupError(Exception):
@@ -261,13 +267,16 @@ class ProxyServer:
             self._log.emit(SessionsListed([listing], []))
 
     def _on_reload(self) -> None:
+        """SIGHUP: apply what can be applied, keep the rest. A worker reloads silently: its
+        supervisor reloads the same file and writes the notices once for all workers."""
+        say = self._log.emit if self._channel is None else _quiet
         if self._reload is None:
-            self._log.emit(Notice("SIGHUP: no --config file, nothing to reload"))
+            say(Notice("SIGHUP: no --config file, nothing to reload"))
             return
         try:
             new = self._reload()
         except ConfigError as exc:
-            self._log.emit(Notice(f"reload failed, keeping the running configuration: {exc}"))
+            say(Notice(f"reload failed, keeping the running configuration: {exc}"))
             return
         new, restart_only = reload_config(self.config, new)
         if new.relay is RelayKind.SPLICE and not self._splice_works:
@@ -276,15 +285,11 @@ class ProxyServer:
         # Sessions read the configuration when they start, the sweep on every round; the log's
         # format is the one thing to switch here (before the notices, so they show it).
         self._log.log_format = new.log_format
-        if restart_only:
-            verb = "changes" if len(restart_only) == 1 else "change"
-            self._log.emit(
-                Notice(f"reload: {', '.join(restart_only)} {verb} only on restart; kept as is")
-            )
+        notice = restart_only_notice(restart_only)
+        if notice is not None:
+            say(Notice(notice))
         self._max_connections = self._limit_for(new)
-        self._log.emit(
-            Notice(f"reloaded the configuration (max connections {self._max_connections})")
-        )
+        say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
 
     async def _sweep_timeouts(self) -> None:
         """Every sweep interval, enforce the sessions' deadlines and write the refusal count.
