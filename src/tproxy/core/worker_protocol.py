@@ -27,7 +27,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 STALL_AFTER_S = 3.0
 # How long the supervisor waits for every worker's reply to a request.
 REPLY_TIMEOUT_S = 2.0
-# A message never exceeds this (the socketpair's buffers are sized for it).
+# What the reader accepts. What can be *sent* is smaller: SO_SNDBUF, which the kernel caps at
+# twice net.core.wmem_max (about 416 KiB by default). The largest message, a listing of 1,000
+# sessions, stays under 160 KiB; a message too large to send is logged by the sender.
 MAX_MESSAGE_BYTES = 1 << 20
 
 

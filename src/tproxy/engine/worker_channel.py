@@ -14,6 +14,7 @@ exits, rather than serve on unsupervised.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -106,8 +107,12 @@ class WorkerChannel:
             self._sock.send(data)
         except BlockingIOError:
             self.dropped += 1  # the supervisor is not reading: it learns we live next time
-        except OSError:
-            pass  # the supervisor is gone: EOF on the reader says so
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE and self._ctx is not None:  # a bug of ours: say so
+                self._ctx.log.emit(
+                    Notice(f"supervisor channel: a {len(data)}-byte message is too large to send")
+                )
+            # Otherwise the supervisor is gone: EOF on the reader says so.
 
     def _on_readable(self) -> None:
         while True:
