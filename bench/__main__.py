@@ -1,7 +1,9 @@
-"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, medians.
+"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, with spreads.
 
-Builds the namespace lab, then for each round runs every mode in turn (A B C D A B C D ...) so
-that the machine's noise falls on all of them alike, and writes bench/RESULTS.md.
+Builds the namespace lab, then for each round runs every mode once, in an order that rotates from
+round to round (A B C D, B C D A, ...), so that the machine's noise falls on all of them alike;
+report.py pairs the measurements within each round and writes each ratio's spread over the rounds
+into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import (
@@ -26,7 +29,16 @@ from bench.measure import (
     latency,
 )
 from bench.modes import Mode
-from bench.report import MODES, render_table, render_targets
+from bench.report import (
+    CONTEXT,
+    MODES,
+    TARGETS,
+    Verdict,
+    render_comparisons,
+    render_modes,
+    rotated,
+    tally,
+)
 from tproxy.lab.services import start_iperf_server, start_nginx, start_peer_server
 from tproxy.lab.topology import Lab
 
@@ -46,8 +58,17 @@ def _version(argv: list[str]) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
-def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Samples:
-    samples: Samples = defaultdict(lambda: defaultdict(list))
+@dataclass
+class Run:
+    """What a run collected: the samples, and the conditions it ran under."""
+
+    samples: Samples = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    orders: list[list[str]] = field(default_factory=list)
+    load_at_round: list[float] = field(default_factory=list)
+
+
+def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
+    result = Run()
     with Lab() as lab:
         for host in (lab.client, lab.router):
             lab.sysctl(host, "net.ipv4.ip_local_port_range", "1024 65000")
@@ -60,8 +81,11 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Sa
         start_peer_server(lab, lab.server, PEER_PORT)
         ports = f"{HTTP_PORT},{IPERF_PORT},{PEER_PORT}"
         for round_no in range(1, rounds + 1):
-            for name in modes:
-                print(f"round {round_no}/{rounds}: {MODES[name]}", flush=True)
+            order = rotated(modes, round_no)
+            result.orders.append(order)
+            result.load_at_round.append(os.getloadavg()[0])
+            for name in order:
+                print(f"round {round_no}/{rounds}: {name} ({MODES[name]})", flush=True)
                 if name == "routing":
                     _tproxy(lab, "rules", "remove")
                 else:
@@ -69,23 +93,19 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Sa
                 mode = Mode(lab, name)
                 mode.start()
                 try:
-                    _measure_round(lab, mode, seconds, samples[name])
-                    if round_no == rounds and name != "routing":
-                        # HAProxy needs 2 descriptors per session in one process: under the
-                        # 20,000 hard limit it cannot hold 10,000.
-                        count = min(idle_sessions, 9000) if name == "haproxy" else idle_sessions
-                        rss = idle_rss_per_session(lab, mode, count)
-                        samples[name]["idle_rss"].append(rss)
-                        print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
+                    _measure_round(lab, mode, seconds, idle_sessions, result.samples[name])
                 finally:
                     mode.stop()
-    return samples
+    return result
 
 
-def _measure_round(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[float]]) -> None:
+def _measure_round(
+    lab: Lab, mode: Mode, seconds: float, idle_sessions: int, into: dict[str, list[float]]
+) -> None:
     cpu_s = moved = 0.0
-    for streams, reverse, key in ((1, False, "stream1_up"), (1, True, "stream1_down"),
-                                  (4, False, "stream4_up"), (4, True, "stream4_down")):  # fmt: skip
+    runs = ((1, False, "stream1_up"), (1, True, "stream1_down"),
+            (4, False, "stream4_up"), (4, True, "stream4_down"))  # fmt: skip
+    for streams, reverse, key in runs:
         result = iperf3(lab, mode, seconds, streams, reverse)
         into[key].append(result["gbps"])
         if streams == 1:
@@ -102,49 +122,81 @@ def _measure_round(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[fl
         if pct in lat:
             into[f"latency_{pct}"].append(lat[pct])
     print(f"  latency: {lat}", flush=True)
+    if mode.name != "routing":
+        # HAProxy needs 2 descriptors per session in one process: under the 20,000 hard
+        # limit it cannot hold 10,000.
+        count = min(idle_sessions, 9000) if mode.name == "haproxy" else idle_sessions
+        rss = idle_rss_per_session(lab, mode, count)
+        into["idle_rss"].append(rss)
+        print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
 
 
-def write_results(samples: Samples, argv: list[str], started: float, elapsed_s: float) -> str:
+def write_results(
+    result: Run, argv: list[str], started: float, elapsed_s: float, *, load: tuple[str, str]
+) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")  # fmt: skip
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    samples = result.samples
+    rounds = len(result.orders)
+    counts = tally(samples, TARGETS)
+    summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
     lines = [
         "# Benchmark results",
         "",
         f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in "
-        f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`.",
+        f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`, {rounds} rounds.",
         "",
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} × {cpu}, "
-        f"{mem_gib:.0f} GiB. The load generators, servers and proxy share these cores, so only "
-        "ratios within one run mean anything. Python "
+        f"{mem_gib:.0f} GiB. The load "
+        "generators, servers and proxy share these cores, so only ratios within one run mean "
+        "anything. Python "
         f"{platform.python_version()}; {_version(['haproxy', '-v'])}; "
         f"{_version(['nginx', '-v'])}; {_version(['iperf3', '--version'])}; "
         f"{_version(['wrk', '--version'])}.",
         "",
-        "Modes, in the router namespace of the lab (client → router → server, veth pairs):",
+        f"Load on the machine (`uptime`) before: {load[0]}; after: {load[1]}; 1-minute "
+        "load average at the start of each round: "
+        f"{', '.join(f'{x:.2f}' for x in result.load_at_round)}.",
+        "",
+        "## Method",
+        "",
+        "Modes, in the router namespace of the lab (client → router → server, veth pairs): "
         "plain routing (no rules, no proxy: the limit); HAProxy 2.6 in transparent mode "
         "(`bind … transparent`, `server 0.0.0.0:0`, `source 0.0.0.0 usesrc clientip`, forced "
         "splice, 1 MiB pipes); tproxy with `--spoof-source` and the splice relay, and with "
         "the copy relay (default workers: one per CPU, uvloop, JSON session log on, written "
         "to a file).",
         "",
-        "Tests: iperf3 (3.x) one and four streams each way; wrk `Connection: close` against a "
-        "small nginx response (new connections/s); wrk keep-alive, 4 connections (latency "
-        "percentiles); idle sessions held open by the lab's `peers hold` (RSS of the proxy's "
-        "processes before and after, divided by the sessions; HAProxy at 9,000 because one "
-        "process cannot hold 10,000 sessions under the 20,000-descriptor hard limit); proxy "
-        "CPU seconds (user+system of its processes) per GiB during the single-stream runs.",
+        "**Order and spread.** Each round runs every mode once, the order rotated by one mode "
+        "per round (round 1: " + ", ".join(result.orders[0] if result.orders else []) + "). "
+        "A ratio is computed within each round from that round's measurements, and reported as "
+        "the median and min-max over the rounds. A target is **met** only when every round's "
+        "figure clears it, **MISSED** only when every round's figure falls short, and "
+        "**inconclusive** otherwise.",
         "",
-        "## Medians",
+        "**Tests**: iperf3 one and four streams each way; wrk `Connection: close`, 32 "
+        "connections, against a small nginx response (new connections/s); wrk keep-alive, 4 "
+        "connections (latency percentiles); idle sessions held open by the lab's `peers hold` "
+        "(RSS of the proxy's processes before and after, divided by the sessions; HAProxy at "
+        "9,000 because one process cannot hold 10,000 sessions under the 20,000-descriptor "
+        "hard limit); proxy CPU seconds (user+system of its processes) per GiB during the "
+        "single-stream runs.",
         "",
-        *render_table(samples),
+        f"## Targets (issue 4), for the splice relay: {summary}",
         "",
-        "## Targets (issue 4), for the splice relay",
+        *render_comparisons(samples, TARGETS),
         "",
-        *render_targets(samples),
+        "## Other comparisons (no target)",
         "",
-        "## Every sample",
+        *render_comparisons(samples, CONTEXT),
+        "",
+        "## Each mode: median (min-max over rounds)",
+        "",
+        *render_modes(samples),
+        "",
+        "## Every sample, in round order",
         "",
     ]
     for mode, metrics in samples.items():
@@ -155,9 +207,14 @@ def write_results(samples: Samples, argv: list[str], started: float, elapsed_s: 
     return text
 
 
+def _uptime() -> str:
+    out = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"`{out}`"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
@@ -166,10 +223,14 @@ def main() -> int:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1
     modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)} (known: {', '.join(MODES)})")
     started = time.time()
-    samples = run(args.rounds, args.seconds, args.idle_sessions, modes)
-    text = write_results(samples, ["python", "-m", "bench", *sys.argv[1:]], started,
-                         time.time() - started)  # fmt: skip
+    load_before = _uptime()
+    result = run(args.rounds, args.seconds, args.idle_sessions, modes)
+    text = write_results(result, ["python", "-m", "bench", *sys.argv[1:]], started,
+                         time.time() - started, load=(load_before, _uptime()))  # fmt: skip
     print(text)
     return 0
 
