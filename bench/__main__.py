@@ -174,7 +174,7 @@ def write_results(
         "A ratio is computed within each round from that round's measurements, and reported as "
         "the median and min-max over the rounds. A target is **met** only when every round's "
         "figure clears it, **MISSED** only when every round's figure falls short, and "
-        "**inconclusive** otherwise.",
+        "**inconclusive** otherwise (always, with a single round: one figure has no spread).",
         "",
         "**Tests**: iperf3 one and four streams each way; wrk `Connection: close`, 32 "
         "connections, against a small nginx response (new connections/s); wrk keep-alive, 4 "

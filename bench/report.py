@@ -154,10 +154,13 @@ def spread(values: Sequence[float]) -> Spread | None:
 
 
 def verdict(values: Sequence[float], bound: float, higher_is_better: bool) -> Verdict:
-    """Met when the whole spread clears the bound, missed when all of it falls short."""
+    """Met when the whole spread clears the bound, missed when all of it falls short. One round
+    has no spread: it shows nothing about noise, so it decides nothing either."""
     found = spread(values)
     if found is None:
         return Verdict.NO_DATA
+    if len(values) < 2:
+        return Verdict.INCONCLUSIVE
     if higher_is_better:
         if found.low >= bound:
             return Verdict.MET

@@ -26,6 +26,8 @@ from bench.report import (
         ([0.9, 1.1], Verdict.INCONCLUSIVE),
         ([0.99, 1.0], Verdict.INCONCLUSIVE),  # the median clears it, one round does not
         ([], Verdict.NO_DATA),
+        ([1.5], Verdict.INCONCLUSIVE),  # one round: no spread, no verdict
+        ([0.5], Verdict.INCONCLUSIVE),
     ],
 )
 def test_higher_is_better_verdicts(values: list[float], expected: Verdict) -> None:
