@@ -28,7 +28,7 @@ from bench.measure import (
     iperf3,
     latency,
 )
-from bench.modes import Mode
+from bench.modes import BULK, CONN_RATE, IDLE_RSS, LATENCY, SPECS, Mode, cpus, render_haproxy_cfg
 from bench.report import (
     CONTEXT,
     MODES,
@@ -62,13 +62,15 @@ def _version(argv: list[str]) -> str:
 class Run:
     """What a run collected: the samples, and the conditions it ran under."""
 
+    threads: int
     samples: Samples = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     orders: list[list[str]] = field(default_factory=list)
     load_at_round: list[float] = field(default_factory=list)
+    log_lines: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
 def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
-    result = Run()
+    result = Run(threads=cpus())
     with Lab() as lab:
         for host in (lab.client, lab.router):
             lab.sysctl(host, "net.ipv4.ip_local_port_range", "1024 65000")
@@ -90,10 +92,12 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
                     _tproxy(lab, "rules", "remove")
                 else:
                     _tproxy(lab, "rules", "apply", "--ports", ports, "--when-down", "pass")
-                mode = Mode(lab, name)
+                mode = Mode(lab, name, result.threads)
                 mode.start()
                 try:
                     _measure_round(lab, mode, seconds, idle_sessions, result.samples[name])
+                    if mode.log_path is not None:
+                        result.log_lines[name].append(mode.log_lines())
                 finally:
                     mode.stop()
     return result
@@ -102,33 +106,45 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
 def _measure_round(
     lab: Lab, mode: Mode, seconds: float, idle_sessions: int, into: dict[str, list[float]]
 ) -> None:
-    cpu_s = moved = 0.0
-    runs = ((1, False, "stream1_up"), (1, True, "stream1_down"),
-            (4, False, "stream4_up"), (4, True, "stream4_down"))  # fmt: skip
-    for streams, reverse, key in runs:
-        result = iperf3(lab, mode, seconds, streams, reverse)
-        into[key].append(result["gbps"])
-        if streams == 1:
-            cpu_s += result["cpu_s"]
-            moved += result["bytes"]
-        print(f"  {key}: {result['gbps']:.2f} Gbit/s", flush=True)
-    if mode.name != "routing" and moved:
-        into["cpu_per_gib"].append(cpu_s / (moved / GIB))
-    rate = connection_rate(lab, seconds)
-    into["conn_rate"].append(rate)
-    print(f"  conn_rate: {rate:.0f}/s", flush=True)
-    lat = latency(lab, seconds)
-    for pct in ("p50", "p99"):
-        if pct in lat:
-            into[f"latency_{pct}"].append(lat[pct])
-    print(f"  latency: {lat}", flush=True)
-    if mode.name != "routing":
+    tests = mode.spec.tests
+    if BULK in tests:
+        cpu_s = moved = 0.0
+        runs = ((1, False, "stream1_up"), (1, True, "stream1_down"),
+                (4, False, "stream4_up"), (4, True, "stream4_down"))  # fmt: skip
+        for streams, reverse, key in runs:
+            result = iperf3(lab, mode, seconds, streams, reverse)
+            into[key].append(result["gbps"])
+            if streams == 1:
+                cpu_s += result["cpu_s"]
+                moved += result["bytes"]
+            print(f"  {key}: {result['gbps']:.2f} Gbit/s", flush=True)
+        if mode.spec.proxy != "routing" and moved:
+            into["cpu_per_gib"].append(cpu_s / (moved / GIB))
+    if CONN_RATE in tests:
+        rate = connection_rate(lab, seconds)
+        into["conn_rate"].append(rate)
+        print(f"  conn_rate: {rate:.0f}/s", flush=True)
+    if LATENCY in tests:
+        lat = latency(lab, seconds)
+        for pct in ("p50", "p99"):
+            if pct in lat:
+                into[f"latency_{pct}"].append(lat[pct])
+        print(f"  latency: {lat}", flush=True)
+    if IDLE_RSS in tests:
         # HAProxy needs 2 descriptors per session in one process: under the 20,000 hard
         # limit it cannot hold 10,000.
-        count = min(idle_sessions, 9000) if mode.name == "haproxy" else idle_sessions
+        count = min(idle_sessions, 9000) if mode.spec.proxy == "haproxy" else idle_sessions
         rss = idle_rss_per_session(lab, mode, count)
         into["idle_rss"].append(rss)
         print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
+
+
+def _tests_of(name: str) -> str:
+    names = {BULK: "iperf3 + CPU/GiB", CONN_RATE: "conn/s", LATENCY: "latency",
+             IDLE_RSS: "idle RSS"}  # fmt: skip
+    return ", ".join(
+        names[t] for t in (BULK, CONN_RATE, LATENCY, IDLE_RSS) if t in SPECS[name].tests
+    )
 
 
 def write_results(
@@ -142,6 +158,9 @@ def write_results(
     rounds = len(result.orders)
     counts = tally(samples, TARGETS)
     summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+    log_lines = "; ".join(
+        f"{name} {', '.join(str(n) for n in lines)}" for name, lines in result.log_lines.items()
+    )
     lines = [
         "# Benchmark results",
         "",
@@ -149,7 +168,7 @@ def write_results(
         f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`, {rounds} rounds.",
         "",
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} × {cpu}, "
-        f"{mem_gib:.0f} GiB. The load "
+        f"{mem_gib:.0f} GiB; this process may run on {result.threads} of them. The load "
         "generators, servers and proxy share these cores, so only ratios within one run mean "
         "anything. Python "
         f"{platform.python_version()}; {_version(['haproxy', '-v'])}; "
@@ -162,12 +181,32 @@ def write_results(
         "",
         "## Method",
         "",
-        "Modes, in the router namespace of the lab (client → router → server, veth pairs): "
-        "plain routing (no rules, no proxy: the limit); HAProxy 2.6 in transparent mode "
-        "(`bind … transparent`, `server 0.0.0.0:0`, `source 0.0.0.0 usesrc clientip`, forced "
-        "splice, 1 MiB pipes); tproxy with `--spoof-source` and the splice relay, and with "
-        "the copy relay (default workers: one per CPU, uvloop, JSON session log on, written "
-        "to a file).",
+        "**Threads.** Both proxies get one thread or worker per CPU this process may run on "
+        f"(`os.sched_getaffinity(0)`: {result.threads}), set explicitly: HAProxy "
+        f"`nbthread {result.threads}`, tproxy `--workers {result.threads}`.",
+        "",
+        "**Modes**, in the router namespace of the lab (client → router → server, veth pairs); "
+        "HAProxy 2.6 in transparent mode (`bind … transparent`, `server 0.0.0.0:0`, `source "
+        "0.0.0.0 usesrc clientip`, 1 MiB pipes), tproxy with `--spoof-source`, uvloop:",
+        "",
+        "| mode | what | tests |",
+        "|---|---|---|",
+        *(f"| {name} | {MODES[name]} | {_tests_of(name)} |" for name in MODES if name in samples),
+        "",
+        "**Logging.** With logs, HAProxy writes one `option tcplog` line per connection with "
+        "`log stdout format raw local0` (HAProxy 2.6 needs no syslog daemon for that) and `-db`, "
+        "stdout redirected to a file; tproxy writes its JSON session log (three lines per "
+        "connection, written together once per loop iteration) to a file. Without logs, HAProxy "
+        "has no `log` line at all; tproxy cannot turn its session log off, so its lines are "
+        "rendered and written to /dev/null: that variant still pays for rendering, which "
+        "favours HAProxy. Logging costs per connection, so only the connection-rate test runs "
+        "in both variants: a bulk test opens one connection and the latency test four. Session "
+        f"log lines written per round: {log_lines or 'none'}.",
+        "",
+        "**splice-auto** (HAProxy splices only when it expects a large transfer) is measured "
+        "next to forced splice (`option splice-request`, `option splice-response`) for the "
+        "connection-rate and latency tests, where transfers are small; bulk transfers, CPU per "
+        "GiB and idle memory use forced splice, HAProxy's best for them.",
         "",
         "**Order and spread.** Each round runs every mode once, the order rotated by one mode "
         "per round (round 1: " + ", ".join(result.orders[0] if result.orders else []) + "). "
@@ -202,6 +241,8 @@ def write_results(
     for mode, metrics in samples.items():
         for metric, values in metrics.items():
             lines.append(f"- {mode} {metric}: {', '.join(f'{v:.3f}' for v in values)}")
+    lines += ["", "## HAProxy's configuration (forced splice, with logs)", "", "```",
+              render_haproxy_cfg(result.threads, "forced", log=True).rstrip(), "```"]  # fmt: skip
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
     return text
