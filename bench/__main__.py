@@ -28,7 +28,17 @@ from bench.measure import (
     iperf3,
     latency,
 )
-from bench.modes import BULK, CONN_RATE, IDLE_RSS, LATENCY, SPECS, Mode, cpus, render_haproxy_cfg
+from bench.modes import (
+    BULK,
+    CONN_RATE,
+    HAPROXY_IDLE_SESSIONS,
+    IDLE_RSS,
+    LATENCY,
+    SPECS,
+    Mode,
+    cpus,
+    render_haproxy_cfg,
+)
 from bench.report import (
     CONTEXT,
     MODES,
@@ -88,6 +98,7 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
             result.load_at_round.append(os.getloadavg()[0])
             for name in order:
                 print(f"round {round_no}/{rounds}: {name} ({MODES[name]})", flush=True)
+                began = time.monotonic()
                 if name == "routing":
                     _tproxy(lab, "rules", "remove")
                 else:
@@ -100,6 +111,7 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
                         result.log_lines[name].append(mode.log_lines())
                 finally:
                     mode.stop()
+                print(f"  ({time.monotonic() - began:.0f} s)", flush=True)
     return result
 
 
@@ -131,9 +143,9 @@ def _measure_round(
                 into[f"latency_{pct}"].append(lat[pct])
         print(f"  latency: {lat}", flush=True)
     if IDLE_RSS in tests:
-        # HAProxy needs 2 descriptors per session in one process: under the 20,000 hard
-        # limit it cannot hold 10,000.
-        count = min(idle_sessions, 9000) if mode.spec.proxy == "haproxy" else idle_sessions
+        count = idle_sessions
+        if mode.spec.proxy == "haproxy":
+            count = min(idle_sessions, HAPROXY_IDLE_SESSIONS)
         rss = idle_rss_per_session(lab, mode, count)
         into["idle_rss"].append(rss)
         print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
@@ -219,9 +231,9 @@ def write_results(
         "connections, against a small nginx response (new connections/s); wrk keep-alive, 4 "
         "connections (latency percentiles); idle sessions held open by the lab's `peers hold` "
         "(RSS of the proxy's processes before and after, divided by the sessions; HAProxy at "
-        "9,000 because one process cannot hold 10,000 sessions under the 20,000-descriptor "
-        "hard limit); proxy CPU seconds (user+system of its processes) per GiB during the "
-        "single-stream runs.",
+        f"{HAPROXY_IDLE_SESSIONS:,}, below the maxconn of 7,988 it sets itself with splice under "
+        "the 20,000-descriptor hard limit); proxy CPU seconds (user+system of its processes) "
+        "per GiB during the single-stream runs.",
         "",
         f"## Targets (issue 4), for the splice relay: {summary}",
         "",
