@@ -267,7 +267,7 @@ def _uptime() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
