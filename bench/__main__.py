@@ -1,7 +1,9 @@
-"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, medians.
+"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, with spreads.
 
-Builds the namespace lab, then for each round runs every mode in turn (A B C D A B C D ...) so
-that the machine's noise falls on all of them alike, and writes bench/RESULTS.md.
+Builds the namespace lab, then for each round runs every mode once, in an order that rotates from
+round to round (A B C D, B C D A, ...), so that the machine's noise falls on all of them alike;
+report.py pairs the measurements within each round and writes each ratio's spread over the rounds
+into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import (
@@ -25,8 +28,27 @@ from bench.measure import (
     iperf3,
     latency,
 )
-from bench.modes import Mode
-from bench.report import MODES, render_table, render_targets
+from bench.modes import (
+    BULK,
+    CONN_RATE,
+    HAPROXY_IDLE_SESSIONS,
+    IDLE_RSS,
+    LATENCY,
+    SPECS,
+    Mode,
+    cpus,
+    render_haproxy_cfg,
+)
+from bench.report import (
+    CONTEXT,
+    MODES,
+    TARGETS,
+    Verdict,
+    render_comparisons,
+    render_modes,
+    rotated,
+    tally,
+)
 from tproxy.lab.services import start_iperf_server, start_nginx, start_peer_server
 from tproxy.lab.topology import Lab
 
@@ -46,8 +68,19 @@ def _version(argv: list[str]) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0]
 
 
-def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Samples:
-    samples: Samples = defaultdict(lambda: defaultdict(list))
+@dataclass
+class Run:
+    """What a run collected: the samples, and the conditions it ran under."""
+
+    threads: int
+    samples: Samples = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    orders: list[list[str]] = field(default_factory=list)
+    load_at_round: list[float] = field(default_factory=list)
+    log_lines: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
+    result = Run(threads=cpus())
     with Lab() as lab:
         for host in (lab.client, lab.router):
             lab.sysctl(host, "net.ipv4.ip_local_port_range", "1024 65000")
@@ -60,104 +93,181 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Sa
         start_peer_server(lab, lab.server, PEER_PORT)
         ports = f"{HTTP_PORT},{IPERF_PORT},{PEER_PORT}"
         for round_no in range(1, rounds + 1):
-            for name in modes:
-                print(f"round {round_no}/{rounds}: {MODES[name]}", flush=True)
+            order = rotated(modes, round_no)
+            result.orders.append(order)
+            result.load_at_round.append(os.getloadavg()[0])
+            for name in order:
+                print(f"round {round_no}/{rounds}: {name} ({MODES[name]})", flush=True)
+                began = time.monotonic()
                 if name == "routing":
                     _tproxy(lab, "rules", "remove")
                 else:
                     _tproxy(lab, "rules", "apply", "--ports", ports, "--when-down", "pass")
-                mode = Mode(lab, name)
+                mode = Mode(lab, name, result.threads)
                 mode.start()
                 try:
-                    _measure_round(lab, mode, seconds, samples[name])
-                    if round_no == rounds and name != "routing":
-                        # HAProxy needs 2 descriptors per session in one process: under the
-                        # 20,000 hard limit it cannot hold 10,000.
-                        count = min(idle_sessions, 9000) if name == "haproxy" else idle_sessions
-                        rss = idle_rss_per_session(lab, mode, count)
-                        samples[name]["idle_rss"].append(rss)
-                        print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
+                    _measure_round(lab, mode, seconds, idle_sessions, result.samples[name])
+                    if mode.log_path is not None:
+                        result.log_lines[name].append(mode.log_lines())
                 finally:
                     mode.stop()
-    return samples
+                print(f"  ({time.monotonic() - began:.0f} s)", flush=True)
+    return result
 
 
-def _measure_round(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[float]]) -> None:
-    cpu_s = moved = 0.0
-    for streams, reverse, key in ((1, False, "stream1_up"), (1, True, "stream1_down"),
-                                  (4, False, "stream4_up"), (4, True, "stream4_down")):  # fmt: skip
-        result = iperf3(lab, mode, seconds, streams, reverse)
-        into[key].append(result["gbps"])
-        if streams == 1:
-            cpu_s += result["cpu_s"]
-            moved += result["bytes"]
-        print(f"  {key}: {result['gbps']:.2f} Gbit/s", flush=True)
-    if mode.name != "routing" and moved:
-        into["cpu_per_gib"].append(cpu_s / (moved / GIB))
-    rate = connection_rate(lab, seconds)
-    into["conn_rate"].append(rate)
-    print(f"  conn_rate: {rate:.0f}/s", flush=True)
-    lat = latency(lab, seconds)
-    for pct in ("p50", "p99"):
-        if pct in lat:
-            into[f"latency_{pct}"].append(lat[pct])
-    print(f"  latency: {lat}", flush=True)
+def _measure_round(
+    lab: Lab, mode: Mode, seconds: float, idle_sessions: int, into: dict[str, list[float]]
+) -> None:
+    tests = mode.spec.tests
+    if BULK in tests:
+        cpu_s = moved = 0.0
+        runs = ((1, False, "stream1_up"), (1, True, "stream1_down"),
+                (4, False, "stream4_up"), (4, True, "stream4_down"))  # fmt: skip
+        for streams, reverse, key in runs:
+            result = iperf3(lab, mode, seconds, streams, reverse)
+            into[key].append(result["gbps"])
+            if streams == 1:
+                cpu_s += result["cpu_s"]
+                moved += result["bytes"]
+            print(f"  {key}: {result['gbps']:.2f} Gbit/s", flush=True)
+        if mode.spec.proxy != "routing" and moved:
+            into["cpu_per_gib"].append(cpu_s / (moved / GIB))
+    if CONN_RATE in tests:
+        rate = connection_rate(lab, seconds)
+        into["conn_rate"].append(rate)
+        print(f"  conn_rate: {rate:.0f}/s", flush=True)
+    if LATENCY in tests:
+        lat = latency(lab, seconds)
+        for pct in ("p50", "p99"):
+            if pct in lat:
+                into[f"latency_{pct}"].append(lat[pct])
+        print(f"  latency: {lat}", flush=True)
+    if IDLE_RSS in tests:
+        count = idle_sessions
+        if mode.spec.proxy == "haproxy":
+            count = min(idle_sessions, HAPROXY_IDLE_SESSIONS)
+        rss = idle_rss_per_session(lab, mode, count)
+        into["idle_rss"].append(rss)
+        print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
 
 
-def write_results(samples: Samples, argv: list[str], started: float, elapsed_s: float) -> str:
+def _tests_of(name: str) -> str:
+    names = {BULK: "iperf3 + CPU/GiB", CONN_RATE: "conn/s", LATENCY: "latency",
+             IDLE_RSS: "idle RSS"}  # fmt: skip
+    return ", ".join(
+        names[t] for t in (BULK, CONN_RATE, LATENCY, IDLE_RSS) if t in SPECS[name].tests
+    )
+
+
+def write_results(
+    result: Run, argv: list[str], started: float, elapsed_s: float, *, load: tuple[str, str]
+) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")  # fmt: skip
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    samples = result.samples
+    rounds = len(result.orders)
+    counts = tally(samples, TARGETS)
+    summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+    log_lines = "; ".join(
+        f"{name} {', '.join(str(n) for n in lines)}" for name, lines in result.log_lines.items()
+    )
     lines = [
         "# Benchmark results",
         "",
         f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} in "
-        f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`.",
+        f"{elapsed_s / 60:.1f} min: `{' '.join(argv)}`, {rounds} rounds.",
         "",
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} × {cpu}, "
-        f"{mem_gib:.0f} GiB. The load generators, servers and proxy share these cores, so only "
-        "ratios within one run mean anything. Python "
+        f"{mem_gib:.0f} GiB; this process may run on {result.threads} of them. The load "
+        "generators, servers and proxy share these cores, so only ratios within one run mean "
+        "anything. Python "
         f"{platform.python_version()}; {_version(['haproxy', '-v'])}; "
         f"{_version(['nginx', '-v'])}; {_version(['iperf3', '--version'])}; "
         f"{_version(['wrk', '--version'])}.",
         "",
-        "Modes, in the router namespace of the lab (client → router → server, veth pairs):",
-        "plain routing (no rules, no proxy: the limit); HAProxy 2.6 in transparent mode "
-        "(`bind … transparent`, `server 0.0.0.0:0`, `source 0.0.0.0 usesrc clientip`, forced "
-        "splice, 1 MiB pipes); tproxy with `--spoof-source` and the splice relay, and with "
-        "the copy relay (default workers: one per CPU, uvloop, JSON session log on, written "
-        "to a file).",
+        f"Load on the machine (`uptime`) before: {load[0]}; after: {load[1]}; 1-minute "
+        "load average at the start of each round: "
+        f"{', '.join(f'{x:.2f}' for x in result.load_at_round)}.",
         "",
-        "Tests: iperf3 (3.x) one and four streams each way; wrk `Connection: close` against a "
-        "small nginx response (new connections/s); wrk keep-alive, 4 connections (latency "
-        "percentiles); idle sessions held open by the lab's `peers hold` (RSS of the proxy's "
-        "processes before and after, divided by the sessions; HAProxy at 9,000 because one "
-        "process cannot hold 10,000 sessions under the 20,000-descriptor hard limit); proxy "
-        "CPU seconds (user+system of its processes) per GiB during the single-stream runs.",
+        "## Method",
         "",
-        "## Medians",
+        "**Threads.** Both proxies get one thread or worker per CPU this process may run on "
+        f"(`os.sched_getaffinity(0)`: {result.threads}), set explicitly: HAProxy "
+        f"`nbthread {result.threads}`, tproxy `--workers {result.threads}`.",
         "",
-        *render_table(samples),
+        "**Modes**, in the router namespace of the lab (client → router → server, veth pairs); "
+        "HAProxy 2.6 in transparent mode (`bind … transparent`, `server 0.0.0.0:0`, `source "
+        "0.0.0.0 usesrc clientip`, 1 MiB pipes), tproxy with `--spoof-source`, uvloop:",
         "",
-        "## Targets (issue 4), for the splice relay",
+        "| mode | what | tests |",
+        "|---|---|---|",
+        *(f"| {name} | {MODES[name]} | {_tests_of(name)} |" for name in MODES if name in samples),
         "",
-        *render_targets(samples),
+        "**Logging.** With logs, HAProxy writes one `option tcplog` line per connection with "
+        "`log stdout format raw local0` (HAProxy 2.6 needs no syslog daemon for that) and `-db`, "
+        "stdout redirected to a file; tproxy writes its JSON session log (three lines per "
+        "connection, written together once per loop iteration) to a file. Without logs, HAProxy "
+        "has no `log` line at all; tproxy cannot turn its session log off, so its lines are "
+        "rendered and written to /dev/null: that variant still pays for rendering, which "
+        "favours HAProxy. Logging costs per connection, so only the connection-rate test runs "
+        "in both variants: a bulk test opens one connection and the latency test four. Session "
+        f"log lines written per round: {log_lines or 'none'}.",
         "",
-        "## Every sample",
+        "**splice-auto** (HAProxy splices only when it expects a large transfer) is measured "
+        "next to forced splice (`option splice-request`, `option splice-response`) for the "
+        "connection-rate and latency tests, where transfers are small; bulk transfers, CPU per "
+        "GiB and idle memory use forced splice, HAProxy's best for them.",
+        "",
+        "**Order and spread.** Each round runs every mode once, the order rotated by one mode "
+        "per round (round 1: " + ", ".join(result.orders[0] if result.orders else []) + "). "
+        "A ratio is computed within each round from that round's measurements, and reported as "
+        "the median and min-max over the rounds. A target is **met** only when every round's "
+        "figure clears it, **MISSED** only when every round's figure falls short, and "
+        "**inconclusive** otherwise (always, with a single round: one figure has no spread).",
+        "",
+        "**Tests**: iperf3 one and four streams each way; wrk `Connection: close`, 32 "
+        "connections, against a small nginx response (new connections/s); wrk keep-alive, 4 "
+        "connections (latency percentiles); idle sessions held open by the lab's `peers hold` "
+        "(RSS of the proxy's processes before and after, divided by the sessions; HAProxy at "
+        f"{HAPROXY_IDLE_SESSIONS:,}, below the maxconn of 7,988 it sets itself with splice under "
+        "the 20,000-descriptor hard limit); proxy CPU seconds (user+system of its processes) "
+        "per GiB during the single-stream runs.",
+        "",
+        f"## Targets (issue 4), for the splice relay: {summary}",
+        "",
+        *render_comparisons(samples, TARGETS),
+        "",
+        "## Other comparisons (no target)",
+        "",
+        *render_comparisons(samples, CONTEXT),
+        "",
+        "## Each mode: median (min-max over rounds)",
+        "",
+        *render_modes(samples),
+        "",
+        "## Every sample, in round order",
         "",
     ]
     for mode, metrics in samples.items():
         for metric, values in metrics.items():
             lines.append(f"- {mode} {metric}: {', '.join(f'{v:.3f}' for v in values)}")
+    lines += ["", "## HAProxy's configuration (forced splice, with logs)", "", "```",
+              render_haproxy_cfg(result.threads, "forced", log=True).rstrip(), "```"]  # fmt: skip
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
     return text
 
 
+def _uptime() -> str:
+    out = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"`{out}`"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
@@ -166,10 +276,14 @@ def main() -> int:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
         return 1
     modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(unknown)} (known: {', '.join(MODES)})")
     started = time.time()
-    samples = run(args.rounds, args.seconds, args.idle_sessions, modes)
-    text = write_results(samples, ["python", "-m", "bench", *sys.argv[1:]], started,
-                         time.time() - started)  # fmt: skip
+    load_before = _uptime()
+    result = run(args.rounds, args.seconds, args.idle_sessions, modes)
+    text = write_results(result, ["python", "-m", "bench", *sys.argv[1:]], started,
+                         time.time() - started, load=(load_before, _uptime()))  # fmt: skip
     print(text)
     return 0
 

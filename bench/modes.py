@@ -1,4 +1,8 @@
-"""Set up and tear down each mode in the router namespace: routing, HAProxy, tproxy."""
+"""Set up and tear down each mode in the router namespace: routing, HAProxy, tproxy.
+
+Every proxy gets the same number of threads or workers, set explicitly: one per CPU this process
+may run on (`os.sched_getaffinity(0)`), HAProxy's `nbthread` and tproxy's `--workers` alike.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,59 +19,132 @@ from tproxy.lab.topology import Lab, stop_process, wait_until
 
 PROXY_PORT = 1800
 
-HAPROXY_CFG = """\
-global
-    tune.pipesize 1048576
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-    option splice-request
-    option splice-response
-frontend transparent
-    bind 0.0.0.0:{port} transparent
-    bind :::{port} transparent v6only
-    default_backend original_destination
-backend original_destination
-    source 0.0.0.0 usesrc clientip
-    server original 0.0.0.0:0
-"""
+# Idle sessions held through HAProxy for the RSS test. Under the 20,000-descriptor hard limit
+# HAProxy 2.6 sets its own maxconn to 7,988 with splice (2 descriptors per session, plus
+# `maxpipes` = maxconn / 4 pipes of 2 reserved): beyond that, connections wait in the listen
+# backlog until HAProxy's 120 s timeouts close older sessions, so holding 9,000 stalled every
+# round for two minutes and measured fewer live sessions than it divided by.
+HAPROXY_IDLE_SESSIONS = 7500
+
+# The tests, grouped: iperf3 one and four streams each way (with the proxy's CPU per GiB),
+# new connections/s, keep-alive latency, RSS per idle session.
+BULK, CONN_RATE, LATENCY, IDLE_RSS = "bulk", "conn_rate", "latency", "idle_rss"
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    proxy: str  # "routing", "haproxy" or "tproxy"
+    tests: frozenset[str]
+    splice: str = ""  # HAProxy: "forced" or "auto"; tproxy: its --relay
+    log: bool = False  # the session log written to a file (else none, or /dev/null for tproxy)
+
+
+_ALL = frozenset({BULK, CONN_RATE, LATENCY, IDLE_RSS})
+
+# Logging costs per connection, not per byte: a bulk test opens one connection and the latency
+# test four, so only the connection-rate test is run both with and without logs. splice-auto
+# decides per transfer whether to splice; it is measured where transfers are small (connection
+# rate and latency), while bulk transfers compare against forced splice, HAProxy's best there.
+SPECS: dict[str, ModeSpec] = {
+    "routing": ModeSpec("routing", frozenset({BULK, CONN_RATE, LATENCY})),
+    "haproxy": ModeSpec("haproxy", _ALL, "forced", log=True),
+    "haproxy-auto": ModeSpec("haproxy", frozenset({CONN_RATE, LATENCY}), "auto", log=True),
+    "haproxy-nolog": ModeSpec("haproxy", frozenset({CONN_RATE}), "forced"),
+    "haproxy-auto-nolog": ModeSpec("haproxy", frozenset({CONN_RATE}), "auto"),
+    "tproxy-splice": ModeSpec("tproxy", _ALL, "splice", log=True),
+    "tproxy-splice-nolog": ModeSpec("tproxy", frozenset({CONN_RATE}), "splice"),
+    "tproxy-copy": ModeSpec("tproxy", frozenset({BULK, CONN_RATE, LATENCY}), "copy", log=True),
+}
+
+
+def cpus() -> int:
+    """The CPUs this process may run on: each proxy gets one thread or worker per CPU."""
+    return len(os.sched_getaffinity(0))
+
+
+def render_haproxy_cfg(threads: int, splice: str, log: bool, port: int = PROXY_PORT) -> str:
+    """HAProxy 2.6 in transparent mode; with `log`, `option tcplog` lines go to stdout (`-db`
+    keeps it in the foreground; the caller points stdout at a file: no syslog daemon needed)."""
+    splice_options = (
+        ["option splice-auto"] if splice == "auto"
+        else ["option splice-request", "option splice-response"]
+    )  # fmt: skip
+    lines = [
+        "global",
+        f"    nbthread {threads}",
+        "    tune.pipesize 1048576",
+        *(["    log stdout format raw local0"] if log else []),
+        "defaults",
+        "    mode tcp",
+        *(["    log global", "    option tcplog"] if log else []),
+        "    timeout connect 5s",
+        "    timeout client 120s",
+        "    timeout server 120s",
+        *(f"    {option}" for option in splice_options),
+        "frontend transparent",
+        f"    bind 0.0.0.0:{port} transparent",
+        f"    bind :::{port} transparent v6only",
+        "    default_backend original_destination",
+        "backend original_destination",
+        "    source 0.0.0.0 usesrc clientip",
+        "    server original 0.0.0.0:0",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 class Mode:
     """A running mode: `pids()` are the processes whose CPU and memory count as the proxy's."""
 
-    def __init__(self, lab: Lab, name: str) -> None:
+    def __init__(self, lab: Lab, name: str, threads: int) -> None:
         self.lab = lab
         self.name = name
+        self.spec = SPECS[name]
+        self.threads = threads
+        self.log_path: Path | None = None
         self._tproxy: subprocess.Popen[Any] | None = None
         self._haproxy: subprocess.Popen[Any] | None = None
 
     def start(self) -> None:
-        if self.name == "routing":
+        if self.spec.proxy == "routing":
             return
-        if self.name == "haproxy":
-            workdir = Path(tempfile.mkdtemp(prefix="tproxy-bench-haproxy-"))
-            self.lab.cleanup_paths.append(workdir)
+        workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-bench-{self.name}-"))
+        self.lab.cleanup_paths.append(workdir)
+        if self.spec.log:
+            self.log_path = workdir / "sessions.log"
+        if self.spec.proxy == "haproxy":
             cfg = workdir / "haproxy.cfg"
-            cfg.write_text(HAPROXY_CFG.format(port=PROXY_PORT))
-            self._haproxy = self.lab.start(self.lab.router, ["haproxy", "-db", "-f", str(cfg)])
+            cfg.write_text(render_haproxy_cfg(self.threads, self.spec.splice, self.spec.log))
+            argv = ["haproxy", "-db", "-f", str(cfg)]
+            if self.log_path is None:
+                self._haproxy = self.lab.start(self.lab.router, argv)
+            else:
+                with self.log_path.open("wb") as out:
+                    self._haproxy = self.lab.start(self.lab.router, argv, stdout=out)
             wait_listening(self.lab, self.lab.router, PROXY_PORT, "haproxy")
             return
         # The session log goes to a file, as in a deployment: a reader parsing it in the
-        # benchmark's own process would compete with the proxy for the same cores.
-        relay = self.name.removeprefix("tproxy-")
-        workdir = Path(tempfile.mkdtemp(prefix="tproxy-bench-log-"))
-        self.lab.cleanup_paths.append(workdir)
-        log = workdir / "sessions.jsonl"
+        # benchmark's own process would compete with the proxy for the same cores. tproxy cannot
+        # turn its session log off, so "no log" sends it to /dev/null: the lines are still
+        # rendered and written, only the file system's part of the cost is gone.
         argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
-                "--relay", relay]  # fmt: skip
-        with log.open("wb") as out:
-            self._tproxy = self.lab.start(self.lab.router, argv, stdout=out)
-        workers = os.cpu_count() or 1
-        wait_until(lambda: log.read_text().count('"event":"listening"') >= workers, 10,
-                   "the workers to listen")  # fmt: skip
+                "--relay", self.spec.splice, "--workers", str(self.threads)]  # fmt: skip
+        if self.log_path is None:
+            self._tproxy = self.lab.start(self.lab.router, argv)
+            pid = self._tproxy.pid
+            wait_until(lambda: _workers_waiting(pid, self.threads), 10, "the workers to listen")
+        else:
+            log = self.log_path
+            with log.open("wb") as out:
+                self._tproxy = self.lab.start(self.lab.router, argv, stdout=out)
+            wait_until(lambda: log.read_text().count('"event":"listening"') >= self.threads, 10,
+                       "the workers to listen")  # fmt: skip
+
+    def log_lines(self) -> int:
+        """Lines in the session log so far (0 without one): proof that the proxy logged."""
+        if self.log_path is None:
+            return 0
+        with self.log_path.open("rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def pids(self) -> list[int]:
         if self._haproxy is not None:
@@ -84,6 +162,21 @@ class Mode:
             stop_process(self._tproxy, timeout_s=40)
             self.lab.forget(self._tproxy)
             self._tproxy = None
+
+
+def _workers_waiting(pid: int, workers: int) -> bool:
+    """Without a log to read: every worker forked and blocked in epoll_wait (its loop is up).
+    One worker runs in the supervisor's place, without children."""
+    found = children(pid) if workers > 1 else [pid]
+    if len(found) < workers:
+        return False
+    for child in found:
+        try:
+            if "epoll" not in Path(f"/proc/{child}/wchan").read_text():
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def children(pid: int) -> list[int]:

@@ -1,7 +1,19 @@
-"""Pure: medians, ratios and the RESULTS.md table from the raw samples (no I/O)."""
+"""Pure: per-round ratios, their spread, each target's verdict, and RESULTS.md's tables (no I/O).
+
+Theory of operation. Other people's work shares this machine's cores, and its load drifts over
+minutes, so a ratio of two medians taken over a whole run can pair a quiet minute of one mode with
+a busy minute of the other. Instead every round measures each mode once, back to back (in an
+order that rotates from round to round, so no mode always runs first or right after the same
+neighbour), and a ratio is computed *within* a round, from measurements a minute or two apart.
+The spread of those per-round ratios (min-max) is how far noise alone moved the answer in this
+run. A target is **met** only when every round's ratio clears it, **missed** only when every
+round's ratio falls short of it, and **inconclusive** otherwise: a median that happens to land on
+one side of a bound is not evidence.
+"""
 
 from __future__ import annotations
 
+import enum
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,90 +31,234 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "idle_rss": ("user-space RSS per idle session", "KiB", False),
 }
 
-MODES = {
-    "routing": "plain routing (no proxy)",
-    "haproxy": "HAProxy 2.6, transparent, splice",
-    "tproxy-splice": "tproxy, splice relay",
-    "tproxy-copy": "tproxy, copy relay",
+# mode -> what it is; the order is the columns' order and the first round's order.
+MODES: dict[str, str] = {
+    "routing": "plain routing, no proxy (the limit)",
+    "haproxy": "HAProxy, forced splice, `option tcplog` to a file",
+    "haproxy-auto": "HAProxy, `splice-auto`, `option tcplog` to a file",
+    "haproxy-nolog": "HAProxy, forced splice, no log",
+    "haproxy-auto-nolog": "HAProxy, `splice-auto`, no log",
+    "tproxy-splice": "tproxy, splice relay, JSON session log to a file",
+    "tproxy-splice-nolog": "tproxy, splice relay, session log to /dev/null",
+    "tproxy-copy": "tproxy, copy relay, JSON session log to a file",
 }
 
-Samples = Mapping[str, Mapping[str, Sequence[float]]]  # mode -> metric -> samples
+Samples = Mapping[str, Mapping[str, Sequence[float]]]  # mode -> metric -> one sample per round
+
+
+def rotated(modes: Sequence[str], round_no: int) -> list[str]:
+    """The order of round `round_no` (1-based): the first round's order, rotated by one each
+    round, so every mode is first in turn and each pair of modes swaps order over the rounds."""
+    if not modes:
+        return []
+    shift = (round_no - 1) % len(modes)
+    return [*modes[shift:], *modes[:shift]]
+
+
+class Kind(enum.Enum):
+    RATIO = "ratio"  # subject / versus, per round
+    DIFFERENCE = "difference"  # subject - versus, per round (in the metric's unit)
+    VALUE = "value"  # the subject's own value, per round
+
+
+class Verdict(enum.Enum):
+    MET = "met"
+    MISSED = "MISSED"
+    INCONCLUSIVE = "inconclusive"
+    NO_DATA = "no data"
 
 
 @dataclass(frozen=True)
-class Target:
+class Comparison:
+    """One row of the comparisons: a target when `bound` is set, information otherwise.
+
+    The direction comes from the metric: for a metric where higher is better the per-round
+    figure must be at least `bound`, otherwise at most `bound`."""
+
     metric: str
-    versus: str  # "routing" or "haproxy"
-    ratio: float  # at least (higher is better) or at most (lower is better)
-    text: str
+    subject: str
+    versus: str | None
+    kind: Kind = Kind.RATIO
+    bound: float | None = None
+
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric][2]
+
+    def describe(self) -> str:
+        title = METRICS[self.metric][0]
+        if self.kind is Kind.RATIO:
+            return f"{title}: {self.subject} / {self.versus}"
+        if self.kind is Kind.DIFFERENCE:
+            return f"{title}: {self.subject} minus {self.versus}"
+        return f"{title}: {self.subject}"
+
+    def describe_bound(self) -> str:
+        if self.bound is None:
+            return "—"
+        op = "≥" if self.higher_is_better() else "≤"
+        if self.kind is Kind.RATIO:
+            return f"{op} {self.bound:g}×"
+        return f"{op} {self.bound:g} {METRICS[self.metric][1]}"
 
 
+# The targets of issue 4, for the splice relay. The connection rate is where logging and
+# splice-auto matter, so it is held against every HAProxy variant with the same logging.
 TARGETS = [
-    Target("stream1_up", "routing", 0.8, "1 stream up ≥ 0.8× routing"),
-    Target("stream1_down", "routing", 0.8, "1 stream down ≥ 0.8× routing"),
-    Target("stream1_up", "haproxy", 1.05, "1 stream up ≥ 1.05× HAProxy"),
-    Target("stream1_down", "haproxy", 1.05, "1 stream down ≥ 1.05× HAProxy"),
-    Target("conn_rate", "haproxy", 1.0, "new connections/s ≥ 1.0× HAProxy"),
-    Target("cpu_per_gib", "haproxy", 1.0, "CPU per GiB ≤ HAProxy's"),
+    Comparison("stream1_up", "tproxy-splice", "routing", bound=0.8),
+    Comparison("stream1_down", "tproxy-splice", "routing", bound=0.8),
+    Comparison("stream1_up", "tproxy-splice", "haproxy", bound=1.05),
+    Comparison("stream1_down", "tproxy-splice", "haproxy", bound=1.05),
+    Comparison("conn_rate", "tproxy-splice", "haproxy", bound=1.0),
+    Comparison("conn_rate", "tproxy-splice", "haproxy-auto", bound=1.0),
+    Comparison("conn_rate", "tproxy-splice-nolog", "haproxy-nolog", bound=1.0),
+    Comparison("conn_rate", "tproxy-splice-nolog", "haproxy-auto-nolog", bound=1.0),
+    Comparison("cpu_per_gib", "tproxy-splice", "haproxy", bound=1.0),
+    Comparison("idle_rss", "tproxy-splice", None, Kind.VALUE, bound=2.0),
+    Comparison("latency_p50", "tproxy-splice", "haproxy", Kind.DIFFERENCE, bound=10.0),
+    Comparison("latency_p50", "tproxy-splice", "haproxy-auto", Kind.DIFFERENCE, bound=10.0),
 ]
-IDLE_RSS_TARGET_KIB = 2.0
-LATENCY_TARGET_US = 10.0
+
+# Context without a target: what logging and splice-auto cost each proxy, and the rest.
+CONTEXT = [
+    Comparison("conn_rate", "haproxy-nolog", "haproxy"),
+    Comparison("conn_rate", "tproxy-splice-nolog", "tproxy-splice"),
+    Comparison("conn_rate", "haproxy-auto", "haproxy"),
+    Comparison("conn_rate", "tproxy-splice", "routing"),
+    Comparison("conn_rate", "tproxy-copy", "haproxy"),
+    Comparison("latency_p50", "haproxy-auto", "haproxy", Kind.DIFFERENCE),
+    Comparison("latency_p99", "tproxy-splice", "haproxy", Kind.DIFFERENCE),
+    Comparison("stream4_up", "tproxy-splice", "haproxy"),
+    Comparison("stream4_down", "tproxy-splice", "haproxy"),
+    Comparison("stream1_up", "tproxy-copy", "haproxy"),
+    Comparison("stream1_down", "tproxy-copy", "haproxy"),
+    Comparison("cpu_per_gib", "tproxy-copy", "haproxy"),
+    Comparison("idle_rss", "tproxy-splice", "haproxy"),
+]
 
 
-def median(samples: Sequence[float]) -> float | None:
-    return statistics.median(samples) if samples else None
+def per_round(samples: Samples, comparison: Comparison) -> list[float]:
+    """The comparison's figure in each round, from that round's own measurements.
+
+    Rounds where the ratio is undefined (a zero denominator) are left out; if the two modes do
+    not have one sample per round each, nothing is paired (a shifted pairing would be wrong)."""
+    subject = samples.get(comparison.subject, {}).get(comparison.metric, [])
+    if comparison.kind is Kind.VALUE:
+        return list(subject)
+    assert comparison.versus is not None
+    versus = samples.get(comparison.versus, {}).get(comparison.metric, [])
+    if len(subject) != len(versus):
+        return []
+    if comparison.kind is Kind.DIFFERENCE:
+        return [s - v for s, v in zip(subject, versus, strict=True)]
+    return [s / v for s, v in zip(subject, versus, strict=True) if v != 0]
 
 
-def medians(samples: Samples) -> dict[str, dict[str, float | None]]:
-    return {mode: {m: median(v) for m, v in metrics.items()} for mode, metrics in samples.items()}
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float
+    high: float
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
+def spread(values: Sequence[float]) -> Spread | None:
+    if not values:
         return None
-    return a / b
+    return Spread(statistics.median(values), min(values), max(values))
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def verdict(values: Sequence[float], bound: float, higher_is_better: bool) -> Verdict:
+    """Met when the whole spread clears the bound, missed when all of it falls short. One round
+    has no spread: it shows nothing about noise, so it decides nothing either."""
+    found = spread(values)
+    if found is None:
+        return Verdict.NO_DATA
+    if len(values) < 2:
+        return Verdict.INCONCLUSIVE
+    if higher_is_better:
+        if found.low >= bound:
+            return Verdict.MET
+        if found.high < bound:
+            return Verdict.MISSED
+    else:
+        if found.high <= bound:
+            return Verdict.MET
+        if found.low > bound:
+            return Verdict.MISSED
+    return Verdict.INCONCLUSIVE
 
 
-def render_table(samples: Samples, subject: str = "tproxy-splice") -> list[str]:
-    """Markdown: each metric's median per mode, and the subject's ratios to routing and HAProxy."""
-    med = medians(samples)
-    modes = [m for m in MODES if m in med]
-    head = ["metric", *(MODES[m] for m in modes), f"{subject} / routing", f"{subject} / HAProxy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for metric, (title, unit, _) in METRICS.items():
-        values = [med[m].get(metric) for m in modes]
-        if all(v is None for v in values):
-            continue
-        subj = med.get(subject, {}).get(metric)
-        row = [f"{title} ({unit})", *(_fmt(v) for v in values),
-               _fmt(ratio(subj, med.get("routing", {}).get(metric))),
-               _fmt(ratio(subj, med.get("haproxy", {}).get(metric)))]  # fmt: skip
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+def judge(samples: Samples, comparison: Comparison) -> Verdict | None:
+    """The verdict on a target; None for a comparison without one."""
+    if comparison.bound is None:
+        return None
+    values = per_round(samples, comparison)
+    return verdict(values, comparison.bound, comparison.higher_is_better())
 
 
-def render_targets(samples: Samples, subject: str = "tproxy-splice") -> list[str]:
-    """One line per target of issue 4: met or missed, with the measured ratio."""
-    med = medians(samples)
-    subj = med.get(subject, {})
-    lines = []
-    for target in TARGETS:
-        higher = METRICS[target.metric][2]
-        r = ratio(subj.get(target.metric), med.get(target.versus, {}).get(target.metric))
-        met = r is not None and (r >= target.ratio if higher else r <= target.ratio)
+def _digits(metric: str, kind: Kind) -> int:
+    if kind is Kind.RATIO:
         # Three digits: at two, 1.049 would print as 1.05 beside "MISSED: ≥ 1.05".
-        lines.append(f"- {'met' if met else 'MISSED'}: {target.text} (measured {_fmt(r, 3)}×)")
-    rss = subj.get("idle_rss")
-    met = rss is not None and rss <= IDLE_RSS_TARGET_KIB
-    lines.append(f"- {'met' if met else 'MISSED'}: user-space RSS per idle session ≤ "
-                 f"{IDLE_RSS_TARGET_KIB:g} KiB (measured {_fmt(rss)} KiB)")  # fmt: skip
-    p50, hap50 = subj.get("latency_p50"), med.get("haproxy", {}).get("latency_p50")
-    added = None if p50 is None or hap50 is None else p50 - hap50
-    met = added is not None and added <= LATENCY_TARGET_US
-    lines.append(f"- {'met' if met else 'MISSED'}: p50 latency within {LATENCY_TARGET_US:g} µs "
-                 f"of HAProxy's (measured {_fmt(added, 1)} µs more)")  # fmt: skip
+        return 3
+    return 0 if METRICS[metric][1] in ("conn/s", "µs") else 2
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def render_spread(values: Sequence[float], digits: int) -> str:
+    """`median (min-max)`, or `n/a` without values."""
+    found = spread(values)
+    if found is None:
+        return "n/a"
+    if len(values) == 1:
+        return f"{_fmt(found.median, digits)} (1 round)"
+    low, high = _fmt(found.low, digits), _fmt(found.high, digits)
+    return f"{_fmt(found.median, digits)} ({low} to {high})"
+
+
+def render_modes(samples: Samples) -> list[str]:
+    """Markdown: each metric's median (min-max over rounds) in each mode that measured it."""
+    modes = [m for m in MODES if m in samples] + [m for m in samples if m not in MODES]
+    lines = [
+        "| metric | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+    for metric, (title, unit, _) in METRICS.items():
+        cells = []
+        for mode in modes:
+            values = samples[mode].get(metric, [])
+            cells.append(render_spread(values, _digits(metric, Kind.VALUE)) if values else "—")
+        if all(cell == "—" for cell in cells):
+            continue
+        lines.append(f"| {title} ({unit}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def render_comparisons(samples: Samples, comparisons: Sequence[Comparison]) -> list[str]:
+    """Markdown: per comparison, each round's figure, the median and spread, and the verdict."""
+    lines = [
+        "| comparison | per round | median (min-max) | target | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison in comparisons:
+        values = per_round(samples, comparison)
+        digits = _digits(comparison.metric, comparison.kind)
+        rounds = ", ".join(_fmt(v, digits) for v in values) or "n/a"
+        found = judge(samples, comparison)
+        shown = "—" if found is None else f"**{found.value}**"
+        lines.append(
+            f"| {comparison.describe()} | {rounds} | {render_spread(values, digits)} | "
+            f"{comparison.describe_bound()} | {shown} |"
+        )
+    return lines
+
+
+def tally(samples: Samples, comparisons: Sequence[Comparison]) -> dict[Verdict, int]:
+    """How many targets got each verdict (for the summary line)."""
+    counts = dict.fromkeys(Verdict, 0)
+    for comparison in comparisons:
+        found = judge(samples, comparison)
+        if found is not None:
+            counts[found] += 1
+    return counts
