@@ -29,44 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import tproxy.cli.main as cli
+from bench.clients import CLIENTS, add_clients, snat
 from tproxy.engine.steering import worker_for
 from tproxy.lab.services import HTTP_PORT, start_nginx
 from tproxy.lab.topology import Lab, stop_process, wait_until
 
-CLIENTS = 64
 VARIANTS = ("shared", "steered")
-
-
-def _client_addresses(family: int) -> list[str]:
-    if family == 4:
-        return [f"198.18.1.{64 + i}" for i in range(CLIENTS)]
-    return [f"2001:db8:1::{0x100 + i:x}" for i in range(CLIENTS)]
-
-
-def _add_clients(lab: Lab) -> None:
-    """64 more addresses on the client, known to the router without neighbour discovery."""
-    for family in (4, 6):
-        for addr in _client_addresses(family):
-            lab.add_client_address(ipaddress.ip_address(addr))
-    lab.sysctl(lab.client, "net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1")
-
-
-def _snat(lab: Lab, on: bool) -> None:
-    """Source-NAT every new connection of the client to the next of the 64 addresses."""
-    lab.run(lab.client, ["nft", "delete table inet bench_snat"], check=False)
-    if not on:
-        return
-    v4 = ", ".join(f"{i} : {a}" for i, a in enumerate(_client_addresses(4)))
-    v6 = ", ".join(f"{i} : {a}" for i, a in enumerate(_client_addresses(6)))
-    script = f"""table inet bench_snat {{
-  chain post {{
-    type nat hook postrouting priority 100;
-    tcp dport {HTTP_PORT} meta nfproto ipv4 snat ip to numgen inc mod {CLIENTS} map {{ {v4} }}
-    tcp dport {HTTP_PORT} meta nfproto ipv6 snat ip6 to numgen inc mod {CLIENTS} map {{ {v6} }}
-  }}
-}}
-"""
-    lab.run(lab.client, ["nft", "-f", "-"], stdin=script.encode())
 
 
 def _wrk(lab: Lab, family: int, seconds: float) -> float:
@@ -143,7 +111,7 @@ def measure(rounds: int, seconds: float) -> list[dict[str, Any]]:
         lab.sysctl(lab.client, "net.ipv4.tcp_tw_reuse", "1")
         lab.sysctl(lab.router, "net.ipv4.ip_early_demux", "0")
         start_nginx(lab, lab.server, HTTP_PORT)
-        _add_clients(lab)
+        add_clients(lab)
         lab.run(lab.router, [sys.executable, "-m", "tproxy", "rules", "apply", "--ports",
                              str(HTTP_PORT)])  # fmt: skip
         for round_no in range(1, rounds + 1):
@@ -152,7 +120,7 @@ def measure(rounds: int, seconds: float) -> list[dict[str, Any]]:
                 proxy = Proxy(lab, variant, workers)
                 try:
                     for clients in (1, CLIENTS):
-                        _snat(lab, clients > 1)
+                        snat(lab, clients > 1)
                         for family in (4, 6):
                             load = _load()
                             rate = _wrk(lab, family, seconds)
@@ -164,7 +132,7 @@ def measure(rounds: int, seconds: float) -> list[dict[str, Any]]:
                             results.append(row)
                             time.sleep(1)
                 finally:
-                    _snat(lab, False)
+                    snat(lab, False)
                     proxy.stop()
     return results
 
