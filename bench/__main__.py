@@ -89,8 +89,9 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
         # Set before the first apply so that removing the rules between modes never flips it:
         # a plain routing run after a spoofing run needs it off too.
         lab.sysctl(lab.router, "net.ipv4.ip_early_demux", "0")
-        # wrk's connections come from 64 client addresses in every mode (`bench.clients`):
-        # tproxy steers each client to one worker, so one address would load one worker only.
+        # wrk's connections and the idle sessions come from 64 client addresses in every mode
+        # (`bench.clients`): tproxy steers each client to one worker, so one address would load
+        # one worker only.
         add_clients(lab)
         snat(lab, True)
         start_nginx(lab, lab.server, HTTP_PORT)
@@ -210,11 +211,11 @@ def write_results(
         "|---|---|---|",
         *(f"| {name} | {MODES[name]} | {_tests_of(name)} |" for name in MODES if name in samples),
         "",
-        "**Clients.** wrk's connections (the connection-rate and latency tests) come from "
-        "64 client addresses in every mode: the client namespace source-NATs each new "
-        "connection to the next of them (`bench/clients.py`). tproxy steers each client "
-        "address to one worker, and a router serves many clients; from one address, one "
-        "tproxy worker would take all the load while HAProxy used every thread.",
+        "**Clients.** wrk's connections (the connection-rate and latency tests) and the idle "
+        "sessions come from 64 client addresses in every mode: the client namespace "
+        "source-NATs each new connection to the next of them (`bench/clients.py`). tproxy "
+        "steers each client address to one worker, and a router serves many clients; from one "
+        "address, one tproxy worker would take all the load while HAProxy used every thread.",
         "",
         "**Logging.** With logs, HAProxy writes one `option tcplog` line per connection with "
         "`log stdout format raw local0` (HAProxy 2.6 needs no syslog daemon for that) and `-db`, "

@@ -132,6 +132,9 @@ class Session:
             self._start()
         except Exception as exc:  # the session boundary
             self.fail(exc)
+        # The record has the client's address now; an idle session keeps no more than it needs
+        # (memory per idle session is a benchmark target).
+        self._client_addr = ()
 
     def _start(self) -> None:
         ctx, client_sock = self._ctx, self._client_sock
@@ -227,6 +230,7 @@ class Session:
         source = format_sockaddr(upstream.getsockname())
         ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms))
         self.phase = Phase.RELAYING
+        self.connect_deadline_at = 0.0  # past; and no float kept per idle session
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
