@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 
+import httptools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tproxy.sniffers import http
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, NEED_MORE, HttpRequest, NeedMore, NotThis
 from tproxy.sniffers.http import MAX_HOST_CHARS, MAX_PATH_CHARS, sniff_http
 
@@ -256,3 +258,19 @@ def test_a_long_path_is_bounded() -> None:
     answer = sniff_http(b"GET /" + b"p" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(answer, HttpRequest)
     assert answer.path == "/" + "p" * (MAX_PATH_CHARS - 1)
+
+
+def test_the_first_byte_shortcut_refuses_nothing_llhttp_could_still_parse() -> None:
+    class NoCallbacks:
+        pass
+
+    accepted = set()
+    for first in range(256):
+        try:
+            httptools.HttpRequestParser(NoCallbacks()).feed_data(bytes([first]))
+        except httptools.HttpParserError:
+            continue
+        accepted.add(first)
+    # "F" only starts RTSP's FLUSH, which llhttp refuses in an HTTP/1.x request line.
+    assert accepted - {ord("F")} <= set(http._FIRST_BYTES)
+    assert isinstance(sniff_http(b"FLUSH / HTTP/1.1\r\n\r\n"), NotThis)
