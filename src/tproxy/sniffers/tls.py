@@ -65,7 +65,7 @@ Names are what the client claims: they are logged and matched, never used to con
 lower-cased (ASCII), loses one trailing dot, and is escaped and bounded like ALPN names: printable
 ASCII stays, every other byte and the backslash itself become ``\\xNN`` (so the escaping cannot
 be forged), cut at 255 characters without splitting an escape. `ech` only says the extension is
-present: Chrome sends a GREASE ECH extension on every hello without an ECH config, so `ech` with
+present: Chrome (BoringSSL) sends a GREASE ECH extension when it has no ECH config, so `ech` with
 an ordinary SNI is common, and the SNI is then the real name.
 
 Versions: supported_versions (GREASE ignored) when present with a value, else legacy_version.
@@ -220,22 +220,22 @@ def _parse_body(buf: bytes, pos: int, end: int) -> TlsHello | NotThis:
 
     # One pass finds the extensions read (and repeats); they are parsed after it.
     found: dict[int, tuple[int, int]] = {}
+    last_header = end - 4
     while pos < end:
-        if pos + 4 > end:
+        if pos > last_header:
             return NotThis("extension header runs past the extensions")
         kind, length = _read_u16_pair(buf, pos)
-        pos += 4
-        if pos + length > end:
+        pos += 4 + length
+        if pos > end:
             return NotThis("extension runs past the extensions")
         if kind in _READ_EXTENSIONS:
             if kind in found:
                 return NotThis("an extension is repeated")
-            found[kind] = (pos, pos + length)
-        pos += length
+            found[kind] = (pos - length, pos)
 
     sni: str | None = None
     alpn: tuple[str, ...] = ()
-    versions: list[int] = []
+    offered: str | None = None
     if (span := found.get(_EXT_SERVER_NAME)) is not None:
         name = _server_name(buf, *span)
         if isinstance(name, NotThis):
@@ -247,16 +247,11 @@ def _parse_body(buf: bytes, pos: int, end: int) -> TlsHello | NotThis:
             return names
         alpn = names
     if (span := found.get(_EXT_SUPPORTED_VERSIONS)) is not None:
-        offered = _supported_versions(buf, *span)
-        if isinstance(offered, NotThis):
-            return offered
-        versions = offered
-    return TlsHello(
-        sni,
-        alpn,
-        _highest_version(versions) if versions else _version_name(legacy_version),
-        ech=_EXT_ECH in found,
-    )
+        highest = _supported_versions(buf, *span)
+        if isinstance(highest, NotThis):
+            return highest
+        offered = highest
+    return TlsHello(sni, alpn, offered or _version_name(legacy_version), ech=_EXT_ECH in found)
 
 
 def _server_name(buf: bytes, pos: int, end: int) -> str | NotThis | None:
@@ -306,25 +301,22 @@ def _alpn(buf: bytes, pos: int, end: int) -> tuple[str, ...] | NotThis:
     return tuple(names)
 
 
-def _supported_versions(buf: bytes, pos: int, end: int) -> list[int] | NotThis:
-    """The versions of a ClientHello's supported_versions in `buf[pos:end]`, GREASE left out."""
+def _supported_versions(buf: bytes, pos: int, end: int) -> str | NotThis | None:
+    """The highest version in a ClientHello's supported_versions in `buf[pos:end]`, GREASE
+    ignored; None if it offers nothing else."""
     if pos + 1 > end or pos + 1 + buf[pos] != end or buf[pos] & 1 or buf[pos] == 0:
         return NotThis("supported versions do not fill their extension")
-    return [
-        version
-        for i in range(pos + 1, end, 2)
-        if not _is_grease(version := buf[i] << 8 | buf[i + 1])
-    ]
-
-
-def _is_grease(value: int) -> bool:
-    """RFC 8701 §2: GREASE code points are 0x0A0A, 0x1A1A, ... 0xFAFA."""
-    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
-
-
-def _highest_version(versions: list[int]) -> str:
-    tls = [v for v in versions if v >> 8 == 3]
-    return _version_name(max(tls) if tls else max(versions))
+    best_tls = best_other = -1
+    for i in range(pos + 1, end, 2):
+        version = buf[i] << 8 | buf[i + 1]
+        if version >> 8 == 3:  # TLS proper (GREASE values never start with 0x03)
+            best_tls = max(best_tls, version)
+        # RFC 8701 §2: GREASE code points are 0x0A0A, 0x1A1A, ... 0xFAFA.
+        elif not (version & 0x0F0F == 0x0A0A and version >> 8 == version & 0xFF):
+            best_other = max(best_other, version)
+    if best_tls >= 0:
+        return _version_name(best_tls)
+    return _version_name(best_other) if best_other >= 0 else None
 
 
 def _version_name(version: int) -> str:
