@@ -221,6 +221,22 @@ def test_what_follows_the_first_hello_is_not_read(records: bytes, facts: TlsHell
         assert sniff_tls(records + tail) == facts
 
 
+@settings(max_examples=300)
+@given(
+    case=st.sampled_from(REAL_HELLOS),
+    cut=st.integers(0, 600),
+    tail=st.binary(min_size=1, max_size=300),
+)
+def test_a_real_hello_cut_anywhere_with_a_random_tail(
+    case: tuple[bytes, TlsHello], cut: int, tail: bytes
+) -> None:
+    """mitmproxy's test_tls_fuzz.py: whatever follows a prefix, nothing raises; whatever follows
+    the whole hello, the facts stay."""
+    records, facts = case
+    check_result(records[:cut] + tail)
+    assert sniff_tls(records + tail) == facts
+
+
 def test_a_real_hello_in_one_byte_records_cut_at_every_offset() -> None:
     records, facts = REAL_HELLOS[0]
     split = as_records(handshake_of(records), [1])

@@ -62,9 +62,10 @@ RFC 8446 §5.1) are `NotThis`. Every read is bounds-checked before it happens: n
 raises, whatever the bytes.
 
 Names are what the client claims: they are logged and matched, never used to connect. SNI is
-lower-cased (ASCII), loses one trailing dot, and is escaped and bounded like ALPN names: printable
+lower-cased (ASCII) and loses one trailing dot; SNI and ALPN names are escaped alike: printable
 ASCII stays, every other byte and the backslash itself become ``\\xNN`` (so the escaping cannot
-be forged), cut at 255 characters without splitting an escape. `ech` only says the extension is
+be forged). The SNI is then cut at 255 characters, never inside an escape; an ALPN name is at
+most 255 bytes on the wire, so at most 1,020 characters. `ech` only says the extension is
 present: Chrome (BoringSSL) sends a GREASE ECH extension when it has no ECH config, so `ech` with
 an ordinary SNI is common, and the SNI is then the real name.
 
@@ -103,7 +104,7 @@ _ANY_LENGTH = 4 * 255  # an ALPN name is at most 255 bytes, so never cut
 
 _VERSION_NAMES = {0x0304: "1.3", 0x0303: "1.2", 0x0302: "1.1", 0x0301: "1.0"}
 
-# Printable ASCII but the backslash stays as it is; everything else is written \xNN.
+# Printable ASCII, the backslash excepted, is kept as it is; every other byte is written \xNN.
 _KEPT = bytes(b for b in range(0x20, 0x7F) if b != ord("\\"))
 _ESCAPED = tuple(chr(b) if b in _KEPT else f"\\x{b:02x}" for b in range(256))
 
