@@ -4,6 +4,7 @@ every offset, re-split into records and TCP segments, mutated and fuzzed."""
 from __future__ import annotations
 
 import random
+import re
 import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -116,6 +117,7 @@ class Writer:
 
 
 GREASE = [0x0A0A + 0x1010 * i for i in range(16)]
+GREASE_ALPN = [value.to_bytes(2, "big") for value in GREASE]
 
 
 @dataclass
@@ -329,6 +331,42 @@ def test_server_names_are_lowered_escaped_and_bounded(raw: bytes, sni: str) -> N
     assert sniff_tls(Hello(sni=[(0, raw)]).records()) == TlsHello(
         sni, ("h2", "http/1.1"), "1.3", ech=False
     )
+
+
+def unescape(text: str) -> bytes:
+    """The bytes a sniffed name was escaped from (the backslash is always escaped, so every
+    backslash starts an escape)."""
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), text.encode("ascii"))
+
+
+def offered_model(legacy: int, versions: Sequence[int]) -> str:
+    names = {0x0304: "1.3", 0x0303: "1.2", 0x0302: "1.1", 0x0301: "1.0"}
+    tls = [v for v in versions if v >> 8 == 3]
+    other = [v for v in versions if v >> 8 != 3 and v not in GREASE]
+    best = max(tls) if tls else max(other) if other else legacy
+    return names.get(best, f"0x{best:04x}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.binary(min_size=1, max_size=60),
+    alpn=st.lists(st.binary(min_size=1, max_size=20) | st.sampled_from(GREASE_ALPN), max_size=6),
+    versions=st.lists(st.integers(0, 0xFFFF) | st.sampled_from(GREASE), min_size=1, max_size=8),
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+)
+def test_built_hellos_give_back_what_they_carry(
+    name: bytes, alpn: list[bytes], versions: list[int], sizes: list[int]
+) -> None:
+    """Any name and ALPN bytes come back (escaped: unescaping gives the bytes sent), GREASE left
+    out, and the offered version is the highest TLS version, in any records."""
+    hello = Hello(sni=[(0, name)], alpn=alpn or None, versions=versions)
+    facts = sniff_tls(hello.records(sizes))
+    assert isinstance(facts, TlsHello)
+    lowered = name.lower()
+    assert facts.sni is not None
+    assert unescape(facts.sni) == (lowered[:-1] if lowered.endswith(b".") else lowered)
+    assert [unescape(a) for a in facts.alpn] == [a for a in alpn if a not in GREASE_ALPN]
+    assert facts.offered_version == offered_model(0x0303, versions)
 
 
 def test_a_server_name_list_without_a_host_name_gives_no_sni() -> None:
