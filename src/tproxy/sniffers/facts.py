@@ -32,13 +32,16 @@ class TlsHello:
     """The facts of a TLS ClientHello.
 
     Args:
-        sni: the server name (host_name) from server_name, lower-cased, without a trailing dot;
-            None if absent. With `ech` it is the outer, public name.
+        sni: the server name (host_name) from server_name, lower-cased, without a trailing dot,
+            escaped (`sniffers.printable`) and at most 255 characters; None if absent. With real
+            ECH it is the outer, public name; browsers also send a fake ("GREASE") ECH
+            extension when they have no ECH config, and then it is the real name.
         alpn: the offered ALPN protocol names in the client's order, GREASE values left out,
             decoded as ASCII with backslash escapes for any other byte.
         offered_version: the highest version offered ("1.3", "1.2", "1.1", "1.0"), from
             supported_versions when present (GREASE ignored), else legacy_version.
-        ech: the client offered Encrypted Client Hello (extension 0xfe0d).
+        ech: the ClientHello carries the Encrypted Client Hello extension (0xfe0d): real ECH or
+            the GREASE one browsers send without an ECH config (the sniffer cannot tell).
     """
 
     sni: str | None

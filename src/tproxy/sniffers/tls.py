@@ -79,6 +79,7 @@ from __future__ import annotations
 import struct
 
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, NEED_MORE, NeedMore, NotThis, TlsHello
+from tproxy.sniffers.printable import to_printable
 
 # Bounds are checked before every read, so this never raises struct.error.
 _read_u16_pair = struct.Struct(">HH").unpack_from
@@ -103,10 +104,6 @@ _MAX_NAME_CHARS = 255
 _ANY_LENGTH = 4 * 255  # an ALPN name is at most 255 bytes, so never cut
 
 _VERSION_NAMES = {0x0304: "1.3", 0x0303: "1.2", 0x0302: "1.1", 0x0301: "1.0"}
-
-# Printable ASCII, the backslash excepted, is kept as it is; every other byte is written \xNN.
-_KEPT = bytes(b for b in range(0x20, 0x7F) if b != ord("\\"))
-_ESCAPED = tuple(chr(b) if b in _KEPT else f"\\x{b:02x}" for b in range(256))
 
 
 def sniff_tls(data: bytes) -> TlsHello | NeedMore | NotThis:
@@ -280,7 +277,7 @@ def _server_name(buf: bytes, pos: int, end: int) -> str | NotThis | None:
     host = host.lower()
     if host.endswith(b"."):
         host = host[:-1]
-    return _printable(host, _MAX_NAME_CHARS)
+    return to_printable(host, _MAX_NAME_CHARS)
 
 
 def _alpn(buf: bytes, pos: int, end: int) -> tuple[str, ...] | NotThis:
@@ -297,7 +294,7 @@ def _alpn(buf: bytes, pos: int, end: int) -> tuple[str, ...] | NotThis:
             return NotThis("empty ALPN name")
         # GREASE ALPN identifiers (RFC 8701 §2) are the two bytes 0x?A 0x?A, both the same.
         if not (name_end == pos + 3 and buf[pos + 1] == buf[pos + 2] and buf[pos + 1] & 15 == 10):
-            names.append(_printable(buf[pos + 1 : name_end], _ANY_LENGTH))
+            names.append(to_printable(buf[pos + 1 : name_end], _ANY_LENGTH))
         pos = name_end
     return tuple(names)
 
@@ -322,19 +319,3 @@ def _supported_versions(buf: bytes, pos: int, end: int) -> str | NotThis | None:
 
 def _version_name(version: int) -> str:
     return _VERSION_NAMES.get(version) or f"0x{version:04x}"
-
-
-def _printable(raw: bytes, limit: int) -> str:
-    """`raw` as text: printable ASCII kept, other bytes and the backslash as \\xNN; at most
-    `limit` characters, never cutting an escape in two."""
-    if not raw.translate(None, _KEPT):
-        return raw[:limit].decode("ascii")
-    out: list[str] = []
-    used = 0
-    for byte in raw:
-        piece = _ESCAPED[byte]
-        used += len(piece)
-        if used > limit:
-            break
-        out.append(piece)
-    return "".join(out)

@@ -1,0 +1,57 @@
+"""Classify a session from its client's first bytes: which protocol, and its facts.
+
+Every sniffer looks at the same accumulated bytes; the first that recognises them wins (TLS,
+then HTTP/1, then SSH: their first bytes cannot be mistaken for one another's). While any of them
+still answers "need more", so does `classify`; when none can be it any more, the session is
+`unknown`. A session whose client sends nothing before the upstream answers or the sniff timeout
+ends is `silent` -- the engine knows that, not the bytes, so it is not decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tproxy.sniffers.facts import (
+    NEED_MORE,
+    HttpRequest,
+    NeedMore,
+    NotThis,
+    SshBanner,
+    TlsHello,
+)
+from tproxy.sniffers.http import sniff_http
+from tproxy.sniffers.ssh import sniff_ssh
+from tproxy.sniffers.tls import sniff_tls
+
+Facts = TlsHello | HttpRequest | SshBanner
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    """What a session is: `proto` (`tls`, `http`, `ssh`, `unknown`, `silent`) and the facts of
+    its protocol (None for `unknown` and `silent`)."""
+
+    proto: str
+    facts: Facts | None = None
+
+
+UNKNOWN = Sniffed("unknown")
+SILENT = Sniffed("silent")
+_PROTO = {TlsHello: "tls", HttpRequest: "http", SshBanner: "ssh"}
+
+
+def classify(data: bytes) -> Sniffed | NeedMore:
+    """The session's protocol and facts from everything its client sent so far, or NEED_MORE.
+
+    Empty `data` is NEED_MORE (the engine decides `silent` when the waiting ends).
+    """
+    if not data:
+        return NEED_MORE
+    waiting = False
+    for sniff in (sniff_tls, sniff_http, sniff_ssh):
+        answer = sniff(data)
+        if isinstance(answer, NeedMore):
+            waiting = True
+        elif not isinstance(answer, NotThis):
+            return Sniffed(_PROTO[type(answer)], answer)
+    return NEED_MORE if waiting else UNKNOWN
