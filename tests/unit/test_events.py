@@ -19,8 +19,9 @@ from tproxy.observability.events import (
 )
 
 CLOSE = SessionClosed(
-    "01kbj9dq70102", "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3, "splice", 25
-)
+    "01kbj9dq70102", "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3, "splice", 25,
+    "tls", "www.example.test", ["h2", "http/1.1"], "1.3", False, None, None,
+)  # fmt: skip
 
 
 def _log(log_format: LogFormat) -> str:
@@ -46,6 +47,13 @@ def test_json_close_event_has_the_documented_fields() -> None:
         "active": 3,
         "relay": "splice",
         "spliced_bytes": 25,
+        "proto": "tls",
+        "sni": "www.example.test",
+        "alpn": ["h2", "http/1.1"],
+        "tls_offered": "1.3",
+        "ech": False,
+        "http_host": None,
+        "http_method": None,
     }
     assert parse_json_event(record) == CLOSE
 
@@ -53,7 +61,8 @@ def test_json_close_event_has_the_documented_fields() -> None:
 def test_text_line_is_one_readable_line() -> None:
     assert _log(LogFormat.TEXT) == (
         "2027-01-15T08:00:00.250Z session 01kbj9dq70102 closed (closed): 198.18.1.2:5000 -> "
-        "[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, splice, 3 active sessions\n"
+        '[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, splice, tls sni="www.example.test" '
+        'alpn="h2,http/1.1" offered 1.3, 3 active sessions\n'
     )
 
 

@@ -99,6 +99,7 @@ def test_nothing_happens_before_start_and_each_phase_comes_in_order() -> None:
             assert {e["session"] for e in events} == {session.record.id}
             assert decode(events[0]["session"]).worker == 5
             assert events[-1]["reason"] == "closed" and h.ctx.active == 0
+            assert events[-1]["proto"] == "unknown"  # "ping" is none of the protocols we know
         finally:
             h.close()
 

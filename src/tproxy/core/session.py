@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tproxy.sniffers.classify import Sniffed
 
 
 @dataclass(slots=True)
@@ -15,7 +19,8 @@ class SessionRecord:
     upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
     but could not deliver are not counted. `spliced_bytes` is the part of both that moved by
     splice (never through Python); `relay` is how the session was relayed ("splice" or "copy";
-    None until the relay starts). `last_activity_at` moves whenever a byte moves either way;
+    None until the relay starts). `sniffed` is what its first bytes said it is (None if it never
+    relayed). `last_activity_at` moves whenever a byte moves either way;
     `half_closed_at` is when the first direction finished (one side sent FIN), None while both
     still flow.
     """
@@ -28,6 +33,7 @@ class SessionRecord:
     bytes_down: int = 0
     spliced_bytes: int = 0
     relay: str | None = None
+    sniffed: Sniffed | None = None
     last_activity_at: float = 0.0
     half_closed_at: float | None = None
 

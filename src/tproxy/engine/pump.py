@@ -40,6 +40,7 @@ from tproxy.core.lifecycle import Direction, End
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
 from tproxy.engine.poller import Poller
+from tproxy.sniffers.passive import FirstBytes
 
 # <linux/fcntl.h>: splice flags
 SPLICE_F_MOVE = 1
@@ -78,6 +79,7 @@ class Pump:
         "_record",
         "_splice_after",
         "_src",
+        "_tap",
         "_writing",
     )
 
@@ -92,6 +94,7 @@ class Pump:
         pool: PipePool | None,
         owner: PumpOwner,
         splice_after: int = SPLICE_AFTER_BYTES,
+        tap: FirstBytes | None = None,
     ) -> None:
         self._poller = poller
         self._src = source.fileno()
@@ -101,6 +104,7 @@ class Pump:
         self._pool = pool
         self._owner = owner
         self._splice_after = splice_after
+        self._tap = tap
         self._pipe: Pipe | None = None
         self._in_pipe = 0
         self._buffer: memoryview | None = None
@@ -169,6 +173,8 @@ class Pump:
                     if not self._copy_one_chunk():
                         return
                     continue
+            if self._tap is not None:  # bytes about to pass where the tap cannot see them
+                self._tap_blind()
             try:
                 n = os.splice(self._src, pipe.w, pipe.size_bytes, flags=_FLAGS)
             except BlockingIOError:
@@ -207,10 +213,35 @@ class Pump:
         if not data:
             self._finish(End.EOF)
             return False
+        if self._tap is not None:
+            self._look(data)
         self._buffer = memoryview(data)
         # Less than a full chunk: the socket was empty a moment ago, so stop here rather than
         # ask again for an EAGAIN; the level-triggered poller calls back if more has come.
         return self._flush() and len(data) == COPY_CHUNK_BYTES
+
+    def _look(self, data: bytes) -> None:
+        """Show the session's first bytes to its sniffer (`sniffers.passive`) as they pass."""
+        tap = self._tap
+        assert tap is not None
+        try:
+            if self._direction is Direction.UP:
+                if tap.client_sent(data):
+                    return
+            else:
+                tap.upstream_sent()
+        except Exception:  # a sniffer's bug ends the sniffing, never the session
+            tap.cannot_see()
+        self._tap = None
+
+    def _tap_blind(self) -> None:
+        tap = self._tap
+        assert tap is not None
+        if self._direction is Direction.UP:
+            tap.cannot_see()
+        else:
+            tap.upstream_sent()  # close enough: the upstream is about to send its first bytes
+        self._tap = None
 
     def _moved(self) -> int:
         record = self._record

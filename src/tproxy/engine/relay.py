@@ -29,6 +29,7 @@ from tproxy.interception.sockopts import (
     reset_behind_eof,
     unacknowledged_bytes,
 )
+from tproxy.sniffers.passive import FirstBytes
 
 # Passing a reset on waits for the other peer to acknowledge what was already written to it, for
 # as long as it keeps acknowledging; it gives up after this long without progress.
@@ -70,7 +71,8 @@ class Relay:
     """Relays `client` ⇄ `upstream` until both directions end or one resets.
 
     With a pipe pool it splices after each direction's first `splice_after` bytes; without one it
-    copies. Sets `record.relay` to which it is ("splice" or "copy").
+    copies. Sets `record.relay` to which it is ("splice" or "copy"). With a `tap`, the first
+    bytes each way are shown to it as they pass (`sniffers.passive`).
 
     Calls `on_end(reason)` once, with both sockets left open after a clean close (the owner
     closes them) and aborted after a reset; or `on_error(exc)` after an unexpected error, with
@@ -105,6 +107,7 @@ class Relay:
         on_error: Callable[[BaseException], None],
         spawn: Spawn,
         splice_after: int = SPLICE_AFTER_BYTES,
+        tap: FirstBytes | None = None,
     ) -> None:
         self._poller = poller
         self._client = client
@@ -119,9 +122,9 @@ class Relay:
         self._drain: asyncio.Task[None] | None = None
         record.relay = "copy" if pool is None else "splice"
         self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self,
-                       splice_after=splice_after)  # fmt: skip
+                       splice_after=splice_after, tap=tap)  # fmt: skip
         self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self,
-                         splice_after=splice_after)  # fmt: skip
+                         splice_after=splice_after, tap=tap)  # fmt: skip
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""

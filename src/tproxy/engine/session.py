@@ -51,6 +51,7 @@ from tproxy.observability.events import (
     UpstreamConnected,
     UpstreamFailed,
 )
+from tproxy.sniffers.passive import FirstBytes
 
 # How a failed upstream connect is named in the close reason.
 _CONNECT_FAILURE_REASONS = {
@@ -108,6 +109,7 @@ class Session:
         "_client_sock",
         "_ctx",
         "_relay",
+        "_sniffer",
         "_upstream",
         "connect_deadline_at",
         "phase",
@@ -122,6 +124,7 @@ class Session:
         self._client_addr = client_addr
         self._upstream: socket.socket | None = None
         self._relay: Relay | None = None
+        self._sniffer: FirstBytes | None = None
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING
         self.record: SessionRecord | None = None  # made by start()
@@ -232,9 +235,12 @@ class Session:
         self.phase = Phase.RELAYING
         self.connect_deadline_at = 0.0  # past; and no float kept per idle session
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
+        # What the session is, read from its first bytes as they pass (no wait: no rule needs
+        # the facts before connecting yet).
+        self._sniffer = FirstBytes()
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
-                            spawn=ctx.spawn)  # fmt: skip
+                            spawn=ctx.spawn, tap=self._sniffer)  # fmt: skip
 
     def _relay_ended(self, reason: CloseReason) -> None:
         # A clean end leaves both sockets open for close() to send the last FINs; after a reset
@@ -271,6 +277,9 @@ class Session:
         record = self.record
         if record is None:  # failed before the open was logged: nothing to close in the log
             return
+        if self._sniffer is not None:
+            record.sniffed = self._sniffer.final()
+            self._sniffer = None
         ctx.sessions.discard(self)
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
@@ -287,5 +296,6 @@ class Session:
                 ctx.active,
                 record.relay,
                 record.spliced_bytes,
+                *(() if record.sniffed is None else record.sniffed.event_fields()),
             )
         )

@@ -121,13 +121,35 @@ class SessionClosed(Event):
     active: int
     relay: str | None  # "splice", "copy"; None: never relayed (the connect failed or was refused)
     spliced_bytes: int  # of bytes_up + bytes_down, how many moved by splice
+    # What the client's first bytes said (`sniffers`); None when it never relayed. The names are
+    # the client's, escaped to printable ASCII by the sniffers and quoted in the text line.
+    proto: str | None = None
+    sni: str | None = None
+    alpn: list[str] | None = None
+    tls_offered: str | None = None
+    ech: bool | None = None
+    http_host: str | None = None
+    http_method: str | None = None
 
     def text(self) -> str:
         how = "" if self.relay is None else f", {self.relay}"
+        what = "" if self.proto is None else f", {self.proto}"
+        if self.sni is not None:
+            what += f" sni={_q(self.sni)}"
+        if self.alpn:
+            what += f" alpn={_q(','.join(self.alpn))}"
+        if self.tls_offered is not None:
+            what += f" offered {self.tls_offered}"
+        if self.ech:
+            what += " ech"
+        if self.http_method is not None:
+            what += f" {_q(self.http_method)}"
+        if self.http_host is not None:
+            what += f" host={_q(self.http_host)}"
         return (
             f"session {self.session} closed ({self.reason}): {self.client} -> {self.dst}, "
-            f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s{how}, "
-            f"{self.active} active sessions"
+            f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s{how}"
+            f"{what}, {self.active} active sessions"
         )
 
     def json_fields(self) -> str:
@@ -135,8 +157,13 @@ class SessionClosed(Event):
             f'"session":{_q(self.session)},"client":{_q(self.client)},"dst":{_q(self.dst)},'
             f'"bytes_up":{self.bytes_up},"bytes_down":{self.bytes_down},'
             f'"duration_s":{float(self.duration_s)!r},"reason":{_q(self.reason)},'
-            f'"active":{self.active},"relay":{"null" if self.relay is None else _q(self.relay)},'
-            f'"spliced_bytes":{self.spliced_bytes}'
+            f'"active":{self.active},"relay":{_q_or_null(self.relay)},'
+            f'"spliced_bytes":{self.spliced_bytes},"proto":{_q_or_null(self.proto)},'
+            f'"sni":{_q_or_null(self.sni)},"alpn":{_list_or_null(self.alpn)},'
+            f'"tls_offered":{_q_or_null(self.tls_offered)},'
+            f'"ech":{"null" if self.ech is None else ("true" if self.ech else "false")},'
+            f'"http_host":{_q_or_null(self.http_host)},'
+            f'"http_method":{_q_or_null(self.http_method)}'
         )
 
 
@@ -222,6 +249,14 @@ def format_timestamp(epoch_s: float) -> str:
 _FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _q = encode_basestring_ascii  # a JSON string literal, in C
+
+
+def _q_or_null(text: str | None) -> str:
+    return "null" if text is None else _q(text)
+
+
+def _list_or_null(texts: list[str] | None) -> str:
+    return "null" if texts is None else f"[{','.join(map(_q, texts))}]"
 
 
 def _field_names(cls: type[Event]) -> tuple[str, ...]:

@@ -24,6 +24,9 @@ from tproxy.sniffers.ssh import sniff_ssh
 from tproxy.sniffers.tls import sniff_tls
 
 Facts = TlsHello | HttpRequest | SshBanner
+SniffedFields = tuple[
+    str, str | None, list[str] | None, str | None, bool | None, str | None, str | None
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,17 @@ class Sniffed:
 
     proto: str
     facts: Facts | None = None
+
+    def event_fields(self) -> SniffedFields:
+        """The `session_close` fields (docs/events.md): proto, sni, alpn, tls_offered, ech,
+        http_host, http_method; None where the protocol has no such fact."""
+        facts = self.facts
+        if isinstance(facts, TlsHello):
+            return (self.proto, facts.sni, list(facts.alpn), facts.offered_version, facts.ech,
+                    None, None)  # fmt: skip
+        if isinstance(facts, HttpRequest):
+            return (self.proto, None, None, None, None, facts.host, facts.method)
+        return (self.proto, None, None, None, None, None, None)
 
 
 UNKNOWN = Sniffed("unknown")
