@@ -5,21 +5,38 @@ from __future__ import annotations
 import contextlib
 import ssl
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxy.sniffers.classify import SILENT, UNKNOWN, Sniffed
+from tproxy.sniffers import passive
+from tproxy.sniffers.classify import SILENT, UNKNOWN, Sniffed, classify
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, HttpRequest, TlsHello
 from tproxy.sniffers.passive import FirstBytes
 
 
-def _client_hello() -> bytes:
+def _client_hello(padding: int = 0) -> bytes:
+    """A real ClientHello (Python's ssl); with `padding`, a padding extension (21) of that many
+    zero bytes is added and every length fixed up."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.set_alpn_protocols(["h2", "http/1.1"])
     tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="a.test")
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    return outgoing.read()
+    hello = outgoing.read()
+    if not padding:
+        return hello
+    # record(5) handshake(4) version(2) random(32) session id, suites, compression, extensions
+    body = bytearray(hello[9:])
+    pos = 34
+    pos += 1 + body[pos]
+    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+    pos += 1 + body[pos]
+    extensions = int.from_bytes(body[pos : pos + 2], "big") + 4 + padding
+    body[pos : pos + 2] = extensions.to_bytes(2, "big")
+    body += (21).to_bytes(2, "big") + padding.to_bytes(2, "big") + bytes(padding)
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
 
 
 HELLO = _client_hello()
@@ -34,7 +51,10 @@ def test_a_hello_in_any_reads_is_tls(cuts: list[int]) -> None:
         wanted = watcher.client_sent(data[:cut])
         data = data[cut:]
     if wanted and data:
-        assert not watcher.client_sent(data)
+        decided_now = not watcher.client_sent(data)
+        # Up to four reads are each looked at; after that the look may wait for more bytes,
+        # the upstream's answer or the end (a dribbling client must not cost a parse a byte).
+        assert decided_now or len(cuts) >= 4
     result = watcher.final()
     assert result.proto == "tls" and isinstance(result.facts, TlsHello)
     assert (result.facts.sni, result.facts.alpn) == ("a.test", ("h2", "http/1.1"))
@@ -90,3 +110,41 @@ def test_bytes_it_cannot_see_decide_with_what_was_seen() -> None:
     half.client_sent(b"GET / HT")
     half.cannot_see()
     assert half.final() == UNKNOWN
+
+
+def test_a_dribbling_client_costs_a_few_parses_not_one_per_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ClientHello of 2,000+ bytes sent a byte at a time is still read, with the parser run
+    a few dozen times rather than once per byte."""
+    calls: list[int] = []
+
+    def counting(data: bytes) -> object:
+        calls.append(len(data))
+        return classify(data)
+
+    monkeypatch.setattr(passive, "classify", counting)
+    hello = HELLO + b""
+    big = _big_hello()
+    for whole in (hello, big):
+        calls.clear()
+        watcher = FirstBytes()
+        for i in range(len(whole)):
+            if not watcher.client_sent(whole[i : i + 1]):
+                break
+        result = watcher.final()
+        assert result.proto == "tls" and isinstance(result.facts, TlsHello), len(whole)
+        assert len(calls) < 30, (len(whole), len(calls))
+
+
+def test_the_upstream_answer_gets_the_held_bytes_one_more_look() -> None:
+    watcher = FirstBytes()
+    for i in range(len(HELLO)):  # dribbled: the last bytes may not have been parsed yet
+        watcher.client_sent(HELLO[i : i + 1])
+    watcher.upstream_sent()
+    assert watcher.result is not None and watcher.result.proto == "tls"
+
+
+def _big_hello() -> bytes:
+    """A ClientHello over 2,000 bytes: the real one with a padding extension added."""
+    return _client_hello(padding=2000)

@@ -13,14 +13,22 @@ from __future__ import annotations
 from tproxy.sniffers.classify import SILENT, UNKNOWN, Sniffed, classify
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, NeedMore
 
+# The first reads are each classified as they come (a ClientHello in one or two segments is
+# decided at once); after that, only when the bytes held have grown by half since the last try.
+# The sniffers re-parse from the start, so a client that dribbles its first message a byte at a
+# time would otherwise cost a parse of up to 16 KiB per byte; this way the whole costs a few.
+_EAGER_READS = 4
+
 
 class FirstBytes:
     """Watches one session's first bytes; `result` once decided, `final()` at the end."""
 
-    __slots__ = ("_buffer", "result")
+    __slots__ = ("_buffer", "_next_try", "_reads", "result")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._reads = 0
+        self._next_try = 0
         self.result: Sniffed | None = None
 
     def client_sent(self, data: bytes) -> bool:
@@ -28,21 +36,36 @@ class FirstBytes:
         if self.result is not None:
             return False
         buffer = self._buffer + data if self._buffer else data
-        answer = classify(buffer[:MAX_SNIFF_BYTES])
-        if isinstance(answer, NeedMore):
-            if len(buffer) >= MAX_SNIFF_BYTES:  # a sniffer never needs more than this
-                self._finish(UNKNOWN)
-                return False
-            self._buffer = buffer
+        self._reads += 1
+        if self._reads > _EAGER_READS and len(buffer) < min(self._next_try, MAX_SNIFF_BYTES):
+            self._buffer = buffer  # not worth a parse yet; the upstream's answer or the end is
             return True
-        self._finish(answer)
-        return False
+        if self._try(buffer):
+            return False
+        if len(buffer) >= MAX_SNIFF_BYTES:  # a sniffer never needs more than this
+            self._finish(UNKNOWN)
+            return False
+        self._buffer = buffer
+        self._next_try = len(buffer) + len(buffer) // 2
+        return True
 
     def upstream_sent(self) -> None:
         """The upstream's first bytes arrived: before any of the client's, the session is
-        `silent`; otherwise this changes nothing."""
-        if self.result is None and not self._buffer:
-            self._finish(SILENT)
+        `silent`; otherwise the client's bytes so far get one more look (the upstream answered
+        them: the client's first message is likely all there)."""
+        if self.result is None:
+            if not self._buffer:
+                self._finish(SILENT)
+            else:
+                self._try(self._buffer)
+
+    def _try(self, buffer: bytes) -> bool:
+        """Classify `buffer`; True (and decided) unless it needs more."""
+        answer = classify(buffer[:MAX_SNIFF_BYTES])
+        if isinstance(answer, NeedMore):
+            return False
+        self._finish(answer)
+        return True
 
     def cannot_see(self) -> None:
         """The client's bytes now pass where they cannot be read (spliced): decide with what
@@ -53,7 +76,7 @@ class FirstBytes:
     def final(self) -> Sniffed:
         """What the session was, at its end: undecided with some client bytes is `unknown`
         (they never completed a first message), with none `silent`."""
-        if self.result is None:
+        if self.result is None and not (self._buffer and self._try(self._buffer)):
             self._finish(UNKNOWN if self._buffer else SILENT)
         assert self.result is not None
         return self.result
