@@ -148,3 +148,15 @@ def test_the_upstream_answer_gets_the_held_bytes_one_more_look() -> None:
 def _big_hello() -> bytes:
     """A ClientHello over 2,000 bytes: the real one with a padding extension added."""
     return _client_hello(padding=2000)
+
+
+def test_a_sniffer_that_raises_makes_the_session_unknown_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(data: bytes) -> object:
+        raise IndexError("a sniffer bug")
+
+    monkeypatch.setattr(passive, "classify", broken)
+    watcher = FirstBytes()
+    assert not watcher.client_sent(b"GET / HTTP/1.1\r\n")
+    assert watcher.final() == UNKNOWN

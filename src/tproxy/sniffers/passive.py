@@ -60,8 +60,13 @@ class FirstBytes:
                 self._try(self._buffer)
 
     def _try(self, buffer: bytes) -> bool:
-        """Classify `buffer`; True (and decided) unless it needs more."""
-        answer = classify(buffer[:MAX_SNIFF_BYTES])
+        """Classify `buffer`; True (and decided) unless it needs more. A sniffer's bug (they are
+        fuzzed never to raise) ends the sniffing as `unknown`, never the session or its close."""
+        try:
+            answer = classify(buffer[:MAX_SNIFF_BYTES])
+        except Exception:
+            self._finish(UNKNOWN)
+            return True
         if isinstance(answer, NeedMore):
             return False
         self._finish(answer)
