@@ -13,6 +13,7 @@ from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import SPLICE_AFTER_BYTES
 from tproxy.engine.relay import Relay
+from tproxy.sniffers.passive import FirstBytes
 
 
 async def relay(
@@ -21,10 +22,13 @@ async def relay(
     record: SessionRecord,
     pool: PipePool | None,
     splice_after: int = SPLICE_AFTER_BYTES,
+    *,
+    tap: FirstBytes | None = None,
 ) -> CloseReason:
     """Relay to the end, close both sockets as a session does, return the close reason.
 
-    `pool` None copies; a pool splices after each direction's first `splice_after` bytes.
+    `pool` None copies; a pool splices after each direction's first `splice_after` bytes; a
+    `tap` sees the first bytes as they pass, as a session's sniffer does.
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[CloseReason] = loop.create_future()
@@ -39,7 +43,7 @@ async def relay(
     poller = Poller(loop)
     the_relay = Relay(poller, client, upstream, record, pool=pool,
                       on_end=finished.set_result, on_error=finished.set_exception,
-                      spawn=spawn, splice_after=splice_after)  # fmt: skip
+                      spawn=spawn, splice_after=splice_after, tap=tap)  # fmt: skip
     try:
         return await finished
     finally:

@@ -24,6 +24,7 @@ from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
 from tproxy.engine.pump import COPY_CHUNK_BYTES, SPLICE_AFTER_BYTES
 from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
+from tproxy.sniffers.passive import FirstBytes
 
 from .relay_harness import relay
 
@@ -53,6 +54,7 @@ class Relay:
     loop: str
     pipes: bool = True
     splice_after: int = 0
+    sniffed: bool = False  # a sniffer watches the first bytes, as in every session of `run`
 
     def __call__(
         self, client: socket.socket, upstream: socket.socket, record: SessionRecord
@@ -60,7 +62,8 @@ class Relay:
         if self.kind is RelayKind.COPY:
             return relay(client, upstream, record, None)
         pool = POOL if self.pipes else EXHAUSTED
-        return relay(client, upstream, record, pool, self.splice_after)
+        tap = FirstBytes() if self.sniffed else None
+        return relay(client, upstream, record, pool, self.splice_after, tap=tap)
 
     def spliced_all(self, record: SessionRecord) -> bool:
         """Whether `record`'s bytes moved as this relay must move them: all by splice when it
@@ -97,7 +100,8 @@ RELAYS = [
     ),
     # As `tproxy run` splices: copy each direction's first 64 KiB, splice the rest.
     pytest.param(
-        Relay(RelayKind.SPLICE, "uvloop", splice_after=SPLICE_AFTER_BYTES), id="splice-auto-uvloop"
+        Relay(RelayKind.SPLICE, "uvloop", splice_after=SPLICE_AFTER_BYTES, sniffed=True),
+        id="splice-auto-sniffed-uvloop",
     ),
     # Out of descriptors, the splice relay copies instead of failing.
     pytest.param(Relay(RelayKind.SPLICE, "uvloop", pipes=False), id="splice-without-pipes"),
