@@ -4,8 +4,11 @@ sentence naming the rule (index and name) and the key."""
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tproxy.core.options import ConfigError
 from tproxy.policy.model import (
@@ -150,3 +153,35 @@ def test_each_mistake_is_one_sentence_naming_rule_and_key(text: str, message: st
         parse_policy(text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+_KEYS = st.sampled_from(
+    ["name", "action", "client", "dst", "ports", "proto", "sni", "host", "sni_or_host", "to",
+     "via", "remote_name", "capture", "colour"]
+)  # fmt: skip
+_SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-10, 70000),
+    st.text(max_size=30),
+    st.sampled_from(
+        ["allow", "reset", "redirect", "via", "10.0.0.0/8", "fd00::/8", "1-2", "8000-8100",
+         "*.a.example", "a.example.", "tls", "1.2.3.4:5", "[::1]:80", "socks5://u:p@h:1",
+         "http://h:8080", "ftp://h:1"]
+    ),
+)  # fmt: skip
+_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3))
+
+
+@given(st.lists(st.dictionaries(_KEYS, _VALUES, max_size=6), max_size=3))
+def test_random_rules_parse_or_give_one_config_error(tables: list[dict[str, object]]) -> None:
+    text = "".join(
+        "[[rule]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+        for table in tables
+    )
+    try:
+        policy = parse_policy(text)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert len(policy.rules) == len(tables)
+        assert len({rule.name for rule in policy.rules}) == len(tables)
