@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import shutil
@@ -35,7 +36,13 @@ from tproxy.core.config import (
     reload_config,
     restart_only_notice,
 )
-from tproxy.core.endpoint import EndpointError, parse_port
+from tproxy.core.endpoint import (
+    Endpoint,
+    EndpointError,
+    IPAddress,
+    parse_endpoint,
+    parse_port,
+)
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
@@ -49,6 +56,8 @@ from tproxy.lab.demo import run_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice
+from tproxy.policy.decide import SessionFacts, SniffedFacts, Verdict, trace
+from tproxy.policy.model import PROTOS, Policy, parse_policy
 from tproxy.rules.apply import (
     applied_settings,
     apply_rules,
@@ -97,6 +106,7 @@ def _argument_type(parse: Callable[[str], T], error: type[ValueError]) -> Callab
 
 
 _port: Callable[[str], int] = _argument_type(parse_port, EndpointError)
+_endpoint: Callable[[str], Endpoint] = _argument_type(parse_endpoint, EndpointError)
 _ports: Callable[[str], tuple[PortRange, ...]] = _argument_type(parse_ports, RulesError)
 _mark: Callable[[str], int] = _argument_type(parse_mark, ConfigError)
 _positive_int: Callable[[str], int] = _argument_type(parse_positive_int, ConfigError)
@@ -293,6 +303,46 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one JSON object: {ok, expected, checks: [{check, status, detail, "
                         "fix}]}")  # fmt: skip
 
+    policy = commands.add_parser(
+        "policy",
+        help="check a policy file, or explain what it decides for a session",
+        description="Read a policy file (tproxy run --policy) without running anything; no root.",
+    )
+    policy_actions = policy.add_subparsers(
+        dest="action", metavar="ACTION", parser_class=OneLineParser
+    )
+    policy_actions.required = True
+    check = policy_actions.add_parser(
+        "check",
+        help="validate a policy file",
+        description=(
+            "Validate a policy file. Exit status: 0 and a one-line summary if it is valid; 2 and "
+            "one line naming the rule and key that is wrong if not."
+        ),
+    )
+    check.add_argument("file", metavar="FILE", help="the policy file (TOML)")
+    explain = policy_actions.add_parser(
+        "explain",
+        help="say which rule decides a session like this one, and why",
+        description=(
+            "Print the rule and action the policy gives a session with these facts, and for each "
+            "rule tried why it did or did not decide. Without --sni, --host or --proto the "
+            "session is taken as not sniffed yet. Exit status 0; 2 if the file is invalid."
+        ),
+    )
+    explain.add_argument("file", metavar="FILE", help="the policy file (TOML)")
+    explain.add_argument("--client", required=True, type=_ip, metavar="IP",
+                         help="the client's address")  # fmt: skip
+    explain.add_argument("--dst", required=True, type=_endpoint, metavar="IP:PORT",
+                         help="the original destination ([IPv6]:PORT for IPv6)")  # fmt: skip
+    explain.add_argument("--sni", metavar="NAME", help="the sniffed TLS server name")
+    explain.add_argument("--host", metavar="NAME", help="the sniffed HTTP Host")
+    explain.add_argument(
+        "--proto",
+        choices=PROTOS,
+        help="the sniffed protocol (default: tls with --sni, http with --host)",
+    )
+
     lab = commands.add_parser(
         "lab",
         help="demo: a client, a router running tproxy and a server, in network namespaces",
@@ -326,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rules(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "policy":
+            return _policy(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -481,6 +533,77 @@ def _rules(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print("\n".join(lines))
     return 0
+
+
+def _ip(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _load_policy(path: str) -> Policy:
+    """The policy in a file; raises ConfigError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {path}: not UTF-8 text") from None
+    try:
+        return parse_policy(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _policy(args: argparse.Namespace) -> int:
+    try:
+        policy = _load_policy(args.file)
+    except ConfigError as exc:
+        sys.stderr.write(f"tproxy policy {args.action}: error: {exc}\n")
+        return 2
+    if args.action == "check":
+        count = len(policy.rules)
+        print(f"{count} rule{'' if count == 1 else 's'}, default {policy.default.value}")
+        return 0
+    print("\n".join(explain_lines(policy, args)))
+    return 0
+
+
+def explain_lines(policy: Policy, args: argparse.Namespace) -> list[str]:
+    """What `tproxy policy explain` prints for its arguments."""
+    sniffed = None
+    if args.sni is not None or args.host is not None or args.proto is not None:
+        proto = args.proto or ("tls" if args.sni is not None else "http")
+        sniffed = SniffedFacts(proto, args.sni, args.host)
+    facts = SessionFacts(args.client, args.dst.ip, args.dst.port, sniffed)
+    verdict, why = trace(policy, facts)
+    lines = [_verdict_line(verdict)]
+    lines += [f"  {line}" for line in why]
+    if verdict.need_facts:
+        silent, why_silent = trace(policy, SessionFacts(args.client, args.dst.ip, args.dst.port,
+                                                        SniffedFacts("silent")))  # fmt: skip
+        lines.append(f"if the client sends nothing within {policy.sniff_timeout_s:g} s: "
+                     + _verdict_line(silent))  # fmt: skip
+        lines += [f"  {line}" for line in why_silent]
+    return lines
+
+
+def _verdict_line(verdict: Verdict) -> str:
+    if verdict.need_facts:
+        return (f"waits for the client's first bytes (rule {verdict.waiting_for!r} needs "
+                "sniffed facts; give --sni, --host or --proto)")  # fmt: skip
+    assert verdict.action is not None
+    line = verdict.action.value
+    if verdict.to is not None:
+        line += f" to {verdict.to}"
+    if verdict.via is not None:
+        line += f" {verdict.via}" + (
+            " asking it for the sniffed name" if verdict.remote_name else ""
+        )
+    if verdict.rule is None:
+        return f"{line} (the default: no rule matches)"
+    return f"{line} (rule {verdict.rule!r})"
 
 
 def _doctor(args: argparse.Namespace) -> int:
