@@ -33,8 +33,7 @@ from tproxy.core.config import (
     ProxyConfig,
     build_config,
     parse_config_file,
-    reload_config,
-    restart_only_notice,
+    reload_from,
 )
 from tproxy.core.endpoint import (
     Endpoint,
@@ -460,20 +459,14 @@ def _run(args: argparse.Namespace) -> int:
     def on_reload() -> None:
         """The supervisor's part of SIGHUP: its own log's format, what a restarted worker starts
         with, and the reload's notices, once (the workers reload the same file silently)."""
-        if reload is None:
-            supervisor_log.emit(Notice("SIGHUP: no --config file, nothing to reload"))
-            return
-        try:
-            loaded = reload()
-        except ConfigError as exc:
-            message = f"reload failed, keeping the running configuration: {exc}"
-            supervisor_log.emit(Notice(message))
-            return
-        current[0], restart_only = reload_config(current[0], loaded)
-        supervisor_log.log_format = current[0].log_format
-        notice = restart_only_notice(restart_only)
-        if notice is not None:
+        new, notices = reload_from(current[0], reload)
+        if new is not None:
+            current[0] = new
+            supervisor_log.log_format = new.log_format
+        for notice in notices:
             supervisor_log.emit(Notice(notice))
+        if new is None:
+            return
         supervisor_log.emit(Notice(f"reloaded the configuration in {workers} workers"))
 
     code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload)

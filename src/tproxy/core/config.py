@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -252,6 +252,26 @@ def restart_only_notice(names: list[str]) -> str | None:
         return None
     verb = "changes" if len(names) == 1 else "change"
     return f"reload: {', '.join(names)} {verb} only on restart; kept as is"
+
+
+def reload_from(
+    running: ProxyConfig, load: Callable[[], ProxyConfig] | None
+) -> tuple[ProxyConfig | None, list[str]]:
+    """What a SIGHUP does, for the supervisor and a worker alike: the configuration to run with
+    from now on (None: keep the running one) and the notices that say so, in order.
+
+    `load` re-reads the file with the command line's overrides (raises ConfigError); None when
+    there is no file.
+    """
+    if load is None:
+        return None, ["SIGHUP: no --config file, nothing to reload"]
+    try:
+        loaded = load()
+    except ConfigError as exc:
+        return None, [f"reload failed, keeping the running configuration: {exc}"]
+    new, restart_only = reload_config(running, loaded)
+    notice = restart_only_notice(restart_only)
+    return new, [] if notice is None else [notice]
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> ProxyConfig:

@@ -26,13 +26,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tproxy.core.config import (
-    ConfigError,
     InterceptMode,
     ProxyConfig,
     RelayKind,
     max_connections_for,
-    reload_config,
-    restart_only_notice,
+    reload_from,
 )
 from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.reasons import CloseReason
@@ -270,24 +268,18 @@ class ProxyServer:
         """SIGHUP: apply what can be applied, keep the rest. A worker reloads silently: its
         supervisor reloads the same file and writes the notices once for all workers."""
         say = self._log.emit if self._channel is None else _quiet
-        if self._reload is None:
-            say(Notice("SIGHUP: no --config file, nothing to reload"))
-            return
-        try:
-            new = self._reload()
-        except ConfigError as exc:
-            say(Notice(f"reload failed, keeping the running configuration: {exc}"))
-            return
-        new, restart_only = reload_config(self.config, new)
-        if new.relay is RelayKind.SPLICE and not self._splice_works:
-            new = dataclasses.replace(new, relay=RelayKind.COPY)
-        self._ctx.config = new
-        # Sessions read the configuration when they start, the sweep on every round; the log's
-        # format is the one thing to switch here (before the notices, so they show it).
-        self._log.log_format = new.log_format
-        notice = restart_only_notice(restart_only)
-        if notice is not None:
+        new, notices = reload_from(self.config, self._reload)
+        if new is not None:
+            if new.relay is RelayKind.SPLICE and not self._splice_works:
+                new = dataclasses.replace(new, relay=RelayKind.COPY)
+            self._ctx.config = new
+            # Sessions read the configuration when they start, the sweep on every round; the
+            # log's format is the one thing to switch here (before the notices: they show it).
+            self._log.log_format = new.log_format
+        for notice in notices:
             say(Notice(notice))
+        if new is None:
+            return
         self._max_connections = self._limit_for(new)
         say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
 
