@@ -42,7 +42,7 @@ def test_tls_and_http_sessions_say_what_they_are(served_lab: Lab, family: int) -
     lab = served_lab
     _start_tls_server(lab)
     apply_rules(lab, "--ports", f"{HTTP_PORT},{TLS_PORT}")
-    proxy = start_proxy(lab)
+    proxy = start_proxy(lab, default_workers=True)  # what users run: a worker per CPU
     server = lab.server.ipv4 if family == 4 else lab.server.ipv6
     resolved = f"{NAME}:{TLS_PORT}:{server if family == 4 else f'[{server}]'}"
     argv = ["curl", "-sS", "-k", "--max-time", "10", "--resolve", resolved, "-o", "/dev/null",
