@@ -121,8 +121,11 @@ class HTTPConnectHandshake:
         try:
             parser.feed_data(buffer[:end] if end != -1 else buffer[:room])
         except httptools.HttpParserError as error:
-            detail = to_printable(str(error).encode(errors="replace"), 80)
-            return Refused(f"not an HTTP response: {detail}", refused=False)
+            # llhttp also "fails" after a complete head it will not read past (a 101, or an
+            # Upgrade header): the head is all we wanted, so only an error before its end counts.
+            if not status.complete:
+                detail = to_printable(str(error).encode(errors="replace"), 80)
+                return Refused(f"not an HTTP response: {detail}", refused=False)
         if end == -1:
             if len(buffer) >= room:
                 return Refused("reply header too long", refused=False)
