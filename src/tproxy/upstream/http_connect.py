@@ -25,7 +25,9 @@ start of the reply) and only that head is given to a fresh llhttp parser. Bytes 
 begin "HTTP/", and a head llhttp rejects before it is complete, refuse at once, without waiting
 for a head that will never end. llhttp's strictness has a price: a 2xx head with both
 Content-Length and Transfer-Encoding (meaningless on a CONNECT reply, RFC 9110 9.3.6) is a
-protocol error here; no proxy we know sends one.
+protocol error here; no proxy we know sends one. Each call parses the head so far with a fresh
+parser, as the HTTP sniffer does: no parser state between calls, at the price of a reparse per
+read (a head is at most 16 KiB and normally arrives in one).
 """
 
 from __future__ import annotations

@@ -134,9 +134,7 @@ class Socks5Handshake:
             return NEED_MORE
         method = buffer[1]
         if method == METHOD_NONE_ACCEPTABLE:
-            offered = "no authentication or username/password" if self._credentials else (
-                "no authentication"
-            )  # fmt: skip
+            offered = "no authentication" + (" or username/password" if self._credentials else "")
             return Refused(f"SOCKS5: no acceptable authentication method (offered {offered})")
         if len(buffer) > 2:
             return Refused("SOCKS5: bytes after the method selection", refused=False)
