@@ -138,3 +138,27 @@ def test_explain_an_invalid_file_is_status_2(
     argv = ["policy", "explain", str(path), "--client", "10.0.0.1", "--dst", "1.2.3.4:1"]
     assert _run(argv) == 2
     assert "unknown setting 'bogus'" in capsys.readouterr().err
+
+
+def test_the_readme_example_is_a_valid_policy_that_decides_as_it_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Policies:") :]
+    text = section[section.index("```toml\n") + 8 : section.index("```\n", 8)]
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    assert _run(["policy", "check", str(path)]) == 0
+    assert capsys.readouterr().out == "4 rules, default allow\n"
+    cases = [
+        (["--dst", "198.18.2.2:25"], "allow (rule 'mail-and-db')"),
+        (["--dst", "198.18.2.2:443", "--sni", "WWW.Ads.Example."], "reset (rule 'no-ads')"),
+        (["--dst", "198.18.2.2:443", "--sni", "example.org"],
+         "via socks5://198.18.2.2:1080 asking it for the sniffed name (rule 'lab-via-socks')"),
+        (["--dst", "198.18.2.2:9005", "--client", "198.18.9.9"],
+         "redirect to 198.18.2.2:9000 (rule 'mirror')"),
+    ]  # fmt: skip
+    for args, first_line in cases:
+        argv = ["policy", "explain", str(path), "--client", "198.18.1.2", *args]
+        assert _run(argv) == 0
+        assert capsys.readouterr().out.splitlines()[0] == first_line, args

@@ -71,8 +71,12 @@ def test_an_sni_rule_whose_addresses_match_needs_facts() -> None:
 
 
 def test_an_sni_rule_whose_addresses_fail_is_skipped_without_waiting() -> None:
+    # "no-ads" (port 443 only) is skipped; "out-via-socks" matches on addresses but asks its
+    # proxy for the sniffed name (remote_name), so it waits for the facts itself.
     verdict = decide(POLICY, _facts(80, dst="2001:db8:2::9"))
-    assert not verdict.need_facts
+    assert verdict.need_facts and verdict.waiting_for == "out-via-socks"
+    sniffed = SniffedFacts("http", None, "www.example.test")
+    verdict = decide(POLICY, _facts(80, dst="2001:db8:2::9", sniffed=sniffed))
     assert (verdict.action, verdict.rule, verdict.remote_name) == (
         Action.VIA,
         "out-via-socks",

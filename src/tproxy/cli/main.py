@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -56,7 +57,8 @@ from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice
 from tproxy.policy.decide import SessionFacts, SniffedFacts, Verdict, trace
-from tproxy.policy.model import PROTOS, Policy, parse_policy
+from tproxy.policy.load import load_matcher, read_policy
+from tproxy.policy.model import PROTOS, Policy
 from tproxy.rules.apply import (
     applied_settings,
     apply_rules,
@@ -405,7 +407,10 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
             file_values = parse_config_file(text)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return build_config(file_values, overrides)
+    config = build_config(file_values, overrides)
+    if config.policy is None:
+        return config
+    return replace(config, matcher=load_matcher(config.policy))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -414,7 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         config = _load_config(args.config, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
-    reload = None if args.config is None else partial(_load_config, args.config, overrides)
+    reloadable = args.config is not None or config.policy is not None
+    reload = partial(_load_config, args.config, overrides) if reloadable else None
     workers = args.workers or os.cpu_count() or 1
     if workers > MAX_WORKER:  # the session id has room for this many
         return _fail(f"--workers {workers} is more than tproxy runs ({MAX_WORKER} at most)")
@@ -535,23 +541,9 @@ def _ip(text: str) -> IPAddress:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
-def _load_policy(path: str) -> Policy:
-    """The policy in a file; raises ConfigError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"cannot read {path}: not UTF-8 text") from None
-    try:
-        return parse_policy(text)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
 def _policy(args: argparse.Namespace) -> int:
     try:
-        policy = _load_policy(args.file)
+        policy = read_policy(args.file)
     except ConfigError as exc:
         sys.stderr.write(f"tproxy policy {args.action}: error: {exc}\n")
         return 2

@@ -17,6 +17,7 @@ and a test keeps it and the README's equal to it):
     relay = "splice"
     loop = "uvloop"
     log_format = "json"
+    policy = "/etc/tproxy/policy.toml"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
 overrides, and applies what it can to the running proxy: `mode`, `listen` and `loop` change only
@@ -29,7 +30,7 @@ import enum
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tproxy.core.endpoint import Endpoint, parse_endpoint
 from tproxy.core.lifecycle import Timeouts
@@ -49,6 +50,9 @@ from tproxy.core.options import (
 
 # Re-exported: callers catch ConfigError from this module, where the configuration is.
 from tproxy.core.options import ConfigError as ConfigError  # noqa: PLC0414
+
+if TYPE_CHECKING:
+    from tproxy.policy.matcher import Matcher
 
 DEFAULT_PROXY_PORT = 1800
 # The mark on every upstream socket. It must differ from the divert mark (0x1 by default) so the
@@ -132,6 +136,10 @@ class ProxyConfig:
         log_format: text for humans, JSON (one object per line) for machines.
         relay: splice (zero-copy, the default) or copy (through Python).
         loop: uvloop (the default) or asyncio's own loop; fixed at start.
+        policy: the policy file (`tproxy.policy`); None: every session is allowed.
+        matcher: the policy file's contents, compiled (`policy.matcher`); not an option but what
+            `policy` names, read (with its host names resolved) whenever the configuration is
+            loaded, so that a reload with a broken policy fails as a whole and keeps the old one.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -146,6 +154,8 @@ class ProxyConfig:
     log_format: LogFormat = LogFormat.TEXT
     relay: RelayKind = RelayKind.SPLICE
     loop: LoopKind = LoopKind.UVLOOP
+    policy: str | None = None
+    matcher: Matcher | None = field(default=None, compare=False, repr=False)
 
     @property
     def timeouts(self) -> Timeouts:
@@ -198,10 +208,17 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     option("log_format", choice(LogFormat), example=LogFormat.JSON,
            help="session log on stdout: text for humans, json for one object per line "
            "(default: text)"),
+    option("policy", PATH, metavar="FILE", example="/etc/tproxy/policy.toml",
+           help="policy file (TOML): rules that allow, reset, redirect or send sessions through "
+           "an upstream proxy, by address, port, TLS server name or HTTP Host; check it with "
+           "'tproxy policy check'; SIGHUP re-reads it (default: allow everything)"),
 )  # fmt: skip
 """Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
-`ProxyConfig` fields (whose defaults are the options' defaults); `config` and `workers` say how to
-run, not what the proxy does, and exist on the command line only."""
+`ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`
+and `workers` say how to run, not what the proxy does, and exist on the command line only."""
+
+DERIVED_FIELDS = frozenset({"matcher"})
+"""`ProxyConfig` fields that no option sets: made from what the options name when loading."""
 
 FILE_OPTIONS = tuple(spec for spec in RUN_OPTIONS if spec.file_key is not None)
 
@@ -264,7 +281,7 @@ def reload_from(
     there is no file.
     """
     if load is None:
-        return None, ["SIGHUP: no --config file, nothing to reload"]
+        return None, ["SIGHUP: no --config or --policy file, nothing to reload"]
     try:
         loaded = load()
     except ConfigError as exc:

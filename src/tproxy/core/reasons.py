@@ -24,6 +24,11 @@ class CloseReason(enum.StrEnum):
     # Refused before connecting: the client is reset.
     NO_ORIGINAL_DESTINATION = "no_original_destination"  # REDIRECT without a conntrack entry
     LOOP_REFUSED = "loop_refused"  # the destination is this proxy's own listener
+    # The policy (`tproxy.policy`): the client is reset, nothing connects upstream.
+    POLICY_RESET = "policy_reset"  # a rule's action (or the default) was `reset`
+    # A `via` rule's upstream proxy: the client is reset.
+    UPSTREAM_PROXY_REFUSED = "upstream_proxy_refused"  # it answered no (its answer is logged)
+    UPSTREAM_PROXY_FAILED = "upstream_proxy_failed"  # unreachable, silent, or spoke nonsense
     # Cut by the proxy: both sides are reset.
     IDLE_TIMEOUT = "idle_timeout"
     HALF_CLOSED_TIMEOUT = "half_closed_timeout"

@@ -20,7 +20,10 @@ class SessionRecord:
     but could not deliver are not counted. `spliced_bytes` is the part of both that moved by
     splice (never through Python); `relay` is how the session was relayed ("splice" or "copy";
     None until the relay starts). `sniffed` is what its first bytes said it is (None if it never
-    relayed). `last_activity_at` moves whenever a byte moves either way;
+    relayed). `action` is what the policy decided (`allow` without a policy), `rule` the rule that
+    decided (None: the default, or no policy), `upstream` the endpoint connected when it is not
+    `dst` (a `redirect` target, a `via` proxy). `last_activity_at` moves whenever a byte moves
+    either way;
     `half_closed_at` is when the first direction finished (one side sent FIN), None while both
     still flow.
     """
@@ -34,6 +37,9 @@ class SessionRecord:
     spliced_bytes: int = 0
     relay: str | None = None
     sniffed: Sniffed | None = None
+    action: str = "allow"
+    rule: str | None = None
+    upstream: str | None = None
     last_activity_at: float = 0.0
     half_closed_at: float | None = None
 

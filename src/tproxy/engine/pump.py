@@ -95,7 +95,10 @@ class Pump:
         owner: PumpOwner,
         splice_after: int = SPLICE_AFTER_BYTES,
         tap: FirstBytes | None = None,
+        pending: bytes = b"",
     ) -> None:
+        """`pending`: bytes read from the source before the pump existed (what a session read
+        while sniffing, what an upstream proxy sent after its answer), written first."""
         self._poller = poller
         self._src = source.fileno()
         self._dst = sink.fileno()
@@ -110,7 +113,25 @@ class Pump:
         self._buffer: memoryview | None = None
         self._reading = True
         self._writing = False
+        if pending:
+            written = self._write_pending(pending)
+            if written < len(pending):  # the rest when the sink takes it (or says it is gone)
+                self._buffer = memoryview(pending)[written:]
+                self._reading = False
+                self._writing = True
+                poller.add_writer(self._dst, self)
+                return
         poller.add_reader(self._src, self)
+
+    def _write_pending(self, pending: bytes) -> int:
+        """Write what can be written at once (a new connection takes a few KiB: all of it, as a
+        rule); an error is left for the flush that follows to meet and report."""
+        try:
+            written = os.write(self._dst, pending)
+        except OSError:
+            return 0
+        self._count(written)
+        return written
 
     def stop(self) -> None:
         """Stop moving bytes; afterwards the pump touches neither socket and calls nobody."""

@@ -72,7 +72,9 @@ class Relay:
 
     With a pipe pool it splices after each direction's first `splice_after` bytes; without one it
     copies. Sets `record.relay` to which it is ("splice" or "copy"). With a `tap`, the first
-    bytes each way are shown to it as they pass (`sniffers.passive`).
+    bytes each way are shown to it as they pass (`sniffers.passive`). `pending_up` and
+    `pending_down` are bytes already read from the client and from the upstream before the relay
+    started (the sniffed first bytes; an upstream proxy's first tunnelled bytes): relayed first.
 
     Calls `on_end(reason)` once, with both sockets left open after a clean close (the owner
     closes them) and aborted after a reset; or `on_error(exc)` after an unexpected error, with
@@ -108,6 +110,8 @@ class Relay:
         spawn: Spawn,
         splice_after: int = SPLICE_AFTER_BYTES,
         tap: FirstBytes | None = None,
+        pending_up: bytes = b"",
+        pending_down: bytes = b"",
     ) -> None:
         self._poller = poller
         self._client = client
@@ -122,9 +126,9 @@ class Relay:
         self._drain: asyncio.Task[None] | None = None
         record.relay = "copy" if pool is None else "splice"
         self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self,
-                       splice_after=splice_after, tap=tap)  # fmt: skip
+                       splice_after=splice_after, tap=tap, pending=pending_up)  # fmt: skip
         self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self,
-                         splice_after=splice_after, tap=tap)  # fmt: skip
+                         splice_after=splice_after, tap=tap, pending=pending_down)  # fmt: skip
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""

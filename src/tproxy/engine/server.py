@@ -35,6 +35,7 @@ from tproxy.core.config import (
 from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session_id import SessionIds
+from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
@@ -76,6 +77,11 @@ def sweep_interval_s(config: ProxyConfig) -> float:
     """How long the timeout sweep sleeps: a second, or a quarter of the shortest timeout."""
     shortest = min(config.connect_timeout_s, config.idle_timeout_s, config.half_closed_timeout_s)
     return min(SWEEP_INTERVAL_S, shortest / 4)
+
+
+def _deadline_failed(session: Session, exc: Exception) -> None:
+    """A session's sniff deadline raised (its own handler catches what it does): end it."""
+    session.fail(exc)
 
 
 def _quiet(_event: Event) -> None:
@@ -188,6 +194,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ctx.poller = Poller(loop)
+        self._ctx.sniff_deadlines = DeadlineQueue(loop, _deadline_failed)
         stop = asyncio.Event()
         received: list[str] = []
 
@@ -225,6 +232,7 @@ class ProxyServer:
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
+            self._ctx.sniff_deadlines.close()
             self._ctx.poller.close()
             self.release()
             if self._channel is not None:

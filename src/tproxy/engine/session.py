@@ -1,19 +1,31 @@
 """The session: one accepted client connection, from original destination to close event.
 
 A session is callbacks on the event loop, not a task. Its life is a few phases (`Phase`), in
-this order, each entered once (docs/life-of-a-connection.md draws them):
+this order, each entered at most once (docs/life-of-a-connection.md draws them):
 
-    NEW ──start()──▶ CONNECTING ──connected──▶ RELAYING ──relay ended──▶ CLOSED
-     │                   │                                                  ▲
-     └──refused──────────┴──connect failed / deadline─────────────────────-─┘
+    NEW ─start()─▶ [SNIFFING] ─▶ CONNECTING ─▶ [HANDSHAKING] ─▶ RELAYING ─relay ended─▶ CLOSED
+     │                 │              │               │                                  ▲
+     └─refused, reset──┴─reset────────┴─failed────────┴─refused, failed──────────────────┘
 
 `Session(...)` only records the accepted socket; `start()` reads the original destination,
-writes `session_open`, applies the loop guard and starts the non-blocking upstream connect (the
-socket becomes writable when it completes). While CONNECTING the session has a deadline,
-`connect_deadline_at`; the server's sweep calls `sweep(now)` to enforce it, and the relay's idle
-and half-closed timeouts once RELAYING. Every way out -- the relay ending, a refusal, a failed
-connect, a timeout, a cut from outside (`close`), an unexpected error (`fail`) -- goes through
-`close()`, the one teardown: stop what runs, close or reset both sockets, write `session_close`.
+writes `session_open`, applies the loop guard and asks the policy (`policy.matcher`, when there
+is one) for a verdict. When a rule that might match needs sniffed facts, the session is
+SNIFFING: it reads the client's first bytes (reads, not MSG_PEEK: the poller is level-triggered,
+and a half-arrived ClientHello left in the socket would keep it readable and spin) until a
+sniffer decides, 16 KiB are held, the client ends, or the sniff timeout passes (`silent`); then
+the policy decides with the facts. The verdict is carried out: `reset` resets the client;
+`allow`, `redirect` and `via` start the non-blocking connect (to the original destination, the
+rule's `to`, the upstream proxy), CONNECTING until the socket is writable; `via` then talks to
+the proxy, HANDSHAKING (`tproxy.upstream`). The relay starts with the bytes held so far sent on
+first. Without a policy, or when one decides from addresses alone, nothing waits: the connect
+starts at once and the first bytes are sniffed as they pass (`sniffers.passive`).
+
+Deadlines: CONNECTING and HANDSHAKING share `connect_deadline_at` (connect timeout), enforced
+by the server's sweep through `sweep(now)`, as are the relay's idle and half-closed timeouts;
+SNIFFING's deadline is the context's `sniff_deadlines` queue (one timer for all). Every way out
+-- the relay ending, a refusal, a verdict, a failed connect or handshake, a timeout, a cut from
+outside (`close`), an unexpected error (`fail`) -- goes through `close()`, the one teardown:
+stop what runs, close or reset both sockets, write `session_close`.
 
 Whatever goes wrong inside one session is caught at this boundary: logged with its id, both
 sides reset, only this session ended.
@@ -37,6 +49,7 @@ from tproxy.core.lifecycle import expired_reason
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.core.session_id import SessionIds
+from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
 from tproxy.engine.relay import Relay
@@ -51,7 +64,19 @@ from tproxy.observability.events import (
     UpstreamConnected,
     UpstreamFailed,
 )
+from tproxy.policy.decide import SniffedFacts, Verdict
+from tproxy.policy.matcher import Address, Matcher, Waiting, parse_address, remote_name
+from tproxy.policy.model import Action
+from tproxy.sniffers.classify import Sniffed, SniffedFields
+from tproxy.sniffers.facts import MAX_SNIFF_BYTES, HttpRequest, TlsHello
 from tproxy.sniffers.passive import FirstBytes
+from tproxy.upstream.handshake import (
+    Established,
+    ProxyHandshake,
+    Refused,
+    Send,
+    handshake_for,
+)
 
 # How a failed upstream connect is named in the close reason.
 _CONNECT_FAILURE_REASONS = {
@@ -62,13 +87,27 @@ _CONNECT_FAILURE_REASONS = {
     errno.EMFILE: CloseReason.OUT_OF_DESCRIPTORS,
     errno.ENFILE: CloseReason.OUT_OF_DESCRIPTORS,
 }
+# The sniffing fields of a session that never relayed (refused before it could send).
+_NOT_SNIFFED: SniffedFields = (None, None, None, None, None, None, None)
+# A `via` session's proxy: every failure to reach it or talk to it, but running out of
+# descriptors, is the proxy's.
+_PROXY_FAILURE_REASONS = {
+    errno.EMFILE: CloseReason.OUT_OF_DESCRIPTORS,
+    errno.ENFILE: CloseReason.OUT_OF_DESCRIPTORS,
+}
+_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+# Most bytes read from an upstream proxy's answer at once (a SOCKS5 reply is 10-22 bytes, an
+# HTTP one a few hundred; the handshake bounds what it keeps).
+_HANDSHAKE_READ_BYTES = 4096
 
 
 class Phase(enum.Enum):
     """Where a session is in its life; each phase is entered at most once, in this order."""
 
     NEW = "new"  # accepted; start() not called yet
+    SNIFFING = "sniffing"  # reading the client's first bytes for the policy (sniff deadline)
     CONNECTING = "connecting"  # the upstream connect is in flight (until connect_deadline_at)
+    HANDSHAKING = "handshaking"  # talking to a `via` rule's upstream proxy (same deadline)
     RELAYING = "relaying"  # both sockets belong to the relay (idle and half-closed timeouts)
     CLOSED = "closed"  # sockets closed or reset, `session_close` written
 
@@ -89,6 +128,8 @@ class SessionContext:
     # REDIRECT (`interception.original_dst`).
     destination: Destination = socket.socket.getsockname
     poller: Poller = field(init=False)  # set when the server starts serving
+    # Sessions SNIFFING, in order of their deadline (set when the server starts serving).
+    sniff_deadlines: DeadlineQueue[Session] = field(init=False)
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     # Counters since this process started (the supervisor's heartbeats carry them).
@@ -101,6 +142,41 @@ class SessionContext:
         return len(self.sessions)
 
 
+class _Deciding:
+    """What a session holds between accept and its relay when it waits for the policy's facts
+    or talks to an upstream proxy (sessions that do neither never make one)."""
+
+    __slots__ = (
+        "client", "dst", "dst_addr", "handshake", "held", "held_bytes_count", "leftover",
+        "matcher", "waiting",
+    )  # fmt: skip
+
+    def __init__(
+        self, matcher: Matcher, dst_addr: tuple[Any, ...], client: Address, dst: Address
+    ) -> None:
+        self.matcher = matcher  # the policy this session started with decides it (reloads too)
+        self.dst_addr = dst_addr
+        self.client = client
+        self.dst = dst
+        self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
+        self.held: list[bytes] = []  # the client's bytes read while sniffing, to send on first
+        self.held_bytes_count = 0
+        self.handshake: ProxyHandshake | None = None  # the upstream proxy's, for `via`
+        self.leftover = b""  # tunnelled bytes that came with the proxy's answer
+
+    def held_bytes(self) -> bytes:
+        return b"".join(self.held)
+
+
+def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
+    facts = sniffed.facts
+    return SniffedFacts(
+        sniffed.proto,
+        facts.sni if isinstance(facts, TlsHello) else None,
+        facts.host if isinstance(facts, HttpRequest) else None,
+    )
+
+
 class Session:
     """One intercepted connection: `start()` it; it ends by itself, by `close` or by `fail`."""
 
@@ -108,6 +184,7 @@ class Session:
         "_client_addr",
         "_client_sock",
         "_ctx",
+        "_deciding",
         "_relay",
         "_sniffer",
         "_upstream",
@@ -125,19 +202,22 @@ class Session:
         self._upstream: socket.socket | None = None
         self._relay: Relay | None = None
         self._sniffer: FirstBytes | None = None
+        self._deciding: _Deciding | None = None
         self.phase = Phase.NEW
-        self.connect_deadline_at = 0.0  # meaningful while CONNECTING
+        self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
         self.record: SessionRecord | None = None  # made by start()
 
     def start(self) -> None:
-        """Read the original destination, log the open, refuse loops, start the connect."""
+        """Read the original destination, log the open, refuse loops, ask the policy, and sniff
+        or connect."""
         try:
             self._start()
         except Exception as exc:  # the session boundary
             self.fail(exc)
-        # The record has the client's address now; an idle session keeps no more than it needs
-        # (memory per idle session is a benchmark target).
-        self._client_addr = ()
+        if self.phase is not Phase.SNIFFING:
+            # The record has the client's address now; an idle session keeps no more than it
+            # needs (memory per idle session is a benchmark target).
+            self._client_addr = ()
 
     def _start(self) -> None:
         ctx, client_sock = self._ctx, self._client_sock
@@ -165,15 +245,134 @@ class Session:
             )
             self.close(CloseReason.LOOP_REFUSED)
             return
-        config = ctx.config
-        spoof_ip = self._client_addr[0] if config.spoof_source else None
+        matcher = ctx.config.matcher
+        if matcher is None:  # no policy: allow, sniffing as the bytes pass
+            self._connect(dst_addr, self._spoof_ip(), now)
+            return
+        deciding = _Deciding(
+            matcher, dst_addr, parse_address(self._client_addr[0]), parse_address(dst_addr[0])
+        )
+        verdict = matcher.first(deciding.client, deciding.dst, dst_addr[1])
+        if isinstance(verdict, Waiting):
+            deciding.waiting = verdict
+            self._deciding = deciding
+            self._sniffer = FirstBytes(eager=True)
+            self.phase = Phase.SNIFFING
+            ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, self)
+            ctx.poller.add_reader(client_sock.fileno(), self)
+            return
+        self._carry_out(verdict, deciding, now)
+
+    def _spoof_ip(self) -> str | None:
+        return self._client_addr[0] if self._ctx.config.spoof_source else None
+
+    # --- SNIFFING -----------------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        """The client sent (SNIFFING), or the upstream proxy answered (HANDSHAKING)."""
         try:
-            sock = open_upstream_socket(dst_addr[0], spoof_ip, config.mark)
+            if self.phase is Phase.SNIFFING:
+                self._sniff_more()
+            elif self.phase is Phase.HANDSHAKING:
+                self._handshake_more()
+        except Exception as exc:
+            self.fail(exc)
+
+    def _sniff_more(self) -> None:
+        deciding, sniffer = self._deciding, self._sniffer
+        assert deciding is not None and sniffer is not None
+        room = MAX_SNIFF_BYTES - deciding.held_bytes_count
+        try:
+            data = os.read(self._client_sock.fileno(), room)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _GONE:
+                self.close(CloseReason.CLIENT_RESET)
+                return
+            raise
+        if data:
+            deciding.held.append(data)
+            deciding.held_bytes_count += len(data)
+            if sniffer.client_sent(data) and len(data) < room:
+                return  # more wanted, and there is room for it
+        # Decided, full, or the client's end (its EOF stays for the relay to read).
+        self._sniffed()
+
+    def deadline_passed(self) -> None:
+        """The sniff timeout: decide with what came (nothing: `silent`)."""
+        if self.phase is Phase.SNIFFING:
+            try:
+                self._sniffed()
+            except Exception as exc:
+                self.fail(exc)
+
+    def _sniffed(self) -> None:
+        deciding, sniffer, record = self._deciding, self._sniffer, self.record
+        assert deciding is not None and sniffer is not None and record is not None
+        assert deciding.waiting is not None
+        self._ctx.poller.remove_reader(self._client_sock.fileno())
+        record.sniffed = sniffed = sniffer.final()
+        self._sniffer = None
+        facts = _sniffed_facts(sniffed)
+        verdict = deciding.matcher.with_facts(deciding.waiting, deciding.client, deciding.dst,
+                                              deciding.dst_addr[1], facts)  # fmt: skip
+        self._carry_out(verdict, deciding, time.monotonic(), facts)
+        self._client_addr = ()
+
+    # --- the verdict ----------------------------------------------------------------------------
+
+    def _carry_out(
+        self,
+        verdict: Verdict,
+        deciding: _Deciding,
+        now: float,
+        facts: SniffedFacts | None = None,
+    ) -> None:
+        record = self.record
+        assert record is not None and verdict.action is not None
+        record.action = verdict.action.value
+        record.rule = verdict.rule
+        action = verdict.action
+        if action is Action.RESET:
+            self.close(CloseReason.POLICY_RESET)
+            return
+        target = deciding.dst_addr
+        spoof_ip = self._spoof_ip()
+        if action is Action.REDIRECT:
+            assert verdict.to is not None
+            target = (verdict.to.host, verdict.to.port)
+            record.upstream = str(verdict.to)
+            if self._ctx.guard.is_self(target):
+                self._ctx.log.emit(UpstreamFailed(record.id, record.upstream, "ELOOP",
+                                                  "the redirect target is this proxy"))  # fmt: skip
+                self.close(CloseReason.LOOP_REFUSED)
+                return
+        elif action is Action.VIA:
+            assert verdict.via is not None
+            proxy = verdict.via
+            target, spoof_ip = (proxy.address.host, proxy.address.port), None
+            record.upstream = str(proxy.address)
+            name = remote_name(facts) if verdict.remote_name else None
+            port = deciding.dst_addr[1]
+            try:
+                deciding.handshake = handshake_for(proxy, name or deciding.dst_addr[0], port)
+            except ValueError:  # a name the proxy cannot be asked for: ask for the address
+                deciding.handshake = handshake_for(proxy, deciding.dst_addr[0], port)
+        self._deciding = deciding if (deciding.held or deciding.handshake) else None
+        self._connect(target, spoof_ip, now)
+
+    # --- CONNECTING -----------------------------------------------------------------------------
+
+    def _connect(self, target: tuple[Any, ...], spoof_ip: str | None, now: float) -> None:
+        config = self._ctx.config
+        try:
+            sock = open_upstream_socket(target[0], spoof_ip, config.mark)
         except OSError as exc:
             self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
             return
         self._upstream = sock
-        code = sock.connect_ex(dst_addr[:2])
+        code = sock.connect_ex(target[:2])
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
@@ -181,7 +380,7 @@ class Session:
             # server's sweep enforces this deadline.
             self.connect_deadline_at = now + config.connect_timeout_s
             self.phase = Phase.CONNECTING
-            ctx.poller.add_writer(sock.fileno(), self)
+            self._ctx.poller.add_writer(sock.fileno(), self)
         else:
             self._connect_failed(code, os.strerror(code))
 
@@ -200,12 +399,13 @@ class Session:
 
     def sweep(self, now: float) -> None:
         """Enforce this session's deadlines at `now` (monotonic); the server's sweep calls it."""
-        if self.phase is Phase.CONNECTING:
+        phase = self.phase
+        if phase is Phase.CONNECTING or phase is Phase.HANDSHAKING:
             if now >= self.connect_deadline_at:
                 self._stop_connecting()
                 timeout_s = self._ctx.config.connect_timeout_s
                 self._connect_failed(errno.ETIMEDOUT, f"no answer within {timeout_s:g} s")
-        elif self.phase is Phase.RELAYING:
+        elif phase is Phase.RELAYING:
             record = self.record
             assert record is not None
             reason = expired_reason(
@@ -218,29 +418,115 @@ class Session:
         if self.phase is Phase.CONNECTING:
             assert self._upstream is not None
             self._ctx.poller.remove_writer(self._upstream.fileno())
+        elif self.phase is Phase.HANDSHAKING:
+            assert self._upstream is not None
+            self._ctx.poller.remove_reader(self._upstream.fileno())
+
+    def _via(self) -> bool:
+        return self._deciding is not None and self._deciding.handshake is not None
 
     def _connect_failed(self, code: int, detail: str) -> None:
         record = self.record
         assert record is not None
         name = errno.errorcode.get(code, str(code))
+        if self._via():
+            detail = f"upstream proxy {record.upstream}: {detail}"
+            reason = _PROXY_FAILURE_REASONS.get(code, CloseReason.UPSTREAM_PROXY_FAILED)
+        else:
+            reason = _CONNECT_FAILURE_REASONS.get(code, CloseReason.UPSTREAM_FAILED)
         self._ctx.log.emit(UpstreamFailed(record.id, record.dst, name, detail))
-        self.close(_CONNECT_FAILURE_REASONS.get(code, CloseReason.UPSTREAM_FAILED))
+        self.close(reason)
 
     def _connected(self) -> None:
-        ctx, record, upstream = self._ctx, self.record, self._upstream
+        deciding, upstream = self._deciding, self._upstream
+        assert upstream is not None
+        if deciding is None or deciding.handshake is None:
+            self._relay_start()
+            return
+        # A `via` rule: talk to the upstream proxy first, on the connect's deadline.
+        if self.phase is not Phase.CONNECTING:  # connected at once (connect_ex gave 0)
+            config = self._ctx.config
+            self.connect_deadline_at = time.monotonic() + config.connect_timeout_s
+        self.phase = Phase.HANDSHAKING
+        self._ctx.poller.add_reader(upstream.fileno(), self)
+        self._handshake_send(deciding.handshake.start())
+
+    # --- HANDSHAKING ----------------------------------------------------------------------------
+
+    def _handshake_send(self, data: bytes) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        try:
+            sent = upstream.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
+            return
+        if sent < len(data):  # a new connection's send buffer takes a few hundred bytes
+            self._handshake_failed("the upstream proxy would not take our request", False)
+
+    def _handshake_more(self) -> None:
+        deciding, upstream = self._deciding, self._upstream
+        assert deciding is not None and deciding.handshake is not None and upstream is not None
+        try:
+            data = upstream.recv(_HANDSHAKE_READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._stop_connecting()
+            self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
+            return
+        if not data:
+            self._handshake_failed("the upstream proxy closed the connection", False)
+            return
+        step = deciding.handshake.receive(data)
+        if isinstance(step, Send):
+            self._handshake_send(step.data)
+        elif isinstance(step, Established):
+            self._stop_connecting()
+            deciding.leftover = step.leftover
+            self._relay_start()
+        elif isinstance(step, Refused):
+            self._handshake_failed(step.detail, step.refused)
+        # else: NEED_MORE, wait for the rest of the answer
+
+    def _handshake_failed(self, detail: str, refused: bool) -> None:
+        record = self.record
+        assert record is not None
+        self._stop_connecting()
+        self._ctx.log.emit(UpstreamFailed(
+            record.id, record.dst, "ECONNREFUSED" if refused else "EPROTO",
+            f"upstream proxy {record.upstream}: {detail}",
+        ))  # fmt: skip
+        self.close(
+            CloseReason.UPSTREAM_PROXY_REFUSED if refused else CloseReason.UPSTREAM_PROXY_FAILED
+        )
+
+    # --- RELAYING -------------------------------------------------------------------------------
+
+    def _relay_start(self) -> None:
+        ctx, record, upstream, deciding = self._ctx, self.record, self._upstream, self._deciding
         assert record is not None and upstream is not None
         connect_ms = round((time.monotonic() - record.opened_at) * 1000, 3)
         source = format_sockaddr(upstream.getsockname())
-        ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms))
+        ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms,
+                                       record.upstream))  # fmt: skip
         self.phase = Phase.RELAYING
         self.connect_deadline_at = 0.0  # past; and no float kept per idle session
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
-        # What the session is, read from its first bytes as they pass (no wait: no rule needs
-        # the facts before connecting yet).
-        self._sniffer = FirstBytes()
+        pending_up = pending_down = b""
+        if deciding is not None:
+            pending_up, pending_down = deciding.held_bytes(), deciding.leftover
+            self._deciding = None
+        if record.sniffed is None:
+            # What the session is, read from its first bytes as they pass (no wait: no rule
+            # needed the facts before connecting).
+            self._sniffer = FirstBytes()
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
-                            spawn=ctx.spawn, tap=self._sniffer)  # fmt: skip
+                            spawn=ctx.spawn, tap=self._sniffer, pending_up=pending_up,
+                            pending_down=pending_down)  # fmt: skip
 
     def _relay_ended(self, reason: CloseReason) -> None:
         # A clean end leaves both sockets open for close() to send the last FINs; after a reset
@@ -262,6 +548,8 @@ class Session:
             return
         self._stop_connecting()
         self.phase = Phase.CLOSED
+        self._deciding = None
+        self._client_addr = ()
         if self._relay is not None:
             self._relay.stop()
         ctx = self._ctx
@@ -284,6 +572,9 @@ class Session:
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
         ctx.pipes.trim(ctx.active)
+        sniffed: SniffedFields = (
+            _NOT_SNIFFED if record.sniffed is None else (record.sniffed.event_fields())
+        )
         ctx.log.emit(
             SessionClosed(
                 record.id,
@@ -296,6 +587,9 @@ class Session:
                 ctx.active,
                 record.relay,
                 record.spliced_bytes,
-                *(() if record.sniffed is None else record.sniffed.event_fields()),
+                *sniffed,
+                record.rule,
+                record.action,
+                record.upstream,
             )
         )

@@ -80,17 +80,19 @@ class UpstreamConnected(Event):
     dst: str
     source: str
     connect_ms: float
+    upstream: str | None = None  # the endpoint connected, when a redirect or via made it not dst
 
     def text(self) -> str:
+        where = self.dst if self.upstream is None else f"{self.upstream} (for {self.dst})"
         return (
-            f"session {self.session} connected to {self.dst} from {self.source} "
+            f"session {self.session} connected to {where} from {self.source} "
             f"in {self.connect_ms:.1f} ms"
         )
 
     def json_fields(self) -> str:
         return (
             f'"session":{_q(self.session)},"dst":{_q(self.dst)},"source":{_q(self.source)},'
-            f'"connect_ms":{float(self.connect_ms)!r}'
+            f'"connect_ms":{float(self.connect_ms)!r},"upstream":{_q_or_null(self.upstream)}'
         )
 
 
@@ -130,9 +132,21 @@ class SessionClosed(Event):
     ech: bool | None = None
     http_host: str | None = None
     http_method: str | None = None
+    # What the policy decided: `action`; `rule` None for the default (or without a policy);
+    # `upstream` the endpoint connected when not `dst` (a redirect target, a via proxy).
+    rule: str | None = None
+    action: str | None = None
+    upstream: str | None = None
 
     def text(self) -> str:
         how = "" if self.relay is None else f", {self.relay}"
+        decided = ""
+        if self.rule is not None:
+            decided = f", rule {_q(self.rule)}: {self.action}"
+        elif self.action not in {None, "allow"}:
+            decided = f", default: {self.action}"
+        if self.upstream is not None:
+            decided += f" {self.upstream}" if self.action == "via" else f" to {self.upstream}"
         what = "" if self.proto is None else f", {self.proto}"
         if self.sni is not None:
             what += f" sni={_q(self.sni)}"
@@ -149,7 +163,7 @@ class SessionClosed(Event):
         return (
             f"session {self.session} closed ({self.reason}): {self.client} -> {self.dst}, "
             f"up {self.bytes_up} B, down {self.bytes_down} B, {self.duration_s:.3f} s{how}"
-            f"{what}, {self.active} active sessions"
+            f"{what}{decided}, {self.active} active sessions"
         )
 
     def json_fields(self) -> str:
@@ -163,7 +177,8 @@ class SessionClosed(Event):
             f'"tls_offered":{_q_or_null(self.tls_offered)},'
             f'"ech":{"null" if self.ech is None else ("true" if self.ech else "false")},'
             f'"http_host":{_q_or_null(self.http_host)},'
-            f'"http_method":{_q_or_null(self.http_method)}'
+            f'"http_method":{_q_or_null(self.http_method)},"rule":{_q_or_null(self.rule)},'
+            f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)}'
         )
 
 

@@ -150,9 +150,11 @@ class Rule:
 
     @property
     def needs_facts(self) -> bool:
-        """Whether the rule matches on what sniffing finds (proto, sni, host, sni_or_host)."""
+        """Whether the rule needs what sniffing finds: it matches on it (proto, sni, host,
+        sni_or_host), or asks its upstream proxy for the sniffed name (remote_name)."""
         return (
-            self.proto is not None
+            self.remote_name
+            or self.proto is not None
             or self.sni is not None
             or self.host is not None
             or self.name_any is not None

@@ -25,7 +25,7 @@ from tproxy.sniffers.tls import sniff_tls
 
 Facts = TlsHello | HttpRequest | SshBanner
 SniffedFields = tuple[
-    str, str | None, list[str] | None, str | None, bool | None, str | None, str | None
+    str | None, str | None, list[str] | None, str | None, bool | None, str | None, str | None
 ]
 
 

@@ -23,10 +23,14 @@ _EAGER_READS = 4
 class FirstBytes:
     """Watches one session's first bytes; `result` once decided, `final()` at the end."""
 
-    __slots__ = ("_buffer", "_next_try", "_reads", "result")
+    __slots__ = ("_buffer", "_eager", "_next_try", "_reads", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, *, eager: bool = False) -> None:
+        """`eager`: classify on every read (a session waiting for its facts: the answer must
+        come as soon as the bytes are there; the wait, bounded by the sniff timeout and
+        `MAX_SNIFF_BYTES`, bounds the re-parsing too)."""
         self._buffer = b""
+        self._eager = eager
         self._reads = 0
         self._next_try = 0
         self.result: Sniffed | None = None
@@ -37,7 +41,8 @@ class FirstBytes:
             return False
         buffer = self._buffer + data if self._buffer else data
         self._reads += 1
-        if self._reads > _EAGER_READS and len(buffer) < min(self._next_try, MAX_SNIFF_BYTES):
+        waited = self._reads > _EAGER_READS and not self._eager
+        if waited and len(buffer) < min(self._next_try, MAX_SNIFF_BYTES):
             self._buffer = buffer  # not worth a parse yet; the upstream's answer or the end is
             return True
         if self._try(buffer):

@@ -1,0 +1,251 @@
+"""The policy compiled for the engine: the same verdicts as `decide`, in a few microseconds.
+
+`decide` is the reference (readable, used by `tproxy policy explain`); it walks `ipaddress`
+objects and costs about 0.7 µs per rule, which a 50-rule policy pays twice per sniffed session.
+`Matcher` is built once per policy load and answers from plain integers:
+
+- addresses are (version, int) pairs, parsed from the socket's text without `ipaddress`;
+- a rule's networks are grouped by prefix length per IP version: one mask and one set lookup
+  per distinct prefix length, whatever the number of networks;
+- names are compared against a set of exact names and a tuple of `.suffix`es (`str.endswith`);
+- the port line is cut into intervals where the same rules can match (a rule without `ports`
+  can match everywhere), so a session walks only the rules its port allows (for up to
+  `PARTITION_MAX_RULES` rules; a bigger policy walks them all);
+- `first()` returns where the walk stopped for facts, and `with_facts()` resumes there: the rules
+  before it already failed on addresses, so a sniffed session walks the rules once in all.
+
+A test drives both with random policies and sessions and requires the same verdict.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tproxy.policy.decide import SniffedFacts, Verdict
+from tproxy.policy.model import Action, Default, NamePattern, Policy, Rule, normalize_name
+
+Address = tuple[int, int]
+"""An IP address as (version 4 or 6, its integer value)."""
+
+# Per IP version: (mask, network values) per prefix length; None = key not given (matches all);
+# an empty tuple = given, but nothing of this version (matches none).
+_Nets = tuple[tuple[int, frozenset[int]], ...] | None
+_Names = tuple[frozenset[str], tuple[str, ...]] | None
+
+# The port partition holds up to (2 × rules + 1) intervals × rules indices: bounded here.
+PARTITION_MAX_RULES = 256
+
+
+def parse_address(text: str) -> Address:
+    """(version, value) of an IP address as a socket gives it; IPv4-mapped IPv6 counts as IPv4.
+
+    Raises:
+        OSError: not an IP address.
+    """
+    if ":" in text:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text.partition("%")[0]), "big")
+        if value >> 32 == 0xFFFF:  # ::ffff:a.b.c.d
+            return 4, value & 0xFFFFFFFF
+        return 6, value
+    return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+
+
+def address_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Address:
+    """The (version, value) of an `ipaddress` address (IPv4-mapped IPv6 counts as IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return 4, int(ip.ipv4_mapped)
+    return ip.version, int(ip)
+
+
+def _nets(
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None, version: int
+) -> _Nets:
+    if networks is None:
+        return None
+    bits = 32 if version == 4 else 128
+    by_length: dict[int, set[int]] = {}
+    for net in networks:
+        if net.version == version:
+            by_length.setdefault(net.prefixlen, set()).add(int(net.network_address))
+    return tuple(
+        (((1 << bits) - 1) ^ ((1 << (bits - length)) - 1), frozenset(values))
+        for length, values in sorted(by_length.items())
+    )
+
+
+def _names(patterns: Sequence[NamePattern] | None) -> _Names:
+    if patterns is None:
+        return None
+    exact = frozenset(p.name for p in patterns if not p.glob)
+    return exact, tuple(p.name for p in patterns if p.glob)
+
+
+def _in(address: int, nets: tuple[tuple[int, frozenset[int]], ...]) -> bool:
+    for mask, values in nets:  # noqa: SIM110 (a loop costs less than any() with a generator)
+        if address & mask in values:
+            return True
+    return False
+
+
+def _name_in(name: str | None, names: tuple[frozenset[str], tuple[str, ...]]) -> bool:
+    if name is None:
+        return False
+    exact, suffixes = names
+    # A glob's suffix starts with "." and matches only longer names: ".example.com" itself is
+    # not "under" example.com.
+    return name in exact or (name.endswith(suffixes) and name not in suffixes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    ports: tuple[tuple[int, int], ...] | None
+    client: tuple[_Nets, _Nets]  # [0] for IPv4, [1] for IPv6
+    dst: tuple[_Nets, _Nets]
+    needs_facts: bool
+    proto: frozenset[str] | None
+    sni: _Names
+    host: _Names
+    either: _Names
+    verdict: Verdict
+
+
+def _compile(rule: Rule) -> _Compiled:
+    return _Compiled(
+        ports=None if rule.ports is None else tuple((r.first, r.last) for r in rule.ports),
+        client=(_nets(rule.client, 4), _nets(rule.client, 6)),
+        dst=(_nets(rule.dst, 4), _nets(rule.dst, 6)),
+        needs_facts=rule.needs_facts,
+        proto=None if rule.proto is None else frozenset(rule.proto),
+        sni=_names(rule.sni),
+        host=_names(rule.host),
+        either=_names(rule.name_any),
+        verdict=Verdict(
+            action=rule.action,
+            rule=rule.name,
+            to=rule.to,
+            via=rule.via,
+            remote_name=rule.remote_name,
+            capture=rule.capture,
+        ),
+    )
+
+
+def _partition(rules: Sequence[_Compiled]) -> tuple[list[int], list[tuple[_Compiled, ...]]]:
+    """Interval starts over ports 0-65535 and, per interval, the rules (in order) whose `ports`
+    allow it."""
+    starts = {0}
+    for rule in rules:
+        for first, last in rule.ports or ():
+            starts.update((first, last + 1))
+    bounds = sorted(p for p in starts if p <= 65535)
+    candidates = []
+    for start in bounds:
+        candidates.append(
+            tuple(
+                rule
+                for rule in rules
+                if rule.ports is None or any(f <= start <= last for f, last in rule.ports)
+            )
+        )
+    return bounds, candidates
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """`Matcher.first` stopped at the `index`th rule its port allows, which needs sniffed facts
+    (`rule` names it)."""
+
+    index: int
+    rule: str
+
+
+class Matcher:
+    """A policy, compiled: `first()` at accept, `with_facts()` once sniffed (see module doc)."""
+
+    __slots__ = ("_bounds", "_candidates", "_default", "needs_facts", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        rules = tuple(_compile(rule) for rule in policy.rules)
+        if len(rules) <= PARTITION_MAX_RULES:
+            self._bounds, self._candidates = _partition(rules)
+        else:
+            self._bounds, self._candidates = [0], [rules]
+        self._default = Verdict(Action.ALLOW if policy.default is Default.ALLOW else Action.RESET)
+        self.needs_facts = any(rule.needs_facts for rule in policy.rules)
+
+    def _rules_for(self, port: int) -> tuple[_Compiled, ...]:
+        return self._candidates[bisect.bisect_right(self._bounds, port) - 1]
+
+    def _addresses_match(self, rule: _Compiled, client: Address, dst: Address, port: int) -> bool:
+        ports = rule.ports
+        if ports is not None:
+            for first, last in ports:
+                if first <= port <= last:
+                    break
+            else:
+                return False
+        nets = rule.dst[dst[0] == 6]
+        if nets is not None and not _in(dst[1], nets):
+            return False
+        nets = rule.client[client[0] == 6]
+        return nets is None or _in(client[1], nets)
+
+    def first(self, client: Address, dst: Address, port: int) -> Verdict | Waiting:
+        """The verdict from addresses alone, or where the walk waits for sniffed facts."""
+        for index, rule in enumerate(self._rules_for(port)):
+            if self._addresses_match(rule, client, dst, port):
+                if rule.needs_facts:
+                    return Waiting(index, rule.verdict.rule or "")
+                return rule.verdict
+        return self._default
+
+    def with_facts(
+        self, waiting: Waiting, client: Address, dst: Address, port: int, sniffed: SniffedFacts
+    ) -> Verdict:
+        """The verdict once sniffed, resuming the walk where `first()` stopped."""
+        sni = None if sniffed.sni is None else normalize_name(sniffed.sni)
+        host = None if sniffed.http_host is None else normalize_name(sniffed.http_host)
+        rules = self._rules_for(port)
+        for index in range(waiting.index, len(rules)):
+            rule = rules[index]
+            if not self._addresses_match(rule, client, dst, port):
+                continue
+            if rule.needs_facts and not self._facts_match(rule, sniffed.proto, sni, host):
+                continue
+            return rule.verdict
+        return self._default
+
+    @staticmethod
+    def _facts_match(rule: _Compiled, proto: str, sni: str | None, host: str | None) -> bool:
+        if rule.proto is not None and proto not in rule.proto:
+            return False
+        if rule.sni is not None and not _name_in(sni, rule.sni):
+            return False
+        if rule.host is not None and not _name_in(host, rule.host):
+            return False
+        either = rule.either
+        return either is None or _name_in(sni, either) or _name_in(host, either)
+
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
+
+
+def remote_name(sniffed: SniffedFacts | None) -> str | None:
+    """The name a `via` rule with `remote_name` asks its upstream proxy for: the SNI, else the
+    HTTP Host, when it is a well-formed DNS name (the client made it up: anything else, and no
+    name at all, leaves the proxy asked for the original destination's IP)."""
+    if sniffed is None:
+        return None
+    for name in (sniffed.sni, sniffed.http_host):
+        if name is not None:
+            plain = normalize_name(name)
+            if _DNS_NAME.match(plain) and not plain.replace(".", "").isdigit():
+                return plain
+    return None
