@@ -645,6 +645,11 @@ def _doctor(args: argparse.Namespace) -> int:
                 "route_table": expected.route_table,
                 "bridge": expected.bridge,
             },
+            # What the installed rules exempt and block (empty and false without rules).
+            "installed": {
+                "exclude": [str(n) for n in installed.exclude],
+                "block_quic": installed.block_quic,
+            },
             "checks": [f.as_json() for f in findings],
         }
         print(json.dumps(report, indent=2))

@@ -185,11 +185,15 @@ def parse_network(text: str) -> Network:
     """
     part = text.strip()
     try:
+        if "%" in part:  # an IPv6 zone (fe80::1%eth0): nft has no place for it
+            raise ValueError(part)
         return ipaddress.ip_network(part)
     except ValueError:
         pass
     try:
         loose = ipaddress.ip_network(part, strict=False)
+        if "%" in part:
+            raise ValueError(part)
     except ValueError:
         raise RulesError(
             f"invalid network {text!r}: give an address or ADDRESS/PREFIX, e.g. 198.18.2.0/24 "
