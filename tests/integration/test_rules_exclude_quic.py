@@ -55,7 +55,11 @@ for target in sys.argv[1:]:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.settimeout(3)
         s.connect((host, int(port)))
-        s.send(b"quic?")
+        try:
+            s.send(b"quic?")
+        except PermissionError:  # dropped in this box's own output hook
+            results.append("eperm")
+            continue
         try:
             results.append("echo" if s.recv(2048) == b"echo quic?" else "garbled")
         except ConnectionRefusedError:
@@ -98,9 +102,10 @@ def start_udp_echo(lab: Lab, host: Host, targets: Iterable[str]) -> None:
     wait_until(listening, 10, "the UDP echo to listen")
 
 
-def udp_probe(lab: Lab, *targets: str) -> list[str]:
-    """Send one datagram from a connected UDP socket in the client to each IP:PORT."""
-    result = lab.run(lab.client, [sys.executable, "-c", UDP_PROBE, *targets])
+def udp_probe(lab: Lab, *targets: str, host: Host | None = None) -> list[str]:
+    """Send one datagram from a connected UDP socket in the client (or `host`) to each
+    IP:PORT."""
+    result = lab.run(host or lab.client, [sys.executable, "-c", UDP_PROBE, *targets])
     verdicts: list[str] = json.loads(result.stdout)
     return verdicts
 
@@ -169,6 +174,19 @@ def test_block_quic_rejects_udp_to_the_diverted_ports_only(lab: Lab) -> None:
     assert "tproxy_rules" not in lab.run(lab.router, ["nft", "list", "ruleset"]).stdout.decode()
     assert network_state(lab) == pristine
     assert udp_probe(lab, *targets) == ["echo"] * 6
+
+
+def test_block_quic_with_local_covers_this_box_too(lab: Lab) -> None:
+    targets = [f"{lab.server.ipv4}:{QUIC_PORT}", f"[{lab.server.ipv6}]:{QUIC_PORT}",
+               f"{lab.server.ipv4}:{OTHER_UDP_PORT}"]  # fmt: skip
+    start_udp_echo(lab, lab.server, targets)
+    apply_rules(lab, "--ports", "443", "--block-quic")
+    assert udp_probe(lab, *targets, host=lab.router) == ["echo"] * 3  # forwarded traffic only
+    apply_rules(lab, "--ports", "443", "--block-quic", "--local")
+    # This box's own programs: the output hook's reject drops the datagram, so send() itself
+    # fails with EPERM, as immediately as ECONNREFUSED.
+    assert udp_probe(lab, *targets, host=lab.router) == ["eperm", "eperm", "echo"]
+    assert udp_probe(lab, *targets) == ["refused", "refused", "echo"]
 
 
 def test_block_quic_on_a_bridge(bridge_lab: Lab) -> None:

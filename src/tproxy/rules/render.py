@@ -78,12 +78,13 @@ Two policies ride on every variant:
   replaces (443, or whatever port an Alt-Svc names for a diverted HTTPS port). nft's ``reject``
   is valid in prerouting, input, forward and output, so the inet table gets a filter chain
   ``block_quic`` on prerouting (connections to this box's own addresses exempt, as for TCP) and,
-  with ``--local``, ``block_quic_output`` on output. This kernel has no bridge-family reject
-  (CONFIG_NFT_BRIDGE_REJECT is not set), so in bridge mode the bridge table lifts that UDP off
-  the bridge like the diverted TCP, and the inet chain rejects it. In theory every refusal is an
-  ICMP error; in practice the kernel rate-limits ICMP errors per client
-  (``net.ipv4.icmp_ratelimit``, 1 s after a burst of 6), and past that a datagram is dropped
-  silently, which browsers also survive, after their own QUIC timeout.
+  with ``--local``, ``block_quic_output`` on output (there the reject drops the datagram in the
+  sender's own send(), which fails with EPERM: as immediate as ECONNREFUSED). This kernel has
+  no bridge-family reject (CONFIG_NFT_BRIDGE_REJECT is not set), so in bridge mode the bridge
+  table lifts that UDP off the bridge like the diverted TCP, and the inet chain rejects it. In
+  theory every refusal is an ICMP error; in practice the kernel rate-limits ICMP errors per
+  client (``net.ipv4.icmp_ratelimit``, 1 s after a burst of 6), and past that a datagram is
+  dropped silently, which browsers also survive, after their own QUIC timeout.
 
 What the rules were applied with is kept in the table's comment, and the sysctl values to put
 back on remove in the prerouting chain's (nft allows 128 characters per comment), so `remove`,
