@@ -368,7 +368,7 @@ def policy_summary(listing: str) -> list[str]:
     """What our installed table exempts and blocks, one line each (for `show`)."""
     settings = applied_settings(listing)
     ports = ", ".join(parse_set_elements(listing, "divert_ports")) or "?"
-    excluded = ", ".join(str(n) for n in settings.exclude) or "none (--exclude)"
+    excluded = ", ".join(str(n) for n in settings.exclude) or "none"
     if settings.block_quic:
         quic = f"blocked: UDP to {ports} is rejected (ICMP port unreachable)"
     else:
