@@ -156,3 +156,27 @@ def test_a_healthy_redirect_setup_passes(lab: Lab) -> None:
     # Checked for the other mode, the same setup is named for what it is.
     code, checks = doctor(lab, "--mode", "tproxy")
     assert code == 1 and "redirect" in checks["rules"]["detail"]
+
+
+def test_doctor_lists_the_exclusions_and_the_quic_block(lab: Lab) -> None:
+    apply_rules(lab, "--ports", "443")
+    start_proxy(lab, "--spoof-source")
+    checks = assert_healthy(lab)
+    assert checks["exclude"]["detail"] == "excluded: none (every network is diverted)"
+    assert "--block-quic" in checks["quic"]["detail"]
+
+    apply_rules(lab, "--ports", "443", "--exclude", "198.18.2.0/24", "--exclude",
+                "2001:db8:2::/64", "--block-quic")  # fmt: skip
+    checks = assert_healthy(lab)
+    assert checks["exclude"]["detail"] == "excluded: 198.18.2.0/24, 2001:db8:2::/64"
+    assert checks["quic"]["detail"] == (
+        "QUIC: blocked on 443 (UDP rejected with ICMP port unreachable)"
+    )
+    result = lab.run(lab.router, [sys.executable, "-m", "tproxy", "doctor", "--json"])
+    assert json.loads(result.stdout)["installed"] == {
+        "exclude": ["198.18.2.0/24", "2001:db8:2::/64"],
+        "block_quic": True,
+    }
+    text = lab.run(lab.router, [sys.executable, "-m", "tproxy", "doctor"]).stdout.decode()
+    assert "excluded: 198.18.2.0/24, 2001:db8:2::/64" in text
+    assert "QUIC: blocked on 443" in text

@@ -168,3 +168,35 @@ def test_dry_run_says_what_it_could_not_read(lab: Lab, without: str) -> None:
     assert differing == [
         ('\t\tcomment "restore net.ipv4.ip_early_demux=1"', '\t\tcomment "restore"')
     ]
+
+
+def test_dry_run_is_what_apply_does_with_exclusions_and_quic(lab: Lab) -> None:
+    cli = RecordedCLI(lab)
+    first = assert_dry_run_is_what_apply_does(
+        cli, "--ports", "80,443", "--exclude", "198.18.2.0/24", "--exclude", "198.18.2.128/25",
+        "--exclude", "2001:db8:2::/64", "--exclude", "198.18.9.9", "--block-quic", "--local",
+    )  # fmt: skip
+    # Overlapping exclusions are merged before nft sees them (it refuses overlapping intervals).
+    assert "\t\telements = { 198.18.2.0/24, 198.18.9.9/32 }" in first
+    assert (
+        "\t\tmeta l4proto udp udp dport @divert_ports reject with icmpx port-unreachable" in first
+    )
+    # Other exclusions, no QUIC block: replaced in the one transaction (one script, checked above).
+    again = assert_dry_run_is_what_apply_does(
+        cli, "--ports", "80,443", "--exclude", "198.18.4.0/24"
+    )
+    assert not any("exclude_v6" in line or "block_quic" in line for line in again)
+    installed = lab.run(lab.router, ["nft", "list", "table", "inet", "tproxy_rules"])
+    listing = installed.stdout.decode()
+    assert "198.18.4.0/24" in listing and "198.18.2.0/24" not in listing
+    assert "exclude_v6" not in listing and "block_quic" not in listing
+
+
+def test_dry_run_is_what_apply_does_with_quic_on_a_bridge(bridge_lab: Lab) -> None:
+    cli = RecordedCLI(bridge_lab)
+    printed = assert_dry_run_is_what_apply_does(
+        cli, "--ports", "443", "--bridge", Lab.BRIDGE, "--block-quic", "--exclude", "198.18.3.3",
+    )  # fmt: skip
+    bridge = printed[printed.index("table bridge tproxy_rules {") :]
+    assert "\t\tip daddr @exclude_v4 return" in bridge
+    assert any("meta l4proto udp udp dport @divert_ports ether daddr set" in x for x in bridge)

@@ -199,3 +199,40 @@ def test_listening_ports_from_proc_net_tcp() -> None:
         "   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A\n"
     )
     assert listening_ports(v6) == {80}
+
+
+def test_doctor_lists_the_installed_exclusions_and_quic_block() -> None:
+    table = TABLE + (
+        "\n\tset exclude_v4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+        "\t\telements = { 198.18.2.0/24 }\n\t}\n"
+        "\tset exclude_v6 {\n\t\ttype ipv6_addr\n\t\tflags interval\n"
+        "\t\telements = { 2001:db8:2::/64 }\n\t}\n"
+        "\tchain block_quic {\n\t\tudp dport @divert_ports reject\n\t}\n"
+    )
+    findings = _by_check(evaluate(dataclasses.replace(HEALTHY, table=table), ROUTER))
+    assert findings["exclude"] == Finding(
+        "exclude", Status.OK, "excluded: 198.18.2.0/24, 2001:db8:2::/64"
+    )
+    assert findings["quic"] == Finding(
+        "quic", Status.OK, "QUIC: blocked on 80, 443 (UDP rejected with ICMP port unreachable)"
+    )
+
+
+def test_doctor_says_what_unblocked_quic_means_for_sni_rules() -> None:
+    findings = _by_check(evaluate(HEALTHY, ROUTER))
+    assert findings["exclude"].detail == "excluded: none (every network is diverted)"
+    quic = findings["quic"]
+    assert quic.status is Status.OK  # a choice, not a fault: doctor cannot see the policy
+    assert quic.detail.startswith("QUIC: not blocked: UDP to 80, 443 passes")
+    assert "SNI" in quic.detail and "--block-quic" in quic.detail
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [({"table": None}, "not checked: no rules (see rules)"),
+     ({"net_admin": False}, "not checked: needs root (see privileges)")],
+)  # fmt: skip
+def test_doctor_skips_the_policy_without_rules_to_read(change: dict[str, Any], why: str) -> None:
+    findings = _by_check(evaluate(dataclasses.replace(HEALTHY, **change), ROUTER))
+    assert findings["exclude"] == Finding("exclude", Status.SKIP, why)
+    assert findings["quic"] == Finding("quic", Status.SKIP, why)

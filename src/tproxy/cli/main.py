@@ -74,10 +74,12 @@ from tproxy.rules.apply import (
 from tproxy.rules.model import (
     DEFAULT_ROUTE_TABLE,
     DEFAULT_RULE_PRIORITY,
+    Network,
     PortRange,
     RulesError,
     RulesSpec,
     WhenDown,
+    parse_network,
     parse_ports,
 )
 from tproxy.rules.plan import RulesApplyError
@@ -109,6 +111,7 @@ def _argument_type(parse: Callable[[str], T], error: type[ValueError]) -> Callab
 _port: Callable[[str], int] = _argument_type(parse_port, EndpointError)
 _endpoint: Callable[[str], Endpoint] = _argument_type(parse_endpoint, EndpointError)
 _ports: Callable[[str], tuple[PortRange, ...]] = _argument_type(parse_ports, RulesError)
+_network: Callable[[str], Network] = _argument_type(parse_network, RulesError)
 _mark: Callable[[str], int] = _argument_type(parse_mark, ConfigError)
 _positive_int: Callable[[str], int] = _argument_type(parse_positive_int, ConfigError)
 
@@ -246,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BRIDGE",
         help="bridge mode: divert the TCP that crosses this Linux bridge (which needs an "
         "IPv4 address of its own in the bridged subnet)",
+    )
+    apply.add_argument(
+        "--exclude",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="never divert connections from or to this network (repeatable; IPv4 or IPv6, e.g. "
+        "198.18.2.0/24 or 2001:db8:2::/64; a plain address is a /32 or /128; host bits must "
+        "be clear): they are routed (or bridged) as if tproxy were not there",
+    )
+    apply.add_argument(
+        "--block-quic",
+        action="store_true",
+        help="reject UDP to the diverted ports with ICMP port unreachable, so browsers give up "
+        "on QUIC (HTTP/3) at once and use TCP, where the proxy and SNI rules see them "
+        "(excluded networks are not blocked)",
     )
     apply.add_argument(
         "--dry-run",
@@ -512,6 +532,8 @@ def _rules(args: argparse.Namespace) -> int:
                     mode=InterceptMode(args.mode),
                     local=args.local,
                     bridge=args.bridge,
+                    exclude=tuple(args.exclude),
+                    block_quic=args.block_quic,
                 )
             except RulesError as exc:
                 sys.stderr.write(f"tproxy rules apply: error: {exc}\n")
@@ -614,6 +636,11 @@ def _doctor(args: argparse.Namespace) -> int:
                 "divert_mark": expected.divert_mark,
                 "route_table": expected.route_table,
                 "bridge": expected.bridge,
+            },
+            # What the installed rules exempt and block (empty and false without rules).
+            "installed": {
+                "exclude": [str(n) for n in installed.exclude],
+                "block_quic": installed.block_quic,
             },
             "checks": [f.as_json() for f in findings],
         }

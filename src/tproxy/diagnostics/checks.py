@@ -20,6 +20,7 @@ from typing import Any
 
 from tproxy.core.config import DEFAULT_PROXY_PORT, InterceptMode
 from tproxy.rules.model import TABLE_NAME
+from tproxy.rules.render import parse_listing
 
 
 class Status(enum.Enum):
@@ -397,6 +398,33 @@ def check_rules(facts: Facts, expected: Expected) -> Finding:
     return Finding("rules", Status.OK, detail)
 
 
+def check_policy(facts: Facts) -> list[Finding]:
+    """What the installed rules exempt (`--exclude`) and block (`--block-quic`): facts, not
+    faults; without the QUIC block the detail says what HTTP/3 does to SNI-based rules."""
+    skipped = _root_first(facts, "exclude")
+    if skipped is not None or facts.table is None:
+        why = skipped.detail if skipped else "not checked: no rules (see rules)"
+        return [Finding(name, Status.SKIP, why) for name in ("exclude", "quic")]
+    settings = parse_listing(facts.table)[0]
+    ports = facts.diverted_ports or "?"
+    if settings.exclude:
+        excluded = Finding("exclude", Status.OK, "excluded: "
+                           + ", ".join(str(n) for n in settings.exclude))  # fmt: skip
+    else:
+        excluded = Finding("exclude", Status.OK, "excluded: none (every network is diverted)")
+    if settings.block_quic:
+        blocked = f"QUIC: blocked on {ports} (UDP rejected with ICMP port unreachable)"
+        quic = Finding("quic", Status.OK, blocked)
+    else:
+        quic = Finding(
+            "quic", Status.OK,
+            f"QUIC: not blocked: UDP to {ports} passes, so HTTP/3 (QUIC) goes around the proxy "
+            "and any SNI-based policy; to make browsers use TCP: tproxy rules apply "
+            "--block-quic ...",
+        )  # fmt: skip
+    return [excluded, quic]
+
+
 def check_listener(facts: Facts, expected: Expected) -> Finding:
     port = expected.proxy_port
     if port in facts.listening:
@@ -426,6 +454,7 @@ def evaluate(facts: Facts, expected: Expected) -> list[Finding]:
         check_early_demux(facts, expected),
         *check_bridge(facts, expected),
         check_rules(facts, expected),
+        *check_policy(facts),
         check_listener(facts, expected),
     ]
 

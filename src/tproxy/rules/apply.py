@@ -35,6 +35,7 @@ from tproxy.rules.render import (
     AppliedSettings,
     IPCommand,
     parse_listing,
+    parse_set_elements,
     render_nft_remove,
     required_sysctls,
 )
@@ -341,6 +342,8 @@ def show_rules(runner: Runner = run_command) -> list[str]:
         if found is not None:
             lines.append(f"nftables: table {kind} {TABLE_NAME}")
             lines.extend("  " + line for line in found.rstrip().splitlines())
+    if listing is not None:
+        lines.extend(policy_summary(listing))
     for family in _available_families():
         rules = our_ip_rules(runner, family)
         routes = our_routes(runner, family)
@@ -359,6 +362,18 @@ def show_rules(runner: Runner = run_command) -> list[str]:
     lines.extend(sysctl_findings(applied_settings(listing), ipv6=ipv6_available()))
     lines.append("for a check of everything a working setup needs: tproxy doctor")
     return lines
+
+
+def policy_summary(listing: str) -> list[str]:
+    """What our installed table exempts and blocks, one line each (for `show`)."""
+    settings = applied_settings(listing)
+    ports = ", ".join(parse_set_elements(listing, "divert_ports")) or "?"
+    excluded = ", ".join(str(n) for n in settings.exclude) or "none"
+    if settings.block_quic:
+        quic = f"blocked: UDP to {ports} is rejected (ICMP port unreachable)"
+    else:
+        quic = f"not blocked: UDP to {ports} passes (--block-quic rejects it)"
+    return [f"excluded from diversion: {excluded}", f"QUIC: {quic}"]
 
 
 def sysctl_findings(settings: AppliedSettings, *, ipv6: bool) -> list[str]:

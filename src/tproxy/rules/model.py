@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from tproxy.core.config import (
     DEFAULT_DIVERT_MARK,
@@ -29,6 +31,9 @@ _IFNAME = re.compile(r'[^/:\s"]{1,15}')
 
 class RulesError(ValueError):
     """Invalid rules input; the message is one sentence for the command line."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class WhenDown(enum.Enum):
@@ -81,6 +86,11 @@ class RulesSpec:
         mode: TPROXY (the default) or REDIRECT (NAT; no policy routing, no spoofing).
         local: also divert connections that programs on this box open (the OUTPUT hook).
         bridge: divert the TCP that crosses this Linux bridge (bridge mode), not only routed TCP.
+        exclude: networks never diverted (from or to them), nor QUIC-blocked; normalized by
+            `normalize_networks` (sorted, IPv4 first, overlaps and neighbours merged), as nft
+            refuses overlapping elements in an interval set.
+        block_quic: reject UDP to the diverted ports (QUIC), so browsers fall back to TCP,
+            where the proxy sees them.
     """
 
     ports: tuple[PortRange, ...]
@@ -94,8 +104,11 @@ class RulesSpec:
     mode: InterceptMode = InterceptMode.TPROXY
     local: bool = False
     bridge: str | None = None
+    exclude: tuple[Network, ...] = field(default=())
+    block_quic: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", normalize_networks(self.exclude))
         if not self.ports:
             raise RulesError("no ports to divert: give --ports, e.g. --ports 80,443")
         if self.divert_mark == self.proxy_mark:
@@ -156,4 +169,48 @@ def parse_ports(text: str) -> tuple[PortRange, ...]:
             merged[-1] = PortRange(top.first, max(top.last, r.last))
         else:
             merged.append(r)
+    return tuple(merged)
+
+
+def parse_network(text: str) -> Network:
+    """`198.18.2.0/24`, `2001:db8:2::/64`, or a plain address (a /32 or /128), for `--exclude`.
+
+    Strict: a network with host bits set (`198.18.2.1/24`) is refused, with the network it
+    probably meant, instead of being widened to it. An exclusion lets traffic past the proxy
+    uninspected, so a typo must not silently exclude 256 addresses when one was meant (or one
+    when 256 were): the operator says which.
+
+    Raises:
+        RulesError: not an IPv4 or IPv6 address or network, or host bits are set.
+    """
+    part = text.strip()
+    try:
+        if "%" in part:  # an IPv6 zone (fe80::1%eth0): nft has no place for it
+            raise ValueError(part)
+        return ipaddress.ip_network(part)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(part, strict=False)
+        if "%" in part:
+            raise ValueError(part)
+    except ValueError:
+        raise RulesError(
+            f"invalid network {text!r}: give an address or ADDRESS/PREFIX, e.g. 198.18.2.0/24 "
+            "or 2001:db8:2::/64"
+        ) from None
+    address = part.partition("/")[0]
+    host = 32 if loose.version == 4 else 128
+    raise RulesError(
+        f"invalid network {text!r}: it has host bits set; did you mean {loose} (the network) "
+        f"or {address}/{host} (the one address)?"
+    )
+
+
+def normalize_networks(networks: Iterable[Network]) -> tuple[Network, ...]:
+    """`networks` sorted, IPv4 first, with overlapping and adjacent ones merged: what nft takes
+    in one interval set (it refuses overlapping elements) and then lists back."""
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    merged: list[Network] = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
     return tuple(merged)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tproxy.core.config import InterceptMode
-from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, RulesSpec
+from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, Network, RulesSpec
 from tproxy.rules.render import (
     IPCommand,
     parse_listing,
@@ -178,12 +178,23 @@ def render_policy_routing_removal(
 
 
 def describe(spec: RulesSpec) -> str:
-    """The diversion in a few words: mode, ports, proxy port, what traffic."""
+    """The diversion in a few words: mode, ports, proxy port, what traffic, what is exempt."""
     ports = ",".join(str(r) for r in spec.ports)
     where = [f"bridged on {spec.bridge}" if spec.bridge else "routed"]
     if spec.local:
         where.append("this box's own")
-    return f"{spec.mode.value}: {ports} -> :{spec.proxy_port}, {' and '.join(where)} connections"
+    text = f"{spec.mode.value}: {ports} -> :{spec.proxy_port}, {' and '.join(where)} connections"
+    return "; ".join([text, *describe_policy(spec.exclude, spec.block_quic, ports)])
+
+
+def describe_policy(exclude: Sequence[Network], block_quic: bool, ports: str) -> list[str]:
+    """The exclusions and the QUIC block in a few words each (nothing for what is not set)."""
+    parts = []
+    if exclude:
+        parts.append(f"excluded: {', '.join(str(n) for n in exclude)}")
+    if block_quic:
+        parts.append(f"QUIC blocked: UDP to {ports} rejected (ICMP port unreachable)")
+    return parts
 
 
 def plan_apply(spec: RulesSpec, observed: Observed) -> Plan:

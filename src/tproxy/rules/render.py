@@ -59,6 +59,33 @@ Three variants add to or replace that shape:
   a ``nat`` chain on prerouting (and on output with ``--local``). No policy routing, no
   sysctls, no spoofing: the proxy asks conntrack for the original destination.
 
+Two policies ride on every variant:
+
+* ``--exclude CIDR``: named interval sets ``exclude_v4`` / ``exclude_v6`` (only those with
+  elements), and ``ip saddr @exclude_v4 return`` / ``ip daddr @exclude_v4 return`` (and ip6)
+  in every chain that diverts or lifts: prerouting and output of the inet table, the bridge
+  table's prerouting (so excluded frames are not even lifted off the bridge, and stay bridged),
+  and the QUIC chains. In the TPROXY prerouting chain they come after the socket shortcut: a
+  session the proxy already holds when an exclusion is added keeps reaching it until it ends
+  (as with any re-apply), while every new connection from or to the network is routed, or
+  bridged, as if tproxy were not there.
+
+* ``--block-quic``: UDP to the diverted ports is answered with ICMP port unreachable
+  (``reject with icmpx port-unreachable``: a connected UDP socket gets ECONNREFUSED at once, on
+  IPv4 and IPv6 alike; admin-prohibited would be EHOSTUNREACH on one and EACCES on the other),
+  so a browser's HTTP/3 attempt fails immediately and it uses TCP, where the proxy sees the SNI.
+  The ports are the diverted ports themselves: QUIC runs on the port number of the HTTPS it
+  replaces (443, or whatever port an Alt-Svc names for a diverted HTTPS port). nft's ``reject``
+  is valid in prerouting, input, forward and output, so the inet table gets a filter chain
+  ``block_quic`` on prerouting (connections to this box's own addresses exempt, as for TCP) and,
+  with ``--local``, ``block_quic_output`` on output (there the reject drops the datagram in the
+  sender's own send(), which fails with EPERM: as immediate as ECONNREFUSED). This kernel has
+  no bridge-family reject (CONFIG_NFT_BRIDGE_REJECT is not set), so in bridge mode the bridge
+  table lifts that UDP off the bridge like the diverted TCP, and the inet chain rejects it. In
+  theory every refusal is an ICMP error; in practice the kernel rate-limits ICMP errors per
+  client (``net.ipv4.icmp_ratelimit``, 1 s after a burst of 6), and past that a datagram is
+  dropped silently, which browsers also survive, after their own QUIC timeout.
+
 What the rules were applied with is kept in the table's comment, and the sysctl values to put
 back on remove in the prerouting chain's (nft allows 128 characters per comment), so `remove`,
 `show` and `doctor` need no options.
@@ -69,11 +96,20 @@ Everything is rendered here as data; `rules.plan` decides what of it an apply ru
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from tproxy.core.config import InterceptMode
-from tproxy.rules.model import RTPROT_TPROXY, TABLE_NAME, BridgeInfo, RulesSpec, WhenDown
+from tproxy.rules.model import (
+    RTPROT_TPROXY,
+    TABLE_NAME,
+    BridgeInfo,
+    Network,
+    RulesSpec,
+    WhenDown,
+    normalize_networks,
+)
 
 TPROXY_SYSCTLS = {
     "net.ipv4.ip_early_demux": (
@@ -116,6 +152,8 @@ class AppliedSettings:
     route_table: int | None = None
     local: bool = False
     bridge: str | None = None
+    exclude: tuple[Network, ...] = ()
+    block_quic: bool = False
 
 
 def settings_of(spec: RulesSpec) -> AppliedSettings:
@@ -127,6 +165,8 @@ def settings_of(spec: RulesSpec) -> AppliedSettings:
         route_table=spec.route_table,
         local=spec.local,
         bridge=spec.bridge,
+        exclude=spec.exclude,
+        block_quic=spec.block_quic,
     )
 
 
@@ -154,6 +194,8 @@ def parse_listing(listing: str | None) -> tuple[AppliedSettings, dict[str, str]]
     """The settings and the sysctl values to restore, from our table as `nft list` prints it.
 
     Unknown or malformed items are ignored: the comments are ours, but a table is editable.
+    The exclusions are the elements of our exclude sets, and `block_quic` is whether our
+    `block_quic` chain is there (what is installed, not what a comment says).
     """
     comments = re.findall(r'^\s*comment "([^"]*)"', listing or "", re.MULTILINE)
     settings = next((c for c in comments if c.startswith(_COMMENT_PREFIX + " ")), "")
@@ -176,9 +218,33 @@ def parse_listing(listing: str | None) -> tuple[AppliedSettings, dict[str, str]]
             route_table=_int(values.get("route_table")),
             local=values.get("local") == "yes",
             bridge=values.get("bridge") or None,
+            exclude=parse_set_networks(listing, "exclude_v4")
+            + parse_set_networks(listing, "exclude_v6"),
+            block_quic=re.search(r"^\s*chain block_quic \{", listing or "", re.MULTILINE)
+            is not None,
         ),
         restore,
     )
+
+
+def parse_set_elements(listing: str | None, name: str) -> list[str]:
+    """The elements of set `name` in a listing, as nft prints them (quotes kept)."""
+    match = re.search(
+        rf"^\s*set {name} \{{[^}}]*?elements = \{{([^}}]*)\}}", listing or "", re.MULTILINE
+    )
+    return (match.group(1) if match else "").replace(",", " ").split()
+
+
+def parse_set_networks(listing: str | None, name: str) -> tuple[Network, ...]:
+    """The networks in set `name` of a listing (nft prints a /32 or /128 as a bare address, and
+    wraps long element lists over several lines); elements that are not networks are skipped."""
+    networks: list[Network] = []
+    for item in parse_set_elements(listing, name):
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError:
+            continue
+    return normalize_networks(networks)
 
 
 def _int(text: str | None) -> int | None:
@@ -203,6 +269,58 @@ def _ports_set(spec: RulesSpec) -> list[str]:
     ]
 
 
+def _exclude_sets(spec: RulesSpec) -> list[str]:
+    """The `exclude_v4` / `exclude_v6` interval sets, each only when it has elements."""
+    lines: list[str] = []
+    for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        networks = [str(n) for n in spec.exclude if n.version == version]
+        if networks:
+            lines += [
+                f"\tset exclude_v{version} {{",
+                f"\t\ttype {kind}",
+                "\t\tflags interval",
+                f"\t\telements = {{ {', '.join(networks)} }}",
+                "\t}",
+            ]
+    return lines
+
+
+def _exclude_rules(spec: RulesSpec) -> list[str]:
+    """`return` for packets from or to an excluded network (one chain's rules, indented)."""
+    lines: list[str] = []
+    for version, match in ((4, "ip"), (6, "ip6")):
+        if any(n.version == version for n in spec.exclude):
+            lines += [
+                f"\t\t{match} saddr @exclude_v{version} return",
+                f"\t\t{match} daddr @exclude_v{version} return",
+            ]
+    return lines
+
+
+_REJECT_QUIC = "meta l4proto udp udp dport @divert_ports reject with icmpx port-unreachable"
+
+
+def _quic_chains(spec: RulesSpec) -> list[str]:
+    """`--block-quic`: reject UDP to the diverted ports crossing this box (and, with --local,
+    leaving it), except from or to excluded networks and to this box's own addresses."""
+    if not spec.block_quic:
+        return []
+    hooks = [("block_quic", "prerouting")]
+    if spec.local:
+        hooks.append(("block_quic_output", "output"))
+    lines: list[str] = []
+    for name, hook in hooks:
+        lines += [
+            f"\tchain {name} {{",
+            f"\t\ttype filter hook {hook} priority mangle; policy accept;",
+            *_exclude_rules(spec),
+            "\t\tfib daddr type local return",
+            f"\t\t{_REJECT_QUIC}",
+            "\t}",
+        ]
+    return lines
+
+
 def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
     divert = _mark(spec.divert_mark)
     lines = [
@@ -212,6 +330,7 @@ def _tproxy_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
         "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 "
         f"socket wildcard 0 meta mark set {divert} accept",
+        *_exclude_rules(spec),
         "\t\tfib daddr type local return",
         f"\t\tmeta l4proto tcp tcp dport @divert_ports tproxy to :{spec.proxy_port} "
         f"meta mark set {divert} accept",
@@ -234,6 +353,7 @@ def _redirect_chains(spec: RulesSpec, restore: dict[str, str]) -> list[str]:
         "\tchain prerouting {",
         f'\t\tcomment "{render_restore_comment(restore)}"',
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        *_exclude_rules(spec),
         "\t\tfib daddr type local return",
         f"\t\t{redirect}",
         "\t}",
@@ -250,6 +370,7 @@ def _output_chain(spec: RulesSpec, hook: str, divert: str) -> list[str]:
         "\tchain output {",
         f"\t\t{hook}; policy accept;",
         f"\t\tmeta mark {_mark(spec.proxy_mark)} return",
+        *_exclude_rules(spec),
         "\t\tfib daddr type local return",
         f"\t\t{divert}",
         "\t}",
@@ -266,7 +387,9 @@ def render_table(spec: RulesSpec, restore: dict[str, str]) -> str:
         f"table inet {TABLE_NAME} {{",
         f'\tcomment "{render_comment(spec)}"',
         *_ports_set(spec),
+        *_exclude_sets(spec),
         *chains,
+        *_quic_chains(spec),
         "}",
     ]
     return "\n".join(lines) + "\n"
@@ -278,22 +401,32 @@ def render_bridge_table(spec: RulesSpec, bridge: BridgeInfo) -> str:
     Both directions: the client's packets to the diverted ports (for the proxy's listener) and
     the server's packets from them (for the proxy's spoofed upstream sockets). Only frames that
     came in on this bridge's ports (nft's `meta ibrname` needs a module this kernel lacks, so
-    the ports are listed; `tproxy doctor` says when they change).
+    the ports are listed; `tproxy doctor` says when they change). Excluded networks are not
+    lifted: they stay bridged. With `--block-quic`, UDP to the diverted ports is lifted too, for
+    the inet table's `block_quic` chain to reject (the bridge family cannot reject here).
     """
     ports = ", ".join(f'"{name}"' for name in bridge.ports)
     lift = f"ether daddr set {bridge.mac} meta pkttype set host"
     on_bridge = "iifname @bridge_ports meta l4proto tcp"
+    quic = (
+        [f"\t\tiifname @bridge_ports meta l4proto udp udp dport @divert_ports {lift}"]
+        if spec.block_quic
+        else []
+    )
     lines = [
         f"table bridge {TABLE_NAME} {{",
         *_ports_set(spec),
+        *_exclude_sets(spec),
         "\tset bridge_ports {",
         "\t\ttype ifname",
         f"\t\telements = {{ {ports} }}",
         "\t}",
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority dstnat; policy accept;",
+        *_exclude_rules(spec),
         f"\t\t{on_bridge} tcp dport @divert_ports {lift}",
         f"\t\t{on_bridge} tcp sport @divert_ports {lift}",
+        *quic,
         "\t}",
         "}",
     ]
