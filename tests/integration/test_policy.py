@@ -280,6 +280,17 @@ def test_hostile_names_stay_on_their_line_of_the_text_log(lab: Lab) -> None:
     assert 'host="b\\\\x9b2j\\\\xff.example"' in text
 
 
+def test_hostile_names_stay_one_json_string_of_the_json_log(lab: Lab) -> None:
+    _wire_server(lab, "sink", SINK_PORT)
+    apply_rules(lab, "--ports", str(SINK_PORT))
+    proxy = start_proxy(lab, "--policy", str(_policy_file(lab)))  # JSON lines
+    evil_sni = Hello(sni=((0, b'a\n"}{x\x00\x1b[31m.ads.test'),)).records()
+    _send(lab, str(lab.server.endpoint(SINK_PORT)), evil_sni)
+    close = _closes(proxy, 1)[0]  # ProxyProcess parsed the line as one JSON object
+    assert close["sni"] == 'a\\x0a"}{x\\x00\\x1b[31m.ads.test'
+    assert close["rule"] == "no-ads"
+
+
 def test_ten_thousand_hostile_first_bytes_never_stop_the_proxy(lab: Lab) -> None:
     _wire_server(lab, "sink", SINK_PORT)
     apply_rules(lab, "--ports", str(SINK_PORT))

@@ -9,6 +9,7 @@ sysctls there. What the rules actions print and do is tested in namespaces of th
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -125,3 +126,23 @@ def test_more_workers_than_session_ids_have_room_for_is_refused(
 ) -> None:
     assert main(["run", "--workers", "1024"]) == 1
     assert "--workers 1024 is more than tproxy runs (1023 at most)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read policy {path}: No such file or directory"),
+        ('[[rule]]\nname = "m"\naction = "redirect"\n',
+         '{path}: rule[0] (m).to is required with action = "redirect"'),
+    ],
+)  # fmt: skip
+def test_a_policy_that_cannot_be_loaded_stops_the_start_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, message: str
+) -> None:
+    path = tmp_path / "policy.toml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["run", "--policy", str(path), "--listen", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message.format(path=path) in err, err

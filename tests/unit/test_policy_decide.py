@@ -141,7 +141,7 @@ def test_host_and_sni_or_host_and_proto() -> None:
         ("11.0.0.1", False),
         ("fd00::1", True),
         ("fe80::1", False),
-        ("::ffff:10.1.2.3", False),  # the engine hands IPv4 clients over as IPv4
+        ("::ffff:10.1.2.3", True),  # an IPv4-mapped address is the IPv4 client it maps
     ],
 )
 def test_v4_and_v6_client_networks(client: str, matched: bool) -> None:

@@ -22,11 +22,13 @@ from tproxy.policy.model import PROTOS, parse_policy
 NETS = ["198.18.0.0/15", "198.18.1.0/24", "198.18.2.2/32", "0.0.0.0/0", "2001:db8::/32",
         "2001:db8:1::/64", "2001:db8:2::2/128", "::/0", "198.19.0.0/16"]  # fmt: skip
 ADDRESSES = ["198.18.1.2", "198.18.2.2", "198.19.7.7", "2001:db8:1::2", "2001:db8:2::2",
-             "2001:db8:ff::1"]  # fmt: skip
-PORTS = [443, 80, "8000-8100", 22, "1-1024", 65535]
-NAMES = ["www.example.test", "*.example.test", "example.test", "*.ads.example", "tracker.example"]
+             "2001:db8:ff::1", "::ffff:198.18.2.2", "::ffff:198.19.7.7"]  # fmt: skip
+PORTS = [443, 80, "8000-8100", 22, "1-1024", 65535, 1, "65000-65535"]
+NAMES = ["www.example.test", "*.example.test", "example.test", "*.ads.example", "tracker.example",
+         "*.b.ads.example", "*.test"]  # fmt: skip
 SNIFFED_NAMES = [None, "www.example.test", "WWW.Example.Test.", "example.test", "a.b.ads.example",
-                 "ads.example", "tracker.example", ".example.test", "other.test"]  # fmt: skip
+                 "ads.example", "tracker.example", ".example.test", "other.test", ".b.ads.example",
+                 ".test", "x.b.ads.example"]  # fmt: skip
 
 
 def _toml_list(items: list[object]) -> str:
@@ -48,12 +50,12 @@ def policies(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(
     text=policies(),
     client=st.sampled_from(ADDRESSES),
     dst=st.sampled_from(ADDRESSES),
-    port=st.sampled_from([22, 80, 443, 999, 8050, 8101, 65535]),
+    port=st.sampled_from([1, 22, 80, 443, 999, 1024, 1025, 8050, 8101, 64999, 65000, 65535]),
     proto=st.sampled_from(PROTOS),
     sni=st.sampled_from(SNIFFED_NAMES),
     host=st.sampled_from(SNIFFED_NAMES),

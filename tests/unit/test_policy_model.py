@@ -144,6 +144,7 @@ def test_to_takes_ips_and_names_kept_as_given(to: str, expected: HostPort) -> No
         (_rule('action = "allow"\ncapture = "yes"', "x"), "rule[0] (x).capture must be true"),
         ('default = "redirect"', 'default must be "allow" or "reset"'),
         ("sniff_timeout_s = 0", "sniff_timeout_s must be a number of seconds above 0"),
+        ("sniff_timeout_s = 61", "sniff_timeout_s must be at most 60 s"),
         ('[rule]\nname = "x"', "rule must be a list of tables"),
         ("default = ", "not valid TOML"),
     ],

@@ -83,3 +83,44 @@ def test_an_event_for_a_removed_owner_is_skipped() -> None:
                 sock.close()
 
     asyncio.run(scenario())
+
+
+def test_a_stale_event_never_reaches_the_new_owner_of_a_reused_number() -> None:
+    """In one batch: the first event's owner closes descriptor X and opens a socket that gets
+    X's number (as a session that decides after sniffing starts its connect); X's own event,
+    later in the same batch, must not reach the new socket's owner."""
+
+    async def scenario() -> None:
+        poller = Poller(asyncio.get_running_loop())
+        x_mine, x_peer = socket.socketpair()
+        z_mine, z_peer = socket.socketpair()
+        opened: list[socket.socket] = []
+        newcomer = Owner()
+        stale = Owner()
+
+        class Closer:
+            def on_readable(self) -> None:
+                number = x_mine.fileno()
+                poller.forget(number)
+                x_mine.close()
+                poller.remove_reader(z_mine.fileno())
+                fresh, other = socket.socketpair()  # the lowest free numbers: X's among them
+                opened.extend((fresh, other))
+                reused = fresh if fresh.fileno() == number else other
+                assert reused.fileno() == number
+                poller.add_reader(number, newcomer)  # nothing to read on it: never readable
+
+        try:
+            poller.add_reader(z_mine.fileno(), Closer())
+            poller.add_reader(x_mine.fileno(), stale)
+            z_peer.send(b"z")  # ready first
+            x_peer.close()  # then X: readable (EOF) and hung up
+            await _settle()
+            assert opened, "the closer ran"
+            assert newcomer.readable == 0 and stale.readable == 0
+        finally:
+            poller.close()
+            for sock in (x_peer, z_mine, z_peer, *opened):
+                sock.close()
+
+    asyncio.run(scenario())

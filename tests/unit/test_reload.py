@@ -27,7 +27,7 @@ def _reloaded(
     stream = io.StringIO()
     log = EventLog(running.log_format, stream)
     server = ProxyServer(running, log, lambda: loaded, listeners=[])
-    server._on_reload()
+    server.reload_now()
     return server, log, stream
 
 
@@ -84,7 +84,7 @@ def test_a_bad_file_keeps_everything() -> None:
         raise AssertionError("unreachable")
 
     server = ProxyServer(running, EventLog(running.log_format, stream), load, listeners=[])
-    server._on_reload()
+    server.reload_now()
     assert server.config is running
     [line] = stream.getvalue().splitlines()
     assert json.loads(line)["message"] == (

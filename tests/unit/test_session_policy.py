@@ -42,8 +42,9 @@ action = "reset"
 class PolicyHarness(Harness):
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)
+        self.deadline_errors: list[Exception] = []
         self.ctx.sniff_deadlines = DeadlineQueue(
-            asyncio.get_running_loop(), lambda s, exc: s.fail(exc)
+            asyncio.get_running_loop(), lambda _w, exc: self.deadline_errors.append(exc)
         )
         self.upstream.setblocking(False)
 
@@ -57,6 +58,7 @@ class PolicyHarness(Harness):
     def close(self) -> None:
         self.ctx.sniff_deadlines.close()
         super().close()
+        assert not self.deadline_errors
 
 
 Scenario = Callable[["PolicyHarness"], Coroutine[Any, Any, None]]
@@ -154,7 +156,7 @@ def test_the_sniff_timeout_ends_the_wait_as_silent_and_connects() -> None:
         h.session.start()
         assert h.session.phase is Phase.SNIFFING
         conn = await _accepted(h)
-        assert _phase(h.session) is Phase.RELAYING
+        await _until(lambda: _phase(h.session) is Phase.RELAYING)
         conn.send(b"220 banner\r\n")
         assert await _recv_all(h.client, 12) == b"220 banner\r\n"
         conn.close()
@@ -240,3 +242,99 @@ def test_a_session_is_decided_by_the_policy_it_started_with() -> None:
         assert h.events()[-1]["reason"] == "policy_reset"
 
     _run(scenario, SNIFFING)
+
+
+VIA = (
+    'sniff_timeout_s = 5\n[[rule]]\nname = "out"\naction = "via"\nvia = "socks5://127.0.0.1:{port}"'
+)
+
+
+async def _fake_socks5(conn: socket.socket, reply: bytes) -> bytes:
+    """Play a SOCKS5 proxy on `conn`: no-auth, then `reply` to the request; return the request."""
+    greeting = await _recv_all(conn, 3)
+    assert greeting == b"\x05\x01\x00"
+    conn.send(b"\x05\x00")
+    request = await _recv_all(conn, 10)  # IPv4: 4 + 4 + 2 bytes
+    conn.send(reply)
+    return request
+
+
+def _via_run(scenario: Scenario) -> None:
+    async def main() -> None:
+        h = PolicyHarness(ProxyConfig())  # the proxy below needs the upstream's port
+        port = h.upstream.getsockname()[1]
+        h.ctx.config = _config(VIA.format(port=port))
+        try:
+            await scenario(h)
+        finally:
+            h.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def test_via_relays_what_the_proxy_sent_with_its_answer_and_then_both_ways() -> None:
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        conn = await _accepted(h)
+        success = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38"
+        request = await _fake_socks5(conn, success + b"220 banner\r\n")
+        port = h.upstream.getsockname()[1]
+        assert request == b"\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big")
+        assert await _recv_all(h.client, 12) == b"220 banner\r\n"  # the tunnel's first bytes
+        h.client.send(b"HELO x\r\n")
+        assert await _recv_all(conn, 8) == b"HELO x\r\n"
+        conn.close()
+        h.client.close()
+        await _until(lambda: _phase(h.session) is Phase.CLOSED)
+        close = h.events()[-1]
+        assert (close["action"], close["rule"], close["reason"]) == ("via", "out", "closed")
+        assert close["upstream"] == f"127.0.0.1:{port}"
+        assert (close["bytes_down"], close["bytes_up"]) == (12, 8)
+
+    _via_run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "detail"),
+    [
+        (b"\x05\x05\x00\x01\x00\x00\x00\x00\x00\x00", "upstream_proxy_refused", "refused"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "upstream_proxy_failed", "SOCKS5"),
+        (b"", "upstream_proxy_failed", "closed the connection"),
+    ],
+)
+def test_a_proxy_that_refuses_or_talks_nonsense_resets_the_client(
+    reply: bytes, reason: str, detail: str
+) -> None:
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        conn = await _accepted(h)
+        if reply:
+            await _fake_socks5(conn, reply)
+        else:
+            await _recv_all(conn, 3)
+            conn.close()
+        await _until(lambda: _phase(h.session) is Phase.CLOSED)
+        h.client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            h.client.recv(1)
+        events = h.events()
+        assert events[-1]["reason"] == reason
+        failed = next(e for e in events if e["event"] == "upstream_failed")
+        assert detail in failed["detail"] and "127.0.0.1:" in failed["detail"], failed
+        conn.close()
+
+    _via_run(scenario)
+
+
+def test_a_proxy_that_never_answers_is_cut_at_the_connect_deadline() -> None:
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        conn = await _accepted(h)
+        await _until(lambda: _phase(h.session) is Phase.HANDSHAKING)
+        h.session.sweep(h.session.connect_deadline_at + 0.001)
+        assert _phase(h.session) is Phase.CLOSED
+        assert h.events()[-1]["reason"] == "upstream_proxy_failed"
+        conn.close()
+
+    _via_run(scenario)

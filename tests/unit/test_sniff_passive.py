@@ -137,6 +137,43 @@ def test_a_dribbling_client_costs_a_few_parses_not_one_per_byte(
         assert len(calls) < 30, (len(whole), len(calls))
 
 
+def test_an_eager_watcher_decides_at_the_last_byte_of_a_dribbled_hello(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session waiting for its facts classifies every read: a real hello sent a byte at a
+    time is decided by its last byte, not by a timeout."""
+    watcher = FirstBytes(eager=True)
+    for i in range(len(HELLO) - 1):
+        assert watcher.client_sent(HELLO[i : i + 1]), i
+    assert watcher.result is None
+    assert not watcher.client_sent(HELLO[-1:])
+    assert watcher.result is not None and watcher.result.proto == "tls"
+
+
+def test_an_eager_watcher_parses_within_its_budget_however_the_client_dribbles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """16 KiB of 1-byte TLS records, then a byte per read: every parse walks every record, so
+    parsing on each read would cost about 0.7 ms a byte; the budget bounds the total."""
+    parsed: list[int] = []
+
+    def counting(data: bytes) -> object:
+        parsed.append(len(data))
+        return classify(data)
+
+    monkeypatch.setattr(passive, "classify", counting)
+    body = b"\x01" + (8000).to_bytes(3, "big") + b"\x03\x03" + bytes(7996)
+    records = b"".join(b"\x16\x03\x01\x00\x01" + body[i : i + 1] for i in range(len(body)))
+    records = records[:MAX_SNIFF_BYTES]
+    watcher = FirstBytes(eager=True)
+    watcher.client_sent(records[:4096])
+    for i in range(4096, len(records)):
+        if not watcher.client_sent(records[i : i + 1]):
+            break
+    assert watcher.final() == UNKNOWN
+    assert sum(parsed) <= passive._EAGER_PARSE_BUDGET + 3 * MAX_SNIFF_BYTES, len(parsed)
+
+
 def test_the_upstream_answer_gets_the_held_bytes_one_more_look() -> None:
     watcher = FirstBytes()
     for i in range(len(HELLO)):  # dribbled: the last bytes may not have been parsed yet

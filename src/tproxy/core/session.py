@@ -19,8 +19,9 @@ class SessionRecord:
     upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
     but could not deliver are not counted. `spliced_bytes` is the part of both that moved by
     splice (never through Python); `relay` is how the session was relayed ("splice" or "copy";
-    None until the relay starts). `sniffed` is what its first bytes said it is (None if it never
-    relayed). `action` is what the policy decided (`allow` without a policy), `rule` the rule that
+    None until the relay starts). `sniffed` is what its first bytes said it is (None when nothing
+    was sniffed: refused or failed before relaying, without waiting for its first bytes).
+    `action` is what the policy decided (`allow` without a policy), `rule` the rule that
     decided (None: the default, or no policy), `upstream` the endpoint connected when it is not
     `dst` (a `redirect` target, a `via` proxy). `last_activity_at` moves whenever a byte moves
     either way;

@@ -11,10 +11,11 @@ owners. The epoll set is level-triggered, so an owner that leaves bytes unread i
 again on the next batch.
 
 Stale events: an event in a batch may belong to a descriptor that an earlier event of the same
-batch closed. Owners always unregister before closing, and an event whose descriptor has no
-owner any more is skipped. New descriptors are only ever registered outside a batch (accept and
-connect run in the event loop's own callbacks), so an event can never reach a new owner of a
-reused number.
+batch closed -- and whose number a socket opened later in the same batch may already reuse (a
+session that decides after sniffing starts its upstream connect from inside a batch). Owners
+always `forget` a descriptor before closing it; the rest of the batch skips every event of a
+forgotten number, so a stale event can never reach a new owner of a reused number (whose own
+events come with the next poll: the poller is level-triggered).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Poller:
         # Inside a batch: the mask the epoll set held before the batch changed it, per descriptor.
         self._before: dict[int, int] = {}
         self._batching = False
+        # Inside a batch: descriptors forgotten so far (their remaining events are stale).
+        self._forgotten: set[int] = set()
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def close(self) -> None:
@@ -88,6 +91,8 @@ class Poller:
         self._writers.pop(fd, None)
         self._wanted.pop(fd, None)
         self._before.pop(fd, None)
+        if self._batching:
+            self._forgotten.add(fd)
 
     def _set(self, fd: int, mask: int) -> None:
         registered = self._wanted.get(fd, 0)
@@ -117,10 +122,12 @@ class Poller:
         return len(self._wanted)
 
     def _dispatch(self) -> None:
-        readers, writers = self._readers, self._writers
+        readers, writers, forgotten = self._readers, self._writers, self._forgotten
         self._batching = True
         try:
             for fd, events in self._epoll.poll(0, BATCH):
+                if forgotten and fd in forgotten:
+                    continue  # closed earlier in this batch: the event is stale
                 if events & _READ_EVENTS:
                     reader = readers.get(fd)
                     if reader is not None:
@@ -131,6 +138,7 @@ class Poller:
                         writer.on_writable()
         finally:
             self._batching = False
+            forgotten.clear()
             before, self._before = self._before, {}
             for fd, registered in before.items():
                 # A descriptor closed within the batch without being forgotten has no owner

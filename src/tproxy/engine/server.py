@@ -79,11 +79,6 @@ def sweep_interval_s(config: ProxyConfig) -> float:
     return min(SWEEP_INTERVAL_S, shortest / 4)
 
 
-def _deadline_failed(session: Session, exc: Exception) -> None:
-    """A session's sniff deadline raised (its own handler catches what it does): end it."""
-    session.fail(exc)
-
-
 def _quiet(_event: Event) -> None:
     """Where a supervised worker's reload notices go: the supervisor writes them once."""
 
@@ -156,6 +151,7 @@ class ProxyServer:
         # Connections reset at accept since the last sweep: reason -> [count, detail].
         self._refused: dict[str, list[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reloading = asyncio.Lock()
 
     @property
     def config(self) -> ProxyConfig:
@@ -194,7 +190,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._ctx.poller = Poller(loop)
-        self._ctx.sniff_deadlines = DeadlineQueue(loop, _deadline_failed)
+        self._ctx.sniff_deadlines = DeadlineQueue(loop, self._deadline_failed)
         stop = asyncio.Event()
         received: list[str] = []
 
@@ -273,10 +269,24 @@ class ProxyServer:
             self._log.emit(SessionsListed([listing], []))
 
     def _on_reload(self) -> None:
-        """SIGHUP: apply what can be applied, keep the rest. A worker reloads silently: its
-        supervisor reloads the same file and writes the notices once for all workers."""
+        """SIGHUP: reload off the event loop (reading the files is quick, but resolving the
+        policy's host names may wait for DNS, and sessions must not), then apply."""
+        self._spawn(self._reload_off_loop())
+
+    async def _reload_off_loop(self) -> None:
+        async with self._reloading:  # one at a time, in the order the signals came
+            loaded = await asyncio.to_thread(reload_from, self.config, self._reload)
+            self._apply_reload(*loaded)
+
+    def reload_now(self) -> None:
+        """Reload at once, on this thread (what SIGHUP does, for tests and callers without a
+        loop)."""
+        self._apply_reload(*reload_from(self.config, self._reload))
+
+    def _apply_reload(self, new: ProxyConfig | None, notices: list[str]) -> None:
+        """Apply what can be applied, keep the rest. A worker reloads silently: its supervisor
+        reloads the same files and writes the notices once for all workers."""
         say = self._log.emit if self._channel is None else _quiet
-        new, notices = reload_from(self.config, self._reload)
         if new is not None:
             if new.relay is RelayKind.SPLICE and not self._splice_works:
                 new = dataclasses.replace(new, relay=RelayKind.COPY)
@@ -322,6 +332,11 @@ class ProxyServer:
                                f"{teardown}")
                     )  # fmt: skip
         self._flush_refusals()
+
+    def _deadline_failed(self, _waiter: object, exc: Exception) -> None:
+        """A sniff deadline's handler raised past its session's own boundary (a bug): logged,
+        and the queue goes on with the next."""
+        self._log.emit(Notice(f"sniff deadline failed: {type(exc).__name__}: {exc}"))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """The one place tasks are created: keeps a reference until the task is done."""

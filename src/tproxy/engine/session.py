@@ -87,7 +87,7 @@ _CONNECT_FAILURE_REASONS = {
     errno.EMFILE: CloseReason.OUT_OF_DESCRIPTORS,
     errno.ENFILE: CloseReason.OUT_OF_DESCRIPTORS,
 }
-# The sniffing fields of a session that never relayed (refused before it could send).
+# The sniffing fields of a session nothing was sniffed of (refused or failed before relaying).
 _NOT_SNIFFED: SniffedFields = (None, None, None, None, None, None, None)
 # A `via` session's proxy: every failure to reach it or talk to it, but running out of
 # descriptors, is the proxy's.
@@ -129,7 +129,7 @@ class SessionContext:
     destination: Destination = socket.socket.getsockname
     poller: Poller = field(init=False)  # set when the server starts serving
     # Sessions SNIFFING, in order of their deadline (set when the server starts serving).
-    sniff_deadlines: DeadlineQueue[Session] = field(init=False)
+    sniff_deadlines: DeadlineQueue[_SniffWait] = field(init=False)
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     # Counters since this process started (the supervisor's heartbeats carry them).
@@ -147,8 +147,8 @@ class _Deciding:
     or talks to an upstream proxy (sessions that do neither never make one)."""
 
     __slots__ = (
-        "client", "dst", "dst_addr", "handshake", "held", "held_bytes_count", "leftover",
-        "matcher", "waiting",
+        "client", "dst", "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait",
+        "waiting",
     )  # fmt: skip
 
     def __init__(
@@ -159,13 +159,26 @@ class _Deciding:
         self.client = client
         self.dst = dst
         self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
-        self.held: list[bytes] = []  # the client's bytes read while sniffing, to send on first
-        self.held_bytes_count = 0
+        self.held = bytearray()  # the client's bytes read while sniffing, to send on first
+        self.sniff_wait: _SniffWait | None = None  # this session's place in the deadline queue
         self.handshake: ProxyHandshake | None = None  # the upstream proxy's, for `via`
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
 
-    def held_bytes(self) -> bytes:
-        return b"".join(self.held)
+
+class _SniffWait:
+    """A sniffing session's entry in the deadline queue: cut loose when the session stops
+    waiting, so the queue keeps a few bytes per session until the deadline, not the session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session: Session | None = session
+
+    def deadline_passed(self) -> None:
+        session = self.session
+        if session is not None:
+            self.session = None
+            session.deadline_passed()
 
 
 def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
@@ -258,7 +271,8 @@ class Session:
             self._deciding = deciding
             self._sniffer = FirstBytes(eager=True)
             self.phase = Phase.SNIFFING
-            ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, self)
+            deciding.sniff_wait = _SniffWait(self)
+            ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, deciding.sniff_wait)
             ctx.poller.add_reader(client_sock.fileno(), self)
             return
         self._carry_out(verdict, deciding, now)
@@ -281,7 +295,7 @@ class Session:
     def _sniff_more(self) -> None:
         deciding, sniffer = self._deciding, self._sniffer
         assert deciding is not None and sniffer is not None
-        room = MAX_SNIFF_BYTES - deciding.held_bytes_count
+        room = MAX_SNIFF_BYTES - len(deciding.held)
         try:
             data = os.read(self._client_sock.fileno(), room)
         except BlockingIOError:
@@ -292,8 +306,7 @@ class Session:
                 return
             raise
         if data:
-            deciding.held.append(data)
-            deciding.held_bytes_count += len(data)
+            deciding.held += data
             if sniffer.client_sent(data) and len(data) < room:
                 return  # more wanted, and there is room for it
         # Decided, full, or the client's end (its EOF stays for the relay to read).
@@ -310,7 +323,8 @@ class Session:
     def _sniffed(self) -> None:
         deciding, sniffer, record = self._deciding, self._sniffer, self.record
         assert deciding is not None and sniffer is not None and record is not None
-        assert deciding.waiting is not None
+        assert deciding.waiting is not None and deciding.sniff_wait is not None
+        deciding.sniff_wait.session = None
         self._ctx.poller.remove_reader(self._client_sock.fileno())
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
@@ -350,17 +364,32 @@ class Session:
                 return
         elif action is Action.VIA:
             assert verdict.via is not None
-            proxy = verdict.via
-            target, spoof_ip = (proxy.address.host, proxy.address.port), None
-            record.upstream = str(proxy.address)
-            name = remote_name(facts) if verdict.remote_name else None
-            port = deciding.dst_addr[1]
-            try:
-                deciding.handshake = handshake_for(proxy, name or deciding.dst_addr[0], port)
-            except ValueError:  # a name the proxy cannot be asked for: ask for the address
-                deciding.handshake = handshake_for(proxy, deciding.dst_addr[0], port)
+            target, spoof_ip = (verdict.via.address.host, verdict.via.address.port), None
+            record.upstream = str(verdict.via.address)
+            deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
+            if deciding.handshake is None:
+                return
         self._deciding = deciding if (deciding.held or deciding.handshake) else None
         self._connect(target, spoof_ip, now)
+
+    def _proxy_handshake(
+        self, verdict: Verdict, deciding: _Deciding, facts: SniffedFacts | None
+    ) -> ProxyHandshake | None:
+        """The upstream proxy's handshake, asking for the sniffed name (`remote_name`) or the
+        original destination; None (and the session closed) when neither can be asked for."""
+        proxy, record = verdict.via, self.record
+        assert proxy is not None and record is not None
+        ip, port = deciding.dst_addr[0], deciding.dst_addr[1]
+        name = remote_name(facts) if verdict.remote_name else None
+        for host in (name, ip) if name is not None else (ip,):
+            try:
+                return handshake_for(proxy, host, port)
+            except ValueError as exc:  # a name too long; an IPv6 address with a zone
+                why = str(exc)
+        self._ctx.log.emit(UpstreamFailed(record.id, record.dst, "EINVAL",
+                                          f"upstream proxy {proxy.address}: {why}"))  # fmt: skip
+        self.close(CloseReason.UPSTREAM_PROXY_FAILED)
+        return None
 
     # --- CONNECTING -----------------------------------------------------------------------------
 
@@ -517,12 +546,15 @@ class Session:
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
         pending_up = pending_down = b""
         if deciding is not None:
-            pending_up, pending_down = deciding.held_bytes(), deciding.leftover
+            pending_up, pending_down = bytes(deciding.held), deciding.leftover
             self._deciding = None
         if record.sniffed is None:
             # What the session is, read from its first bytes as they pass (no wait: no rule
-            # needed the facts before connecting).
+            # needed the facts before connecting). A proxy's first tunnelled bytes came before
+            # any of the client's went through: the watcher hears of them.
             self._sniffer = FirstBytes()
+            if pending_down:
+                self._sniffer.upstream_sent()
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
                             spawn=ctx.spawn, tap=self._sniffer, pending_up=pending_up,
@@ -548,6 +580,8 @@ class Session:
             return
         self._stop_connecting()
         self.phase = Phase.CLOSED
+        if self._deciding is not None and self._deciding.sniff_wait is not None:
+            self._deciding.sniff_wait.session = None
         self._deciding = None
         self._client_addr = ()
         if self._relay is not None:

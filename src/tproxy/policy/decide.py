@@ -87,12 +87,24 @@ def needs_facts(policy: Policy) -> bool:
     return any(rule.needs_facts for rule in policy.rules)
 
 
+def _plain(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it is."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _address_mismatch(rule: Rule, facts: SessionFacts) -> str | None:
-    """The first address key that fails, or None when they all match (or none is given)."""
-    if rule.client is not None and not any(facts.client in net for net in rule.client):
-        return "client"
-    if rule.dst is not None and not any(facts.dst in net for net in rule.dst):
-        return "dst"
+    """The first address key that fails, or None when they all match (or none is given). An
+    IPv4-mapped IPv6 address matches as the IPv4 address it is."""
+    if rule.client is not None:
+        client = _plain(facts.client)
+        if not any(client in net for net in rule.client):
+            return "client"
+    if rule.dst is not None:
+        dst = _plain(facts.dst)
+        if not any(dst in net for net in rule.dst):
+            return "dst"
     if rule.ports is not None and not any(facts.dst_port in r for r in rule.ports):
         return "ports"
     return None

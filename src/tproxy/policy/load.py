@@ -17,6 +17,7 @@ from pathlib import Path
 from tproxy.core.options import ConfigError
 from tproxy.policy.matcher import Matcher
 from tproxy.policy.model import HostPort, Policy, parse_policy
+from tproxy.upstream.handshake import handshake_for
 
 Resolver = Callable[[str], str]
 """A host name to one IP address (text); raises OSError when it does not resolve."""
@@ -70,9 +71,27 @@ def read_policy(path: str) -> Policy:
     except UnicodeDecodeError:
         raise ConfigError(f"cannot read policy {path}: not UTF-8 text") from None
     try:
-        return parse_policy(text)
+        policy = parse_policy(text)
+        check_upstream_proxies(policy)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return policy
+
+
+def check_upstream_proxies(policy: Policy) -> None:
+    """Refuse `via` proxies whose credentials their protocol cannot carry (SOCKS5: over 255
+    bytes; HTTP Basic: a username with a colon), which would otherwise fail every session.
+
+    Raises:
+        ConfigError: naming the rule.
+    """
+    for index, rule in enumerate(policy.rules):
+        if rule.via is None:
+            continue
+        try:
+            handshake_for(rule.via, "192.0.2.1", 80)  # any destination: the credentials matter
+        except ValueError as exc:
+            raise ConfigError(f"rule[{index}] ({rule.name}).via: {exc}") from None
 
 
 def load_matcher(path: str, resolve: Resolver = resolve_host) -> Matcher:

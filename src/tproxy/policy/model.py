@@ -36,6 +36,10 @@ from tproxy.core.options import (
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MAX_SNIFF_TIMEOUT_S = 60.0
+"""The longest `sniff_timeout_s`: a waiting session holds its client's connection (and its
+place in the sniff deadlines) for that long."""
+
 PROTOS = ("tls", "http", "ssh", "unknown", "silent")
 """The `proto` values a rule may match (the sniffers' words)."""
 
@@ -388,6 +392,11 @@ def parse_policy(text: str) -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
     values = parse_table(POLICY_OPTIONS, raw)
+    if values.get("sniff_timeout_s", 0) > MAX_SNIFF_TIMEOUT_S:
+        raise ConfigError(
+            f"sniff_timeout_s must be at most {MAX_SNIFF_TIMEOUT_S:g} s: a client that sends "
+            "nothing holds its connection that long before anything connects"
+        )
     rules = tuple(_rule_from_table(i, table) for i, table in enumerate(values.pop("rules", [])))
     seen: dict[str, int] = {}
     for index, rule in enumerate(rules):

@@ -18,20 +18,29 @@ from tproxy.sniffers.facts import MAX_SNIFF_BYTES, NeedMore
 # The sniffers re-parse from the start, so a client that dribbles its first message a byte at a
 # time would otherwise cost a parse of up to 16 KiB per byte; this way the whole costs a few.
 _EAGER_READS = 4
+# A session that waits for its facts (`eager`) classifies on every read -- the decision must
+# come as soon as the bytes are there -- until it has re-parsed this many bytes in all; then it
+# backs off as above. A normal client's first message comes in one to a few reads, and even a
+# 500-byte ClientHello sent one byte per segment stays within it (about 130 KB parsed); a client
+# dribbling a 16 KiB hello of 1-byte TLS records (each parse walks every record) would
+# otherwise cost the worker about 0.7 ms of CPU per byte it sends.
+_EAGER_PARSE_BUDGET = 256 * 1024
 
 
 class FirstBytes:
     """Watches one session's first bytes; `result` once decided, `final()` at the end."""
 
-    __slots__ = ("_buffer", "_eager", "_next_try", "_reads", "result")
+    __slots__ = ("_buffer", "_eager", "_next_try", "_parsed", "_reads", "result")
 
     def __init__(self, *, eager: bool = False) -> None:
-        """`eager`: classify on every read (a session waiting for its facts: the answer must
-        come as soon as the bytes are there; the wait, bounded by the sniff timeout and
-        `MAX_SNIFF_BYTES`, bounds the re-parsing too)."""
-        self._buffer = b""
+        """`eager`: classify on every read, within `_EAGER_PARSE_BUDGET` (a session waiting for
+        its facts: the answer must come as soon as the bytes are there)."""
+        # The client's bytes so far: the first read as it came, a bytearray once more come (each
+        # later read appends in place: no copy of everything held per read).
+        self._buffer: bytes | bytearray = b""
         self._eager = eager
         self._reads = 0
+        self._parsed = 0
         self._next_try = 0
         self.result: Sniffed | None = None
 
@@ -39,19 +48,27 @@ class FirstBytes:
         """The client sent `data` (next in its stream); True while more of it is wanted."""
         if self.result is not None:
             return False
-        buffer = self._buffer + data if self._buffer else data
+        buffer = self._buffer
+        if not buffer:
+            buffer = data
+        elif isinstance(buffer, bytearray):
+            buffer += data
+        else:
+            buffer = bytearray(buffer)
+            buffer += data
+        self._buffer = buffer
+        held = len(buffer)
         self._reads += 1
-        waited = self._reads > _EAGER_READS and not self._eager
-        if waited and len(buffer) < min(self._next_try, MAX_SNIFF_BYTES):
-            self._buffer = buffer  # not worth a parse yet; the upstream's answer or the end is
-            return True
+        spent = self._parsed > _EAGER_PARSE_BUDGET if self._eager else self._reads > _EAGER_READS
+        if spent and held < min(self._next_try, MAX_SNIFF_BYTES):
+            return True  # not worth a parse yet; the upstream's answer or the end is
+        self._parsed += held
         if self._try(buffer):
             return False
-        if len(buffer) >= MAX_SNIFF_BYTES:  # a sniffer never needs more than this
+        if held >= MAX_SNIFF_BYTES:  # a sniffer never needs more than this
             self._finish(UNKNOWN)
             return False
-        self._buffer = buffer
-        self._next_try = len(buffer) + len(buffer) // 2
+        self._next_try = held + held // 2
         return True
 
     def upstream_sent(self) -> None:
@@ -64,11 +81,11 @@ class FirstBytes:
             else:
                 self._try(self._buffer)
 
-    def _try(self, buffer: bytes) -> bool:
+    def _try(self, buffer: bytes | bytearray) -> bool:
         """Classify `buffer`; True (and decided) unless it needs more. A sniffer's bug (they are
         fuzzed never to raise) ends the sniffing as `unknown`, never the session or its close."""
         try:
-            answer = classify(buffer[:MAX_SNIFF_BYTES])
+            answer = classify(bytes(buffer[:MAX_SNIFF_BYTES]))  # (bytes of bytes: no copy)
         except Exception:
             self._finish(UNKNOWN)
             return True
