@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
-from tests.integration.test_sniffing import NAME, TLS_PORT, _start_tls_server
+from tests.integration.test_sniffing import _start_tls_server
 from tests.integration.upstream_proxies import microsocks, netns_hosts, tinyproxy
 from tests.unit.test_sniff_tls import Hello, key_shares
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT, wait_listening
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, wait_listening
+from tproxy.lab.services import TLS_NAME as NAME
 from tproxy.lab.topology import Lab
 
 WIRE = str(Path(__file__).with_name("wire.py"))

@@ -4,37 +4,19 @@ no policy yet, so nothing waits for the facts; they are recorded on the close ev
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT
-from tproxy.lab.topology import Lab, wait_until
-
-TLS_PORT = 443
-NAME = "www.example.test"
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, start_tls_server
+from tproxy.lab.services import TLS_NAME as NAME
+from tproxy.lab.topology import Lab
 
 
 def _start_tls_server(lab: Lab) -> None:
-    """openssl s_server with a throw-away self-signed certificate for NAME, on port 443."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-tls-"))
-    lab.cleanup_paths.append(workdir)
-    key, cert = workdir / "key.pem", workdir / "cert.pem"
-    lab.run(lab.server, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                         str(cert), "-days", "1", "-subj", f"/CN={NAME}"])  # fmt: skip
-    for listen in (f"0.0.0.0:{TLS_PORT}", f"[::]:{TLS_PORT}"):  # s_server binds one family
-        lab.start(lab.server, ["openssl", "s_server", "-accept", listen, "-cert", str(cert),
-                               "-key", str(key), "-www", "-quiet"])  # fmt: skip
-
-    def both_listen() -> bool:
-        listing = lab.run(lab.server, ["ss", "-Hltn", f"sport = :{TLS_PORT}"], check=False)
-        return len(listing.stdout.decode().splitlines()) == 2
-
-    wait_until(both_listen, 10, "openssl s_server to listen on IPv4 and IPv6")
+    """openssl s_server for NAME on port 443 in the server (the lab's helper; test_policy uses
+    this name)."""
+    start_tls_server(lab, lab.server)
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo: a client, a router running tproxy and a server, in network namespaces",
         description=(
             "Build three network namespaces (client, router, server) with addresses in "
-            "198.18.0.0/15 and 2001:db8::/32, apply the rules and run the proxy in the router, "
-            "send real traffic (curl, checksummed transfers, IPv4 and IPv6), show the session log "
+            "198.18.0.0/15 and 2001:db8::/32, apply the rules and run the proxy in the router "
+            "with a small policy, send real traffic (HTTP and HTTPS with curl, one request the "
+            "policy resets by name, checksummed transfers, IPv4 and IPv6), show the session log "
             "and tear everything down. Needs root."
         ),
     )

@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT, start_nginx, start_peer_server
+from tproxy.lab.services import (
+    HTTP_PORT,
+    PEER_PORT,
+    TLS_NAME,
+    TLS_PORT,
+    start_nginx,
+    start_peer_server,
+    start_tls_server,
+)
 from tproxy.lab.topology import Lab, LabError
 from tproxy.observability.events import parse_json_event
 
 TRANSFER_BYTES = 64 * 1024 * 1024
+AD_NAME = "www.ads.example"
+RESET_RULE = "no-ads"
+
+# The demo's policy, written to the lab's temp dir and shown as it is: the transfers' port
+# decides at accept (no waiting); a name rule resets ads by TLS SNI or HTTP Host.
+POLICY = f"""\
+default = "allow"
+sniff_timeout_s = 1.0
+
+[[rule]]
+name = "transfers"             # by port: decided at accept, nothing waits
+ports = [{PEER_PORT}]
+action = "allow"
+
+[[rule]]
+name = "{RESET_RULE}"                # by name: the TLS SNI or the HTTP Host
+sni_or_host = ["*.ads.example"]
+action = "reset"
+"""
 
 _DIAGRAM = """\
   client ({client})            router ({router})              server ({server})
@@ -47,31 +78,59 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
         _say(diagram.format(client=lab.client.netns, router=lab.router.netns,
                             server=lab.server.netns))  # fmt: skip
 
-        apply = ["rules", "apply", "--ports", f"{HTTP_PORT},{PEER_PORT}"]
+        apply = ["rules", "apply", "--ports", f"{HTTP_PORT},{TLS_PORT},{PEER_PORT}"]
         if bridge:
             apply += ["--bridge", lab.BRIDGE]
         _step(f"{lab.router.role}: tproxy {' '.join(apply)}")
         applied = lab.run(lab.router, [sys.executable, "-m", "tproxy", *apply])
         _say(applied.stdout.decode().rstrip())
 
-        _step(f"{lab.router.role}: tproxy run --spoof-source")
-        proxy = ProxyProcess(lab, lab.router, ["--spoof-source"])
+        workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-policy-"))
+        lab.cleanup_paths.append(workdir)
+        policy = workdir / "policy.toml"
+        policy.write_text(POLICY)
+        _step(f"{lab.router.role}: tproxy run --spoof-source --policy {policy}")
+        _say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
+        proxy = ProxyProcess(lab, lab.router, ["--spoof-source", "--policy", str(policy)])
         listening = proxy.wait_listening()
         _say(f"listening on {', '.join(listening['listen'])}")
 
-        _step("server: nginx on port 80, a checksum server on port 9000")
+        _step(f"server: nginx on port {HTTP_PORT}, openssl s_server on {TLS_PORT} (a throw-away "
+              f"certificate for {TLS_NAME}), a checksum server on {PEER_PORT}")  # fmt: skip
         start_nginx(lab, lab.server)
+        start_tls_server(lab, lab.server)
         start_peer_server(lab, lab.server)
 
         for family in (4, 6):
             server = lab.server.endpoint(HTTP_PORT, family)
             url = f"http://{server}/"
-            _step(f"client: curl {url}")
-            result = lab.run(lab.client, ["curl", "-sS", "--max-time", "10", url], check=False)
+            _step(f"client: curl -H 'Host: {TLS_NAME}' {url}")
+            argv = ["curl", "-sS", "--max-time", "10", "-H", f"Host: {TLS_NAME}", url]
+            result = lab.run(lab.client, argv, check=False)
             body = result.stdout.decode(errors="replace").strip()
             _say(body or result.stderr.decode(errors="replace").strip())
             client_ip = str(lab.client.ipv4 if family == 4 else lab.client.ipv6)
             ok &= result.returncode == 0 and body.endswith(client_ip)
+
+        resolve = f":{TLS_PORT}:{lab.server.ipv4}"
+        _step(f"client: curl -k --resolve {TLS_NAME}{resolve} https://{TLS_NAME}/")
+        result = _curl_https(lab, TLS_NAME, resolve)
+        answer = result.stdout.decode(errors="replace").split()
+        if result.returncode == 0 and answer[:1] == ["200"]:
+            _say("status 200 over TLS (-k: the server's certificate is a throw-away one)")
+        else:
+            _say(result.stderr.decode(errors="replace").strip() or f"answered {answer}")
+            ok = False
+
+        _step(f"client: curl -k --resolve {AD_NAME}{resolve} https://{AD_NAME}/")
+        result = _curl_https(lab, AD_NAME, resolve)
+        error = result.stderr.decode(errors="replace").strip()
+        if result.returncode != 0 and "reset" in error.lower():
+            _say(f"{error}\n-> reset by rule {RESET_RULE}, as the policy says: the proxy read "
+                 f"{AD_NAME} in the ClientHello, nothing connected to the server")  # fmt: skip
+        else:
+            _say(f"NOT RESET ({result.returncode}): {error or 'the request went through'}")
+            ok = False
 
         for family in (4, 6):
             peer = lab.server.endpoint(PEER_PORT, family)
@@ -92,17 +151,22 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
                 _say(f"{'intact' if intact else 'CORRUPTED OR FAILED'} in {elapsed:.2f} s{extra}")
                 ok &= intact
 
-        _step("the proxy's session log")
-        proxy.wait_for(lambda e: e.get("event") == "session_close", "sessions to close",
-                       count=6)  # fmt: skip
+        _step("the proxy's session log: sni= alpn= and host= are what each client's first bytes "
+              "said, rule \"...\" what decided")  # fmt: skip
+        closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "sessions to close",
+                                count=8)  # fmt: skip
         for record in proxy.snapshot():
             event = parse_json_event(record)
             if event is not None:
                 _say(f"  {event.text()}")
+        ok &= _sessions_as_expected(closes)
 
         if keep_going:
             _step("the lab stays up until Ctrl-C; try for example:")
             _say(f"  ip netns exec {lab.client.netns} curl http://{lab.server.ipv4}/")
+            _say(f"  ip netns exec {lab.client.netns} curl -k --resolve {AD_NAME}{resolve} "
+                 f"https://{AD_NAME}/")  # fmt: skip
+            _say(f"  kill -HUP {proxy.proc.pid}   # after editing {policy}")
             _say(f"  ip netns exec {lab.router.netns} tproxy doctor")
             try:
                 while proxy.proc.poll() is None:
@@ -112,8 +176,38 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
 
         proxy.stop()
         _step("tearing down: namespaces, processes and rules go with the lab")
-    _say("\nall checks passed: the server saw the client's own address, bytes arrived intact"
+    _say("\nall checks passed: the server saw the client's own address, bytes arrived intact, "
+         f"the log names each site and the policy reset {AD_NAME}"
          if ok else "\nSOME CHECKS FAILED (see above)")  # fmt: skip
     if not ok:
         raise LabError("the demo's traffic did not get through as expected")
     return 0
+
+
+def _curl_https(lab: Lab, name: str, resolve: str) -> subprocess.CompletedProcess[bytes]:
+    """curl https://NAME/ from the client, NAME resolved to the server; stdout: the status."""
+    argv = ["curl", "-sS", "-k", "--max-time", "10", "--resolve", f"{name}{resolve}", "-o",
+            "/dev/null", "-w", "%{http_code}", f"https://{name}/"]  # fmt: skip
+    return lab.run(lab.client, argv, check=False)
+
+
+def _sessions_as_expected(closes: list[dict[str, Any]]) -> bool:
+    """The session log shows the HTTPS request's SNI and ALPN, the HTTP requests' Host and the
+    reset by the name rule; anything missing is reported and fails the demo."""
+    checks = {
+        f"an HTTPS session with sni {TLS_NAME} and its ALPN": any(
+            c.get("proto") == "tls" and c.get("sni") == TLS_NAME and c.get("alpn")
+            and c.get("reason") == "closed" for c in closes
+        ),
+        f"HTTP sessions with host {TLS_NAME}": sum(
+            c.get("proto") == "http" and c.get("http_host") == TLS_NAME for c in closes
+        ) == 2,
+        f"the session to {AD_NAME} reset by rule {RESET_RULE}": any(
+            c.get("sni") == AD_NAME and c.get("rule") == RESET_RULE
+            and c.get("reason") == "policy_reset" for c in closes
+        ),
+    }  # fmt: skip
+    for what, seen in checks.items():
+        if not seen:
+            _say(f"MISSING from the session log: {what}")
+    return all(checks.values())

@@ -1,5 +1,6 @@
-"""Real servers for the lab: nginx (HTTP, answers with the client address it saw), the checksum
-peer server, iperf3; and a readiness wait that polls `ss` instead of sleeping."""
+"""Real servers for the lab: nginx (HTTP, answers with the client address it saw), openssl
+s_server (HTTPS, a throw-away certificate), the checksum peer server, iperf3; and a readiness wait
+that polls `ss` instead of sleeping."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 from tproxy.lab.topology import Host, Lab, LabError, wait_until
 
 HTTP_PORT = 80
+TLS_PORT = 443
+TLS_NAME = "www.example.test"
 PEER_PORT = 9000
 IPERF_PORT = 5201
 
@@ -60,6 +63,28 @@ def start_nginx(lab: Lab, host: Host, port: int = HTTP_PORT) -> None:
     lab.start(host, [nginx, "-c", str(conf), "-e", "stderr"])
     lab.cleanup_paths.append(workdir)
     wait_listening(lab, host, port, "nginx")
+
+
+def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> None:
+    """openssl s_server on `port` (IPv4 and IPv6) with a throw-away self-signed EC certificate
+    for `name`; it answers any HTTP request with a status page (`-www`). Clients need `-k`."""
+    if shutil.which("openssl") is None:
+        raise LabError("openssl was not found: run scripts/bootstrap (apt-get install openssl)")
+    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-tls-"))
+    lab.cleanup_paths.append(workdir)
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    lab.run(host, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                   str(cert), "-days", "1", "-subj", f"/CN={name}"])  # fmt: skip
+    for listen in (f"0.0.0.0:{port}", f"[::]:{port}"):  # s_server binds one family
+        lab.start(host, ["openssl", "s_server", "-accept", listen, "-cert", str(cert),
+                         "-key", str(key), "-www", "-quiet"])  # fmt: skip
+
+    def both_listen() -> bool:
+        listing = lab.run(host, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+        return len(listing.stdout.decode().splitlines()) == 2
+
+    wait_until(both_listen, 10, f"openssl s_server to listen on {port} over IPv4 and IPv6")
 
 
 class PeerServer:
