@@ -55,6 +55,16 @@ SPLICE_AFTER_BYTES = 64 * 1024
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
 
+class Recording(Protocol):
+    """Where a captured session's relayed bytes go (`capture.recorder`): each write's bytes, in
+    order, as they reach the sink."""
+
+    def relayed(self, from_client: bool, data: bytes | memoryview) -> None: ...
+
+    def ended(self, from_client: bool, reset: bool) -> None:
+        """One side sent its FIN (`reset` False) or reset, as the relay saw it."""
+
+
 class PumpOwner(Protocol):
     """Who hears how a pump ended (a protocol, not callbacks: no bound method per pump)."""
 
@@ -77,6 +87,7 @@ class Pump:
         "_pool",
         "_reading",
         "_record",
+        "_recording",
         "_splice_after",
         "_src",
         "_tap",
@@ -96,10 +107,13 @@ class Pump:
         splice_after: int = SPLICE_AFTER_BYTES,
         tap: FirstBytes | None = None,
         pending: bytes = b"",
+        recording: Recording | None = None,
     ) -> None:
         """`pending`: bytes read from the source before the pump existed (what a session read
-        while sniffing, what an upstream proxy sent after its answer), written first."""
+        while sniffing, what an upstream proxy sent after its answer), written first.
+        `recording`: shown every byte written to the sink (a captured session; it copies)."""
         self._poller = poller
+        self._recording = recording
         self._src = source.fileno()
         self._dst = sink.fileno()
         self._record = record
@@ -131,6 +145,8 @@ class Pump:
         except OSError:
             return 0
         self._count(written)
+        if self._recording is not None:
+            self._recording.relayed(self._direction is Direction.UP, pending[:written])
         return written
 
     def stop(self) -> None:
@@ -292,6 +308,8 @@ class Pump:
             while buffer is not None:
                 n = os.write(self._dst, buffer)
                 self._count(n)
+                if self._recording is not None:
+                    self._recording.relayed(self._direction is Direction.UP, buffer[:n])
                 buffer = self._buffer = buffer[n:] if n < len(buffer) else None
             pipe = self._pipe
             while self._in_pipe:

@@ -23,7 +23,7 @@ from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
-from tproxy.engine.pump import SPLICE_AFTER_BYTES, Pump
+from tproxy.engine.pump import SPLICE_AFTER_BYTES, Pump, Recording
 from tproxy.interception.sockopts import (
     abort_socket,
     reset_behind_eof,
@@ -71,8 +71,10 @@ class Relay:
     """Relays `client` ⇄ `upstream` until both directions end or one resets.
 
     With a pipe pool it splices after each direction's first `splice_after` bytes; without one it
-    copies. Sets `record.relay` to which it is ("splice" or "copy"). With a `tap`, the first
-    bytes each way are shown to it as they pass (`sniffers.passive`). `pending_up` and
+    copies; with a `recording` (a captured session) it copies and shows every byte written, and
+    every end, to the recording. Sets `record.relay` to which it is ("splice", "copy",
+    "capture"). With a `tap`, the first bytes each way are shown to it as they pass
+    (`sniffers.passive`). `pending_up` and
     `pending_down` are bytes already read from the client and from the upstream before the relay
     started (the sniffed first bytes; an upstream proxy's first tunnelled bytes): relayed first.
 
@@ -90,6 +92,7 @@ class Relay:
         "_on_error",
         "_poller",
         "_record",
+        "_recording",
         "_shut",
         "_spawn",
         "_upstream",
@@ -112,8 +115,12 @@ class Relay:
         tap: FirstBytes | None = None,
         pending_up: bytes = b"",
         pending_down: bytes = b"",
+        recording: Recording | None = None,
     ) -> None:
         self._poller = poller
+        self._recording = recording
+        if recording is not None:  # every byte passes through Python to be recorded
+            pool = None
         self._client = client
         self._upstream = upstream
         self._record = record
@@ -124,11 +131,13 @@ class Relay:
         self._shut: socket.socket | None = None  # the socket we have sent FIN on, if any
         self._done = False
         self._drain: asyncio.Task[None] | None = None
-        record.relay = "copy" if pool is None else "splice"
+        record.relay = "capture" if recording else "copy" if pool is None else "splice"
         self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self,
-                       splice_after=splice_after, tap=tap, pending=pending_up)  # fmt: skip
+                       splice_after=splice_after, tap=tap, pending=pending_up,
+                       recording=recording)  # fmt: skip
         self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self,
-                         splice_after=splice_after, tap=tap, pending=pending_down)  # fmt: skip
+                         splice_after=splice_after, tap=tap, pending=pending_down,
+                         recording=recording)  # fmt: skip
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""
@@ -150,6 +159,8 @@ class Relay:
         if end is End.EOF and source is not self._shut and reset_behind_eof(source):
             end = End.SOURCE_RESET
         ended = DirectionEnded(direction, end)
+        if self._recording is not None:
+            self._record_end(direction, end)
         ends = [ended] if self._first_end is None else [self._first_end, ended]
         command = decide(ended)
         if self._first_end is not None and command in _SHUTDOWNS:
@@ -176,6 +187,15 @@ class Relay:
         else:
             self._done = True
             self._on_end(close_reason(ends))
+
+    def _record_end(self, direction: Direction, end: End) -> None:
+        """What the capture shows: the source's FIN or reset, or the sink's reset."""
+        assert self._recording is not None
+        up = direction is Direction.UP
+        if end is End.SINK_RESET:
+            self._recording.ended(from_client=not up, reset=True)
+        else:
+            self._recording.ended(from_client=up, reset=end is End.SOURCE_RESET)
 
     def _shutdown_write(self, sock: socket.socket) -> None:
         self._shut = sock
