@@ -272,8 +272,9 @@ def write_results(
         'target is a per-round difference, judged like the others. "Unchanged within the '
         "spread\" for a long stream has no bound of its own and is judged against the run's "
         "noise twice: direction (with no change, each round's tproxy-policy / tproxy-splice "
-        "ratio is as likely above 1.0 as below it; six rounds all on one side happen by chance "
-        "2 times in 64) and size (the median ratio against tproxy-splice's own round-to-round "
+        f"ratio is as likely above 1.0 as below it; all {rounds} rounds on one side happen by "
+        f"chance 1 time in {2 ** max(rounds - 1, 0)}) and size (the median ratio against "
+        "tproxy-splice's own round-to-round "
         "spread, its min and max over its median). **Met** when the rounds fall on both sides "
         "of 1.0 and the median lies within that spread, **MISSED** when every round falls on "
         "one side and the median outside it, **inconclusive** otherwise.",

@@ -12,8 +12,8 @@ one side of a bound is not evidence.
 
 "Unchanged" (issue 10: the policy leaves a long stream's throughput as it was) has no bound of
 its own; it is judged against this run's noise, twice. Direction: were nothing changed, each
-round's ratio would be as likely above 1.0 as below it, so all six on one side happens by chance
-2 times in 64. Size: the median ratio against the reference mode's own round-to-round spread
+round's ratio would be as likely above 1.0 as below it, so six rounds all on one side happen by
+chance 1 time in 32. Size: the median ratio against the reference mode's own round-to-round spread
 (its min and max over its median): a change smaller than the reference moves by itself between
 rounds is within the spread. Met when the rounds fall on both sides of 1.0 and the median lies
 within that spread, missed when all rounds fall on one side and the median outside it,
