@@ -32,9 +32,13 @@ def iperf3(lab: Lab, mode: Mode, seconds: float, streams: int, reverse: bool) ->
     return {"gbps": received["bits_per_second"] / 1e9, "bytes": received["bytes"], "cpu_s": cpu}
 
 
+def wrk_url(lab: Lab) -> str:
+    """What wrk requests: its Host header is this URL's `host:port` (`198.18.2.2:80`)."""
+    return f"http://{lab.server.ipv4}:{HTTP_PORT}/"
+
+
 def _wrk(lab: Lab, args: list[str], seconds: float) -> str:
-    url = f"http://{lab.server.ipv4}:{HTTP_PORT}/"
-    argv = ["wrk", "-t1", "-d", f"{seconds:g}s", *args, url]
+    argv = ["wrk", "-t1", "-d", f"{seconds:g}s", *args, wrk_url(lab)]
     result = lab.run(lab.client, argv, timeout_s=seconds + 30, check=False)
     out = result.stdout.decode()
     if "Requests/sec" not in out:
@@ -42,14 +46,20 @@ def _wrk(lab: Lab, args: list[str], seconds: float) -> str:
     return out
 
 
-def connection_rate(lab: Lab, seconds: float, connections: int = 32) -> float:
-    """New connections per second: every request on a new connection (Connection: close)."""
+def connection_rate(
+    lab: Lab, mode: Mode, seconds: float, connections: int = 32
+) -> dict[str, float]:
+    """New connections per second: every request on a new connection (Connection: close); and
+    the proxy's CPU seconds meanwhile and the requests wrk completed (one per connection)."""
+    cpu_before = cpu_seconds(mode.pids())
     out = _wrk(lab, ["-c", str(connections), "-H", "Connection: close"], seconds)
+    cpu = cpu_seconds(mode.pids()) - cpu_before
     errors = re.search(r"Socket errors: .*", out)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in ", out).group(1))  # type: ignore[union-attr]
     if errors:
         print(f"  wrk: {errors.group(0)}", file=sys.stderr)
-    return rate
+    return {"rate": rate, "requests": requests, "cpu_s": cpu}
 
 
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}

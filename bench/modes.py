@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.policy import render_policy
 from tproxy.lab.services import wait_listening
 from tproxy.lab.topology import Lab, stop_process, wait_until
 
@@ -27,8 +28,10 @@ PROXY_PORT = 1800
 HAPROXY_IDLE_SESSIONS = 7500
 
 # The tests, grouped: iperf3 one and four streams each way (with the proxy's CPU per GiB),
-# new connections/s, keep-alive latency, RSS per idle session.
+# new connections/s (with the proxy's CPU per connection), keep-alive latency, RSS per idle
+# session; STREAM1 is the one-stream half of BULK alone (each way, with the CPU per GiB).
 BULK, CONN_RATE, LATENCY, IDLE_RSS = "bulk", "conn_rate", "latency", "idle_rss"
+STREAM1 = "stream1"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ModeSpec:
     tests: frozenset[str]
     splice: str = ""  # HAProxy: "forced" or "auto"; tproxy: its --relay
     log: bool = False  # the session log written to a file (else none, or /dev/null for tproxy)
+    policy: bool = False  # tproxy: `--policy` with bench/policy.py's 50 rules
 
 
 _ALL = frozenset({BULK, CONN_RATE, LATENCY, IDLE_RSS})
@@ -52,6 +56,11 @@ SPECS: dict[str, ModeSpec] = {
     "haproxy-nolog": ModeSpec("haproxy", frozenset({CONN_RATE}), "forced"),
     "haproxy-auto-nolog": ModeSpec("haproxy", frozenset({CONN_RATE}), "auto"),
     "tproxy-splice": ModeSpec("tproxy", _ALL, "splice", log=True),
+    # tproxy-splice plus a 50-rule policy that sniffs every connection: only what issue 10's
+    # rows compare with tproxy-splice (CPU per connection, one long stream each way).
+    "tproxy-policy": ModeSpec(
+        "tproxy", frozenset({STREAM1, CONN_RATE}), "splice", log=True, policy=True
+    ),
     "tproxy-splice-nolog": ModeSpec("tproxy", frozenset({CONN_RATE}), "splice"),
     "tproxy-copy": ModeSpec("tproxy", frozenset({BULK, CONN_RATE, LATENCY}), "copy", log=True),
 }
@@ -128,6 +137,10 @@ class Mode:
         # rendered and written, only the file system's part of the cost is gone.
         argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
                 "--relay", self.spec.splice, "--workers", str(self.threads)]  # fmt: skip
+        if self.spec.policy:
+            policy = workdir / "policy.toml"
+            policy.write_text(render_policy())
+            argv += ["--policy", str(policy)]
         if self.log_path is None:
             self._tproxy = self.lab.start(self.lab.router, argv)
             pid = self._tproxy.pid

@@ -9,6 +9,15 @@ The spread of those per-round ratios (min-max) is how far noise alone moved the 
 run. A target is **met** only when every round's ratio clears it, **missed** only when every
 round's ratio falls short of it, and **inconclusive** otherwise: a median that happens to land on
 one side of a bound is not evidence.
+
+"Unchanged" (issue 10: the policy leaves a long stream's throughput as it was) has no bound of
+its own; it is judged against this run's noise, twice. Direction: were nothing changed, each
+round's ratio would be as likely above 1.0 as below it, so six rounds all on one side happen by
+chance 1 time in 32. Size: the median ratio against the reference mode's own round-to-round spread
+(its min and max over its median): a change smaller than the reference moves by itself between
+rounds is within the spread. Met when the rounds fall on both sides of 1.0 and the median lies
+within that spread, missed when all rounds fall on one side and the median outside it,
+inconclusive otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "latency_p50": ("request latency p50 (keep-alive)", "µs", False),
     "latency_p99": ("request latency p99 (keep-alive)", "µs", False),
     "cpu_per_gib": ("proxy CPU per GiB relayed", "CPU s/GiB", False),
+    "cpu_per_conn": ("proxy CPU per connection (HTTP, Connection: close)", "µs", False),
     "idle_rss": ("user-space RSS per idle session", "KiB", False),
 }
 
@@ -39,6 +49,8 @@ MODES: dict[str, str] = {
     "haproxy-nolog": "HAProxy, forced splice, no log",
     "haproxy-auto-nolog": "HAProxy, `splice-auto`, no log",
     "tproxy-splice": "tproxy, splice relay, JSON session log to a file",
+    "tproxy-policy": "tproxy-splice with `--policy`: 50 rules, the last 5 on names (every "
+    "connection sniffed)",
     "tproxy-splice-nolog": "tproxy, splice relay, session log to /dev/null",
     "tproxy-copy": "tproxy, copy relay, JSON session log to a file",
 }
@@ -59,6 +71,7 @@ class Kind(enum.Enum):
     RATIO = "ratio"  # subject / versus, per round
     DIFFERENCE = "difference"  # subject - versus, per round (in the metric's unit)
     VALUE = "value"  # the subject's own value, per round
+    UNCHANGED = "unchanged"  # subject / versus, per round, judged against versus's own spread
 
 
 class Verdict(enum.Enum):
@@ -86,13 +99,15 @@ class Comparison:
 
     def describe(self) -> str:
         title = METRICS[self.metric][0]
-        if self.kind is Kind.RATIO:
+        if self.kind in (Kind.RATIO, Kind.UNCHANGED):
             return f"{title}: {self.subject} / {self.versus}"
         if self.kind is Kind.DIFFERENCE:
             return f"{title}: {self.subject} minus {self.versus}"
         return f"{title}: {self.subject}"
 
     def describe_bound(self) -> str:
+        if self.kind is Kind.UNCHANGED:
+            return f"unchanged: rounds on both sides of 1, median within {self.versus}'s spread"
         if self.bound is None:
             return "—"
         op = "≥" if self.higher_is_better() else "≤"
@@ -118,6 +133,15 @@ TARGETS = [
     Comparison("latency_p50", "tproxy-splice", "haproxy-auto", Kind.DIFFERENCE, bound=10.0),
 ]
 
+# The benchmark targets of issue 10: what a 50-rule policy that sniffs every connection costs.
+# CPU per connection is steadier here than the connection rate (other work on the machine moves
+# the rate of both modes; the proxy's own CPU per connection much less).
+POLICY_TARGETS = [
+    Comparison("cpu_per_conn", "tproxy-policy", "tproxy-splice", Kind.DIFFERENCE, bound=10.0),
+    Comparison("stream1_up", "tproxy-policy", "tproxy-splice", Kind.UNCHANGED),
+    Comparison("stream1_down", "tproxy-policy", "tproxy-splice", Kind.UNCHANGED),
+]
+
 # Context without a target: what logging and splice-auto cost each proxy, and the rest.
 CONTEXT = [
     Comparison("conn_rate", "haproxy-nolog", "haproxy"),
@@ -133,6 +157,10 @@ CONTEXT = [
     Comparison("stream1_down", "tproxy-copy", "haproxy"),
     Comparison("cpu_per_gib", "tproxy-copy", "haproxy"),
     Comparison("idle_rss", "tproxy-splice", "haproxy"),
+    Comparison("conn_rate", "tproxy-policy", "tproxy-splice"),
+    Comparison("cpu_per_conn", "tproxy-splice", "haproxy", Kind.DIFFERENCE),
+    Comparison("cpu_per_conn", "tproxy-splice-nolog", "haproxy-nolog", Kind.DIFFERENCE),
+    Comparison("cpu_per_gib", "tproxy-policy", "tproxy-splice"),
 ]
 
 
@@ -150,6 +178,7 @@ def per_round(samples: Samples, comparison: Comparison) -> list[float]:
         return []
     if comparison.kind is Kind.DIFFERENCE:
         return [s - v for s, v in zip(subject, versus, strict=True)]
+    # RATIO and UNCHANGED
     return [s / v for s, v in zip(subject, versus, strict=True) if v != 0]
 
 
@@ -187,8 +216,40 @@ def verdict(values: Sequence[float], bound: float, higher_is_better: bool) -> Ve
     return Verdict.INCONCLUSIVE
 
 
+def own_spread(samples: Samples, comparison: Comparison) -> Spread | None:
+    """The reference (`versus`) mode's own spread over the rounds, as its min and max over its
+    median: how far it moved between rounds by itself (None without two rounds or a median)."""
+    if comparison.versus is None:
+        return None
+    values = samples.get(comparison.versus, {}).get(comparison.metric, [])
+    found = spread(values)
+    if found is None or len(values) < 2 or found.median == 0:
+        return None
+    return Spread(1.0, found.low / found.median, found.high / found.median)
+
+
+def unchanged_verdict(ratios: Sequence[float], band: Spread | None) -> Verdict:
+    """Whether per-round ratios show no change beyond the noise (see the module doc): met when
+    they fall on both sides of 1.0 and their median within `band`, missed when they all fall on
+    one side and their median outside it, inconclusive otherwise (and with one round)."""
+    found = spread(ratios)
+    if found is None or band is None:
+        return Verdict.NO_DATA
+    if len(ratios) < 2:
+        return Verdict.INCONCLUSIVE
+    both_sides = found.low <= 1.0 <= found.high
+    within = band.low <= found.median <= band.high
+    if both_sides and within:
+        return Verdict.MET
+    if not both_sides and not within:
+        return Verdict.MISSED
+    return Verdict.INCONCLUSIVE
+
+
 def judge(samples: Samples, comparison: Comparison) -> Verdict | None:
     """The verdict on a target; None for a comparison without one."""
+    if comparison.kind is Kind.UNCHANGED:
+        return unchanged_verdict(per_round(samples, comparison), own_spread(samples, comparison))
     if comparison.bound is None:
         return None
     values = per_round(samples, comparison)
@@ -196,9 +257,11 @@ def judge(samples: Samples, comparison: Comparison) -> Verdict | None:
 
 
 def _digits(metric: str, kind: Kind) -> int:
-    if kind is Kind.RATIO:
+    if kind in (Kind.RATIO, Kind.UNCHANGED):
         # Three digits: at two, 1.049 would print as 1.05 beside "MISSED: ≥ 1.05".
         return 3
+    if metric == "cpu_per_conn":  # a few µs, against a 10 µs bound
+        return 1
     return 0 if METRICS[metric][1] in ("conn/s", "µs") else 2
 
 
@@ -247,9 +310,13 @@ def render_comparisons(samples: Samples, comparisons: Sequence[Comparison]) -> l
         rounds = ", ".join(_fmt(v, digits) for v in values) or "n/a"
         found = judge(samples, comparison)
         shown = "—" if found is None else f"**{found.value}**"
+        bound = comparison.describe_bound()
+        band = own_spread(samples, comparison)
+        if comparison.kind is Kind.UNCHANGED and band is not None:
+            bound += f" ({_fmt(band.low, digits)} to {_fmt(band.high, digits)})"
         lines.append(
             f"| {comparison.describe()} | {rounds} | {render_spread(values, digits)} | "
-            f"{comparison.describe_bound()} | {shown} |"
+            f"{bound} | {shown} |"
         )
     return lines
 

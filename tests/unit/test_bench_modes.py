@@ -1,24 +1,96 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 
-from bench.modes import BULK, CONN_RATE, LATENCY, SPECS, cpus, render_haproxy_cfg
-from bench.report import MODES, TARGETS
+from bench.clients import client_addresses
+from bench.measure import HTTP_PORT, wrk_url
+from bench.modes import BULK, CONN_RATE, LATENCY, SPECS, STREAM1, cpus, render_haproxy_cfg
+from bench.policy import NAME_RULES, RULES, render_policy
+from bench.report import CONTEXT, MODES, POLICY_TARGETS, TARGETS
+
+from tproxy.lab.topology import Lab
+from tproxy.policy.decide import SessionFacts, SniffedFacts, decide
+from tproxy.policy.matcher import Matcher, Waiting, address_of
+from tproxy.policy.model import Action, parse_policy
+from tproxy.sniffers.facts import HttpRequest
+from tproxy.sniffers.http import sniff_http
 
 
-def _test_of(metric: str) -> str:
-    if metric.startswith(("stream", "cpu")):
-        return BULK
-    return LATENCY if metric.startswith("latency") else metric
+def _measures(mode: str, metric: str) -> bool:
+    """Whether the mode's tests produce the metric (CPU per connection: a proxy's conn/s)."""
+    spec = SPECS[mode]
+    if metric in ("stream1_up", "stream1_down", "cpu_per_gib"):
+        return bool({BULK, STREAM1} & spec.tests) and (
+            metric != "cpu_per_gib" or spec.proxy != "routing"
+        )
+    if metric.startswith("stream"):
+        return BULK in spec.tests
+    if metric == "cpu_per_conn":
+        return CONN_RATE in spec.tests and spec.proxy != "routing"
+    return (LATENCY if metric.startswith("latency") else metric) in spec.tests
 
 
-def test_every_mode_has_a_spec_and_every_target_is_measured_on_both_sides() -> None:
+def test_every_mode_has_a_spec_and_every_comparison_is_measured_on_both_sides() -> None:
     assert set(SPECS) == set(MODES)
-    for target in TARGETS:
-        test = _test_of(target.metric)
-        assert test in SPECS[target.subject].tests
-        if target.versus is not None:
-            assert test in SPECS[target.versus].tests
+    for comparison in [*TARGETS, *POLICY_TARGETS, *CONTEXT]:
+        assert _measures(comparison.subject, comparison.metric), comparison
+        if comparison.versus is not None:
+            assert _measures(comparison.versus, comparison.metric), comparison
+
+
+def test_the_policy_mode_is_tproxy_splice_plus_the_policy_running_what_its_rows_need() -> None:
+    splice, policy = SPECS["tproxy-splice"], SPECS["tproxy-policy"]
+    assert (policy.proxy, policy.splice, policy.log) == (splice.proxy, splice.splice, splice.log)
+    assert policy.policy and not splice.policy
+    assert policy.tests == {STREAM1, CONN_RATE}
+
+
+def _wrk_host_sniffed() -> str:
+    """The Host wrk sends (its URL's host:port), as tproxy's sniffer reads it."""
+    host_header = wrk_url(Lab()).split("/")[2]
+    head = f"GET / HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
+    found = sniff_http(head.encode())
+    assert isinstance(found, HttpRequest) and found.host is not None
+    return found.host
+
+
+def test_the_bench_policy_has_50_rules_and_sniffs_every_bench_connection_then_allows_it() -> None:
+    policy = parse_policy(render_policy())
+    assert len(policy.rules) == RULES == 50
+    assert [rule.needs_facts for rule in policy.rules] == [False] * 45 + [True] * NAME_RULES
+    assert {rule.action for rule in policy.rules[:45]} == {Action.RESET, Action.REDIRECT}
+    server = Lab().server.ipv4
+    host = _wrk_host_sniffed()
+    assert host == str(server)
+    matcher = Matcher(policy)
+    for client in client_addresses(4):
+        facts = SessionFacts(ipaddress.ip_address(client), server, HTTP_PORT)
+        first = decide(policy, facts)
+        assert first.need_facts and first.waiting_for == "names-1"
+        sniffed = SniffedFacts("http", None, host)
+        final = decide(policy, SessionFacts(facts.client, server, HTTP_PORT, sniffed))
+        assert (final.action, final.rule, final.need_facts) == (Action.ALLOW, None, False)
+        # The engine's compiled matcher agrees.
+        waiting = matcher.first(address_of(facts.client), address_of(server), HTTP_PORT)
+        assert isinstance(waiting, Waiting) and waiting.rule == "names-1"
+        verdict = matcher.with_facts(
+            waiting, address_of(facts.client), address_of(server), HTTP_PORT, sniffed
+        )
+        assert (verdict.action, verdict.rule) == (Action.ALLOW, None)
+
+
+def test_the_bench_policy_address_rules_decide_their_own_traffic_without_waiting() -> None:
+    """The 45 address rules are live rules: a session to their addresses is decided by one of
+    them at accept (the first that matches: some networks overlap)."""
+    policy = parse_policy(render_policy())
+    client = ipaddress.ip_address(client_addresses(4)[0])
+    for rule in policy.rules[:45]:
+        assert rule.dst is not None
+        port = rule.ports[0].first if rule.ports else 443
+        verdict = decide(policy, SessionFacts(client, rule.dst[-1].network_address, port))
+        assert verdict.rule is not None and verdict.rule.startswith("addr-")
+        assert not verdict.need_facts
 
 
 def test_the_connection_rate_runs_with_and_without_logs_and_both_splice_modes() -> None:

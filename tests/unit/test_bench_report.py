@@ -3,16 +3,21 @@ from __future__ import annotations
 import pytest
 from bench.report import (
     MODES,
+    POLICY_TARGETS,
     TARGETS,
     Comparison,
     Kind,
+    Spread,
     Verdict,
+    judge,
+    own_spread,
     per_round,
     render_comparisons,
     render_modes,
     render_spread,
     rotated,
     tally,
+    unchanged_verdict,
     verdict,
 )
 
@@ -137,3 +142,75 @@ def test_spread_formatting() -> None:
     assert render_spread([], 2) == "n/a"
     assert render_spread([1.234], 2) == "1.23 (1 round)"
     assert render_spread([3.0, 1.0, 2.0], 1) == "2.0 (1.0 to 3.0)"
+
+
+def test_the_policy_targets_name_known_modes_and_are_all_judged() -> None:
+    for target in POLICY_TARGETS:
+        assert target.subject == "tproxy-policy" and target.versus == "tproxy-splice"
+        assert target.bound is not None or target.kind is Kind.UNCHANGED
+    cpu = POLICY_TARGETS[0]
+    assert (cpu.metric, cpu.kind, cpu.bound) == ("cpu_per_conn", Kind.DIFFERENCE, 10.0)
+
+
+def test_cpu_per_connection_difference_is_judged_round_by_round() -> None:
+    samples = {
+        "tproxy-policy": {"cpu_per_conn": [160.0, 171.5, 158.0]},
+        "tproxy-splice": {"cpu_per_conn": [152.0, 160.0, 150.5]},
+    }
+    row = render_comparisons(samples, [POLICY_TARGETS[0]])[2]
+    assert row == (
+        "| proxy CPU per connection (HTTP, Connection: close): tproxy-policy minus tproxy-splice "
+        "| 8.0, 11.5, 7.5 | 8.0 (7.5 to 11.5) | ≤ 10 µs | **inconclusive** |"
+    )
+    samples["tproxy-policy"]["cpu_per_conn"] = [160.0, 165.0, 158.0]
+    assert tally(samples, POLICY_TARGETS[:1])[Verdict.MET] == 1
+
+
+@pytest.mark.parametrize(
+    ("ratios", "expected"),
+    [
+        ([0.98, 1.03, 1.0, 0.97], Verdict.MET),  # both sides of 1, median 0.99 in the band
+        ([0.95, 1.0], Verdict.MET),  # a round on 1.0 counts as both sides
+        ([0.80, 0.85, 0.82], Verdict.MISSED),  # always slower, and by more than the noise
+        ([1.20, 1.25], Verdict.MISSED),  # always faster counts as changed too
+        ([0.97, 0.98, 0.99], Verdict.INCONCLUSIVE),  # one side, but within the noise
+        ([0.80, 0.82, 1.01], Verdict.INCONCLUSIVE),  # both sides, median outside the band
+        ([1.0], Verdict.INCONCLUSIVE),  # one round decides nothing
+        ([], Verdict.NO_DATA),
+    ],
+)
+def test_unchanged_within_the_spread(ratios: list[float], expected: Verdict) -> None:
+    assert unchanged_verdict(ratios, Spread(1.0, 0.95, 1.05)) is expected
+
+
+def test_unchanged_without_a_reference_spread_has_no_data() -> None:
+    assert unchanged_verdict([0.9, 1.1], None) is Verdict.NO_DATA
+
+
+def test_the_reference_spread_is_the_versus_modes_own_over_its_median() -> None:
+    samples = {
+        "tproxy-policy": {"stream1_up": [11.0, 12.5, 12.0]},
+        "tproxy-splice": {"stream1_up": [12.0, 11.0, 13.2]},
+    }
+    comparison = POLICY_TARGETS[1]
+    band = own_spread(samples, comparison)
+    assert band is not None
+    assert (band.low, band.high) == pytest.approx((11.0 / 12.0, 13.2 / 12.0))
+    # ratios 0.917, 1.136, 0.909: both sides of 1, median 0.917 within 0.917-1.1
+    assert per_round(samples, comparison) == pytest.approx([11 / 12, 12.5 / 11, 12 / 13.2])
+    row = render_comparisons(samples, [comparison])[2]
+    assert row == (
+        "| 1 stream up (client → server): tproxy-policy / tproxy-splice | 0.917, 1.136, 0.909 | "
+        "0.917 (0.909 to 1.136) | unchanged: rounds on both sides of 1, median within "
+        "tproxy-splice's spread (0.917 to 1.100) | **met** |"
+    )
+    one_round = {m: {"stream1_up": v["stream1_up"][:1]} for m, v in samples.items()}
+    assert own_spread(one_round, comparison) is None
+    assert judge(one_round, comparison) is Verdict.NO_DATA
+
+
+def test_cpu_per_connection_shows_a_decimal_in_the_mode_table() -> None:
+    lines = render_modes({"tproxy-splice": {"cpu_per_conn": [150.04, 152.66]}})
+    assert lines[2] == (
+        "| proxy CPU per connection (HTTP, Connection: close) (µs) | 151.3 (150.0 to 152.7) |"
+    )
