@@ -338,3 +338,20 @@ def test_a_proxy_that_never_answers_is_cut_at_the_connect_deadline() -> None:
         conn.close()
 
     _via_run(scenario)
+
+
+def test_first_bytes_already_there_are_read_at_once_without_a_wait() -> None:
+    async def scenario(h: PolicyHarness) -> None:
+        h.client.send(ALLOWED_REQUEST)
+        await asyncio.sleep(0.02)  # in the accepted socket's buffer before start()
+        h.session.start()
+        assert h.session.phase in (Phase.CONNECTING, Phase.RELAYING)
+        assert len(h.ctx.sniff_deadlines) == 0, "waited although the bytes were there"
+        conn = await _accepted(h)
+        assert await _recv_all(conn, len(ALLOWED_REQUEST)) == ALLOWED_REQUEST
+        conn.close()
+        h.client.close()
+        await _until(lambda: _phase(h.session) is Phase.CLOSED)
+        assert h.events()[-1]["http_host"] == "www.example.test"
+
+    _run(scenario, SNIFFING)

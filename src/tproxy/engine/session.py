@@ -271,6 +271,10 @@ class Session:
             self._deciding = deciding
             self._sniffer = FirstBytes(eager=True)
             self.phase = Phase.SNIFFING
+            # A client's first bytes usually follow its ACK at once, and are here by now: read
+            # them first, and wait (a poller registration, a deadline) only if they are not.
+            if self._sniff_more():
+                return
             deciding.sniff_wait = _SniffWait(self)
             ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, deciding.sniff_wait)
             ctx.poller.add_reader(client_sock.fileno(), self)
@@ -292,25 +296,27 @@ class Session:
         except Exception as exc:
             self.fail(exc)
 
-    def _sniff_more(self) -> None:
+    def _sniff_more(self) -> bool:
+        """Read what the client sent; True once the session is no longer SNIFFING."""
         deciding, sniffer = self._deciding, self._sniffer
         assert deciding is not None and sniffer is not None
         room = MAX_SNIFF_BYTES - len(deciding.held)
         try:
             data = os.read(self._client_sock.fileno(), room)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             if exc.errno in _GONE:
                 self.close(CloseReason.CLIENT_RESET)
-                return
+                return True
             raise
         if data:
             deciding.held += data
             if sniffer.client_sent(data) and len(data) < room:
-                return  # more wanted, and there is room for it
+                return False  # more wanted, and there is room for it
         # Decided, full, or the client's end (its EOF stays for the relay to read).
         self._sniffed()
+        return True
 
     def deadline_passed(self) -> None:
         """The sniff timeout: decide with what came (nothing: `silent`)."""
@@ -323,9 +329,10 @@ class Session:
     def _sniffed(self) -> None:
         deciding, sniffer, record = self._deciding, self._sniffer, self.record
         assert deciding is not None and sniffer is not None and record is not None
-        assert deciding.waiting is not None and deciding.sniff_wait is not None
-        deciding.sniff_wait.session = None
-        self._ctx.poller.remove_reader(self._client_sock.fileno())
+        assert deciding.waiting is not None
+        if deciding.sniff_wait is not None:  # it waited: leave the queue and the poller
+            deciding.sniff_wait.session = None
+            self._ctx.poller.remove_reader(self._client_sock.fileno())
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
         facts = _sniffed_facts(sniffed)

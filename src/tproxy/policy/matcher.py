@@ -2,19 +2,24 @@
 
 `decide` is the reference (readable, used by `tproxy policy explain`); it walks `ipaddress`
 objects and costs about 0.7 µs per rule, which a 50-rule policy pays twice per sniffed session.
-`Matcher` is built once per policy load and answers from plain integers:
+`Matcher` is built once per policy load and answers from plain integers and bit sets (bit i =
+rule i), so a session's cost depends on the number of distinct prefix lengths in the policy,
+not on the number of rules before the one that decides:
 
 - addresses are (version, int) pairs, parsed from the socket's text without `ipaddress`;
-- a rule's networks are grouped by prefix length per IP version: one mask and one set lookup
-  per distinct prefix length, whatever the number of networks;
-- names are compared against a set of exact names and a tuple of `.suffix`es (`str.endswith`);
-- the port line is cut into intervals where the same rules can match (a rule without `ports`
-  can match everywhere), so a session walks only the rules its port allows (for up to
-  `PARTITION_MAX_RULES` rules; a bigger policy walks them all);
-- `first()` returns where the walk stopped for facts, and `with_facts()` resumes there: the rules
-  before it already failed on addresses, so a sniffed session walks the rules once in all.
+- for `dst` and for `client`, per IP version, one table per prefix length used anywhere in the
+  policy maps each network to the rules that name it: an address's rules are the union of one
+  masked lookup per prefix length, plus the rules without that key;
+- the port line is cut into intervals where the same rules allow the port (a rule without
+  `ports` allows every port), each with its bit set (up to `PARTITION_MAX_RULES` rules; a bigger
+  policy checks ports rule by rule);
+- the rules whose addresses and port match are the AND of the three; the lowest decides, or the
+  walk waits there for the sniffed facts: `first()` says where, and `with_facts()` resumes there
+  (the rules before it could not match), trying the fact keys rule by rule;
+- names are compared against a set of exact names and a tuple of `.suffix`es (`str.endswith`).
 
-A test drives both with random policies and sessions and requires the same verdict.
+A property test drives `Matcher` and `decide` with random policies and sessions and requires
+the same verdict.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ Address = tuple[int, int]
 _Nets = tuple[tuple[int, frozenset[int]], ...] | None
 _Names = tuple[frozenset[str], tuple[str, ...]] | None
 
-# The port partition holds up to (2 × rules + 1) intervals × rules indices: bounded here.
-PARTITION_MAX_RULES = 256
+# The port partition holds up to (2 × port ranges + 1) intervals, each a bit set of the rules:
+# bounded here.
+PARTITION_MAX_RULES = 1024
 
 
 def parse_address(text: str) -> Address:
@@ -83,13 +89,6 @@ def _names(patterns: Sequence[NamePattern] | None) -> _Names:
         return None
     exact = frozenset(p.name for p in patterns if not p.glob)
     return exact, tuple(p.name for p in patterns if p.glob)
-
-
-def _in(address: int, nets: tuple[tuple[int, frozenset[int]], ...]) -> bool:
-    for mask, values in nets:  # noqa: SIM110 (a loop costs less than any() with a generator)
-        if address & mask in values:
-            return True
-    return False
 
 
 def _name_in(name: str | None, names: tuple[frozenset[str], tuple[str, ...]]) -> bool:
@@ -139,74 +138,109 @@ def _compile(rule: Rule) -> _Compiled:
     )
 
 
-def _partition(rules: Sequence[_Compiled]) -> tuple[list[int], list[tuple[_Compiled, ...]]]:
-    """Interval starts over ports 0-65535 and, per interval, the rules (in order) whose `ports`
-    allow it."""
+def _partition(rules: Sequence[_Compiled]) -> tuple[list[int], list[int]]:
+    """Interval starts over ports 0-65535 and, per interval, the bit set of the rules whose
+    `ports` allow it."""
     starts = {0}
     for rule in rules:
         for first, last in rule.ports or ():
             starts.update((first, last + 1))
     bounds = sorted(p for p in starts if p <= 65535)
-    candidates = []
+    allowed = []
     for start in bounds:
-        candidates.append(
-            tuple(
-                rule
-                for rule in rules
-                if rule.ports is None or any(f <= start <= last for f, last in rule.ports)
-            )
-        )
-    return bounds, candidates
+        bits = 0
+        for index, rule in enumerate(rules):
+            if rule.ports is None or any(f <= start <= last for f, last in rule.ports):
+                bits |= 1 << index
+        allowed.append(bits)
+    return bounds, allowed
+
+
+class _AddressIndex:
+    """For one key (`dst` or `client`) and one IP version: which rules an address matches."""
+
+    __slots__ = ("_always", "_tables")
+
+    def __init__(self, nets_per_rule: Sequence[_Nets]) -> None:
+        self._always = 0  # rules without the key
+        tables: dict[int, dict[int, int]] = {}
+        for index, nets in enumerate(nets_per_rule):
+            if nets is None:
+                self._always |= 1 << index
+                continue
+            for mask, values in nets:  # (an empty tuple: the key names no network of ours)
+                table = tables.setdefault(mask, {})
+                for value in values:
+                    table[value] = table.get(value, 0) | 1 << index
+        self._tables = tuple(tables.items())
+
+    def rules(self, value: int) -> int:
+        bits = self._always
+        for mask, table in self._tables:
+            found = table.get(value & mask)
+            if found:
+                bits |= found
+        return bits
 
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """`Matcher.first` stopped at the `index`th rule its port allows, which needs sniffed facts
-    (`rule` names it)."""
+    """`Matcher.first` stopped at rule `index`, which needs sniffed facts (`rule` names it)."""
 
     index: int
     rule: str
 
 
+def _ports_allow(rule: _Compiled, port: int) -> bool:
+    if rule.ports is None:
+        return True
+    return any(first <= port <= last for first, last in rule.ports)
+
+
 class Matcher:
     """A policy, compiled: `first()` at accept, `with_facts()` once sniffed (see module doc)."""
 
-    __slots__ = ("_bounds", "_candidates", "_default", "needs_facts", "policy")
+    __slots__ = (
+        "_bounds", "_by_port", "_client", "_default", "_dst", "_rules", "needs_facts", "policy",
+    )  # fmt: skip
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        rules = tuple(_compile(rule) for rule in policy.rules)
+        rules = self._rules = tuple(_compile(rule) for rule in policy.rules)
+        self._dst = (_AddressIndex([r.dst[0] for r in rules]),
+                     _AddressIndex([r.dst[1] for r in rules]))  # fmt: skip
+        self._client = (_AddressIndex([r.client[0] for r in rules]),
+                        _AddressIndex([r.client[1] for r in rules]))  # fmt: skip
+        # Without the partition (a very big policy): ports are checked rule by rule.
+        self._bounds: list[int] | None = None
+        self._by_port: list[int] = []
         if len(rules) <= PARTITION_MAX_RULES:
-            self._bounds, self._candidates = _partition(rules)
-        else:
-            self._bounds, self._candidates = [0], [rules]
+            self._bounds, self._by_port = _partition(rules)
         self._default = Verdict(Action.ALLOW if policy.default is Default.ALLOW else Action.RESET)
         self.needs_facts = any(rule.needs_facts for rule in policy.rules)
 
-    def _rules_for(self, port: int) -> tuple[_Compiled, ...]:
-        return self._candidates[bisect.bisect_right(self._bounds, port) - 1]
-
-    def _addresses_match(self, rule: _Compiled, client: Address, dst: Address, port: int) -> bool:
-        ports = rule.ports
-        if ports is not None:
-            for first, last in ports:
-                if first <= port <= last:
-                    break
-            else:
-                return False
-        nets = rule.dst[dst[0] == 6]
-        if nets is not None and not _in(dst[1], nets):
-            return False
-        nets = rule.client[client[0] == 6]
-        return nets is None or _in(client[1], nets)
+    def _candidates(self, client: Address, dst: Address, port: int) -> int:
+        """The rules whose address keys (and port, when partitioned) match, as a bit set."""
+        bits = self._dst[dst[0] == 6].rules(dst[1])
+        if bits:
+            bits &= self._client[client[0] == 6].rules(client[1])
+        if bits and self._bounds is not None:
+            bits &= self._by_port[bisect.bisect_right(self._bounds, port) - 1]
+        return bits
 
     def first(self, client: Address, dst: Address, port: int) -> Verdict | Waiting:
         """The verdict from addresses alone, or where the walk waits for sniffed facts."""
-        for index, rule in enumerate(self._rules_for(port)):
-            if self._addresses_match(rule, client, dst, port):
+        bits = self._candidates(client, dst, port)
+        rules, check_ports = self._rules, self._bounds is None
+        while bits:
+            low = bits & -bits
+            index = low.bit_length() - 1
+            rule = rules[index]
+            if not check_ports or _ports_allow(rule, port):
                 if rule.needs_facts:
                     return Waiting(index, rule.verdict.rule or "")
                 return rule.verdict
+            bits ^= low
         return self._default
 
     def with_facts(
@@ -215,10 +249,13 @@ class Matcher:
         """The verdict once sniffed, resuming the walk where `first()` stopped."""
         sni = None if sniffed.sni is None else normalize_name(sniffed.sni)
         host = None if sniffed.http_host is None else normalize_name(sniffed.http_host)
-        rules = self._rules_for(port)
-        for index in range(waiting.index, len(rules)):
-            rule = rules[index]
-            if not self._addresses_match(rule, client, dst, port):
+        bits = self._candidates(client, dst, port) >> waiting.index << waiting.index
+        rules, check_ports = self._rules, self._bounds is None
+        while bits:
+            low = bits & -bits
+            rule = rules[low.bit_length() - 1]
+            bits ^= low
+            if check_ports and not _ports_allow(rule, port):
                 continue
             if rule.needs_facts and not self._facts_match(rule, sniffed.proto, sni, host):
                 continue
