@@ -171,6 +171,8 @@ def test_misuse_raises() -> None:
         TcpConversation(V4[0], V6[1], T0)
     with pytest.raises(ValueError):
         TcpConversation(("not-an-address", 1), V4[1], T0)
+    with pytest.raises(ValueError, match="ports"):
+        TcpConversation(V4[0], ("198.18.2.2", 65536), T0)
     with pytest.raises(ValueError, match="max_segment_bytes"):
         TcpConversation(*V4, T0, max_segment_bytes=65496)
     conv = TcpConversation(*V4, T0)

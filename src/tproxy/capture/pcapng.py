@@ -154,7 +154,8 @@ class TcpConversation:
         tcp_checksums: compute TCP checksums (else 0).
 
     Raises:
-        ValueError: an address that is not an IP address, mixed families, or a bad segment size.
+        ValueError: an address that is not an IP address, mixed families, a port out of range,
+            or a segment size out of range.
     """
 
     def __init__(
@@ -171,6 +172,8 @@ class TcpConversation:
         client_ip, server_ip = _ip_bytes(client[0]), _ip_bytes(server[0])
         if len(client_ip) != len(server_ip):
             raise ValueError(f"client {client[0]} and server {server[0]} are not of one family")
+        if not (0 <= client[1] <= 0xFFFF and 0 <= server[1] <= 0xFFFF):
+            raise ValueError(f"ports {client[1]} and {server[1]} are not both in 0..65535")
         if not 1 <= max_segment_bytes <= 65495:
             raise ValueError(f"max_segment_bytes {max_segment_bytes} is not in 1..65495")
         seed = hashlib.sha256(
@@ -234,7 +237,12 @@ class TcpConversation:
         """
         sender, receiver = self._sides(from_client)
         self._check_open(sender)
-        view = memoryview(payload).cast("B")
+        # Bytes that fit one segment are used as they are; anything else is sliced without copies.
+        view: bytes | memoryview
+        if type(payload) is bytes and len(payload) <= self._mss:
+            view = payload
+        else:
+            view = memoryview(payload).cast("B")
         size = len(view)
         parts: list[bytes | memoryview] = []
         for start in range(0, size, self._mss):
@@ -272,7 +280,8 @@ class TcpConversation:
 
     def comment(self, text: str, ts: float) -> bytes:
         """A zero-length segment from the client, acknowledging all the server sent, whose packet
-        block carries `text` as its pcapng comment.
+        block carries `text` as its pcapng comment (Wireshark marks the segment a duplicate ACK,
+        which it is: a note, not a warning).
 
         Raises:
             ValueError: before the handshake, or `text` longer than 65000 bytes in UTF-8.
