@@ -1,0 +1,1 @@
+"""Captures: what a session relayed, as pcapng files in the capture directory."""
