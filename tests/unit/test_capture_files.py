@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import tproxy.capture.prune as prune_module
 import tproxy.engine.supervisor as supervisor_module
-from tproxy.capture.files import CaptureFile, capture_name, open_capture
+from tproxy.capture.files import CaptureFile, capture_name, is_capture_name, open_capture
 from tproxy.capture.prune import (
     CapturePruner,
     FileInfo,
@@ -91,6 +91,7 @@ def test_a_name_is_one_safe_file_name_that_reads_back(
 ) -> None:
     name = capture_name(started_at, session_id, client, dst)
     assert "/" not in name and ":" not in name and "[" not in name and len(name) < 255
+    assert is_capture_name(name)
     fields = name.removesuffix(".pcapng").split("_")
     assert len(fields) == 7 and fields[4] == "to"
     when, ident, client_host, client_port, _, dst_host, dst_port = fields
@@ -98,6 +99,14 @@ def test_a_name_is_one_safe_file_name_that_reads_back(
     assert ident == session_id
     assert _field_to_endpoint(client_host, client_port) == _endpoint(client)
     assert _field_to_endpoint(dst_host, dst_port) == _endpoint(dst)
+
+
+def test_only_what_capture_name_makes_is_a_capture_name() -> None:
+    name = capture_name(STARTED_AT, "01kbj9dq70102", "[2001:db8::2]:1", "198.18.2.2:443")
+    assert is_capture_name(name) and is_capture_name(name + ".part")
+    for other in ("notes.pcapng", "x.pcapng.part", name + ".bak", name.replace("_to_", "_"),
+                  "20261201T041500Z.pcapng", "." + name):  # fmt: skip
+        assert not is_capture_name(other), other
 
 
 def test_nothing_unsafe_gets_into_a_name() -> None:
@@ -371,6 +380,12 @@ def test_without_limits_nothing_is_deleted(files: list[FileInfo]) -> None:
 # --- pruning a directory ---------------------------------------------------------------------
 
 
+def _capture(label: str, part: bool = False) -> str:
+    """A real capture's name, its session id spelled `label`."""
+    name = capture_name(STARTED_AT, label, "198.18.1.2:50000", "198.18.2.2:443")
+    return name + ".part" if part else name
+
+
 def _make(directory: Path, name: str, size: int, age_s: float) -> None:
     path = directory / name
     path.write_bytes(b"x" * size)
@@ -386,11 +401,12 @@ def _worker_files(directory: Path) -> None:
             name = capture_name(time.time() - age * DAY, f"{session[:-1]}{age}",
                                 f"198.18.1.{worker}:5000{age}", "198.18.2.2:443")  # fmt: skip
             _make(directory, name, 1000, age * DAY + int(worker))
-        _make(directory, f"writing-{worker}.pcapng.part", 1000, 10 * DAY)
+        _make(directory, _capture(f"writing{worker}", part=True), 1000, 10 * DAY)
     _make(directory, "notes.txt", 10**6, 100 * DAY)
     _make(directory, "old.pcap", 10**6, 100 * DAY)
-    (directory / "sub.pcapng").mkdir()
-    (directory / "link.pcapng").symlink_to(directory / "notes.txt")
+    _make(directory, "mine.pcapng", 10**6, 100 * DAY)  # the operator's, not a capture
+    (directory / _capture("subdir")).mkdir()
+    (directory / _capture("link")).symlink_to(directory / "notes.txt")
 
 
 def test_scan_sees_only_capture_files(tmp_path: Path) -> None:
@@ -410,8 +426,8 @@ def test_prune_deletes_every_workers_oldest_finished_files_and_nothing_else(
     # 8000 bytes of captures, 5000 allowed: the three oldest finished go (the parts stay).
     assert len(deleted) == 3
     left = set(_names(tmp_path))
-    assert {"writing-1.pcapng.part", "writing-2.pcapng.part", "notes.txt", "old.pcap"} <= left
-    assert {"sub.pcapng", "link.pcapng"} <= left
+    assert {_capture("writing1", part=True), _capture("writing2", part=True)} <= left
+    assert {"notes.txt", "old.pcap", "mine.pcapng", _capture("subdir"), _capture("link")} <= left
     remaining = scan(str(tmp_path))
     assert sum(f.size for f in remaining) <= 5000
     oldest_kept = min(f.mtime for f in remaining if f.finished)
@@ -430,37 +446,37 @@ def test_prune_by_age_across_workers(tmp_path: Path) -> None:
 def test_a_file_deleted_by_someone_else_meanwhile_is_not_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _make(tmp_path, "a.pcapng", 10, 3 * DAY)
-    _make(tmp_path, "b.pcapng", 10, 2 * DAY)
+    _make(tmp_path, _capture("a"), 10, 3 * DAY)
+    _make(tmp_path, _capture("b"), 10, 2 * DAY)
     real_scan = prune_module.scan
 
     def scan_then_race(directory: str) -> list[FileInfo]:
         found = real_scan(directory)
-        os.unlink(os.path.join(directory, "a.pcapng"))  # another process was quicker
+        os.unlink(os.path.join(directory, _capture("a")))  # another process was quicker
         return found
 
     monkeypatch.setattr(prune_module, "scan", scan_then_race)
     deleted, errors = prune(str(tmp_path), time.time(), None, DAY)
-    assert ([f.name for f in deleted], errors) == (["b.pcapng"], [])
+    assert ([f.name for f in deleted], errors) == ([_capture("b")], [])
     assert _names(tmp_path) == []
 
 
 def test_a_file_that_cannot_be_deleted_is_reported_and_the_rest_go(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    _make(tmp_path, "a.pcapng", 10, 3 * DAY)
-    _make(tmp_path, "b.pcapng", 10, 2 * DAY)
+    _make(tmp_path, _capture("a"), 10, 3 * DAY)
+    _make(tmp_path, _capture("b"), 10, 2 * DAY)
     real_unlink = os.unlink
 
     def unlink(path: str) -> None:
-        if path.endswith("a.pcapng"):
+        if path.endswith(_capture("a")):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         real_unlink(path)
 
     monkeypatch.setattr(os, "unlink", unlink)
     deleted, errors = prune(str(tmp_path), time.time(), None, DAY)
-    assert [f.name for f in deleted] == ["b.pcapng"]
-    assert errors == ["a.pcapng: Permission denied"]
+    assert [f.name for f in deleted] == [_capture("b")]
+    assert errors == [f"{_capture('a')}: Permission denied"]
 
 
 def test_the_notice_counts_files_and_bytes() -> None:
@@ -488,7 +504,7 @@ def test_the_pruner_runs_on_its_schedule_and_only_with_a_limit(tmp_path: Path) -
 
 
 def test_the_pruner_says_what_it_deleted_and_a_lasting_failure_once(tmp_path: Path) -> None:
-    _make(tmp_path, "a.pcapng", 2048, 3 * DAY)
+    _make(tmp_path, _capture("a"), 2048, 3 * DAY)
     pruner = CapturePruner()
     config = _capture_config(tmp_path, capture_max_age_s=DAY)
     assert pruner.run(config) == [
@@ -507,8 +523,8 @@ def test_the_pruner_says_what_it_deleted_and_a_lasting_failure_once(tmp_path: Pa
 def test_a_single_process_prunes_in_its_sweep_and_logs_a_notice(tmp_path: Path) -> None:
     captures = tmp_path / "captures"
     captures.mkdir()
-    _make(captures, "old.pcapng", 4096, 3 * DAY)
-    _make(captures, "new.pcapng", 4096, 60)
+    _make(captures, _capture("old"), 4096, 3 * DAY)
+    _make(captures, _capture("new"), 4096, 60)
     stream = io.StringIO()
     config = _capture_config(captures, capture_max_age_s=DAY)
     server = ProxyServer(config, EventLog(LogFormat.JSON, stream), listeners=[])
@@ -531,7 +547,7 @@ def test_a_single_process_prunes_in_its_sweep_and_logs_a_notice(tmp_path: Path) 
         f"capture: pruned 1 finished file (4.0 KiB) from {captures} "
         "(capture_max_total / capture_max_age)"
     ]
-    assert _names(captures) == ["new.pcapng"]
+    assert _names(captures) == [_capture("new")]
 
 
 # --- start-up checks -------------------------------------------------------------------------

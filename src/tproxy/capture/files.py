@@ -73,6 +73,19 @@ def capture_name(started_at: float, session_id: str, client: str, dst: str) -> s
     return f"{when}_{ident}_{_endpoint_part(client)}_to_{_endpoint_part(dst)}{CAPTURE_SUFFIX}"
 
 
+# What `capture_name` makes, finished or not: the one shape pruning may delete.
+_CAPTURE_NAME = re.compile(
+    r"[0-9]{8}T[0-9]{6}Z_[^_/]+_[^_/]+_[^_/]+_to_[^_/]+_[^_/]+"
+    + re.escape(CAPTURE_SUFFIX)
+    + f"(?:{re.escape(PART_SUFFIX)})?"
+)
+
+
+def is_capture_name(name: str) -> bool:
+    """Whether `name` is one `capture_name` makes (or its `.part`): a file tproxy wrote."""
+    return _CAPTURE_NAME.fullmatch(name) is not None
+
+
 def _describe(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "error")
     return f"{name}: {exc.strerror or exc}"

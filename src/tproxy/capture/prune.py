@@ -9,9 +9,10 @@ writes its own files into the one directory; the supervisor sees them all and is
 path), else the single process, off its event loop. A file that vanished between the scan and its
 deletion (another tproxy on the same directory, an operator) is simply gone: not an error.
 
-Only capture files are counted and deleted (`*.pcapng`, `*.pcapng.part`): anything else in the
-directory is the operator's. A `.part` counts toward the total (it takes the space) but is never
-chosen; when the `.part` files alone exceed the total, every finished file goes.
+Only capture files are counted and deleted (named as `capture_name` names them, with or without
+`.part`): anything else in the directory, an operator's own `notes.pcapng` included, is left be.
+A `.part` counts toward the total (it takes the space) but is never chosen; when the `.part` files
+alone exceed the total, every finished file goes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tproxy.capture.files import CAPTURE_SUFFIX, PART_SUFFIX
+from tproxy.capture.files import PART_SUFFIX, is_capture_name
 from tproxy.core.config import ProxyConfig
 
 PRUNE_INTERVAL_S = 5.0
@@ -39,11 +40,6 @@ class FileInfo:
     @property
     def finished(self) -> bool:
         return not self.name.endswith(PART_SUFFIX)
-
-
-def is_capture_name(name: str) -> bool:
-    """A file this module may count and delete: a capture, finished or not."""
-    return name.endswith(CAPTURE_SUFFIX) or name.endswith(CAPTURE_SUFFIX + PART_SUFFIX)
 
 
 def to_delete(

@@ -153,8 +153,8 @@ class ProxyConfig:
         capture_dir: where capture files go (`tproxy.capture`); None: nothing is captured.
         capture_all: capture every session, not only those a policy rule with `capture = true`
             decides.
-        capture_max_bytes: a session's capture stops after this many bytes of payload; the
-            session goes on uncaptured.
+        capture_max_bytes: a session's capture stops after this many bytes; the session goes
+            on uncaptured.
         capture_max_total_bytes: the capture directory's finished files are pruned, oldest
             first, to keep its capture files within this total; None: no limit.
         capture_max_age_s: finished capture files older than this are pruned; None: no limit.
@@ -243,8 +243,8 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="capture every session, not only those a policy rule chooses (needs "
            "--capture-dir)"),
     option("capture_max_bytes", BYTES, metavar="SIZE",
-           help="stop capturing a session after this much of its payload, e.g. 1M; the session "
-           "goes on uncaptured and its close event says where the capture was cut (default: "
+           help="stop capturing a session after this many bytes, e.g. 1M; the session goes on "
+           "uncaptured and its close event says where the capture was cut (default: "
            f"{DEFAULT_CAPTURE_MAX_BYTES >> 20}M)"),
     option("capture_max_total_bytes", BYTES, key="capture_max_total", metavar="SIZE",
            example=1 << 30,
