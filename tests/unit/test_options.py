@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import enum
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tproxy.core.config as config_module
 from tproxy.cli.main import _add_option, build_parser, cli_overrides, main
@@ -38,7 +41,11 @@ from tproxy.core.options import (
     ValueType,
     choice,
     option,
+    parse_bytes,
+    parse_duration,
     parse_table,
+    render_bytes,
+    render_duration,
     table_list,
 )
 
@@ -64,6 +71,19 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     "loop": (["--loop", "asyncio"], 'loop = "asyncio"', LoopKind.ASYNCIO),
     "log_format": (["--log-format", "json"], 'log_format = "json"', LogFormat.JSON),
     "policy": (["--policy", "p.toml"], 'policy = "p.toml"', "p.toml"),
+    "capture_dir": (["--capture-dir", "caps"], 'capture_dir = "caps"', "caps"),
+    "capture_all": (
+        ["--capture-all", "--capture-dir", "caps"],
+        'capture_all = true\ncapture_dir = "caps"',
+        True,
+    ),
+    "capture_max_bytes": (["--capture-max-bytes", "1M"], "capture_max_bytes = 1048576", 1 << 20),
+    "capture_max_total_bytes": (
+        ["--capture-max-total", "10G"],
+        'capture_max_total = "10G"',
+        10 << 30,
+    ),
+    "capture_max_age_s": (["--capture-max-age", "12h"], "capture_max_age = 43200", 43200.0),
 }
 
 
@@ -104,6 +124,16 @@ def test_nothing_given_is_the_defaults() -> None:
     assert _from_cli() == ProxyConfig() == _from_file("")
 
 
+_BYTES_MESSAGE = (
+    "{key} must be a whole number of bytes, optionally with K, M, G or T (powers of 1024), "
+    'e.g. 16777216 or "16M"'
+)
+_DURATION_MESSAGE = (
+    "capture_max_age must be seconds above 0, or a number with s, m, h or d "
+    '(e.g. "45s", "30m", "12h", "7d")'
+)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -127,6 +157,15 @@ def test_nothing_given_is_the_defaults() -> None:
         ('log_format = "x"', 'log_format must be "text" or "json"'),
         ('relay = "x"', 'relay must be "splice" or "copy"'),
         ('loop = "x"', 'loop must be "uvloop" or "asyncio"'),
+        ("capture_all = 1", "capture_all must be true or false"),
+        ("capture_dir = 5", "capture_dir must be a file name"),
+        ("capture_max_bytes = 0", _BYTES_MESSAGE.format(key="capture_max_bytes")),
+        ('capture_max_bytes = "16MB"', _BYTES_MESSAGE.format(key="capture_max_bytes")),
+        ("capture_max_total = 1.5", _BYTES_MESSAGE.format(key="capture_max_total")),
+        ("capture_max_total = true", _BYTES_MESSAGE.format(key="capture_max_total")),
+        ("capture_max_age = 0", _DURATION_MESSAGE),
+        ('capture_max_age = "1w"', _DURATION_MESSAGE),
+        ("capture_max_age = false", _DURATION_MESSAGE),
         ("x = [", "not valid TOML: Invalid value (at end of document)"),
     ],
 )  # fmt: skip
@@ -136,14 +175,17 @@ def test_a_bad_file_value_is_one_sentence_naming_the_key(line: str, message: str
     assert str(raised.value) == message
 
 
-@pytest.mark.parametrize("key", ["bogus", "workers", "config", "connect_timeout_s"])
+@pytest.mark.parametrize(
+    "key", ["bogus", "workers", "config", "connect_timeout_s", "capture_max_total_bytes"]
+)
 def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_config_file(f"{key} = 1")
     assert str(raised.value) == (
-        f"unknown setting {key!r} (known: connect_timeout, drain_timeout, half_closed_timeout, "
-        "idle_timeout, listen, log_format, loop, mark, max_connections, mode, policy, relay, "
-        "spoof_source)"
+        f"unknown setting {key!r} (known: capture_all, capture_dir, capture_max_age, "
+        "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
+        "half_closed_timeout, idle_timeout, listen, log_format, loop, mark, max_connections, "
+        "mode, policy, relay, spoof_source)"
     )
 
 
@@ -182,6 +224,21 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
         (
             ["--log-format", "x"],
             "argument --log-format: invalid choice: 'x' (choose from 'text', 'json')",
+        ),
+        (
+            ["--capture-max-bytes", "16MB"],
+            "argument --capture-max-bytes: invalid size '16MB': expected a whole number of "
+            "bytes, optionally with K, M, G or T (powers of 1024), e.g. 16M",
+        ),
+        (
+            ["--capture-max-total", "0"],
+            "argument --capture-max-total: invalid size '0': expected a whole number of "
+            "bytes, optionally with K, M, G or T (powers of 1024), e.g. 16M",
+        ),
+        (
+            ["--capture-max-age", "1w"],
+            "argument --capture-max-age: invalid duration '1w': expected seconds above 0, or a "
+            'number with s, m, h or d (e.g. "45s", "30m", "12h", "7d")',
         ),
     ],
 )  # fmt: skip
@@ -344,3 +401,51 @@ def test_the_readme_names_what_changes_only_on_restart() -> None:
             assert f"`{spec.file_key}`" in sighup, (
                 f"README's SIGHUP paragraph omits {spec.file_key}"
             )
+
+
+# --- sizes and durations (the capture options) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1", 1), ("16777216", 16 << 20), ("16M", 16 << 20), ("16MiB", 16 << 20), ("512k", 512 << 10),
+     ("1G", 1 << 30), ("1gib", 1 << 30), ("2T", 2 << 40), (" 3 K ", 3 << 10)],
+)  # fmt: skip
+def test_a_size_is_bytes_or_a_binary_unit(text: str, size: int) -> None:
+    assert parse_bytes(text) == size
+    assert _from_file(f'capture_max_bytes = "{text}"').capture_max_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("45", 45.0), ("1.5", 1.5), ("45s", 45.0), ("30m", 1800.0), ("12h", 43200.0),
+     ("7d", 604800.0), ("0.5h", 1800.0)],
+)  # fmt: skip
+def test_a_duration_is_seconds_or_a_unit(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert _from_file(f'capture_max_age = "{text}"').capture_max_age_s == seconds
+
+
+@given(st.integers(min_value=1, max_value=1 << 50))
+def test_a_size_reads_back_as_it_is_written(size: int) -> None:
+    assert parse_bytes(render_bytes(size)) == size
+
+
+@given(st.integers(min_value=1, max_value=10**7) | st.floats(min_value=0.001, max_value=1e7))
+def test_a_duration_reads_back_as_it_is_written(seconds: float) -> None:
+    assert parse_duration(render_duration(seconds)) == pytest.approx(seconds)
+
+
+def test_capture_all_without_a_directory_is_one_sentence() -> None:
+    message = "--capture-all (capture_all) needs --capture-dir (capture_dir)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _from_cli("--capture-all")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _from_file("capture_all = true")
+
+
+def test_the_capture_options_default_to_no_captures_and_16_mib() -> None:
+    config = ProxyConfig()
+    assert (config.capture_dir, config.capture_all) == (None, False)
+    assert config.capture_max_bytes == 16 * 1024 * 1024
+    assert (config.capture_max_total_bytes, config.capture_max_age_s) == (None, None)

@@ -22,6 +22,8 @@ from typing import Any, NoReturn, TypeVar
 import uvloop
 
 from tproxy import __version__
+from tproxy.capture.prune import CapturePruner
+from tproxy.capture.setup import check_capture
 from tproxy.core.config import (
     DEFAULT_DIVERT_MARK,
     DEFAULT_PROXY_MARK,
@@ -429,9 +431,10 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     config = build_config(file_values, overrides)
-    if config.policy is None:
-        return config
-    return replace(config, matcher=load_matcher(config.policy))
+    if config.policy is not None:
+        config = replace(config, matcher=load_matcher(config.policy))
+    check_capture(config)  # on reload too: a broken capture setup keeps the running one
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -496,7 +499,16 @@ def _run(args: argparse.Namespace) -> int:
             return
         supervisor_log.emit(Notice(f"reloaded the configuration in {workers} workers"))
 
-    code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload)
+    pruner = CapturePruner()
+
+    def on_tick(now: float) -> None:
+        """The supervisor prunes the capture directory for every worker (each writes its own
+        files into it): one pruner, so two never race over the same oldest file."""
+        if pruner.due(now, current[0]):
+            for notice in pruner.run(current[0]):
+                supervisor_log.emit(Notice(notice))
+
+    code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick)
     close_all(everyone)
     return code
 

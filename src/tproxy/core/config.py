@@ -18,6 +18,11 @@ and a test keeps it and the README's equal to it):
     loop = "uvloop"
     log_format = "json"
     policy = "/etc/tproxy/policy.toml"
+    capture_dir = "/var/lib/tproxy/captures"
+    capture_all = false
+    capture_max_bytes = "16M"
+    capture_max_total = "1G"
+    capture_max_age = "7d"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
 overrides, and applies what it can to the running proxy: `mode`, `listen` and `loop` change only
@@ -35,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from tproxy.core.endpoint import Endpoint, parse_endpoint
 from tproxy.core.lifecycle import Timeouts
 from tproxy.core.options import (
+    BYTES,
+    DURATION,
     ENDPOINTS,
     MARK,
     PATH,
@@ -65,6 +72,9 @@ DEFAULT_IDLE_TIMEOUT_S = 3600.0
 # One side said FIN and the other went quiet: conntrack gives such flows 60-120 s.
 DEFAULT_HALF_CLOSED_TIMEOUT_S = 60.0
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+# Per captured session: enough for a page load or an API exchange, small enough that a thousand
+# captured sessions fit in a few GiB.
+DEFAULT_CAPTURE_MAX_BYTES = 16 << 20
 # Descriptors kept out of the session budget: listeners, stdio, the event loop, the reserve.
 RESERVED_DESCRIPTORS = 64
 
@@ -140,6 +150,14 @@ class ProxyConfig:
         matcher: the policy file's contents, compiled (`policy.matcher`); not an option but what
             `policy` names, read (with its host names resolved) whenever the configuration is
             loaded, so that a reload with a broken policy fails as a whole and keeps the old one.
+        capture_dir: where capture files go (`tproxy.capture`); None: nothing is captured.
+        capture_all: capture every session, not only those a policy rule with `capture = true`
+            decides.
+        capture_max_bytes: a session's capture stops after this many bytes; the session goes
+            on uncaptured.
+        capture_max_total_bytes: the capture directory's finished files are pruned, oldest
+            first, to keep its capture files within this total; None: no limit.
+        capture_max_age_s: finished capture files older than this are pruned; None: no limit.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -156,6 +174,11 @@ class ProxyConfig:
     loop: LoopKind = LoopKind.UVLOOP
     policy: str | None = None
     matcher: Matcher | None = field(default=None, compare=False, repr=False)
+    capture_dir: str | None = None
+    capture_all: bool = False
+    capture_max_bytes: int = DEFAULT_CAPTURE_MAX_BYTES
+    capture_max_total_bytes: int | None = None
+    capture_max_age_s: float | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -212,6 +235,24 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="policy file (TOML): rules that allow, reset, redirect or send sessions through "
            "an upstream proxy, by address, port, TLS server name or HTTP Host; check it with "
            "'tproxy policy check'; SIGHUP re-reads it (default: allow everything)"),
+    option("capture_dir", PATH, metavar="DIR", example="/var/lib/tproxy/captures",
+           help="write a pcapng file of what was relayed for each captured session (a policy "
+           "rule with capture = true, or --capture-all) into DIR, which must exist and be "
+           "writable; files are 0600 and hold whatever the client sent (default: no captures)"),
+    option("capture_all", SWITCH,
+           help="capture every session, not only those a policy rule chooses (needs "
+           "--capture-dir)"),
+    option("capture_max_bytes", BYTES, metavar="SIZE",
+           help="stop capturing a session after this many bytes, e.g. 1M; the session goes on "
+           "uncaptured and its close event says where the capture was cut (default: "
+           f"{DEFAULT_CAPTURE_MAX_BYTES >> 20}M)"),
+    option("capture_max_total_bytes", BYTES, key="capture_max_total", metavar="SIZE",
+           example=1 << 30,
+           help="keep the capture files in --capture-dir within this total, e.g. 10G, by "
+           "deleting the oldest finished ones (default: no limit)"),
+    option("capture_max_age_s", DURATION, metavar="DURATION", example=7 * 86400.0,
+           help="delete finished capture files older than this: seconds, or 45s, 30m, 12h, 7d "
+           "(default: kept for ever)"),
 )  # fmt: skip
 """Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
 `ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`
@@ -299,6 +340,8 @@ def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -
     if unknown:
         raise AssertionError(f"not ProxyConfig fields: {sorted(unknown)}")
     config = replace(ProxyConfig(), **merged)
+    if config.capture_all and config.capture_dir is None:
+        raise ConfigError("--capture-all (capture_all) needs --capture-dir (capture_dir)")
     if config.mode is InterceptMode.REDIRECT and config.spoof_source:
         raise ConfigError(
             "--spoof-source (spoof_source) is not available in redirect mode: the server's "

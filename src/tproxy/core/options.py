@@ -16,6 +16,7 @@ key for its messages) and the command-line text (`from_text`). Nested tables fit
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -105,11 +106,14 @@ def option(
     reloadable: bool = True,
     required: bool = False,
     example: Any = None,
+    key: str | None = None,
 ) -> OptionSpec:
     """A spec with the usual spellings: the file key is `name` without a `_s` unit suffix, the
     flag is that key with dashes (`connect_timeout_s` -> `connect_timeout`, `--connect-timeout`).
+    `key` overrides the file key (and so the flag) where the field's unit suffix is another one
+    (`capture_max_total_bytes` -> `capture_max_total`).
     """
-    key = name.removesuffix("_s")
+    key = key if key is not None else name.removesuffix("_s")
     return OptionSpec(
         name=name,
         kind=kind,
@@ -286,6 +290,87 @@ def _seconds_from_file(key: str, value: Any) -> float:
 
 SECONDS = ValueType(_seconds_from_file, parse_seconds, lambda v: f"{v:g}")
 """A duration in seconds, above 0 (a whole number or not)."""
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_BYTES_TEXT = re.compile(r"([0-9]+)\s*([KMGT]?)(?:iB)?", re.IGNORECASE)
+_BYTES_HINT = "a whole number of bytes, optionally with K, M, G or T (powers of 1024)"
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes, at least 1: `16777216`, `16M`, `16MiB`, `1g` (K, M, G, T are powers of
+    1024; "MB" is refused rather than guessed at)."""
+    match = _BYTES_TEXT.fullmatch(text.strip())
+    value = int(match[1]) * _BYTE_UNITS[match[2].upper()] if match else 0
+    if value < 1:
+        raise ConfigError(f"invalid size {text!r}: expected {_BYTES_HINT}, e.g. 16M")
+    return value
+
+
+def _bytes_from_file(key: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ConfigError:
+            pass
+    elif not isinstance(value, bool) and isinstance(value, int) and value >= 1:
+        return value
+    raise ConfigError(f'{key} must be {_BYTES_HINT}, e.g. 16777216 or "16M"')
+
+
+def render_bytes(value: int) -> str:
+    """The shortest exact spelling `parse_bytes` reads back: `16M`, `1536K`, `1000`."""
+    for unit in ("T", "G", "M", "K"):
+        if value % _BYTE_UNITS[unit] == 0:
+            return f"{value // _BYTE_UNITS[unit]}{unit}"
+    return str(value)
+
+
+BYTES = ValueType(_bytes_from_file, parse_bytes, lambda v: f'"{render_bytes(v)}"')
+"""A size in bytes, at least 1: a whole number, or a string with a K/M/G/T suffix ("16M")."""
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_TEXT = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smhd]?)")
+_DURATION_HINT = 'seconds above 0, or a number with s, m, h or d (e.g. "45s", "30m", "12h", "7d")'
+
+
+def parse_duration(text: str) -> float:
+    """A duration above 0 in seconds: `90`, `1.5`, `45s`, `30m`, `12h`, `7d`."""
+    match = _DURATION_TEXT.fullmatch(text.strip())
+    value = float(match[1]) * _DURATION_UNITS[match[2]] if match else 0.0
+    if not value > 0:
+        raise ConfigError(f"invalid duration {text!r}: expected {_DURATION_HINT}")
+    return value
+
+
+def _duration_from_file(key: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ConfigError:
+            pass
+    elif not isinstance(value, bool) and isinstance(value, int | float) and value > 0:
+        return float(value)
+    raise ConfigError(f"{key} must be {_DURATION_HINT}")
+
+
+def _plain_number(value: float) -> str:
+    text = repr(float(value))  # exact; no exponent from 1e-4 to 1e16
+    return text.removesuffix(".0")
+
+
+def render_duration(value: float) -> str:
+    """The largest whole unit that spells `value` exactly ("7d", "90m"), else seconds."""
+    for unit in ("d", "h", "m"):
+        if value % _DURATION_UNITS[unit] == 0:
+            return f"{_plain_number(value // _DURATION_UNITS[unit])}{unit}"
+    return f"{_plain_number(value)}s"
+
+
+DURATION = ValueType(_duration_from_file, parse_duration, lambda v: f'"{render_duration(v)}"')
+"""A duration above 0: seconds as a number, or a string with a unit ("45s", "30m", "12h", "7d").
+For long spans (ages); the timeouts keep `SECONDS`, whose spelling is older."""
 
 
 def _path_from_file(key: str, value: Any) -> str:

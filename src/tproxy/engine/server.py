@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from tproxy.capture.prune import CapturePruner
 from tproxy.core.config import (
     InterceptMode,
     ProxyConfig,
@@ -152,6 +153,9 @@ class ProxyServer:
         self._refused: dict[str, list[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading = asyncio.Lock()
+        # Without a supervisor this process prunes the capture directory; with one, the
+        # supervisor does, for all its workers (`capture.prune`).
+        self._pruner = CapturePruner() if channel is None else None
 
     @property
     def config(self) -> ProxyConfig:
@@ -332,6 +336,22 @@ class ProxyServer:
                                f"{teardown}")
                     )  # fmt: skip
         self._flush_refusals()
+        self._prune_captures_if_due(now)
+
+    # --- capture directory pruning (issue 11), only without a supervisor -----------------------
+
+    def _prune_captures_if_due(self, now: float) -> None:
+        if self._pruner is not None and self._pruner.due(now, self.config):
+            self._spawn(self._prune_captures_off_loop(self._pruner))
+
+    async def _prune_captures_off_loop(self, pruner: CapturePruner) -> None:
+        """Listing and deleting files may wait for the disk; sessions must not."""
+        try:
+            notices = await asyncio.to_thread(pruner.run, self.config)
+        except Exception as exc:  # logged; the next round tries again
+            notices = [f"capture prune failed: {type(exc).__name__}: {exc}"]
+        for notice in notices:
+            self._log.emit(Notice(notice))
 
     def _deadline_failed(self, _waiter: object, exc: Exception) -> None:
         """A sniff deadline's handler raised past its session's own boundary (a bug): logged,

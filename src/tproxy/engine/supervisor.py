@@ -101,6 +101,9 @@ class Supervisor:
         stall_after_s: a worker silent this long is reported as stalled.
         on_reload: the supervisor's own part of SIGHUP (its log's format, the configuration a
             restarted worker starts with); the workers reload and report for themselves.
+        on_tick: housekeeping done once for all workers, called with the monotonic time on
+            every round of the loop (at least every `TICK_S`) until the first stop signal; it
+            keeps its own schedule (pruning the capture directory: `capture.prune`).
     """
 
     def __init__(
@@ -112,9 +115,11 @@ class Supervisor:
         *,
         stall_after_s: float = STALL_AFTER_S,
         on_reload: Callable[[], None] | None = None,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self._count = count
         self._on_reload = on_reload
+        self._on_tick = on_tick
         self._worker_main = worker_main
         self._log = log
         self._listeners = listeners
@@ -197,6 +202,8 @@ class Supervisor:
             if gathering.done(now):
                 self._gatherings.remove(entry)
                 done(gathering)
+        if self._on_tick is not None and not self._stopping:
+            self._on_tick(now)  # its exceptions: logged by run(), like the loop's own
 
     def _on_signals(self) -> None:
         assert self._wake_r is not None
@@ -387,10 +394,14 @@ def run_workers(
     log: EventLog,
     listeners: Sequence[socket.socket] = (),
     on_reload: Callable[[], None] | None = None,
+    *,
+    on_tick: Callable[[float], None] | None = None,
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
     the exit status (the worst of the workers' after a stop). See `Supervisor`."""
-    return Supervisor(count, worker_main, log, listeners, on_reload=on_reload).run()
+    return Supervisor(
+        count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick
+    ).run()
 
 
 def _reap() -> list[tuple[int, int]]:
