@@ -42,6 +42,8 @@ from bench.modes import (
     render_haproxy_cfg,
 )
 from bench.report import (
+    CAPTURE_CONTEXT,
+    CAPTURE_TARGETS,
     CONTEXT,
     MODES,
     POLICY_TARGETS,
@@ -80,6 +82,7 @@ class Run:
     orders: list[list[str]] = field(default_factory=list)
     load_at_round: list[float] = field(default_factory=list)
     log_lines: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    captured_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
 def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
@@ -117,6 +120,8 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
                     _measure_round(lab, mode, seconds, idle_sessions, result.samples[name])
                     if mode.log_path is not None:
                         result.log_lines[name].append(mode.log_lines())
+                    if mode.spec.capture:
+                        result.captured_bytes[name].append(mode.captured_bytes())
                 finally:
                     mode.stop()
                 print(f"  ({time.monotonic() - began:.0f} s)", flush=True)
@@ -187,6 +192,12 @@ def write_results(
     summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
     counts = tally(samples, POLICY_TARGETS)
     policy_summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+    counts = tally(samples, CAPTURE_TARGETS)
+    capture_summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+    captured = "; ".join(
+        f"{name} {', '.join(f'{n / GIB:.2f}' for n in sizes)} GiB"
+        for name, sizes in result.captured_bytes.items()
+    )
     log_lines = "; ".join(
         f"{name} {', '.join(str(n) for n in lines)}" for name, lines in result.log_lines.items()
     )
@@ -279,6 +290,16 @@ def write_results(
         "of 1.0 and the median lies within that spread, **MISSED** when every round falls on "
         "one side and the median outside it, **inconclusive** otherwise.",
         "",
+        "**Captures** (issue 11): `tproxy-capture` is tproxy-splice with `--capture-all "
+        "--capture-dir DIR --capture-max-bytes 1T`: every session is relayed through Python and "
+        "written, whole, as pcapng into a directory on the machine's disk (through the page "
+        "cache; the kernel's writeback threads are not counted as the proxy's CPU); it runs "
+        "iperf3 one stream each way, compared with tproxy-copy (the copy relay without "
+        "capture). `tproxy-policy-capture` is tproxy-policy with `--capture-dir` and `capture "
+        "= true` on its 22 redirect rules, which no benchmark connection matches: capture "
+        "configured but not matching, its CPU per connection against tproxy-policy's. Capture "
+        f"files written per round (deleted after each): {captured or 'none'}.",
+        "",
         f"## Targets (issue 4), for the splice relay: {summary}",
         "",
         *render_comparisons(samples, TARGETS),
@@ -286,6 +307,14 @@ def write_results(
         f"## Targets (issue 10), the policy's cost: {policy_summary}",
         "",
         *render_comparisons(samples, POLICY_TARGETS),
+        "",
+        f"## Targets (issue 11), capture configured but not matching: {capture_summary}",
+        "",
+        *render_comparisons(samples, CAPTURE_TARGETS),
+        "",
+        "## Capturing a session, against the copy relay (issue 11, no target)",
+        "",
+        *render_comparisons(samples, CAPTURE_CONTEXT),
         "",
         "## Other comparisons (no target)",
         "",

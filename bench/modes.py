@@ -7,6 +7,7 @@ may run on (`os.sched_getaffinity(0)`), HAProxy's `nbthread` and tproxy's `--wor
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,9 @@ class ModeSpec:
     splice: str = ""  # HAProxy: "forced" or "auto"; tproxy: its --relay
     log: bool = False  # the session log written to a file (else none, or /dev/null for tproxy)
     policy: bool = False  # tproxy: `--policy` with bench/policy.py's 50 rules
+    # tproxy: "all" for `--capture-all`, "rules" for the policy's redirect rules capturing
+    # (which no benchmark connection matches); either way `--capture-dir` and no size limit.
+    capture: str = ""
 
 
 _ALL = frozenset({BULK, CONN_RATE, LATENCY, IDLE_RSS})
@@ -60,6 +64,12 @@ SPECS: dict[str, ModeSpec] = {
     # rows compare with tproxy-splice (CPU per connection, one long stream each way).
     "tproxy-policy": ModeSpec(
         "tproxy", frozenset({STREAM1, CONN_RATE}), "splice", log=True, policy=True
+    ),
+    # Issue 11: every session captured (one long stream each way, against tproxy-copy), and
+    # tproxy-policy with capture configured on rules that match no connection.
+    "tproxy-capture": ModeSpec("tproxy", frozenset({STREAM1}), "splice", log=True, capture="all"),
+    "tproxy-policy-capture": ModeSpec(
+        "tproxy", frozenset({CONN_RATE}), "splice", log=True, policy=True, capture="rules"
     ),
     "tproxy-splice-nolog": ModeSpec("tproxy", frozenset({CONN_RATE}), "splice"),
     "tproxy-copy": ModeSpec("tproxy", frozenset({BULK, CONN_RATE, LATENCY}), "copy", log=True),
@@ -112,6 +122,7 @@ class Mode:
         self.log_path: Path | None = None
         self._tproxy: subprocess.Popen[Any] | None = None
         self._haproxy: subprocess.Popen[Any] | None = None
+        self._captures: Path | None = None
 
     def start(self) -> None:
         if self.spec.proxy == "routing":
@@ -139,8 +150,14 @@ class Mode:
                 "--relay", self.spec.splice, "--workers", str(self.threads)]  # fmt: skip
         if self.spec.policy:
             policy = workdir / "policy.toml"
-            policy.write_text(render_policy())
+            policy.write_text(render_policy(capture=self.spec.capture == "rules"))
             argv += ["--policy", str(policy)]
+        if self.spec.capture:
+            self._captures = workdir / "captures"
+            self._captures.mkdir(mode=0o700)
+            argv += ["--capture-dir", str(self._captures), "--capture-max-bytes", "1T"]
+            if self.spec.capture == "all":
+                argv.append("--capture-all")
         if self.log_path is None:
             self._tproxy = self.lab.start(self.lab.router, argv)
             pid = self._tproxy.pid
@@ -175,6 +192,15 @@ class Mode:
             stop_process(self._tproxy, timeout_s=40)
             self.lab.forget(self._tproxy)
             self._tproxy = None
+        if self._captures is not None:  # gigabytes each round: give the disk back at once
+            shutil.rmtree(self._captures, ignore_errors=True)
+            self._captures = None
+
+    def captured_bytes(self) -> int:
+        """What the capture files hold so far (0 without captures): proof that it captured."""
+        if self._captures is None:
+            return 0
+        return sum(p.stat().st_size for p in self._captures.iterdir())
 
 
 def _workers_waiting(pid: int, workers: int) -> bool:

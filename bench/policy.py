@@ -10,6 +10,9 @@ Their actions mix `reset` and `redirect` (to IP literals in 198.18.x, never reac
 benchmark's connections match their (absent) address keys, so each one waits for the client's
 first bytes (wrk's request head, iperf3's cookie) before anything connects upstream, and, its
 name matching none of them, is allowed by the default.
+
+With `capture=True` (the `tproxy-policy-capture` mode, issue 11) every `redirect` rule also says
+`capture = true`: captures are configured, and no benchmark connection is captured.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ _WITH_PORT_80: tuple[list[int | str], ...] = (
 )
 
 
-def _address_rule(i: int) -> list[str]:
+def _address_rule(i: int, capture: bool) -> list[str]:
     prefix = 16 + i % 17  # /16 to /32
     third, fourth = (i * 37) % 256, (i * 11) % 256
     network = f"198.19.{third}.{fourth if prefix > 24 else 0}/{prefix}"
@@ -50,6 +53,8 @@ def _address_rule(i: int) -> list[str]:
         lines.append(f"ports = {_toml_list(_UNUSED_PORTS[i // 3 % len(_UNUSED_PORTS)])}")
     if i % 2:
         lines += ['action = "redirect"', f'to = "198.18.{200 + i % 50}.{1 + i}:{1024 + i}"']
+        if capture:
+            lines.append("capture = true")
     else:
         lines.append('action = "reset"')
     return lines
@@ -69,11 +74,11 @@ def _name_rule(n: int) -> list[str]:
     ]
 
 
-def render_policy() -> str:
-    """The policy file's TOML text."""
+def render_policy(capture: bool = False) -> str:
+    """The policy file's TOML text; with `capture`, its redirect rules capture (see above)."""
     lines = ['default = "allow"', "sniff_timeout_s = 1.0", ""]
     for i in range(ADDRESS_RULES):
-        lines += [*_address_rule(i), ""]
+        lines += [*_address_rule(i, capture), ""]
     for n in range(1, NAME_RULES + 1):
         lines += [*_name_rule(n), ""]
     return "\n".join(lines)

@@ -51,6 +51,10 @@ MODES: dict[str, str] = {
     "tproxy-splice": "tproxy, splice relay, JSON session log to a file",
     "tproxy-policy": "tproxy-splice with `--policy`: 50 rules, the last 5 on names (every "
     "connection sniffed)",
+    "tproxy-capture": "tproxy-splice with `--capture-all`: every session captured to pcapng "
+    "(relayed through Python)",
+    "tproxy-policy-capture": "tproxy-policy with `--capture-dir` and `capture = true` on its "
+    "redirect rules (no connection captured)",
     "tproxy-splice-nolog": "tproxy, splice relay, session log to /dev/null",
     "tproxy-copy": "tproxy, copy relay, JSON session log to a file",
 }
@@ -140,6 +144,22 @@ POLICY_TARGETS = [
     Comparison("cpu_per_conn", "tproxy-policy", "tproxy-splice", Kind.DIFFERENCE, bound=10.0),
     Comparison("stream1_up", "tproxy-policy", "tproxy-splice", Kind.UNCHANGED),
     Comparison("stream1_down", "tproxy-policy", "tproxy-splice", Kind.UNCHANGED),
+]
+
+# The benchmark target of issue 11: capture configured but matching nothing costs (next to) nothing.
+CAPTURE_TARGETS = [
+    Comparison(
+        "cpu_per_conn", "tproxy-policy-capture", "tproxy-policy", Kind.DIFFERENCE, bound=5.0
+    ),
+]
+
+# Issue 11's rows without a target: what capturing a session costs against the copy relay.
+CAPTURE_CONTEXT = [
+    Comparison("stream1_up", "tproxy-capture", "tproxy-copy"),
+    Comparison("stream1_down", "tproxy-capture", "tproxy-copy"),
+    Comparison("cpu_per_gib", "tproxy-capture", "tproxy-copy"),
+    Comparison("cpu_per_gib", "tproxy-capture", "tproxy-copy", Kind.DIFFERENCE),
+    Comparison("conn_rate", "tproxy-policy-capture", "tproxy-policy"),
 ]
 
 # Context without a target: what logging and splice-auto cost each proxy, and the rest.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 
@@ -7,7 +8,14 @@ from bench.clients import client_addresses
 from bench.measure import HTTP_PORT, wrk_url
 from bench.modes import BULK, CONN_RATE, LATENCY, SPECS, STREAM1, cpus, render_haproxy_cfg
 from bench.policy import NAME_RULES, RULES, render_policy
-from bench.report import CONTEXT, MODES, POLICY_TARGETS, TARGETS
+from bench.report import (
+    CAPTURE_CONTEXT,
+    CAPTURE_TARGETS,
+    CONTEXT,
+    MODES,
+    POLICY_TARGETS,
+    TARGETS,
+)
 
 from tproxy.lab.topology import Lab
 from tproxy.policy.decide import SessionFacts, SniffedFacts, decide
@@ -33,7 +41,7 @@ def _measures(mode: str, metric: str) -> bool:
 
 def test_every_mode_has_a_spec_and_every_comparison_is_measured_on_both_sides() -> None:
     assert set(SPECS) == set(MODES)
-    for comparison in [*TARGETS, *POLICY_TARGETS, *CONTEXT]:
+    for comparison in [*TARGETS, *POLICY_TARGETS, *CAPTURE_TARGETS, *CAPTURE_CONTEXT, *CONTEXT]:
         assert _measures(comparison.subject, comparison.metric), comparison
         if comparison.versus is not None:
             assert _measures(comparison.versus, comparison.metric), comparison
@@ -44,6 +52,33 @@ def test_the_policy_mode_is_tproxy_splice_plus_the_policy_running_what_its_rows_
     assert (policy.proxy, policy.splice, policy.log) == (splice.proxy, splice.splice, splice.log)
     assert policy.policy and not splice.policy
     assert policy.tests == {STREAM1, CONN_RATE}
+
+
+def test_the_capture_modes_differ_from_their_references_only_in_capturing() -> None:
+    copy, capture = SPECS["tproxy-copy"], SPECS["tproxy-capture"]
+    assert (capture.proxy, capture.log, capture.capture) == (copy.proxy, copy.log, "all")
+    assert capture.tests == {STREAM1} and BULK in copy.tests
+    policy, configured = SPECS["tproxy-policy"], SPECS["tproxy-policy-capture"]
+    assert dataclasses.replace(configured, capture="", tests=policy.tests) == policy
+    assert configured.tests == {CONN_RATE}
+
+
+def test_the_capturing_bench_policy_is_the_bench_policy_capturing_on_rules_it_never_meets() -> None:
+    plain, capturing = parse_policy(render_policy()), parse_policy(render_policy(capture=True))
+    assert [dataclasses.replace(r, capture=False) for r in capturing.rules] == list(plain.rules)
+    captured = [r for r in capturing.rules if r.capture]
+    assert len(captured) == 22 and {r.action for r in captured} == {Action.REDIRECT}
+    # Every benchmark connection goes to the server: none of those rules is its verdict.
+    server = Lab().server.ipv4
+    matcher = Matcher(capturing)
+    for client in client_addresses(4):
+        waiting = matcher.first(address_of(ipaddress.ip_address(client)), address_of(server),
+                                HTTP_PORT)  # fmt: skip
+        assert isinstance(waiting, Waiting)
+        verdict = matcher.with_facts(waiting, address_of(ipaddress.ip_address(client)),
+                                     address_of(server), HTTP_PORT,
+                                     SniffedFacts("http", None, str(server)))  # fmt: skip
+        assert (verdict.action, verdict.capture) == (Action.ALLOW, False)
 
 
 def _wrk_host_sniffed() -> str:

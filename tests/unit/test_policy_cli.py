@@ -48,6 +48,8 @@ def test_check_one_rule_default_reset(tmp_path: Path, capsys: pytest.CaptureFixt
         ('[[rule]]\nname = "x"\naction = "redirect"\n', "rule[0] (x).to is required"),
         ('[[rule]]\nname = "x"\naction = "via"\nvia = "gopher://a:1"\n', "unknown proxy scheme"),
         ('[[rule]]\nname = "x"\naction = "reset"\nremote_name = true\n', "rule[0] (x).remote_name"),
+        ('[[rule]]\nname = "x"\naction = "reset"\ncapture = true\n',
+         "rule[0] (x).capture is only for an action that connects"),
         ("default = [", "not valid TOML"),
     ],
 )  # fmt: skip
@@ -99,6 +101,19 @@ def test_explain_prints_the_deciding_rule_and_why(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(first_line)
     assert out[1].startswith("  rule 'no-ads': ")  # then why, rule by rule
+
+
+def test_explain_says_a_capturing_rule_captures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[[rule]]\nname = "tv"\nclient = ["198.18.1.23/32"]\naction = "allow"\n'
+                    "capture = true\n")  # fmt: skip
+    argv = ["policy", "explain", str(path), "--client", "198.18.1.23", "--dst", "198.18.2.2:443"]
+    assert _run(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "allow, captured (with --capture-dir) (rule 'tv')"
+    )
 
 
 def test_explain_without_facts_also_says_what_silence_gets(

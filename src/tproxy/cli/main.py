@@ -621,6 +621,8 @@ def _verdict_line(verdict: Verdict) -> str:
         line += f" {verdict.via}" + (
             " asking it for the sniffed name" if verdict.remote_name else ""
         )
+    if verdict.capture:
+        line += ", captured (with --capture-dir)"
     if verdict.rule is None:
         return f"{line} (the default: no rule matches)"
     return f"{line} (rule {verdict.rule!r})"

@@ -43,8 +43,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from tproxy.capture.files import capture_name, open_capture
+from tproxy.capture.pcapng import TcpConversation
+from tproxy.capture.recorder import Recorder
 from tproxy.core.config import ProxyConfig, RelayKind
-from tproxy.core.endpoint import format_sockaddr
+from tproxy.core.endpoint import format_sockaddr, parse_endpoint
 from tproxy.core.lifecycle import expired_reason
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
@@ -58,6 +61,7 @@ from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import (
+    Notice,
     SessionClosed,
     SessionFailed,
     SessionOpened,
@@ -194,10 +198,12 @@ class Session:
     """One intercepted connection: `start()` it; it ends by itself, by `close` or by `fail`."""
 
     __slots__ = (
+        "_capture",
         "_client_addr",
         "_client_sock",
         "_ctx",
         "_deciding",
+        "_recording",
         "_relay",
         "_sniffer",
         "_upstream",
@@ -216,6 +222,8 @@ class Session:
         self._relay: Relay | None = None
         self._sniffer: FirstBytes | None = None
         self._deciding: _Deciding | None = None
+        self._capture = False  # the policy (or --capture-all) wants it captured
+        self._recording: Recorder | None = None  # its capture, once relaying
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
         self.record: SessionRecord | None = None  # made by start()
@@ -259,6 +267,7 @@ class Session:
             self.close(CloseReason.LOOP_REFUSED)
             return
         matcher = ctx.config.matcher
+        self._capture = ctx.config.capture_all
         if matcher is None:  # no policy: allow, sniffing as the bytes pass
             self._connect(dst_addr, self._spoof_ip(), now)
             return
@@ -354,6 +363,7 @@ class Session:
         assert record is not None and verdict.action is not None
         record.action = verdict.action.value
         record.rule = verdict.rule
+        self._capture = verdict.capture or self._ctx.config.capture_all
         action = verdict.action
         if action is Action.RESET:
             self.close(CloseReason.POLICY_RESET)
@@ -562,10 +572,33 @@ class Session:
             self._sniffer = FirstBytes()
             if pending_down:
                 self._sniffer.upstream_sent()
+        if self._capture:
+            self._recording = self._open_recording()
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
                             spawn=ctx.spawn, tap=self._sniffer, pending_up=pending_up,
-                            pending_down=pending_down)  # fmt: skip
+                            pending_down=pending_down, recording=self._recording)  # fmt: skip
+
+    def _open_recording(self) -> Recorder | None:
+        """The capture of this session (`tproxy.capture`), or None when it cannot be made (no
+        directory any more after a reload; the file cannot be created: logged)."""
+        ctx, record = self._ctx, self.record
+        assert record is not None
+        directory = ctx.config.capture_dir
+        if directory is None:
+            return None
+        started_at = time.time() - (time.monotonic() - record.opened_at)
+        try:
+            client, dst = parse_endpoint(record.client), parse_endpoint(record.dst)
+            conversation = TcpConversation((str(client.ip), client.port),
+                                           (str(dst.ip), dst.port), started_at)  # fmt: skip
+            name = capture_name(started_at, record.id, record.client, record.dst)
+            file = open_capture(directory, name)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            ctx.log.emit(Notice(f"session {record.id}: not captured: {why}"))
+            return None
+        return Recorder(conversation, file, ctx.config.capture_max_bytes, started_at)
 
     def _relay_ended(self, reason: CloseReason) -> None:
         # A clean end leaves both sockets open for close() to send the last FINs; after a reset
@@ -609,6 +642,14 @@ class Session:
         if self._sniffer is not None:
             record.sniffed = self._sniffer.final()
             self._sniffer = None
+        capture = capture_cut = None
+        if self._recording is not None:
+            capture = self._recording.close(cut=abort)
+            capture_cut = self._recording.truncated_at
+            if self._recording.error is not None:
+                ctx.log.emit(Notice(f"session {record.id}: capture ended: "
+                                    f"{self._recording.error}"))  # fmt: skip
+            self._recording = None
         ctx.sessions.discard(self)
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
@@ -632,5 +673,7 @@ class Session:
                 record.rule,
                 record.action,
                 record.upstream,
+                capture,
+                capture_cut,
             )
         )

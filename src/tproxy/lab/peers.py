@@ -160,17 +160,19 @@ async def serve(port: int) -> None:
 # --- the clients -----------------------------------------------------------------------------
 
 
-def _connect(to: Endpoint, timeout_s: float) -> socket.socket:
-    return socket.create_connection(to.sockaddr, timeout=timeout_s)
+def _connect(to: Endpoint, timeout_s: float, source: str | None = None) -> socket.socket:
+    """Connected to `to`, from `source` (one of this host's addresses) when given."""
+    bind = None if source is None else (source, 0)
+    return socket.create_connection(to.sockaddr, timeout=timeout_s, source_address=bind)
 
 
 def upload(
     to: Endpoint, total_bytes: int, seed: int, timeout_s: float, *, rate: float = 0,
-    abort: bool = False,
+    abort: bool = False, source: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Send the stream, half-close, read the server's verdict; or, with `abort`, reset instead."""
     request = b"UPLOAD\n" if rate <= 0 else f"UPLOAD {rate:g}\n".encode()
-    with _connect(to, timeout_s) as sock:
+    with _connect(to, timeout_s, source) as sock:
         sock.sendall(request)
         for chunk in pattern_chunks(seed, total_bytes):
             sock.sendall(chunk)
@@ -195,8 +197,8 @@ def upload(
 
 
 def download(
-    source: Endpoint, total_bytes: int, seed: int, timeout_s: float, *, abort: bool = False,
-    read_rate: float = 0,
+    server: Endpoint, total_bytes: int, seed: int, timeout_s: float, *, abort: bool = False,
+    read_rate: float = 0, source: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Ask for the stream, read to the end, compare with the stream regenerated here.
 
@@ -208,7 +210,7 @@ def download(
     request = f"{verb} {total_bytes} {seed}\n".encode()
     end = "eof"
     started = time.monotonic()
-    with _connect(source, timeout_s) as sock:
+    with _connect(server, timeout_s, source) as sock:
         if read_rate > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.sendall(request)
@@ -410,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--timeout", type=float, default=60.0)
         cmd.add_argument("--rate", type=float, default=0, help="slow side's bytes/s")
         cmd.add_argument("--abort", action="store_true", help="reset at the end instead of FIN")
+        cmd.add_argument("--source", help="connect from this address (one of this host's)")
     probe_cmd = commands.add_parser("probe")
     probe_cmd.add_argument("endpoint", type=parse_endpoint)
     probe_cmd.add_argument("--send", default="")
@@ -440,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "upload":
         result = upload(args.endpoint, args.bytes, args.seed, args.timeout, rate=args.rate,
-                        abort=args.abort)  # fmt: skip
+                        abort=args.abort, source=args.source)  # fmt: skip
     elif args.command == "download":
         result = download(args.endpoint, args.bytes, args.seed, args.timeout, abort=args.abort,
-                          read_rate=args.rate)  # fmt: skip
+                          read_rate=args.rate, source=args.source)  # fmt: skip
     elif args.command == "probe":
         result = probe(args.endpoint, args.send.encode(), args.timeout, args.half_close)
     elif args.command == "chatter":

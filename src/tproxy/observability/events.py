@@ -137,6 +137,9 @@ class SessionClosed(Event):
     rule: str | None = None
     action: str | None = None
     upstream: str | None = None
+    # A captured session's capture file (`--capture-dir`) and where `capture_max_bytes` cut it.
+    capture: str | None = None
+    capture_truncated_at: int | None = None
 
     def text(self) -> str:
         how = "" if self.relay is None else f", {self.relay}"
@@ -147,6 +150,10 @@ class SessionClosed(Event):
             decided = f", default: {self.action}"
         if self.upstream is not None:
             decided += f" {self.upstream}" if self.action == "via" else f" to {self.upstream}"
+        if self.capture is not None:
+            decided += f", captured to {_q(self.capture)}"
+            if self.capture_truncated_at is not None:
+                decided += f" (cut at {self.capture_truncated_at} B)"
         what = "" if self.proto is None else f", {self.proto}"
         if self.sni is not None:
             what += f" sni={_q(self.sni)}"
@@ -178,7 +185,9 @@ class SessionClosed(Event):
             f'"ech":{"null" if self.ech is None else ("true" if self.ech else "false")},'
             f'"http_host":{_q_or_null(self.http_host)},'
             f'"http_method":{_q_or_null(self.http_method)},"rule":{_q_or_null(self.rule)},'
-            f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)}'
+            f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)},'
+            f'"capture":{_q_or_null(self.capture)},"capture_truncated_at":'
+            f"{'null' if self.capture_truncated_at is None else self.capture_truncated_at}"
         )
 
 

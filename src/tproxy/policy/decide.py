@@ -69,7 +69,7 @@ class Verdict:
         to: where `redirect` connects.
         via: the upstream proxy `via` connects through.
         remote_name: `via` asks the upstream proxy for the sniffed name.
-        capture: the rule's capture flag (reserved for issue 11).
+        capture: capture the session (the rule's `capture`).
     """
 
     action: Action | None

@@ -135,7 +135,7 @@ class Rule:
         to: where `redirect` connects instead.
         via: the upstream proxy `via` connects through.
         remote_name: `via` asks the upstream proxy for the sniffed name, not the IP.
-        capture: reserved for capture (issue 11); read and kept, not acted on yet.
+        capture: capture the sessions it decides (`tproxy.capture`); any action that connects.
     """
 
     name: str
@@ -350,7 +350,7 @@ RULE_OPTIONS = (
     _row("to", ValueType(_to_from_file), "redirect: connect here instead"),
     _row("via", ValueType(_via_from_file), "via: the upstream proxy's URL"),
     _row("remote_name", SWITCH, "via: ask the upstream proxy for the sniffed name"),
-    _row("capture", SWITCH, "reserved for capture (issue 11)"),
+    _row("capture", SWITCH, "capture the sessions it decides (needs --capture-dir)"),
 )  # fmt: skip
 """The keys of one `[[rule]]` table."""
 
@@ -377,6 +377,9 @@ def _rule_from_table(index: int, raw: Mapping[str, Any]) -> Rule:
         for key in ("via", "remote_name"):
             if key in values:
                 raise ConfigError(f'{where}{key} is only for action = "via"')
+    if action is Action.RESET and values.get("capture"):
+        raise ConfigError(f"{where}capture is only for an action that connects: a reset "
+                          "relays nothing to capture")  # fmt: skip
     return Rule(**values)
 
 
