@@ -11,7 +11,7 @@ from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
-from tproxy.engine.pump import SPLICE_AFTER_BYTES
+from tproxy.engine.pump import SPLICE_AFTER_BYTES, Recording
 from tproxy.engine.relay import Relay
 from tproxy.sniffers.passive import FirstBytes
 
@@ -24,11 +24,13 @@ async def relay(
     splice_after: int = SPLICE_AFTER_BYTES,
     *,
     tap: FirstBytes | None = None,
+    recording: Recording | None = None,
 ) -> CloseReason:
     """Relay to the end, close both sockets as a session does, return the close reason.
 
     `pool` None copies; a pool splices after each direction's first `splice_after` bytes; a
-    `tap` sees the first bytes as they pass, as a session's sniffer does.
+    `tap` sees the first bytes as they pass, as a session's sniffer does; a `recording` sees
+    every byte written and every end, as a captured session's recorder does.
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[CloseReason] = loop.create_future()
@@ -43,7 +45,8 @@ async def relay(
     poller = Poller(loop)
     the_relay = Relay(poller, client, upstream, record, pool=pool,
                       on_end=finished.set_result, on_error=finished.set_exception,
-                      spawn=spawn, splice_after=splice_after, tap=tap)  # fmt: skip
+                      spawn=spawn, splice_after=splice_after, tap=tap,
+                      recording=recording)  # fmt: skip
     try:
         return await finished
     finally:

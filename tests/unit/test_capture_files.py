@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import io
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from hypothesis import given
@@ -393,15 +395,34 @@ def _make(directory: Path, name: str, size: int, age_s: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
+_HELD: list[IO[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_writer_locks() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().close()
+
+
+def _writing(path: Path) -> None:
+    """Hold the writer's lock on `path`, as a live worker does, until the test ends."""
+    held = path.open("rb")
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    _HELD.append(held)
+
+
 def _worker_files(directory: Path) -> None:
     """What two workers and an operator leave in a directory: each worker's finished captures
-    and one still being written, plus files that are not captures."""
+    and one still being written (its lock held to the end of the test), plus files that are not
+    captures."""
     for worker, session in (("1", "01kbj9dq70102"), ("2", "01kbj9dq70203")):
         for age in (1, 2, 3):
             name = capture_name(time.time() - age * DAY, f"{session[:-1]}{age}",
                                 f"198.18.1.{worker}:5000{age}", "198.18.2.2:443")  # fmt: skip
             _make(directory, name, 1000, age * DAY + int(worker))
         _make(directory, _capture(f"writing{worker}", part=True), 1000, 10 * DAY)
+        _writing(directory / _capture(f"writing{worker}", part=True))
     _make(directory, "notes.txt", 10**6, 100 * DAY)
     _make(directory, "old.pcap", 10**6, 100 * DAY)
     _make(directory, "mine.pcapng", 10**6, 100 * DAY)  # the operator's, not a capture
@@ -443,6 +464,33 @@ def test_prune_by_age_across_workers(tmp_path: Path) -> None:
     assert sum(not f.finished for f in scan(str(tmp_path))) == 2  # ten days old, still writing
 
 
+def test_a_part_whose_writer_died_counts_as_finished_once_older_than_the_grace(
+    tmp_path: Path,
+) -> None:
+    _make(tmp_path, _capture("dead", part=True), 5000, 2 * DAY)  # no lock: its writer is gone
+    _make(tmp_path, _capture("fresh", part=True), 10, 1)  # younger than the grace: left be
+    _make(tmp_path, _capture("alive", part=True), 10, 3 * DAY)
+    _writing(tmp_path / _capture("alive", part=True))
+    _make(tmp_path, _capture("new"), 10, 0)
+    found = {f.name: f for f in scan(str(tmp_path))}
+    assert [n for n, f in sorted(found.items()) if f.orphaned] == [_capture("dead", part=True)]
+    deleted, errors = prune(str(tmp_path), time.time(), 1000, None)
+    # The orphan goes first (oldest); the new capture stays; the live .part is never chosen.
+    assert ([f.name for f in deleted], errors) == ([_capture("dead", part=True)], [])
+    assert set(_names(tmp_path)) == {
+        _capture(n, part=n != "new") for n in ("fresh", "alive", "new")
+    }
+
+
+def test_a_finished_capture_is_as_old_as_its_end_not_its_last_write(tmp_path: Path) -> None:
+    file = open_capture(str(tmp_path), _capture("idle"))
+    assert file.write(b"x")
+    os.utime(file.part_path, (time.time() - DAY, time.time() - DAY))  # idle for a day
+    path = file.finish()
+    assert path is not None and time.time() - os.stat(path).st_mtime < 60
+    assert prune(str(tmp_path), time.time(), None, 3600) == ([], [])
+
+
 def test_a_file_deleted_by_someone_else_meanwhile_is_not_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -450,8 +498,8 @@ def test_a_file_deleted_by_someone_else_meanwhile_is_not_an_error(
     _make(tmp_path, _capture("b"), 10, 2 * DAY)
     real_scan = prune_module.scan
 
-    def scan_then_race(directory: str) -> list[FileInfo]:
-        found = real_scan(directory)
+    def scan_then_race(directory: str, now: float | None = None) -> list[FileInfo]:
+        found = real_scan(directory, now)
         os.unlink(os.path.join(directory, _capture("a")))  # another process was quicker
         return found
 

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
+import pytest
+import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +19,13 @@ from tests.unit.pcapng_reader import ACK, FIN, RST, SYN, parse_pcapng
 from tproxy.capture.files import CaptureFile, open_capture
 from tproxy.capture.pcapng import TcpConversation
 from tproxy.capture.recorder import Recorder
+from tproxy.core.reasons import CloseReason
+from tproxy.core.session import SessionRecord
+from tproxy.engine.pipes import PipePool
+from tproxy.engine.pump import COPY_CHUNK_BYTES
+from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
+
+from .relay_harness import relay
 
 CLIENT, SERVER = ("198.18.1.2", 50000), ("198.18.2.2", 443)
 NAME = "20261201T041500Z_01kbj9dq70102_198.18.1.2_50000_to_198.18.2.2_443.pcapng"
@@ -114,3 +126,102 @@ def test_a_failed_write_ends_the_recording_removes_the_part_and_never_raises(
     recorder.ended(from_client=True, reset=False)
     assert recorder.close(cut=True) is None
     assert not part.exists() and os.listdir(tmp_path) == []
+
+
+# --- behind the engine's relay (real loopback TCP, splice pool) ---------------------------------
+
+
+async def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        a = socket.socket()
+        a.setblocking(False)
+        await loop.sock_connect(a, listener.getsockname())
+        b, _ = await loop.sock_accept(listener)
+        b.setblocking(False)
+        return a, b
+
+
+async def _read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        return bytes(data), "reset"
+    return bytes(data), "eof"
+
+
+def _relayed_through_a_recorder(
+    directory: Path, max_bytes: int, upstream_resets: bool
+) -> tuple[SessionRecord, Recorder, str | None, CloseReason]:
+    """1 MiB up (then the client's FIN), 1 MiB down (then the server's FIN, or its reset),
+    relayed by the engine's relay with a pipe pool and a recorder; both ends checked intact."""
+    up, down = bytes(range(256)) * 4096, bytes(reversed(range(256))) * 4096
+
+    async def scenario() -> tuple[SessionRecord, Recorder, str | None, CloseReason]:
+        loop = asyncio.get_running_loop()
+        peer_client, proxy_client = await _tcp_pair()
+        proxy_upstream, peer_upstream = await _tcp_pair()
+        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+        recorder = _recorder(directory, max_bytes)
+        pool = PipePool()
+        try:
+            relaying = asyncio.ensure_future(
+                relay(proxy_client, proxy_upstream, record, pool, recording=recorder)
+            )
+            client_reads = asyncio.ensure_future(_read_to_end(peer_client))
+            await loop.sock_sendall(peer_client, up)
+            peer_client.shutdown(socket.SHUT_WR)
+            assert await _read_to_end(peer_upstream) == (up, "eof")
+            await loop.sock_sendall(peer_upstream, down)
+            if upstream_resets:
+                while unacknowledged_bytes(peer_upstream):
+                    await asyncio.sleep(0.001)
+                abort_socket(peer_upstream)
+            else:
+                peer_upstream.shutdown(socket.SHUT_WR)
+            reason = await relaying
+            assert await client_reads == (down, "reset" if upstream_resets else "eof")
+            return record, recorder, recorder.close(cut=False), reason
+        finally:
+            pool.close()
+            for sock in (peer_client, proxy_client, proxy_upstream, peer_upstream):
+                sock.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(scenario())
+
+
+@pytest.mark.parametrize("upstream_resets", [False, True])
+def test_behind_the_relay_every_byte_and_end_is_recorded_and_nothing_spliced(
+    tmp_path: Path, upstream_resets: bool
+) -> None:
+    record, recorder, path, reason = _relayed_through_a_recorder(tmp_path, 1 << 30, upstream_resets)
+    assert (record.relay, record.spliced_bytes) == ("capture", 0)
+    assert reason == ("upstream_reset" if upstream_resets else "closed")
+    assert path is not None and recorder.truncated_at is None
+    up, down = _streams(path)
+    assert (up, down) == (bytes(range(256)) * 4096, bytes(reversed(range(256))) * 4096)
+    packets = parse_pcapng(Path(path).read_bytes()).packets
+    ends = [(p.src, p.sport, p.flags & (FIN | RST)) for p in packets if p.flags & (FIN | RST)]
+    if upstream_resets:
+        assert ends == [(*CLIENT, FIN), (*SERVER, RST)]
+    else:
+        assert ends == [(*CLIENT, FIN), (*SERVER, FIN)]
+
+
+def test_behind_the_relay_a_cut_recording_lets_the_session_splice_again(tmp_path: Path) -> None:
+    limit = 300_000
+    record, recorder, path, reason = _relayed_through_a_recorder(tmp_path, limit, False)
+    assert reason == "closed" and recorder.truncated_at == limit
+    assert record.relay == "capture"
+    # Past the cut, both directions went back to the zero-copy path.
+    assert record.spliced_bytes >= 2 * (1 << 20) - limit - 2 * COPY_CHUNK_BYTES, record
+    assert path is not None
+    up, down = _streams(path)
+    assert up == (bytes(range(256)) * 4096)[:limit] and down == b""

@@ -9,11 +9,12 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import tproxy.engine.server as server_module
-from tproxy.core.config import LogFormat, ProxyConfig, RelayKind
+from tproxy.core.config import LogFormat, ProxyConfig, RelayKind, max_connections_for
 from tproxy.engine.pump import splice_works
 from tproxy.engine.server import ProxyServer
 from tproxy.observability.eventlog import EventLog
@@ -98,6 +99,17 @@ def test_max_connections_is_split_between_workers(
 ) -> None:
     server = prepared(ProxyConfig(max_connections=101), io.StringIO(), share=2)
     assert server._max_connections == 51  # the two shares add up to at least the limit
+
+
+def test_the_default_limit_counts_a_third_descriptor_when_sessions_may_be_captured(
+    prepared: Callable[..., ProxyServer], tmp_path: Path
+) -> None:
+    plain = prepared(ProxyConfig(), io.StringIO())._max_connections
+    dir_only = prepared(ProxyConfig(capture_dir=str(tmp_path)), io.StringIO())._max_connections
+    capturing = prepared(ProxyConfig(capture_dir=str(tmp_path), capture_all=True), io.StringIO())
+    nofile = capturing._nofile
+    assert plain == dir_only == max_connections_for(nofile)  # nothing can be captured
+    assert capturing._max_connections == max_connections_for(nofile, 3) < plain
 
 
 class FakeSession:

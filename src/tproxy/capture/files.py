@@ -17,7 +17,14 @@ Theory of operation:
   the disk that refused the write needs the space back more than anyone needs a file cut
   mid-record, which Wireshark would warn about, and which the encoder could no longer close
   with its truncation comment.
-* **Finishing**: close, then `rename(NAME.part, NAME)` in the same directory: atomic, so the final
+* **The writer's lock**: the writer holds `flock(LOCK_EX)` on its `.part` for as long as it
+  writes; the kernel drops it when the process dies, however it dies. A `.part` nobody holds is
+  one whose writer died (kill -9, the OOM killer) and will never be finished: pruning treats it
+  as a finished file (`prune.scan`), so a crash cannot leave a `.part` that counts toward the
+  total forever and makes every new capture the next to go.
+* **Finishing**: the mtime is set to now (a capture cut early, or idle for hours, would otherwise
+  carry the time of its last write, and the age limit could delete it just after the close event
+  named it), close, then `rename(NAME.part, NAME)` in the same directory: atomic, so the final
   name appears whole or not at all. No fsync: readers on this system see the written pages
   whether or not they reached the disk, and a flush per captured session would block the event
   loop for a disk round trip; after a power loss a capture may be short or empty, as is
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import time
@@ -138,6 +146,7 @@ class CaptureFile:
             return None
         fd, self._fd = self._fd, -1
         try:
+            os.utime(fd)  # the age limit counts from the end of the session (see the module doc)
             os.close(fd)  # may report a delayed write error (NFS, some quotas)
             os.rename(self.part_path, self.path)
         except OSError as exc:
@@ -166,7 +175,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 def open_capture(directory: str, name: str) -> CaptureFile:
-    """Create `directory/name.part`, 0600 whatever the umask, for writing a capture.
+    """Create `directory/name.part`, 0600 whatever the umask, locked, for writing a capture.
 
     Raises:
         OSError: it could not be created (FileExistsError if the `.part` exists already).
@@ -176,6 +185,7 @@ def open_capture(directory: str, name: str) -> CaptureFile:
     fd = os.open(part_path, _OPEN_FLAGS, CAPTURE_MODE)
     try:
         os.fchmod(fd, CAPTURE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written" (see the module doc)
     except OSError:
         os.close(fd)
         _unlink_quietly(part_path)

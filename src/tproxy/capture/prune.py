@@ -12,11 +12,14 @@ deletion (another tproxy on the same directory, an operator) is simply gone: not
 Only capture files are counted and deleted (named as `capture_name` names them, with or without
 `.part`): anything else in the directory, an operator's own `notes.pcapng` included, is left be.
 A `.part` counts toward the total (it takes the space) but is never chosen; when the `.part` files
-alone exceed the total, every finished file goes.
+alone exceed the total, every finished file goes. The exception is an orphaned `.part`, whose
+writer died (its `flock` is gone: `files`) more than `ORPHAN_AFTER_S` after it last wrote: it
+will never be finished, so it counts as a finished file, and goes in its turn.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -27,6 +30,9 @@ from tproxy.capture.files import PART_SUFFIX, is_capture_name
 from tproxy.core.config import ProxyConfig
 
 PRUNE_INTERVAL_S = 5.0
+# A `.part` younger than this is never taken for an orphan: its writer may be between creating
+# it and locking it.
+ORPHAN_AFTER_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +42,12 @@ class FileInfo:
     name: str
     size: int
     mtime: float
+    orphaned: bool = False  # a `.part` whose writer died (see the module doc)
 
     @property
     def finished(self) -> bool:
-        return not self.name.endswith(PART_SUFFIX)
+        """Written to the end, or never to be: a final name, or an orphaned `.part`."""
+        return self.orphaned or not self.name.endswith(PART_SUFFIX)
 
 
 def to_delete(
@@ -72,13 +80,14 @@ def to_delete(
     return chosen
 
 
-def scan(directory: str) -> list[FileInfo]:
+def scan(directory: str, now: float | None = None) -> list[FileInfo]:
     """The capture files in `directory` (regular files only; one that vanishes while scanned is
-    left out).
+    left out), each `.part` older than `ORPHAN_AFTER_S` at `now` checked for its writer's lock.
 
     Raises:
         OSError: the directory cannot be listed.
     """
+    now = time.time() if now is None else now
     found = []
     with os.scandir(directory) as entries:
         for entry in entries:
@@ -90,8 +99,28 @@ def scan(directory: str) -> list[FileInfo]:
                 stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            found.append(FileInfo(entry.name, stat.st_size, stat.st_mtime))
+            orphaned = (
+                entry.name.endswith(PART_SUFFIX)
+                and now - stat.st_mtime > ORPHAN_AFTER_S
+                and _unlocked(entry.path)
+            )
+            found.append(FileInfo(entry.name, stat.st_size, stat.st_mtime, orphaned))
     return found
+
+
+def _unlocked(path: str) -> bool:
+    """Whether no process holds the writer's lock on `path` (False when it cannot be told)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: its writer is alive
+        return False
+    finally:
+        os.close(fd)  # also lets go of a lock taken
+    return True
 
 
 def prune(
@@ -106,7 +135,7 @@ def prune(
     Raises:
         OSError: the directory cannot be listed.
     """
-    files = scan(directory)
+    files = scan(directory, now)
     by_name = {f.name: f for f in files}
     deleted: list[FileInfo] = []
     errors: list[str] = []

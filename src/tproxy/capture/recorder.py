@@ -69,17 +69,23 @@ class Recorder:
         self._stopped = True
         self.error = error
 
-    def relayed(self, from_client: bool, data: bytes | memoryview) -> None:
-        """`data` was written to the other side."""
+    @property
+    def stopped(self) -> bool:
+        """Recording no more: cut at `max_bytes`, or writing failed (`error`)."""
+        return self._stopped
+
+    def relayed(self, from_client: bool, data: bytes | memoryview) -> bool:
+        """`data` was written to the other side; False once the recording has stopped (the
+        relay then stops showing it bytes and may splice again)."""
         if self._stopped:
-            return
+            return False
         room = self._max_bytes - self.recorded_bytes
         now = self._clock()
         conversation = self._conversation
         if len(data) <= room:
             self.recorded_bytes += len(data)
             self._write(lambda: conversation.data(from_client, data, now))
-            return
+            return not self._stopped
         cut = self.recorded_bytes + room
         self.recorded_bytes = cut
         self.truncated_at = cut
@@ -87,6 +93,7 @@ class Recorder:
         self._write(lambda: conversation.data(from_client, data[:room], now)
                     + conversation.comment(note, now))  # fmt: skip
         self._stopped = True
+        return False
 
     def ended(self, from_client: bool, reset: bool) -> None:
         """One side sent its FIN, or reset."""
@@ -99,6 +106,11 @@ class Recorder:
             self._write(lambda: conversation.rst(from_client, now))
         else:
             self._write(lambda: conversation.fin(from_client, now))
+
+    def abandon(self) -> None:
+        """Give the file up (its `.part` removed): for when `close` itself failed."""
+        self._stopped = True
+        self._file.abandon()
 
     def close(self, cut: bool) -> str | None:
         """The session ended (`cut`: the proxy reset both sides -- a timeout, a drain -- where

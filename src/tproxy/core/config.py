@@ -122,9 +122,10 @@ def default_listen() -> list[Endpoint]:
     ]
 
 
-def max_connections_for(nofile_limit: int) -> int:
-    """The most sessions `nofile_limit` descriptors can carry: two each, after the reserve."""
-    return max(1, (nofile_limit - RESERVED_DESCRIPTORS) // 2)
+def max_connections_for(nofile_limit: int, per_session: int = 2) -> int:
+    """The most sessions `nofile_limit` descriptors can carry: `per_session` each (two sockets;
+    three when a session may also hold its capture file), after the reserve."""
+    return max(1, (nofile_limit - RESERVED_DESCRIPTORS) // per_session)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,15 @@ class ProxyConfig:
     @property
     def timeouts(self) -> Timeouts:
         return Timeouts(self.idle_timeout_s, self.half_closed_timeout_s)
+
+    @property
+    def may_capture(self) -> bool:
+        """Whether any session may be captured (and hold a third descriptor, its file)."""
+        if self.capture_dir is None:
+            return False
+        if self.capture_all:
+            return True
+        return self.matcher is not None and any(r.capture for r in self.matcher.policy.rules)
 
 
 RUN_OPTIONS: tuple[OptionSpec, ...] = (

@@ -19,7 +19,10 @@ EAGAIN from the read side as "socket empty" when its pipe is empty. It never ask
 
 A direction copies its first SPLICE_AFTER_BYTES (`splice_after`: tests set 0 to splice from the
 first byte) and splices the rest: small exchanges are cheaper through a buffer than through a
-pipe; the session record counts what went by splice (`spliced_bytes`). A pipe is borrowed from
+pipe; the session record counts what went by splice (`spliced_bytes`). A direction with a
+`recording` (a captured session) copies every byte and shows it to the recording, until the
+recording says it has stopped (cut at its limit, or its file failed): from then on it splices
+again like any other. A pipe is borrowed from
 the pool when bytes arrive and returned as soon as it is empty, so an idle session holds no pipe
 and no buffer.
 
@@ -59,7 +62,10 @@ class Recording(Protocol):
     """Where a captured session's relayed bytes go (`capture.recorder`): each write's bytes, in
     order, as they reach the sink."""
 
-    def relayed(self, from_client: bool, data: bytes | memoryview) -> None: ...
+    def relayed(self, from_client: bool, data: bytes | memoryview) -> bool:
+        """`data` was written to the sink; False once the recording has stopped (cut at its
+        limit, or its file failed): the pump then forgets it and may splice again."""
+        ...
 
     def ended(self, from_client: bool, reset: bool) -> None:
         """One side sent its FIN (`reset` False) or reset, as the relay saw it."""
@@ -145,8 +151,10 @@ class Pump:
         except OSError:
             return 0
         self._count(written)
-        if self._recording is not None:
-            self._recording.relayed(self._direction is Direction.UP, pending[:written])
+        if self._recording is not None and not self._recording.relayed(
+            self._direction is Direction.UP, pending[:written]
+        ):
+            self._recording = None
         return written
 
     def stop(self) -> None:
@@ -200,7 +208,11 @@ class Pump:
         while True:
             pipe = self._pipe
             if pipe is None:
-                if self._pool is None or self._moved() < self._splice_after:
+                if (
+                    self._pool is None
+                    or self._recording is not None  # a recording sees every byte
+                    or self._moved() < self._splice_after
+                ):
                     if not self._copy_one_chunk():
                         return
                     continue
@@ -308,8 +320,10 @@ class Pump:
             while buffer is not None:
                 n = os.write(self._dst, buffer)
                 self._count(n)
-                if self._recording is not None:
-                    self._recording.relayed(self._direction is Direction.UP, buffer[:n])
+                if self._recording is not None and not self._recording.relayed(
+                    self._direction is Direction.UP, buffer[:n]
+                ):
+                    self._recording = None
                 buffer = self._buffer = buffer[n:] if n < len(buffer) else None
             pipe = self._pipe
             while self._in_pipe:

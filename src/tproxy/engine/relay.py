@@ -72,9 +72,9 @@ class Relay:
 
     With a pipe pool it splices after each direction's first `splice_after` bytes; without one it
     copies; with a `recording` (a captured session) it copies and shows every byte written, and
-    every end, to the recording. Sets `record.relay` to which it is ("splice", "copy",
-    "capture"). With a `tap`, the first bytes each way are shown to it as they pass
-    (`sniffers.passive`). `pending_up` and
+    every end, to the recording, until the recording stops (then it splices again, if it has a
+    pool). Sets `record.relay` to which it is ("splice", "copy", "capture"). With a `tap`, the
+    first bytes each way are shown to it as they pass (`sniffers.passive`). `pending_up` and
     `pending_down` are bytes already read from the client and from the upstream before the relay
     started (the sniffed first bytes; an upstream proxy's first tunnelled bytes): relayed first.
 
@@ -119,8 +119,6 @@ class Relay:
     ) -> None:
         self._poller = poller
         self._recording = recording
-        if recording is not None:  # every byte passes through Python to be recorded
-            pool = None
         self._client = client
         self._upstream = upstream
         self._record = record

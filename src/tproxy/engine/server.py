@@ -179,7 +179,7 @@ class ProxyServer:
 
     def _limit_for(self, config: ProxyConfig) -> int:
         if config.max_connections is None:
-            return max_connections_for(self._nofile)
+            return max_connections_for(self._nofile, 3 if config.may_capture else 2)
         return -(-config.max_connections // self._share)  # ceil: the workers' shares add up
 
     def close_listeners(self) -> None:

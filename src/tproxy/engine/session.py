@@ -222,7 +222,8 @@ class Session:
         self._relay: Relay | None = None
         self._sniffer: FirstBytes | None = None
         self._deciding: _Deciding | None = None
-        self._capture = False  # the policy (or --capture-all) wants it captured
+        # The configuration under which the policy (or --capture-all) chose to capture it.
+        self._capture: ProxyConfig | None = None
         self._recording: Recorder | None = None  # its capture, once relaying
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
@@ -267,7 +268,7 @@ class Session:
             self.close(CloseReason.LOOP_REFUSED)
             return
         matcher = ctx.config.matcher
-        self._capture = ctx.config.capture_all
+        self._capture = ctx.config if ctx.config.capture_all else None
         if matcher is None:  # no policy: allow, sniffing as the bytes pass
             self._connect(dst_addr, self._spoof_ip(), now)
             return
@@ -363,7 +364,8 @@ class Session:
         assert record is not None and verdict.action is not None
         record.action = verdict.action.value
         record.rule = verdict.rule
-        self._capture = verdict.capture or self._ctx.config.capture_all
+        config = self._ctx.config
+        self._capture = config if verdict.capture or config.capture_all else None
         action = verdict.action
         if action is Action.RESET:
             self.close(CloseReason.POLICY_RESET)
@@ -572,20 +574,20 @@ class Session:
             self._sniffer = FirstBytes()
             if pending_down:
                 self._sniffer.upstream_sent()
-        if self._capture:
-            self._recording = self._open_recording()
+        if self._capture is not None:
+            self._recording = self._open_recording(self._capture)
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
                             spawn=ctx.spawn, tap=self._sniffer, pending_up=pending_up,
                             pending_down=pending_down, recording=self._recording)  # fmt: skip
 
-    def _open_recording(self) -> Recorder | None:
-        """The capture of this session (`tproxy.capture`), or None when it cannot be made (no
-        directory any more after a reload; the file cannot be created: logged)."""
+    def _open_recording(self, config: ProxyConfig) -> Recorder | None:
+        """The capture of this session under `config` (the one that chose to capture it: a
+        reload since changes nothing for it), or None when it cannot be made (the file cannot be
+        created or written: a notice says why, and the session relays uncaptured)."""
         ctx, record = self._ctx, self.record
         assert record is not None
-        directory = ctx.config.capture_dir
-        if directory is None:
+        if config.capture_dir is None:  # not a configuration that loads (`capture.setup`)
             return None
         started_at = time.time() - (time.monotonic() - record.opened_at)
         try:
@@ -593,12 +595,31 @@ class Session:
             conversation = TcpConversation((str(client.ip), client.port),
                                            (str(dst.ip), dst.port), started_at)  # fmt: skip
             name = capture_name(started_at, record.id, record.client, record.dst)
-            file = open_capture(directory, name)
+            file = open_capture(config.capture_dir, name)
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             ctx.log.emit(Notice(f"session {record.id}: not captured: {why}"))
             return None
-        return Recorder(conversation, file, ctx.config.capture_max_bytes, started_at)
+        recorder = Recorder(conversation, file, config.capture_max_bytes, started_at)
+        if recorder.error is not None:  # its first write failed (a full disk): relay as usual
+            ctx.log.emit(Notice(f"session {record.id}: not captured: {recorder.error}"))
+            recorder.close(cut=False)
+            return None
+        return recorder
+
+    def _close_recording(self, recording: Recorder, cut: bool) -> tuple[str | None, int | None]:
+        """Finish the capture file: its final path (None if it failed) and where it was cut.
+        Never raises: whatever goes wrong ends the capture, not the teardown."""
+        record = self.record
+        assert record is not None
+        try:
+            path = recording.close(cut=cut)
+        except Exception as exc:  # a bug of ours: the close must go on for every session
+            recording.abandon()
+            path, recording.error = None, f"{type(exc).__name__}: {exc}"
+        if recording.error is not None:
+            self._ctx.log.emit(Notice(f"session {record.id}: capture ended: {recording.error}"))
+        return path, recording.truncated_at if path is not None else None
 
     def _relay_ended(self, reason: CloseReason) -> None:
         # A clean end leaves both sockets open for close() to send the last FINs; after a reset
@@ -642,15 +663,11 @@ class Session:
         if self._sniffer is not None:
             record.sniffed = self._sniffer.final()
             self._sniffer = None
+        ctx.sessions.discard(self)
         capture = capture_cut = None
         if self._recording is not None:
-            capture = self._recording.close(cut=abort)
-            capture_cut = self._recording.truncated_at
-            if self._recording.error is not None:
-                ctx.log.emit(Notice(f"session {record.id}: capture ended: "
-                                    f"{self._recording.error}"))  # fmt: skip
+            capture, capture_cut = self._close_recording(self._recording, cut=abort)
             self._recording = None
-        ctx.sessions.discard(self)
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
         ctx.pipes.trim(ctx.active)
