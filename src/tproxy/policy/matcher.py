@@ -29,7 +29,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tproxy.policy.decide import SniffedFacts, Verdict
 from tproxy.policy.model import Action, Default, NamePattern, Policy, Rule, normalize_name
@@ -45,6 +45,10 @@ _Names = tuple[frozenset[str], tuple[str, ...]] | None
 # The port partition holds up to (2 × port ranges + 1) intervals, each a bit set of the rules:
 # bounded here.
 PARTITION_MAX_RULES = 1024
+# Each address index remembers the bit sets of the addresses it was last asked about (one dict
+# lookup instead of one per prefix length: a proxy sees the same clients and destinations again
+# and again); it starts over when it holds this many.
+ADDRESS_MEMO_MAX = 1024
 
 
 def parse_address(text: str) -> Address:
@@ -159,10 +163,11 @@ def _partition(rules: Sequence[_Compiled]) -> tuple[list[int], list[int]]:
 class _AddressIndex:
     """For one key (`dst` or `client`) and one IP version: which rules an address matches."""
 
-    __slots__ = ("_always", "_tables")
+    __slots__ = ("_always", "_memo", "_tables")
 
     def __init__(self, nets_per_rule: Sequence[_Nets]) -> None:
         self._always = 0  # rules without the key
+        self._memo: dict[int, int] = {}  # address value -> its bit set (ADDRESS_MEMO_MAX)
         tables: dict[int, dict[int, int]] = {}
         for index, nets in enumerate(nets_per_rule):
             if nets is None:
@@ -175,20 +180,34 @@ class _AddressIndex:
         self._tables = tuple(tables.items())
 
     def rules(self, value: int) -> int:
+        tables = self._tables
+        if not tables:
+            return self._always
+        memo = self._memo
+        bits = memo.get(value)
+        if bits is not None:
+            return bits
         bits = self._always
-        for mask, table in self._tables:
+        for mask, table in tables:
             found = table.get(value & mask)
             if found:
                 bits |= found
+        if len(memo) >= ADDRESS_MEMO_MAX:
+            memo.clear()
+        memo[value] = bits
         return bits
 
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """`Matcher.first` stopped at rule `index`, which needs sniffed facts (`rule` names it)."""
+    """`Matcher.first` stopped at rule `index`, which needs sniffed facts (`rule` names it);
+    `rest` is the bit set of the rules from there on whose address keys (and port, when
+    partitioned) matched, so that `with_facts` resumes without looking the session up again
+    (-1: look it up)."""
 
     index: int
     rule: str
+    rest: int = field(default=-1, compare=False, repr=False)
 
 
 def _ports_allow(rule: _Compiled, port: int) -> bool:
@@ -238,7 +257,7 @@ class Matcher:
             rule = rules[index]
             if not check_ports or _ports_allow(rule, port):
                 if rule.needs_facts:
-                    return Waiting(index, rule.verdict.rule or "")
+                    return Waiting(index, rule.verdict.rule or "", bits)
                 return rule.verdict
             bits ^= low
         return self._default
@@ -249,7 +268,9 @@ class Matcher:
         """The verdict once sniffed, resuming the walk where `first()` stopped."""
         sni = None if sniffed.sni is None else normalize_name(sniffed.sni)
         host = None if sniffed.http_host is None else normalize_name(sniffed.http_host)
-        bits = self._candidates(client, dst, port) >> waiting.index << waiting.index
+        bits = waiting.rest
+        if bits < 0:
+            bits = self._candidates(client, dst, port) >> waiting.index << waiting.index
         rules, check_ports = self._rules, self._bounds is None
         while bits:
             low = bits & -bits
