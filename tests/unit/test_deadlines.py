@@ -12,6 +12,7 @@ from tproxy.engine.deadlines import DeadlineQueue
 class Waiter:
     def __init__(self, name: str, calls: list[tuple[str, float]], fail: bool = False) -> None:
         self.name, self.calls, self.fail = name, calls, fail
+        self.waiting = True
 
     def deadline_passed(self) -> None:
         self.calls.append((self.name, time.monotonic()))
@@ -42,5 +43,32 @@ def test_waiters_are_called_in_order_at_their_deadlines_and_never_early() -> Non
         queue.close()
         await asyncio.sleep(0.03)
         assert len(calls) == 4, "closed: nobody is called"
+
+    asyncio.run(scenario())
+
+
+def test_waiters_that_stopped_waiting_are_dropped_when_the_timer_next_runs() -> None:
+    async def scenario() -> None:
+        calls: list[tuple[str, float]] = []
+        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print)
+        now = time.monotonic()
+        gone = [Waiter(f"gone-{i}", calls) for i in range(3)]
+        queue.add(now + 0.02, gone[0])
+        queue.add(now + 0.05, gone[1])
+        queue.add(now + 0.06, gone[2])
+        queue.add(now + 0.1, Waiter("silent", calls))
+        queue.add(now + 0.15, gone_later := Waiter("gone-later", calls))
+        for waiter in gone:
+            waiter.waiting = False
+        await asyncio.sleep(0.04)
+        # The first deadline ran the timer: every waiter before the one still waiting is gone,
+        # the later deadlines of those that stopped waiting did not wake it.
+        assert calls == []
+        assert len(queue) == 2
+        gone_later.waiting = False
+        await asyncio.sleep(0.08)
+        assert [name for name, _ in calls] == ["silent"]
+        assert calls[0][1] >= now + 0.1
+        assert len(queue) == 0, "the one behind it had stopped waiting: dropped at once"
 
     asyncio.run(scenario())

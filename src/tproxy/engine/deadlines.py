@@ -6,6 +6,10 @@ its head cost O(1) per session, where a timer per session would cost a heap entr
 callback handle each, and a sweep over every session would have to run several times a second
 to be precise enough. (After a reload that shortens the timeout, a later deadline may sit behind
 an earlier one for up to the old timeout: it fires late, never early.)
+
+Most waiters stop waiting long before their deadline (a client's first bytes take microseconds):
+the queue keeps them until they reach its head, and then drops every one that no longer waits
+without waking for it, so the timer runs for the waiters that still wait, not once per waiter.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Waiter(Protocol):
+    @property
+    def waiting(self) -> bool:
+        """False once the waiter has stopped waiting: the queue may drop it without a call."""
+
     def deadline_passed(self) -> None:
-        """Called once, at or after the deadline it was added with; a waiter that has stopped
-        waiting ignores it."""
+        """Called once, at or after the deadline it was added with, if it still waits then."""
 
 
 W = TypeVar("W", bound=Waiter)
@@ -48,6 +55,7 @@ class DeadlineQueue(Generic[W]):
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
+        """Waiters held: those still waiting, and those that stopped but are not dropped yet."""
         return len(self._waiting)
 
     def add(self, deadline_at: float, waiter: W) -> None:
@@ -70,11 +78,16 @@ class DeadlineQueue(Generic[W]):
         self._timer = None
         now = self._clock()
         waiting = self._waiting
-        while waiting and waiting[0][0] <= now:
-            _, waiter = waiting.popleft()
+        while waiting:
+            deadline_at, waiter = waiting[0]
+            if not waiter.waiting:  # stopped waiting: dropped, deadline or not
+                waiting.popleft()
+                continue
+            if deadline_at > now:
+                self._arm(deadline_at)
+                return
+            waiting.popleft()
             try:
                 waiter.deadline_passed()
             except Exception as exc:
                 self._on_error(waiter, exc)
-        if waiting:
-            self._arm(waiting[0][0])

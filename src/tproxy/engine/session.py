@@ -174,6 +174,10 @@ class _SniffWait:
     def __init__(self, session: Session) -> None:
         self.session: Session | None = session
 
+    @property
+    def waiting(self) -> bool:
+        return self.session is not None
+
     def deadline_passed(self) -> None:
         session = self.session
         if session is not None:
@@ -287,12 +291,16 @@ class Session:
     # --- SNIFFING -----------------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        """The client sent (SNIFFING), or the upstream proxy answered (HANDSHAKING)."""
+        """The client sent (SNIFFING), or the upstream proxy answered (HANDSHAKING); CONNECTING,
+        the client sent more after its sniffed bytes, or ended (the relay reads that later)."""
         try:
-            if self.phase is Phase.SNIFFING:
+            phase = self.phase
+            if phase is Phase.SNIFFING:
                 self._sniff_more()
-            elif self.phase is Phase.HANDSHAKING:
+            elif phase is Phase.HANDSHAKING:
                 self._handshake_more()
+            elif phase is Phase.CONNECTING:  # the level-triggered poller would call again
+                self._ctx.poller.remove_reader(self._client_sock.fileno())
         except Exception as exc:
             self.fail(exc)
 
@@ -330,9 +338,13 @@ class Session:
         deciding, sniffer, record = self._deciding, self._sniffer, self.record
         assert deciding is not None and sniffer is not None and record is not None
         assert deciding.waiting is not None
-        if deciding.sniff_wait is not None:  # it waited: leave the queue and the poller
+        if deciding.sniff_wait is not None:  # it waited: leave the queue (dropped from it later)
             deciding.sniff_wait.session = None
-            self._ctx.poller.remove_reader(self._client_sock.fileno())
+            # The client's socket stays in the poller for reading: the relay reads it next, and
+            # takes the registration over (no epoll_ctl to remove it now and one to add it back
+            # then). Should the client send more or end while the upstream connect is in flight,
+            # on_readable takes the socket out then; a `via` session takes it out before it
+            # talks to its proxy (on_readable then means the proxy's answer).
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
         facts = _sniffed_facts(sniffed)
@@ -484,7 +496,9 @@ class Session:
             config = self._ctx.config
             self.connect_deadline_at = time.monotonic() + config.connect_timeout_s
         self.phase = Phase.HANDSHAKING
-        self._ctx.poller.add_reader(upstream.fileno(), self)
+        poller = self._ctx.poller
+        poller.remove_reader(self._client_sock.fileno())  # if it waited to be sniffed
+        poller.add_reader(upstream.fileno(), self)
         self._handshake_send(deciding.handshake.start())
 
     # --- HANDSHAKING ----------------------------------------------------------------------------
