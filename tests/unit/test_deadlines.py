@@ -47,28 +47,38 @@ def test_waiters_are_called_in_order_at_their_deadlines_and_never_early() -> Non
     asyncio.run(scenario())
 
 
-def test_waiters_that_stopped_waiting_are_dropped_when_the_timer_next_runs() -> None:
+def test_cancelled_waiters_are_not_called_and_their_deadlines_do_not_wake_the_timer() -> None:
     async def scenario() -> None:
         calls: list[tuple[str, float]] = []
-        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print)
+        clock_reads: list[float] = []
+
+        def clock() -> float:
+            clock_reads.append(time.monotonic())
+            return clock_reads[-1]
+
+        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print, clock)
         now = time.monotonic()
-        gone = [Waiter(f"gone-{i}", calls) for i in range(3)]
-        queue.add(now + 0.02, gone[0])
-        queue.add(now + 0.05, gone[1])
-        queue.add(now + 0.06, gone[2])
+        cancelled = [queue.add(now + 0.02 + i * 0.01, Waiter(f"gone-{i}", calls)) for i in range(3)]
         queue.add(now + 0.1, Waiter("silent", calls))
-        queue.add(now + 0.15, gone_later := Waiter("gone-later", calls))
-        for waiter in gone:
-            waiter.waiting = False
-        await asyncio.sleep(0.04)
-        # The first deadline ran the timer: every waiter before the one still waiting is gone,
-        # the later deadlines of those that stopped waiting did not wake it.
-        assert calls == []
+        later = queue.add(now + 0.15, Waiter("gone-later", calls))
+        assert len(queue) == 5
+        for ticket in cancelled:
+            queue.cancel(ticket)
         assert len(queue) == 2
-        gone_later.waiting = False
-        await asyncio.sleep(0.08)
+        await asyncio.sleep(0.07)
+        assert calls == []
+        fired = len(clock_reads)
+        queue.cancel(later)
+        queue.cancel(later)  # twice: ignored
+        await asyncio.sleep(0.12)
         assert [name for name, _ in calls] == ["silent"]
         assert calls[0][1] >= now + 0.1
-        assert len(queue) == 0, "the one behind it had stopped waiting: dropped at once"
+        assert len(queue) == 0
+        # The clock is read when the timer is armed and when it runs: once for the first
+        # deadline, twice when it runs there (and re-arms for the one still waiting), once at
+        # that one's deadline -- never for the cancelled waiters' own deadlines (a loop that
+        # runs a timer a little early costs a read or two more).
+        assert fired <= 4
+        assert len(clock_reads) - fired <= 2
 
     asyncio.run(scenario())

@@ -8,8 +8,9 @@ to be precise enough. (After a reload that shortens the timeout, a later deadlin
 an earlier one for up to the old timeout: it fires late, never early.)
 
 Most waiters stop waiting long before their deadline (a client's first bytes take microseconds):
-the queue keeps them until they reach its head, and then drops every one that no longer waits
-without waking for it, so the timer runs for the waiters that still wait, not once per waiter.
+`cancel` forgets the waiter at once, and its place in the queue -- a deadline and a ticket, plain
+numbers the garbage collector never visits -- is dropped when it reaches the head, without a
+wakeup of its own: the timer runs for the waiters that still wait, not once per waiter.
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Waiter(Protocol):
-    @property
-    def waiting(self) -> bool:
-        """False once the waiter has stopped waiting: the queue may drop it without a call."""
-
     def deadline_passed(self) -> None:
-        """Called once, at or after the deadline it was added with, if it still waits then."""
+        """Called once, at or after the deadline it was added with, unless cancelled before."""
 
 
 W = TypeVar("W", bound=Waiter)
@@ -51,25 +48,42 @@ class DeadlineQueue(Generic[W]):
         self._loop = loop
         self._on_error = on_error
         self._clock = clock
-        self._waiting: deque[tuple[float, W]] = deque()
+        # The queue, in deadline order: each deadline and its ticket (two deques of plain
+        # numbers: no tuple per entry); the waiters that still wait, by ticket.
+        self._deadlines: deque[float] = deque()
+        self._tickets: deque[int] = deque()
+        self._waiters: dict[int, W] = {}
+        self._next_ticket = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
-        """Waiters held: those still waiting, and those that stopped but are not dropped yet."""
-        return len(self._waiting)
+        """The waiters still waiting."""
+        return len(self._waiters)
 
-    def add(self, deadline_at: float, waiter: W) -> None:
-        """Call `waiter.deadline_passed()` at `deadline_at` (monotonic)."""
-        self._waiting.append((deadline_at, waiter))
+    def add(self, deadline_at: float, waiter: W) -> int:
+        """Call `waiter.deadline_passed()` at `deadline_at` (monotonic); the ticket cancels it."""
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        self._deadlines.append(deadline_at)
+        self._tickets.append(ticket)
+        self._waiters[ticket] = waiter
         if self._timer is None:
             self._arm(deadline_at)
+        return ticket
+
+    def cancel(self, ticket: int) -> None:
+        """The waiter of `ticket` stopped waiting: it is not called, nor kept (a ticket already
+        called or cancelled is ignored)."""
+        self._waiters.pop(ticket, None)
 
     def close(self) -> None:
         """Forget every waiter; no call follows."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._waiting.clear()
+        self._deadlines.clear()
+        self._tickets.clear()
+        self._waiters.clear()
 
     def _arm(self, deadline_at: float) -> None:
         self._timer = self._loop.call_later(max(0.0, deadline_at - self._clock()), self._fire)
@@ -77,16 +91,18 @@ class DeadlineQueue(Generic[W]):
     def _fire(self) -> None:
         self._timer = None
         now = self._clock()
-        waiting = self._waiting
-        while waiting:
-            deadline_at, waiter = waiting[0]
-            if not waiter.waiting:  # stopped waiting: dropped, deadline or not
-                waiting.popleft()
+        deadlines, tickets, waiters = self._deadlines, self._tickets, self._waiters
+        while tickets:
+            waiter = waiters.get(tickets[0])
+            if waiter is None:  # cancelled: dropped, its deadline passed or not
+                deadlines.popleft()
+                tickets.popleft()
                 continue
-            if deadline_at > now:
-                self._arm(deadline_at)
+            if deadlines[0] > now:
+                self._arm(deadlines[0])
                 return
-            waiting.popleft()
+            deadlines.popleft()
+            del waiters[tickets.popleft()]
             try:
                 waiter.deadline_passed()
             except Exception as exc:

@@ -129,7 +129,7 @@ class SessionContext:
     destination: Destination = socket.socket.getsockname
     poller: Poller = field(init=False)  # set when the server starts serving
     # Sessions SNIFFING, in order of their deadline (set when the server starts serving).
-    sniff_deadlines: DeadlineQueue[_SniffWait] = field(init=False)
+    sniff_deadlines: DeadlineQueue[Session] = field(init=False)
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     # Counters since this process started (the supervisor's heartbeats carry them).
@@ -160,29 +160,9 @@ class _Deciding:
         self.dst = dst
         self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
         self.held = bytearray()  # the client's bytes read while sniffing, to send on first
-        self.sniff_wait: _SniffWait | None = None  # this session's place in the deadline queue
+        self.sniff_wait: int | None = None  # this session's ticket in the deadline queue
         self.handshake: ProxyHandshake | None = None  # the upstream proxy's, for `via`
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
-
-
-class _SniffWait:
-    """A sniffing session's entry in the deadline queue: cut loose when the session stops
-    waiting, so the queue keeps a few bytes per session until the deadline, not the session."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session: Session | None = session
-
-    @property
-    def waiting(self) -> bool:
-        return self.session is not None
-
-    def deadline_passed(self) -> None:
-        session = self.session
-        if session is not None:
-            self.session = None
-            session.deadline_passed()
 
 
 def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
@@ -279,8 +259,8 @@ class Session:
             # them first, and wait (a poller registration, a deadline) only if they are not.
             if self._sniff_more():
                 return
-            deciding.sniff_wait = _SniffWait(self)
-            ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, deciding.sniff_wait)
+            deadline_at = now + matcher.policy.sniff_timeout_s
+            deciding.sniff_wait = ctx.sniff_deadlines.add(deadline_at, self)
             ctx.poller.add_reader(client_sock.fileno(), self)
             return
         self._carry_out(verdict, deciding, now)
@@ -338,8 +318,8 @@ class Session:
         deciding, sniffer, record = self._deciding, self._sniffer, self.record
         assert deciding is not None and sniffer is not None and record is not None
         assert deciding.waiting is not None
-        if deciding.sniff_wait is not None:  # it waited: leave the queue (dropped from it later)
-            deciding.sniff_wait.session = None
+        if deciding.sniff_wait is not None:  # it waited: leave the queue
+            self._ctx.sniff_deadlines.cancel(deciding.sniff_wait)
             # The client's socket stays in the poller for reading: the relay reads it next, and
             # takes the registration over (no epoll_ctl to remove it now and one to add it back
             # then). Should the client send more or end while the upstream connect is in flight,
@@ -602,7 +582,7 @@ class Session:
         self._stop_connecting()
         self.phase = Phase.CLOSED
         if self._deciding is not None and self._deciding.sniff_wait is not None:
-            self._deciding.sniff_wait.session = None
+            self._ctx.sniff_deadlines.cancel(self._deciding.sniff_wait)
         self._deciding = None
         self._client_addr = ()
         if self._relay is not None:
