@@ -65,7 +65,7 @@ from tproxy.observability.events import (
     UpstreamFailed,
 )
 from tproxy.policy.decide import SniffedFacts, Verdict
-from tproxy.policy.matcher import Address, Matcher, Waiting, parse_address, remote_name
+from tproxy.policy.matcher import Matcher, Waiting, remote_name
 from tproxy.policy.model import Action
 from tproxy.sniffers.classify import Sniffed, SniffedFields
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, HttpRequest, TlsHello
@@ -147,19 +147,16 @@ class _Deciding:
     or talks to an upstream proxy (sessions that do neither never make one)."""
 
     __slots__ = (
-        "client", "dst", "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait",
-        "waiting",
+        "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait", "waiting",
     )  # fmt: skip
 
-    def __init__(
-        self, matcher: Matcher, dst_addr: tuple[Any, ...], client: Address, dst: Address
-    ) -> None:
+    def __init__(self, matcher: Matcher, dst_addr: tuple[Any, ...]) -> None:
         self.matcher = matcher  # the policy this session started with decides it (reloads too)
         self.dst_addr = dst_addr
-        self.client = client
-        self.dst = dst
         self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
-        self.held = bytearray()  # the client's bytes read while sniffing, to send on first
+        # The client's bytes read while sniffing, to send on first: the first read as it came,
+        # a bytearray once more come.
+        self.held: bytes | bytearray = b""
         self.sniff_wait: int | None = None  # this session's ticket in the deadline queue
         self.handshake: ProxyHandshake | None = None  # the upstream proxy's, for `via`
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
@@ -246,10 +243,8 @@ class Session:
         if matcher is None:  # no policy: allow, sniffing as the bytes pass
             self._connect(dst_addr, self._spoof_ip(), now)
             return
-        deciding = _Deciding(
-            matcher, dst_addr, parse_address(self._client_addr[0]), parse_address(dst_addr[0])
-        )
-        verdict = matcher.first(deciding.client, deciding.dst, dst_addr[1])
+        deciding = _Deciding(matcher, dst_addr)
+        verdict = matcher.first_of(self._client_addr[0], dst_addr[0], dst_addr[1])
         if isinstance(verdict, Waiting):
             deciding.waiting = verdict
             self._deciding = deciding
@@ -299,7 +294,13 @@ class Session:
                 return True
             raise
         if data:
-            deciding.held += data
+            held = deciding.held
+            if not held:
+                deciding.held = data
+            else:
+                if not isinstance(held, bytearray):
+                    held = deciding.held = bytearray(held)
+                held += data
             if sniffer.client_sent(data) and len(data) < room:
                 return False  # more wanted, and there is room for it
         # Decided, full, or the client's end (its EOF stays for the relay to read).
@@ -327,10 +328,12 @@ class Session:
             # talks to its proxy (on_readable then means the proxy's answer).
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
-        facts = _sniffed_facts(sniffed)
-        verdict = deciding.matcher.with_facts(deciding.waiting, deciding.client, deciding.dst,
-                                              deciding.dst_addr[1], facts)  # fmt: skip
-        self._carry_out(verdict, deciding, time.monotonic(), facts)
+        facts = sniffed.facts
+        sni = facts.sni if isinstance(facts, TlsHello) else None
+        host = facts.host if isinstance(facts, HttpRequest) else None
+        verdict = deciding.matcher.resume(deciding.waiting, deciding.dst_addr[1], sniffed.proto,
+                                          sni, host)  # fmt: skip
+        self._carry_out(verdict, deciding, time.monotonic(), sniffed)
         self._client_addr = ()
 
     # --- the verdict ----------------------------------------------------------------------------
@@ -340,7 +343,7 @@ class Session:
         verdict: Verdict,
         deciding: _Deciding,
         now: float,
-        facts: SniffedFacts | None = None,
+        sniffed: Sniffed | None = None,
     ) -> None:
         record = self.record
         assert record is not None and verdict.action is not None
@@ -365,6 +368,7 @@ class Session:
             assert verdict.via is not None
             target, spoof_ip = (verdict.via.address.host, verdict.via.address.port), None
             record.upstream = str(verdict.via.address)
+            facts = None if sniffed is None else _sniffed_facts(sniffed)
             deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
             if deciding.handshake is None:
                 return
@@ -547,7 +551,9 @@ class Session:
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
         pending_up = pending_down = b""
         if deciding is not None:
-            pending_up, pending_down = bytes(deciding.held), deciding.leftover
+            held = deciding.held
+            pending_up = bytes(held) if isinstance(held, bytearray) else held
+            pending_down = deciding.leftover
             self._deciding = None
         if record.sniffed is None:
             # What the session is, read from its first bytes as they pass (no wait: no rule
