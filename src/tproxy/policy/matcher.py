@@ -9,13 +9,16 @@ not on the number of rules before the one that decides:
 - addresses are (version, int) pairs, parsed from the socket's text without `ipaddress`;
 - for `dst` and for `client`, per IP version, one table per prefix length used anywhere in the
   policy maps each network to the rules that name it: an address's rules are the union of one
-  masked lookup per prefix length, plus the rules without that key;
+  masked lookup per prefix length, plus the rules without that key (remembered per address, up
+  to `ADDRESS_MEMO_MAX`);
 - the port line is cut into intervals where the same rules allow the port (a rule without
   `ports` allows every port), each with its bit set (up to `PARTITION_MAX_RULES` rules; a bigger
   policy checks ports rule by rule);
 - the rules whose addresses and port match are the AND of the three; the lowest decides, or the
-  walk waits there for the sniffed facts: `first()` says where, and `with_facts()` resumes there
-  (the rules before it could not match) with the rules that `first()` left, ANDed with the rules
+  walk waits there for the sniffed facts: `first()` says where (`first_of()`, the same from
+  the socket's address text, remembers its answers), and `resume()` (or `with_facts()`) goes on
+  from there (the rules before it could not match) with the rules that `first()` left, ANDed
+  with the rules
   the facts allow: per fact key, the rules without it, plus those it names -- one lookup for the
   protocol, and for a name one for the name itself and one per `.suffix` of it (a glob
   `*.example.com` is the suffix `.example.com`, and matches only names longer than it).
