@@ -12,6 +12,7 @@ from tproxy.engine.deadlines import DeadlineQueue
 class Waiter:
     def __init__(self, name: str, calls: list[tuple[str, float]], fail: bool = False) -> None:
         self.name, self.calls, self.fail = name, calls, fail
+        self.waiting = True
 
     def deadline_passed(self) -> None:
         self.calls.append((self.name, time.monotonic()))
@@ -42,5 +43,42 @@ def test_waiters_are_called_in_order_at_their_deadlines_and_never_early() -> Non
         queue.close()
         await asyncio.sleep(0.03)
         assert len(calls) == 4, "closed: nobody is called"
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_waiters_are_not_called_and_their_deadlines_do_not_wake_the_timer() -> None:
+    async def scenario() -> None:
+        calls: list[tuple[str, float]] = []
+        clock_reads: list[float] = []
+
+        def clock() -> float:
+            clock_reads.append(time.monotonic())
+            return clock_reads[-1]
+
+        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print, clock)
+        now = time.monotonic()
+        cancelled = [queue.add(now + 0.02 + i * 0.01, Waiter(f"gone-{i}", calls)) for i in range(3)]
+        queue.add(now + 0.1, Waiter("silent", calls))
+        later = queue.add(now + 0.15, Waiter("gone-later", calls))
+        assert len(queue) == 5
+        for ticket in cancelled:
+            queue.cancel(ticket)
+        assert len(queue) == 2
+        await asyncio.sleep(0.07)
+        assert calls == []
+        fired = len(clock_reads)
+        queue.cancel(later)
+        queue.cancel(later)  # twice: ignored
+        await asyncio.sleep(0.12)
+        assert [name for name, _ in calls] == ["silent"]
+        assert calls[0][1] >= now + 0.1
+        assert len(queue) == 0
+        # The clock is read when the timer is armed and when it runs: once for the first
+        # deadline, twice when it runs there (and re-arms for the one still waiting), once at
+        # that one's deadline -- never for the cancelled waiters' own deadlines (a loop that
+        # runs a timer a little early costs a read or two more).
+        assert fired <= 4
+        assert len(clock_reads) - fired <= 2
 
     asyncio.run(scenario())

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tproxy.policy import matcher as matcher_module
 from tproxy.policy.decide import SessionFacts, SniffedFacts, decide
 from tproxy.policy.matcher import (
     PARTITION_MAX_RULES,
@@ -69,6 +70,8 @@ def test_the_matcher_decides_as_the_reference(  # noqa: PLR0917 (hypothesis give
     c, d = parse_address(client), parse_address(dst)
     expected = decide(policy, facts)
     got = matcher.first(c, d, port)
+    for _ in range(2):  # computed, then remembered
+        assert matcher.first_of(client, dst, port) == got
     if expected.need_facts:
         assert isinstance(got, Waiting) and got.rule == expected.waiting_for
         sniffed = SniffedFacts(proto, sni, host)
@@ -77,6 +80,30 @@ def test_the_matcher_decides_as_the_reference(  # noqa: PLR0917 (hypothesis give
     else:
         assert got == expected
     assert matcher.needs_facts == any(rule.needs_facts for rule in policy.rules)
+
+
+def test_first_of_remembers_a_bounded_number_of_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(matcher_module, "FIRST_MEMO_MAX", 2)
+    matcher = Matcher(
+        parse_policy("""default = "allow"
+[[rule]]
+name = "near"
+client = ["198.18.1.0/24"]
+sni = ["*.example.test"]
+action = "reset"
+""")
+    )
+    for _ in range(3):
+        for client in ("198.18.1.2", "198.18.1.3", "198.18.9.9"):
+            got = matcher.first_of(client, "198.18.2.2", 443)
+            assert got == matcher.first(parse_address(client), parse_address("198.18.2.2"), 443)
+            assert len(matcher._first_memo) <= 2
+    waiting = matcher.first_of("198.18.1.2", "198.18.2.2", 443)
+    assert isinstance(waiting, Waiting)
+    assert matcher.resume(waiting, 443, "tls", "A.Example.Test.", None).rule == "near"
+    assert matcher.resume(waiting, 443, "tls", "example.test", None).rule is None
+    with pytest.raises(OSError):
+        matcher.first_of("not an address", "198.18.2.2", 443)
 
 
 def test_a_policy_too_big_to_partition_still_decides_in_order() -> None:

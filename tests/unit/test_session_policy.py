@@ -355,3 +355,32 @@ def test_first_bytes_already_there_are_read_at_once_without_a_wait() -> None:
         assert h.events()[-1]["http_host"] == "www.example.test"
 
     _run(scenario, SNIFFING)
+
+
+def test_a_client_that_waited_and_sends_more_while_connecting_is_not_spun_on() -> None:
+    async def scenario(h: PolicyHarness) -> None:
+        # An upstream whose accept queue is full: the session's SYN is dropped, and it stays
+        # CONNECTING until the kernel sends it again (a second later).
+        h.upstream.listen(0)
+        filler = socket.create_connection(h.upstream.getsockname())
+        h.session.start()
+        assert h.session.phase is Phase.SNIFFING
+        assert h.ctx.poller.watched == 1  # the client, for reading
+        await asyncio.sleep(0.02)
+        h.client.send(ALLOWED_REQUEST)
+        await _until(lambda: _phase(h.session) is Phase.CONNECTING)
+        # The client's socket stayed registered (the relay takes it over), beside the upstream's.
+        assert h.ctx.poller.watched == 2
+        h.client.send(b"more")  # readable while connecting: taken out, not called again and again
+        await _until(lambda: h.ctx.poller.watched == 1)
+        await asyncio.sleep(0.05)
+        assert _phase(h.session) is Phase.CONNECTING
+        h.upstream.accept()[0].close()
+        filler.close()
+        conn = await _accepted(h)
+        assert await _recv_all(conn, len(ALLOWED_REQUEST) + 4) == ALLOWED_REQUEST + b"more"
+        conn.close()
+        h.client.close()
+        await _until(lambda: _phase(h.session) is Phase.CLOSED)
+
+    _run(scenario, SNIFFING)

@@ -6,6 +6,11 @@ its head cost O(1) per session, where a timer per session would cost a heap entr
 callback handle each, and a sweep over every session would have to run several times a second
 to be precise enough. (After a reload that shortens the timeout, a later deadline may sit behind
 an earlier one for up to the old timeout: it fires late, never early.)
+
+Most waiters stop waiting long before their deadline (a client's first bytes take microseconds):
+`cancel` forgets the waiter at once, and its place in the queue -- a deadline and a ticket, plain
+numbers the garbage collector never visits -- is dropped when it reaches the head, without a
+wakeup of its own: the timer runs for the waiters that still wait, not once per waiter.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from typing import Generic, Protocol, TypeVar
 
 class Waiter(Protocol):
     def deadline_passed(self) -> None:
-        """Called once, at or after the deadline it was added with; a waiter that has stopped
-        waiting ignores it."""
+        """Called once, at or after the deadline it was added with, unless cancelled before."""
 
 
 W = TypeVar("W", bound=Waiter)
@@ -44,24 +48,42 @@ class DeadlineQueue(Generic[W]):
         self._loop = loop
         self._on_error = on_error
         self._clock = clock
-        self._waiting: deque[tuple[float, W]] = deque()
+        # The queue, in deadline order: each deadline and its ticket (two deques of plain
+        # numbers: no tuple per entry); the waiters that still wait, by ticket.
+        self._deadlines: deque[float] = deque()
+        self._tickets: deque[int] = deque()
+        self._waiters: dict[int, W] = {}
+        self._next_ticket = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        """The waiters still waiting."""
+        return len(self._waiters)
 
-    def add(self, deadline_at: float, waiter: W) -> None:
-        """Call `waiter.deadline_passed()` at `deadline_at` (monotonic)."""
-        self._waiting.append((deadline_at, waiter))
+    def add(self, deadline_at: float, waiter: W) -> int:
+        """Call `waiter.deadline_passed()` at `deadline_at` (monotonic); the ticket cancels it."""
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        self._deadlines.append(deadline_at)
+        self._tickets.append(ticket)
+        self._waiters[ticket] = waiter
         if self._timer is None:
             self._arm(deadline_at)
+        return ticket
+
+    def cancel(self, ticket: int) -> None:
+        """The waiter of `ticket` stopped waiting: it is not called, nor kept (a ticket already
+        called or cancelled is ignored)."""
+        self._waiters.pop(ticket, None)
 
     def close(self) -> None:
         """Forget every waiter; no call follows."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._waiting.clear()
+        self._deadlines.clear()
+        self._tickets.clear()
+        self._waiters.clear()
 
     def _arm(self, deadline_at: float) -> None:
         self._timer = self._loop.call_later(max(0.0, deadline_at - self._clock()), self._fire)
@@ -69,12 +91,19 @@ class DeadlineQueue(Generic[W]):
     def _fire(self) -> None:
         self._timer = None
         now = self._clock()
-        waiting = self._waiting
-        while waiting and waiting[0][0] <= now:
-            _, waiter = waiting.popleft()
+        deadlines, tickets, waiters = self._deadlines, self._tickets, self._waiters
+        while tickets:
+            waiter = waiters.get(tickets[0])
+            if waiter is None:  # cancelled: dropped, its deadline passed or not
+                deadlines.popleft()
+                tickets.popleft()
+                continue
+            if deadlines[0] > now:
+                self._arm(deadlines[0])
+                return
+            deadlines.popleft()
+            del waiters[tickets.popleft()]
             try:
                 waiter.deadline_passed()
             except Exception as exc:
                 self._on_error(waiter, exc)
-        if waiting:
-            self._arm(waiting[0][0])

@@ -139,8 +139,12 @@ class Pump:
                 self._buffer = memoryview(pending)[written:]
                 self._reading = False
                 self._writing = True
+                # The source may still be registered for reading by its session (a client that
+                # waited to be sniffed): not before the sink took the rest.
+                poller.remove_reader(self._src)
                 poller.add_writer(self._dst, self)
                 return
+        # Takes over the source's registration if its session left one (no epoll_ctl then).
         poller.add_reader(self._src, self)
 
     def _write_pending(self, pending: bytes) -> int:

@@ -69,7 +69,7 @@ from tproxy.observability.events import (
     UpstreamFailed,
 )
 from tproxy.policy.decide import SniffedFacts, Verdict
-from tproxy.policy.matcher import Address, Matcher, Waiting, parse_address, remote_name
+from tproxy.policy.matcher import Matcher, Waiting, remote_name
 from tproxy.policy.model import Action
 from tproxy.sniffers.classify import Sniffed, SniffedFields
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, HttpRequest, TlsHello
@@ -133,7 +133,7 @@ class SessionContext:
     destination: Destination = socket.socket.getsockname
     poller: Poller = field(init=False)  # set when the server starts serving
     # Sessions SNIFFING, in order of their deadline (set when the server starts serving).
-    sniff_deadlines: DeadlineQueue[_SniffWait] = field(init=False)
+    sniff_deadlines: DeadlineQueue[Session] = field(init=False)
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
     # Counters since this process started (the supervisor's heartbeats carry them).
@@ -151,38 +151,19 @@ class _Deciding:
     or talks to an upstream proxy (sessions that do neither never make one)."""
 
     __slots__ = (
-        "client", "dst", "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait",
-        "waiting",
+        "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait", "waiting",
     )  # fmt: skip
 
-    def __init__(
-        self, matcher: Matcher, dst_addr: tuple[Any, ...], client: Address, dst: Address
-    ) -> None:
+    def __init__(self, matcher: Matcher, dst_addr: tuple[Any, ...]) -> None:
         self.matcher = matcher  # the policy this session started with decides it (reloads too)
         self.dst_addr = dst_addr
-        self.client = client
-        self.dst = dst
         self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
-        self.held = bytearray()  # the client's bytes read while sniffing, to send on first
-        self.sniff_wait: _SniffWait | None = None  # this session's place in the deadline queue
+        # The client's bytes read while sniffing, to send on first: the first read as it came,
+        # a bytearray once more come.
+        self.held: bytes | bytearray = b""
+        self.sniff_wait: int | None = None  # this session's ticket in the deadline queue
         self.handshake: ProxyHandshake | None = None  # the upstream proxy's, for `via`
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
-
-
-class _SniffWait:
-    """A sniffing session's entry in the deadline queue: cut loose when the session stops
-    waiting, so the queue keeps a few bytes per session until the deadline, not the session."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session: Session | None = session
-
-    def deadline_passed(self) -> None:
-        session = self.session
-        if session is not None:
-            self.session = None
-            session.deadline_passed()
 
 
 def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
@@ -272,10 +253,8 @@ class Session:
         if matcher is None:  # no policy: allow, sniffing as the bytes pass
             self._connect(dst_addr, self._spoof_ip(), now)
             return
-        deciding = _Deciding(
-            matcher, dst_addr, parse_address(self._client_addr[0]), parse_address(dst_addr[0])
-        )
-        verdict = matcher.first(deciding.client, deciding.dst, dst_addr[1])
+        deciding = _Deciding(matcher, dst_addr)
+        verdict = matcher.first_of(self._client_addr[0], dst_addr[0], dst_addr[1])
         if isinstance(verdict, Waiting):
             deciding.waiting = verdict
             self._deciding = deciding
@@ -285,8 +264,8 @@ class Session:
             # them first, and wait (a poller registration, a deadline) only if they are not.
             if self._sniff_more():
                 return
-            deciding.sniff_wait = _SniffWait(self)
-            ctx.sniff_deadlines.add(now + matcher.policy.sniff_timeout_s, deciding.sniff_wait)
+            deadline_at = now + matcher.policy.sniff_timeout_s
+            deciding.sniff_wait = ctx.sniff_deadlines.add(deadline_at, self)
             ctx.poller.add_reader(client_sock.fileno(), self)
             return
         self._carry_out(verdict, deciding, now)
@@ -297,12 +276,16 @@ class Session:
     # --- SNIFFING -----------------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        """The client sent (SNIFFING), or the upstream proxy answered (HANDSHAKING)."""
+        """The client sent (SNIFFING), or the upstream proxy answered (HANDSHAKING); CONNECTING,
+        the client sent more after its sniffed bytes, or ended (the relay reads that later)."""
         try:
-            if self.phase is Phase.SNIFFING:
+            phase = self.phase
+            if phase is Phase.SNIFFING:
                 self._sniff_more()
-            elif self.phase is Phase.HANDSHAKING:
+            elif phase is Phase.HANDSHAKING:
                 self._handshake_more()
+            elif phase is Phase.CONNECTING:  # the level-triggered poller would call again
+                self._ctx.poller.remove_reader(self._client_sock.fileno())
         except Exception as exc:
             self.fail(exc)
 
@@ -321,7 +304,13 @@ class Session:
                 return True
             raise
         if data:
-            deciding.held += data
+            held = deciding.held
+            if not held:
+                deciding.held = data
+            else:
+                if not isinstance(held, bytearray):
+                    held = deciding.held = bytearray(held)
+                held += data
             if sniffer.client_sent(data) and len(data) < room:
                 return False  # more wanted, and there is room for it
         # Decided, full, or the client's end (its EOF stays for the relay to read).
@@ -340,15 +329,21 @@ class Session:
         deciding, sniffer, record = self._deciding, self._sniffer, self.record
         assert deciding is not None and sniffer is not None and record is not None
         assert deciding.waiting is not None
-        if deciding.sniff_wait is not None:  # it waited: leave the queue and the poller
-            deciding.sniff_wait.session = None
-            self._ctx.poller.remove_reader(self._client_sock.fileno())
+        if deciding.sniff_wait is not None:  # it waited: leave the queue
+            self._ctx.sniff_deadlines.cancel(deciding.sniff_wait)
+            # The client's socket stays in the poller for reading: the relay reads it next, and
+            # takes the registration over (no epoll_ctl to remove it now and one to add it back
+            # then). Should the client send more or end while the upstream connect is in flight,
+            # on_readable takes the socket out then; a `via` session takes it out before it
+            # talks to its proxy (on_readable then means the proxy's answer).
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
-        facts = _sniffed_facts(sniffed)
-        verdict = deciding.matcher.with_facts(deciding.waiting, deciding.client, deciding.dst,
-                                              deciding.dst_addr[1], facts)  # fmt: skip
-        self._carry_out(verdict, deciding, time.monotonic(), facts)
+        facts = sniffed.facts
+        sni = facts.sni if isinstance(facts, TlsHello) else None
+        host = facts.host if isinstance(facts, HttpRequest) else None
+        verdict = deciding.matcher.resume(deciding.waiting, deciding.dst_addr[1], sniffed.proto,
+                                          sni, host)  # fmt: skip
+        self._carry_out(verdict, deciding, time.monotonic(), sniffed)
         self._client_addr = ()
 
     # --- the verdict ----------------------------------------------------------------------------
@@ -358,7 +353,7 @@ class Session:
         verdict: Verdict,
         deciding: _Deciding,
         now: float,
-        facts: SniffedFacts | None = None,
+        sniffed: Sniffed | None = None,
     ) -> None:
         record = self.record
         assert record is not None and verdict.action is not None
@@ -385,6 +380,7 @@ class Session:
             assert verdict.via is not None
             target, spoof_ip = (verdict.via.address.host, verdict.via.address.port), None
             record.upstream = str(verdict.via.address)
+            facts = None if sniffed is None else _sniffed_facts(sniffed)
             deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
             if deciding.handshake is None:
                 return
@@ -496,7 +492,9 @@ class Session:
             config = self._ctx.config
             self.connect_deadline_at = time.monotonic() + config.connect_timeout_s
         self.phase = Phase.HANDSHAKING
-        self._ctx.poller.add_reader(upstream.fileno(), self)
+        poller = self._ctx.poller
+        poller.remove_reader(self._client_sock.fileno())  # if it waited to be sniffed
+        poller.add_reader(upstream.fileno(), self)
         self._handshake_send(deciding.handshake.start())
 
     # --- HANDSHAKING ----------------------------------------------------------------------------
@@ -565,7 +563,9 @@ class Session:
         pool = ctx.pipes if ctx.config.relay is RelayKind.SPLICE else None
         pending_up = pending_down = b""
         if deciding is not None:
-            pending_up, pending_down = bytes(deciding.held), deciding.leftover
+            held = deciding.held
+            pending_up = bytes(held) if isinstance(held, bytearray) else held
+            pending_down = deciding.leftover
             self._deciding = None
         if record.sniffed is None:
             # What the session is, read from its first bytes as they pass (no wait: no rule
@@ -642,7 +642,7 @@ class Session:
         self._stop_connecting()
         self.phase = Phase.CLOSED
         if self._deciding is not None and self._deciding.sniff_wait is not None:
-            self._deciding.sniff_wait.session = None
+            self._ctx.sniff_deadlines.cancel(self._deciding.sniff_wait)
         self._deciding = None
         self._client_addr = ()
         if self._relay is not None:

@@ -9,14 +9,19 @@ not on the number of rules before the one that decides:
 - addresses are (version, int) pairs, parsed from the socket's text without `ipaddress`;
 - for `dst` and for `client`, per IP version, one table per prefix length used anywhere in the
   policy maps each network to the rules that name it: an address's rules are the union of one
-  masked lookup per prefix length, plus the rules without that key;
+  masked lookup per prefix length, plus the rules without that key (remembered per address, up
+  to `ADDRESS_MEMO_MAX`);
 - the port line is cut into intervals where the same rules allow the port (a rule without
   `ports` allows every port), each with its bit set (up to `PARTITION_MAX_RULES` rules; a bigger
   policy checks ports rule by rule);
 - the rules whose addresses and port match are the AND of the three; the lowest decides, or the
-  walk waits there for the sniffed facts: `first()` says where, and `with_facts()` resumes there
-  (the rules before it could not match), trying the fact keys rule by rule;
-- names are compared against a set of exact names and a tuple of `.suffix`es (`str.endswith`).
+  walk waits there for the sniffed facts: `first()` says where (`first_of()`, the same from
+  the socket's address text, remembers its answers), and `resume()` (or `with_facts()`) goes on
+  from there (the rules before it could not match) with the rules that `first()` left, ANDed
+  with the rules
+  the facts allow: per fact key, the rules without it, plus those it names -- one lookup for the
+  protocol, and for a name one for the name itself and one per `.suffix` of it (a glob
+  `*.example.com` is the suffix `.example.com`, and matches only names longer than it).
 
 A property test drives `Matcher` and `decide` with random policies and sessions and requires
 the same verdict.
@@ -29,7 +34,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tproxy.policy.decide import SniffedFacts, Verdict
 from tproxy.policy.model import Action, Default, NamePattern, Policy, Rule, normalize_name
@@ -45,6 +50,13 @@ _Names = tuple[frozenset[str], tuple[str, ...]] | None
 # The port partition holds up to (2 × port ranges + 1) intervals, each a bit set of the rules:
 # bounded here.
 PARTITION_MAX_RULES = 1024
+# Each address index remembers the bit sets of the addresses it was last asked about (one dict
+# lookup instead of one per prefix length: a proxy sees the same clients and destinations again
+# and again); it starts over when it holds this many.
+ADDRESS_MEMO_MAX = 1024
+# `first_of` remembers its answers by (client IP, destination IP, port) as the socket gives them,
+# up to this many (then it starts over): a client opens many connections to the same place.
+FIRST_MEMO_MAX = 2048
 
 
 def parse_address(text: str) -> Address:
@@ -89,19 +101,6 @@ def _names(patterns: Sequence[NamePattern] | None) -> _Names:
         return None
     exact = frozenset(p.name for p in patterns if not p.glob)
     return exact, tuple(p.name for p in patterns if p.glob)
-
-
-def _name_in(name: str | None, names: tuple[frozenset[str], tuple[str, ...]]) -> bool:
-    if name is None:
-        return False
-    exact, suffixes = names
-    if name in exact:
-        return True
-    if not name.endswith(suffixes):  # the common miss: one C call for every glob
-        return False
-    # A glob's suffix starts with "." and matches only longer names: ".example.com" itself is
-    # not "under" example.com (but it is under *.com, another glob of the same rule).
-    return any(len(name) > len(suffix) and name.endswith(suffix) for suffix in suffixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +158,11 @@ def _partition(rules: Sequence[_Compiled]) -> tuple[list[int], list[int]]:
 class _AddressIndex:
     """For one key (`dst` or `client`) and one IP version: which rules an address matches."""
 
-    __slots__ = ("_always", "_tables")
+    __slots__ = ("_always", "_memo", "_tables")
 
     def __init__(self, nets_per_rule: Sequence[_Nets]) -> None:
         self._always = 0  # rules without the key
+        self._memo: dict[int, int] = {}  # address value -> its bit set (ADDRESS_MEMO_MAX)
         tables: dict[int, dict[int, int]] = {}
         for index, nets in enumerate(nets_per_rule):
             if nets is None:
@@ -175,20 +175,120 @@ class _AddressIndex:
         self._tables = tuple(tables.items())
 
     def rules(self, value: int) -> int:
+        tables = self._tables
+        if not tables:
+            return self._always
+        memo = self._memo
+        bits = memo.get(value)
+        if bits is not None:
+            return bits
         bits = self._always
-        for mask, table in self._tables:
+        for mask, table in tables:
             found = table.get(value & mask)
             if found:
                 bits |= found
+        if len(memo) >= ADDRESS_MEMO_MAX:
+            memo.clear()
+        memo[value] = bits
+        return bits
+
+
+class _NameIndex:
+    """For one name key (`sni`, `host`, `sni_or_host`): which rules a name matches, as a bit
+    set; the rules without the key match every name, and None."""
+
+    __slots__ = ("_exact", "_odd", "_suffixes", "without")
+
+    def __init__(self, names_per_rule: Sequence[_Names]) -> None:
+        self.without = 0
+        self._exact: dict[str, int] = {}
+        self._suffixes: dict[str, int] = {}  # ".example.com" -> the rules with *.example.com
+        odd: list[tuple[str, int]] = []  # a glob suffix without its leading dot (none parse so)
+        for index, names in enumerate(names_per_rule):
+            bit = 1 << index
+            if names is None:
+                self.without |= bit
+                continue
+            exact, suffixes = names
+            for name in exact:
+                self._exact[name] = self._exact.get(name, 0) | bit
+            for suffix in suffixes:
+                if suffix.startswith("."):
+                    self._suffixes[suffix] = self._suffixes.get(suffix, 0) | bit
+                else:
+                    odd.append((suffix, bit))
+        self._odd = tuple(odd)
+
+    @property
+    def used(self) -> bool:
+        """Whether any rule has the key."""
+        return bool(self._exact or self._suffixes or self._odd)
+
+    def rules(self, name: str | None) -> int:
+        if name is None:
+            return self.without
+        bits = self.without | self._exact.get(name, 0)
+        suffixes = self._suffixes
+        if suffixes:
+            # Every ".suffix" the name ends with, and is longer than: each dot but a leading one.
+            dot = name.find(".", 1)
+            while dot != -1:
+                found = suffixes.get(name[dot:])
+                if found:
+                    bits |= found
+                dot = name.find(".", dot + 1)
+        for suffix, bit in self._odd:
+            if len(name) > len(suffix) and name.endswith(suffix):
+                bits |= bit
+        return bits
+
+
+class _FactIndex:
+    """Which rules the sniffed facts allow, as a bit set (the rules without fact keys: all)."""
+
+    __slots__ = ("_either", "_host", "_proto", "_proto_without", "_sni")
+
+    def __init__(self, rules: Sequence[_Compiled]) -> None:
+        self._proto_without = 0
+        proto: dict[str, int] = {}
+        for index, rule in enumerate(rules):
+            if rule.proto is None:
+                self._proto_without |= 1 << index
+            else:
+                for name in rule.proto:
+                    proto[name] = proto.get(name, 0) | 1 << index
+        self._proto = proto if proto else None
+        indexes = [_NameIndex([getattr(rule, key) for rule in rules])
+                   for key in ("sni", "host", "either")]  # fmt: skip
+        self._sni, self._host, self._either = (i if i.used else None for i in indexes)
+
+    def allow(self, proto: str, sni: str | None, host: str | None) -> int:
+        bits = -1  # every rule
+        if self._proto is not None:
+            bits = self._proto_without | self._proto.get(proto, 0)
+        if self._sni is not None:
+            bits &= self._sni.rules(sni)
+        if self._host is not None:
+            bits &= self._host.rules(host)
+        either = self._either
+        if either is not None:
+            if sni is None or host is None:
+                bits &= either.rules(sni if host is None else host)
+            else:
+                bits &= either.rules(sni) | either.rules(host)
         return bits
 
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """`Matcher.first` stopped at rule `index`, which needs sniffed facts (`rule` names it)."""
+    """`Matcher.first` stopped at rule `index`, which needs sniffed facts (`rule` names it);
+    `rest` is the bit set of the rules from there on whose address keys (and port, when
+    partitioned) matched, so that `with_facts` resumes without looking the session up again
+    (-1: look it up)."""
 
     index: int
     rule: str
+    rest: int = field(default=-1, compare=False, repr=False)
 
 
 def _ports_allow(rule: _Compiled, port: int) -> bool:
@@ -201,7 +301,8 @@ class Matcher:
     """A policy, compiled: `first()` at accept, `with_facts()` once sniffed (see module doc)."""
 
     __slots__ = (
-        "_bounds", "_by_port", "_client", "_default", "_dst", "_rules", "needs_facts", "policy",
+        "_bounds", "_by_port", "_client", "_default", "_dst", "_facts", "_first_memo", "_rules",
+        "needs_facts", "policy",
     )  # fmt: skip
 
     def __init__(self, policy: Policy) -> None:
@@ -216,6 +317,8 @@ class Matcher:
         self._by_port: list[int] = []
         if len(rules) <= PARTITION_MAX_RULES:
             self._bounds, self._by_port = _partition(rules)
+        self._facts = _FactIndex(rules)
+        self._first_memo: dict[tuple[str, str, int], Verdict | Waiting] = {}
         self._default = Verdict(Action.ALLOW if policy.default is Default.ALLOW else Action.RESET)
         self.needs_facts = any(rule.needs_facts for rule in policy.rules)
 
@@ -238,40 +341,54 @@ class Matcher:
             rule = rules[index]
             if not check_ports or _ports_allow(rule, port):
                 if rule.needs_facts:
-                    return Waiting(index, rule.verdict.rule or "")
+                    return Waiting(index, rule.verdict.rule or "", bits)
                 return rule.verdict
             bits ^= low
         return self._default
+
+    def first_of(self, client_ip: str, dst_ip: str, port: int) -> Verdict | Waiting:
+        """`first()` from the IP addresses as a socket gives them (text), remembered.
+
+        Raises:
+            OSError: an address that is not an IP address.
+        """
+        key = (client_ip, dst_ip, port)
+        memo = self._first_memo
+        answer = memo.get(key)
+        if answer is None:
+            answer = self.first(parse_address(client_ip), parse_address(dst_ip), port)
+            if len(memo) >= FIRST_MEMO_MAX:
+                memo.clear()
+            memo[key] = answer
+        return answer
 
     def with_facts(
         self, waiting: Waiting, client: Address, dst: Address, port: int, sniffed: SniffedFacts
     ) -> Verdict:
         """The verdict once sniffed, resuming the walk where `first()` stopped."""
-        sni = None if sniffed.sni is None else normalize_name(sniffed.sni)
-        host = None if sniffed.http_host is None else normalize_name(sniffed.http_host)
-        bits = self._candidates(client, dst, port) >> waiting.index << waiting.index
-        rules, check_ports = self._rules, self._bounds is None
-        while bits:
-            low = bits & -bits
-            rule = rules[low.bit_length() - 1]
-            bits ^= low
-            if check_ports and not _ports_allow(rule, port):
-                continue
-            if rule.needs_facts and not self._facts_match(rule, sniffed.proto, sni, host):
-                continue
-            return rule.verdict
-        return self._default
+        if waiting.rest < 0:
+            rest = self._candidates(client, dst, port) >> waiting.index << waiting.index
+            waiting = Waiting(waiting.index, waiting.rule, rest)
+        return self.resume(waiting, port, sniffed.proto, sniffed.sni, sniffed.http_host)
 
-    @staticmethod
-    def _facts_match(rule: _Compiled, proto: str, sni: str | None, host: str | None) -> bool:
-        if rule.proto is not None and proto not in rule.proto:
-            return False
-        if rule.sni is not None and not _name_in(sni, rule.sni):
-            return False
-        if rule.host is not None and not _name_in(host, rule.host):
-            return False
-        either = rule.either
-        return either is None or _name_in(sni, either) or _name_in(host, either)
+    def resume(
+        self, waiting: Waiting, port: int, proto: str, sni: str | None, http_host: str | None
+    ) -> Verdict:
+        """`with_facts` for a `Waiting` that `first()` made (it knows the rules left), with the
+        facts as they were sniffed (names not normalized yet)."""
+        sni = None if sni is None else normalize_name(sni)
+        host = None if http_host is None else normalize_name(http_host)
+        bits = waiting.rest & self._facts.allow(proto, sni, host)
+        rules = self._rules
+        if self._bounds is None:  # ports not partitioned: checked here, rule by rule
+            while bits:
+                low = bits & -bits
+                rule = rules[low.bit_length() - 1]
+                if _ports_allow(rule, port):
+                    return rule.verdict
+                bits ^= low
+            return self._default
+        return rules[(bits & -bits).bit_length() - 1].verdict if bits else self._default
 
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
