@@ -281,7 +281,7 @@ def write_results(
         "sniffed, matches no name, and is allowed. The matcher remembers its first answer per "
         "client address, destination and port (2,048 at most): the benchmark's 64 clients "
         "going to one server and port hit it after their first connection, which a router's "
-        "traffic (many destinations) does less often; a miss costs about 2 µs more of bit-set "
+        "traffic (many destinations) does less often; a miss costs a few µs more of bit-set "
         "lookups. It runs only what its rows need: the "
         "connection rate with CPU per connection, and iperf3 one stream each way. Its CPU "
         'target is a per-round difference, judged like the others. "Unchanged within the '
