@@ -71,6 +71,11 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     "loop": (["--loop", "asyncio"], 'loop = "asyncio"', LoopKind.ASYNCIO),
     "log_format": (["--log-format", "json"], 'log_format = "json"', LogFormat.JSON),
     "policy": (["--policy", "p.toml"], 'policy = "p.toml"', "p.toml"),
+    "addon_files": (
+        ["--addon", "a.py", "--addon", "b.py"],
+        'addon = ["a.py", "b.py"]',
+        ["a.py", "b.py"],
+    ),
     "capture_dir": (["--capture-dir", "caps"], 'capture_dir = "caps"', "caps"),
     "capture_all": (
         ["--capture-all", "--capture-dir", "caps"],

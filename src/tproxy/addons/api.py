@@ -5,11 +5,11 @@ An addon is a Python file (`tproxy run --addon FILE`) whose module-level functio
 the hooks are its hooks, or whose module-level `addons = [obj, ...]` lists objects with hook
 methods. A hook may be a plain function or an `async def`::
 
-    from tproxy.addons.api import Session, reset
+    from tproxy.addons.api import Session, Verdict, reset
 
     sniff = True  # sessions wait for their first bytes, so session_start sees the SNI
 
-    def session_start(session: Session) -> object:
+    def session_start(session: Session) -> Verdict | None:
         if session.sniffed is not None and session.sniffed.sni == "ads.example":
             return reset()
         return None  # no opinion: the policy's verdict stands
