@@ -367,9 +367,11 @@ def test_addon_in_the_config_file_loads_into_the_configuration(tmp_path: Path) -
     assert [h.addon for h in config.addons.session_start] == [one]
 
 
-def test_without_addons_there_is_nothing_to_load() -> None:
+def test_without_addons_there_is_nothing_to_load(tmp_path: Path) -> None:
     assert _load_config(None, {}).addons is None
     assert ProxyConfig().addon_files == []
+    empty = _load_config(_write(tmp_path / "tproxy.toml", "addon = []\n"), {})
+    assert (empty.addon_files, empty.addons) == ([], None)
 
 
 def test_a_broken_addon_fails_the_configuration(tmp_path: Path) -> None:
