@@ -71,6 +71,11 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     "loop": (["--loop", "asyncio"], 'loop = "asyncio"', LoopKind.ASYNCIO),
     "log_format": (["--log-format", "json"], 'log_format = "json"', LogFormat.JSON),
     "policy": (["--policy", "p.toml"], 'policy = "p.toml"', "p.toml"),
+    "addon_files": (
+        ["--addon", "a.py", "--addon", "b.py"],
+        'addon = ["a.py", "b.py"]',
+        ["a.py", "b.py"],
+    ),
     "capture_dir": (["--capture-dir", "caps"], 'capture_dir = "caps"', "caps"),
     "capture_all": (
         ["--capture-all", "--capture-dir", "caps"],
@@ -159,6 +164,9 @@ _DURATION_MESSAGE = (
         ('loop = "x"', 'loop must be "uvloop" or "asyncio"'),
         ("capture_all = 1", "capture_all must be true or false"),
         ("capture_dir = 5", "capture_dir must be a file name"),
+        ('addon = "a.py"', 'addon must be a list of file names (e.g. ["a.py", "b.py"])'),
+        ('addon = ["a.py", ""]', 'addon must be a list of file names (e.g. ["a.py", "b.py"])'),
+        ("addon = [1]", 'addon must be a list of file names (e.g. ["a.py", "b.py"])'),
         ("capture_max_bytes = 0", _BYTES_MESSAGE.format(key="capture_max_bytes")),
         ('capture_max_bytes = "16MB"', _BYTES_MESSAGE.format(key="capture_max_bytes")),
         ("capture_max_total = 1.5", _BYTES_MESSAGE.format(key="capture_max_total")),
@@ -182,7 +190,7 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_config_file(f"{key} = 1")
     assert str(raised.value) == (
-        f"unknown setting {key!r} (known: capture_all, capture_dir, capture_max_age, "
+        f"unknown setting {key!r} (known: addon, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
         "half_closed_timeout, idle_timeout, listen, log_format, loop, mark, max_connections, "
         "mode, policy, relay, spoof_source)"

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import uvloop
 
 from tproxy import __version__
+from tproxy.addons.loader import Addon, load_addons
 from tproxy.capture.prune import CapturePruner
 from tproxy.capture.setup import check_capture
 from tproxy.core.config import (
@@ -366,6 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the sniffed protocol (default: tls with --sni, http with --host)",
     )
 
+    addon = commands.add_parser(
+        "addon",
+        help="check addon files",
+        description="Load addon files (tproxy run --addon) without running the proxy; no root.",
+    )
+    addon_actions = addon.add_subparsers(dest="action", metavar="ACTION",
+                                         parser_class=OneLineParser)  # fmt: skip
+    addon_actions.required = True
+    addon_check = addon_actions.add_parser(
+        "check",
+        help="load addon files and list their hooks",
+        description=(
+            "Load each file as 'tproxy run --addon' does (its code runs) and check its hooks. "
+            "Exit status: 0 and one line per addon (its hooks, which are async, whether it "
+            "sniffs) if all load; 2 and one line naming the file, line and error if one does not."
+        ),
+    )
+    addon_check.add_argument("files", metavar="FILE", nargs="+", help="the addon files (Python)")
+
     lab = commands.add_parser(
         "lab",
         help="demo: a client, a router running tproxy and a server, in network namespaces",
@@ -402,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args)
         if args.command == "policy":
             return _policy(args)
+        if args.command == "addon":
+            return _addon(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -433,6 +455,8 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
     config = build_config(file_values, overrides)
     if config.policy is not None:
         config = replace(config, matcher=load_matcher(config.policy))
+    if config.addon_files:
+        config = replace(config, addons=load_addons(config.addon_files))
     check_capture(config)  # on reload too: a broken capture setup keeps the running one
     return config
 
@@ -443,7 +467,7 @@ def _run(args: argparse.Namespace) -> int:
         config = _load_config(args.config, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
-    reloadable = args.config is not None or config.policy is not None
+    reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
     reload = partial(_load_config, args.config, overrides) if reloadable else None
     workers = args.workers or os.cpu_count() or 1
     if workers > MAX_WORKER:  # the session id has room for this many
@@ -588,6 +612,23 @@ def _policy(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(explain_lines(policy, args)))
     return 0
+
+
+def _addon(args: argparse.Namespace) -> int:
+    try:
+        addons = load_addons(args.files).addons
+    except ConfigError as exc:
+        sys.stderr.write(f"tproxy addon {args.action}: error: {exc}\n")
+        return 2
+    print("\n".join(addon_line(addon) for addon in addons))
+    return 0
+
+
+def addon_line(addon: Addon) -> str:
+    """What `tproxy addon check` says of one addon: its hooks (async ones marked), and sniff."""
+    hooks = ", ".join(hook.name + (" (async)" if hook.is_async else "") for hook in addon.hooks)
+    line = f"{addon.name}: {hooks or 'no hooks of its own'}"
+    return line + ("; sniff = True: sessions wait for their first bytes" if addon.sniff else "")
 
 
 def explain_lines(policy: Policy, args: argparse.Namespace) -> list[str]:

@@ -18,6 +18,7 @@ and a test keeps it and the README's equal to it):
     loop = "uvloop"
     log_format = "json"
     policy = "/etc/tproxy/policy.toml"
+    addon = ["/etc/tproxy/addons/log_requests.py"]
     capture_dir = "/var/lib/tproxy/captures"
     capture_all = false
     capture_max_bytes = "16M"
@@ -45,6 +46,7 @@ from tproxy.core.options import (
     ENDPOINTS,
     MARK,
     PATH,
+    PATHS,
     POSITIVE_INT,
     SECONDS,
     SWITCH,
@@ -59,6 +61,7 @@ from tproxy.core.options import (
 from tproxy.core.options import ConfigError as ConfigError  # noqa: PLC0414
 
 if TYPE_CHECKING:
+    from tproxy.addons.loader import Addons
     from tproxy.policy.matcher import Matcher
 
 DEFAULT_PROXY_PORT = 1800
@@ -151,6 +154,12 @@ class ProxyConfig:
         matcher: the policy file's contents, compiled (`policy.matcher`); not an option but what
             `policy` names, read (with its host names resolved) whenever the configuration is
             loaded, so that a reload with a broken policy fails as a whole and keeps the old one.
+        addon_files: the addon files (`tproxy.addons`), in the order their hooks run; empty:
+            no addons.
+        addons: the addon files loaded (`addons.loader.Addons`); not an option but what
+            `addon_files` names, loaded like `matcher` whenever the configuration is loaded (a
+            reload with a broken addon keeps the old configuration, addons and all); None
+            without addon files.
         capture_dir: where capture files go (`tproxy.capture`); None: nothing is captured.
         capture_all: capture every session, not only those a policy rule with `capture = true`
             decides.
@@ -175,6 +184,8 @@ class ProxyConfig:
     loop: LoopKind = LoopKind.UVLOOP
     policy: str | None = None
     matcher: Matcher | None = field(default=None, compare=False, repr=False)
+    addon_files: list[str] = field(default_factory=list)
+    addons: Addons | None = field(default=None, compare=False, repr=False)
     capture_dir: str | None = None
     capture_all: bool = False
     capture_max_bytes: int = DEFAULT_CAPTURE_MAX_BYTES
@@ -245,6 +256,12 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="policy file (TOML): rules that allow, reset, redirect or send sessions through "
            "an upstream proxy, by address, port, TLS server name or HTTP Host; check it with "
            "'tproxy policy check'; SIGHUP re-reads it (default: allow everything)"),
+    option("addon_files", PATHS, key="addon", metavar="FILE",
+           example=["/etc/tproxy/addons/log_requests.py"],
+           help="an addon: a Python file whose functions named after the hooks see the "
+           "sessions (see tproxy.addons; in progress: loaded and checked, hooks not called yet); "
+           "repeatable, run in the order given; check one with 'tproxy addon check'; SIGHUP "
+           "re-reads them (default: none)"),
     option("capture_dir", PATH, metavar="DIR", example="/var/lib/tproxy/captures",
            help="write a pcapng file of what was relayed for each captured session (a policy "
            "rule with capture = true, or --capture-all) into DIR, which must exist and be "
@@ -268,7 +285,7 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
 `ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`
 and `workers` say how to run, not what the proxy does, and exist on the command line only."""
 
-DERIVED_FIELDS = frozenset({"matcher"})
+DERIVED_FIELDS = frozenset({"matcher", "addons"})
 """`ProxyConfig` fields that no option sets: made from what the options name when loading."""
 
 FILE_OPTIONS = tuple(spec for spec in RUN_OPTIONS if spec.file_key is not None)
@@ -332,7 +349,7 @@ def reload_from(
     there is no file.
     """
     if load is None:
-        return None, ["SIGHUP: no --config or --policy file, nothing to reload"]
+        return None, ["SIGHUP: no --config, --policy or --addon file, nothing to reload"]
     try:
         loaded = load()
     except ConfigError as exc:

@@ -383,6 +383,16 @@ PATH = ValueType(_path_from_file, str, lambda v: f'"{v}"')
 """A file name (on the command line taken as given: opening it says what is wrong)."""
 
 
+def _paths_from_file(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'{key} must be a list of file names (e.g. ["a.py", "b.py"])')
+    return value
+
+
+PATHS = ValueType(_paths_from_file, str, _strings_toml, repeatable=True)
+"""A list of file names (maybe empty); on the command line one per flag."""
+
+
 def table_list(specs: Sequence[OptionSpec], build: Callable[..., T]) -> ValueType:
     """A list of tables (TOML `[[key]]`), each checked by its own rows and built into a record.
 

@@ -48,6 +48,39 @@ class Sniffed:
             return (self.proto, None, None, None, None, facts.host, facts.method)
         return (self.proto, None, None, None, None, None, None)
 
+    # The facts one by one, as addons read them (`tproxy.addons.api.Session.sniffed`); None
+    # where the protocol has no such fact. Not used on the relay's path (`event_fields` is).
+
+    @property
+    def sni(self) -> str | None:
+        """The TLS server name (`TlsHello.sni`)."""
+        return self.facts.sni if isinstance(self.facts, TlsHello) else None
+
+    @property
+    def alpn(self) -> tuple[str, ...] | None:
+        """The offered ALPN protocol names, in the client's order (`TlsHello.alpn`)."""
+        return self.facts.alpn if isinstance(self.facts, TlsHello) else None
+
+    @property
+    def tls_offered(self) -> str | None:
+        """The highest TLS version offered, e.g. "1.3" (`TlsHello.offered_version`)."""
+        return self.facts.offered_version if isinstance(self.facts, TlsHello) else None
+
+    @property
+    def ech(self) -> bool | None:
+        """The ClientHello carries the ECH extension, real or GREASE (`TlsHello.ech`)."""
+        return self.facts.ech if isinstance(self.facts, TlsHello) else None
+
+    @property
+    def http_host(self) -> str | None:
+        """The first HTTP/1 request's Host, port stripped (`HttpRequest.host`)."""
+        return self.facts.host if isinstance(self.facts, HttpRequest) else None
+
+    @property
+    def http_method(self) -> str | None:
+        """The first HTTP/1 request's method (`HttpRequest.method`)."""
+        return self.facts.method if isinstance(self.facts, HttpRequest) else None
+
 
 UNKNOWN = Sniffed("unknown")
 SILENT = Sniffed("silent")

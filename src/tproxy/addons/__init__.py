@@ -1,0 +1,35 @@
+"""Addons: Python files that see, decide and change the sessions they claim (issue 12).
+
+An addon is a file given to `tproxy run --addon FILE` (repeatable; `addon = [...]` in the
+config file). Its module-level functions named after the hooks are its hooks, or the methods of
+the objects in its module-level `addons = [obj, ...]` list; a hook is a plain function or an
+`async def`. `tproxy.addons.api` is what an addon imports (the `Session` protocol, the verdicts,
+`HOOKS`); `tproxy.addons.loader` loads and checks the files.
+
+The order of calls, for one session (as issue 12 specifies it):
+
+1. The policy decides (`tproxy.policy`). When a rule needs sniffed facts, or an addon said
+   `sniff = True` at module level, the session first waits for the client's first bytes (at
+   most the sniff timeout), so `session.sniffed` is known in the next step.
+2. `session_start(session)` of every addon, in the order the files were given (within a file:
+   its module-level hooks, then its `addons` objects in order), before the upstream connect.
+   One may return a verdict (`allow()`, `reset()`, `redirect("host:port")`,
+   `via("socks5://...")`) or None for no opinion: the first verdict that is not None wins over
+   the policy's. One may call `session.claim()` for the session's bytes.
+3. Only for a claimed session: `client_data(session, data)` and `server_data(session, data)`
+   for each chunk, returning the bytes to send on (changed, of any length; empty to hold them
+   back), and `client_eof(session)` / `server_eof(session)` when a side sends FIN, returning
+   what to flush before the FIN goes on. A session no addon claims relays on the zero-copy path
+   and runs no Python per chunk.
+4. `session_end(session)` for every session, with its byte counts and close `reason`.
+
+An exception in a hook ends that session only (reset, close reason `addon_error`); a file that
+does not load stops `tproxy run` at start, and a SIGHUP reload keeps the running addons.
+
+What works now (step 1): the typed hook API, and loading: `--addon` and `addon = [...]` load
+each file as a module of its own, find and check its hooks, and fail start-up or a reload with
+one line naming the file and line. What is still to come (the engine's step): calling the hooks
+from sessions, the relay for claimed sessions (with the memory bound and the half-close and
+reset semantics of every other relay), `sniff = True` making sessions wait, hook exceptions as
+`addon_error`, the close event's `addons` field, and `examples/`.
+"""
