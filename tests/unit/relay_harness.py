@@ -55,3 +55,30 @@ async def relay(
         poller.close()
         client.close()  # the last FIN, after a clean end (a reset has closed them already)
         upstream.close()
+
+
+async def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected, non-blocking TCP sockets on loopback: real resets are real resets."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        a = socket.socket()
+        a.setblocking(False)
+        await loop.sock_connect(a, listener.getsockname())
+        b, _ = await loop.sock_accept(listener)
+        b.setblocking(False)
+        return a, b
+
+
+async def read_until_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything `sock` receives, and how it ended: "eof" or "reset"."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        return bytes(data), "reset"
+    return bytes(data), "eof"

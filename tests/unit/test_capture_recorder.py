@@ -25,7 +25,7 @@ from tproxy.engine.pipes import PipePool
 from tproxy.engine.pump import COPY_CHUNK_BYTES
 from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
 
-from .relay_harness import relay
+from .relay_harness import read_until_end, relay, tcp_pair
 
 CLIENT, SERVER = ("198.18.1.2", 50000), ("198.18.2.2", 443)
 NAME = "20261201T041500Z_01kbj9dq70102_198.18.1.2_50000_to_198.18.2.2_443.pcapng"
@@ -131,31 +131,6 @@ def test_a_failed_write_ends_the_recording_removes_the_part_and_never_raises(
 # --- behind the engine's relay (real loopback TCP, splice pool) ---------------------------------
 
 
-async def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    loop = asyncio.get_running_loop()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.setblocking(False)
-        a = socket.socket()
-        a.setblocking(False)
-        await loop.sock_connect(a, listener.getsockname())
-        b, _ = await loop.sock_accept(listener)
-        b.setblocking(False)
-        return a, b
-
-
-async def _read_to_end(sock: socket.socket) -> tuple[bytes, str]:
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    try:
-        while chunk := await loop.sock_recv(sock, 1 << 16):
-            data += chunk
-    except ConnectionResetError:
-        return bytes(data), "reset"
-    return bytes(data), "eof"
-
-
 def _relayed_through_a_recorder(
     directory: Path, max_bytes: int, upstream_resets: bool
 ) -> tuple[SessionRecord, Recorder, str | None, CloseReason]:
@@ -165,8 +140,8 @@ def _relayed_through_a_recorder(
 
     async def scenario() -> tuple[SessionRecord, Recorder, str | None, CloseReason]:
         loop = asyncio.get_running_loop()
-        peer_client, proxy_client = await _tcp_pair()
-        proxy_upstream, peer_upstream = await _tcp_pair()
+        peer_client, proxy_client = await tcp_pair()
+        proxy_upstream, peer_upstream = await tcp_pair()
         record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
         recorder = _recorder(directory, max_bytes)
         pool = PipePool()
@@ -174,10 +149,10 @@ def _relayed_through_a_recorder(
             relaying = asyncio.ensure_future(
                 relay(proxy_client, proxy_upstream, record, pool, recording=recorder)
             )
-            client_reads = asyncio.ensure_future(_read_to_end(peer_client))
+            client_reads = asyncio.ensure_future(read_until_end(peer_client))
             await loop.sock_sendall(peer_client, up)
             peer_client.shutdown(socket.SHUT_WR)
-            assert await _read_to_end(peer_upstream) == (up, "eof")
+            assert await read_until_end(peer_upstream) == (up, "eof")
             await loop.sock_sendall(peer_upstream, down)
             if upstream_resets:
                 while unacknowledged_bytes(peer_upstream):

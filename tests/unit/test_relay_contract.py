@@ -26,7 +26,7 @@ from tproxy.engine.pump import COPY_CHUNK_BYTES, SPLICE_AFTER_BYTES
 from tproxy.interception.sockopts import abort_socket, unacknowledged_bytes
 from tproxy.sniffers.passive import FirstBytes
 
-from .relay_harness import relay
+from .relay_harness import read_until_end, relay, tcp_pair
 
 POOL = PipePool()
 
@@ -121,23 +121,9 @@ class Wiring:
             sock.close()
 
 
-async def _tcp_pair(loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.setblocking(False)
-        a = socket.socket()
-        a.setblocking(False)
-        await loop.sock_connect(a, listener.getsockname())
-        b, _ = await loop.sock_accept(listener)
-        b.setblocking(False)
-        return a, b
-
-
 async def _wire() -> Wiring:
-    loop = asyncio.get_running_loop()
-    peer_client, proxy_client = await _tcp_pair(loop)
-    proxy_upstream, peer_upstream = await _tcp_pair(loop)
+    peer_client, proxy_client = await tcp_pair()
+    proxy_upstream, peer_upstream = await tcp_pair()
     record = SessionRecord("test", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
     return Wiring(peer_client, proxy_client, proxy_upstream, peer_upstream, record)
 
@@ -171,18 +157,6 @@ async def _abort_after_acknowledged(sock: socket.socket) -> None:
 async def _cancel(task: asyncio.Future[Any]) -> None:
     task.cancel()
     await asyncio.wait([task])
-
-
-async def _read_until_end(sock: socket.socket) -> tuple[bytes, str]:
-    """Everything `sock` receives, and how it ended: "eof" or "reset"."""
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    try:
-        while chunk := await loop.sock_recv(sock, 1 << 16):
-            data += chunk
-    except ConnectionResetError:
-        return bytes(data), "reset"
-    return bytes(data), "eof"
 
 
 chunk_lists = st.lists(st.binary(min_size=1, max_size=70_000), max_size=8)
@@ -232,7 +206,7 @@ def test_a_bulk_transfer_moves_by_the_relays_own_path_to_the_end(relay: Relay, e
         w = await _wire()
         try:
             relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
-            client_reads = asyncio.ensure_future(_read_until_end(w.peer_client))
+            client_reads = asyncio.ensure_future(read_until_end(w.peer_client))
             await _send_chunks(w.peer_client, [up], then_shutdown=True)
             assert await _read_all(w.peer_upstream) == up  # the client's FIN came after it
             await _send_chunks(w.peer_upstream, [down], then_shutdown=ending == "half_close")
@@ -310,8 +284,8 @@ def test_resets_arrive_after_every_byte_sent_before_them(
         w = await _wire()
         try:
             relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
-            client_reads = asyncio.ensure_future(_read_until_end(w.peer_client))
-            upstream_reads = asyncio.ensure_future(_read_until_end(w.peer_upstream))
+            client_reads = asyncio.ensure_future(read_until_end(w.peer_client))
+            upstream_reads = asyncio.ensure_future(read_until_end(w.peer_upstream))
             await _send_chunks(w.peer_client, up, then_shutdown=ending != "client_resets")
             await _send_chunks(w.peer_upstream, down, then_shutdown=ending != "upstream_resets")
             if ending == "upstream_resets":
