@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
-from tests.integration.test_sniffing import _start_tls_server
 from tests.integration.upstream_proxies import microsocks, netns_hosts, tinyproxy
 from tests.unit.test_sniff_tls import Hello, key_shares
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, wait_listening
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, start_tls_server, wait_listening
 from tproxy.lab.services import TLS_NAME as NAME
 from tproxy.lab.topology import Lab
 
@@ -161,7 +160,7 @@ def test_hellos_cut_one_byte_per_segment_or_in_two_segments_are_sniffed_and_arri
 @pytest.mark.parametrize("family", [4, 6])
 def test_reset_by_sni_glob_and_host_while_other_names_pass(served_lab: Lab, family: int) -> None:
     lab = served_lab
-    _start_tls_server(lab)
+    start_tls_server(lab, lab.server)
     apply_rules(lab, "--ports", f"{HTTP_PORT},{TLS_PORT}")
     proxy = start_proxy(lab, "--policy", str(_policy_file(lab)), default_workers=True)
     server = lab.server.ipv4 if family == 4 else f"[{lab.server.ipv6}]"

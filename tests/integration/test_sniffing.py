@@ -13,16 +13,10 @@ from tproxy.lab.services import TLS_NAME as NAME
 from tproxy.lab.topology import Lab
 
 
-def _start_tls_server(lab: Lab) -> None:
-    """openssl s_server for NAME on port 443 in the server (the lab's helper; test_policy uses
-    this name)."""
-    start_tls_server(lab, lab.server)
-
-
 @pytest.mark.parametrize("family", [4, 6])
 def test_tls_and_http_sessions_say_what_they_are(served_lab: Lab, family: int) -> None:
     lab = served_lab
-    _start_tls_server(lab)
+    start_tls_server(lab, lab.server)
     apply_rules(lab, "--ports", f"{HTTP_PORT},{TLS_PORT}")
     proxy = start_proxy(lab, default_workers=True)  # what users run: a worker per CPU
     server = lab.server.ipv4 if family == 4 else lab.server.ipv6
