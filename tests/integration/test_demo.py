@@ -69,6 +69,11 @@ def test_the_demo_passes_and_cleans_up(lab: Lab, args: list[str], subnet: str) -
     assert "closed (policy_reset)" in reset and 'rule "no-ads": reset' in reset
     assert "reset by rule no-ads, as the policy says" in out
     assert out.count('rule "transfers": allow') == 4
+    # Plain HTTP was captured, and tshark follows a capture as the client and server spoke.
+    assert out.count('rule "capture-web": allow, captured to "') == 2
+    follow = out.split("follow,tcp,ascii,0", 1)[1]
+    assert "GET / HTTP/1.1" in follow and "HTTP/1.1 200 OK" in follow
+    assert "captured plain HTTP" in out
 
     # Nothing left behind: namespaces, processes, temp files.
     demo_namespaces = set(re.findall(r"\((tp[0-9a-f]{6}-\w+)\)", out))

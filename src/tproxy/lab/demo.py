@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,11 @@ from tproxy.observability.events import parse_json_event
 TRANSFER_BYTES = 64 * 1024 * 1024
 AD_NAME = "www.ads.example"
 RESET_RULE = "no-ads"
+CAPTURE_RULE = "capture-web"
 
 # The demo's policy, written to the lab's temp dir and shown as it is: the transfers' port
-# decides at accept (no waiting); a name rule resets ads by TLS SNI or HTTP Host.
+# decides at accept (no waiting); plain HTTP is captured; a name rule resets ads by TLS SNI or
+# HTTP Host.
 POLICY = f"""\
 default = "allow"
 sniff_timeout_s = 1.0
@@ -37,6 +40,12 @@ sniff_timeout_s = 1.0
 name = "transfers"             # by port: decided at accept, nothing waits
 ports = [{PEER_PORT}]
 action = "allow"
+
+[[rule]]
+name = "{CAPTURE_RULE}"           # plain HTTP: each session written as a pcapng file
+ports = [{HTTP_PORT}]
+action = "allow"
+capture = true
 
 [[rule]]
 name = "{RESET_RULE}"                # by name: the TLS SNI or the HTTP Host
@@ -89,9 +98,13 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
         lab.cleanup_paths.append(workdir)
         policy = workdir / "policy.toml"
         policy.write_text(POLICY)
-        _step(f"{lab.router.role}: tproxy run --spoof-source --policy {policy}")
+        captures = workdir / "captures"
+        captures.mkdir(mode=0o700)
+        _step(f"{lab.router.role}: tproxy run --spoof-source --policy {policy} --capture-dir "
+              f"{captures}")  # fmt: skip
         _say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
-        proxy = ProxyProcess(lab, lab.router, ["--spoof-source", "--policy", str(policy)])
+        proxy = ProxyProcess(lab, lab.router, ["--spoof-source", "--policy", str(policy),
+                                               "--capture-dir", str(captures)])  # fmt: skip
         listening = proxy.wait_listening()
         _say(f"listening on {', '.join(listening['listen'])}")
 
@@ -160,6 +173,7 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
             if event is not None:
                 _say(f"  {event.text()}")
         ok &= _sessions_as_expected(closes)
+        ok &= _show_a_capture(closes)
 
         if keep_going:
             _step("the lab stays up until Ctrl-C; try for example:")
@@ -177,11 +191,32 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
         proxy.stop()
         _step("tearing down: namespaces, processes and rules go with the lab")
     _say("\nall checks passed: the server saw the client's own address, bytes arrived intact, "
-         f"the log names each site and the policy reset {AD_NAME}"
+         f"the log names each site, the policy reset {AD_NAME} and captured plain HTTP"
          if ok else "\nSOME CHECKS FAILED (see above)")  # fmt: skip
     if not ok:
         raise LabError("the demo's traffic did not get through as expected")
     return 0
+
+
+def _show_a_capture(closes: list[dict[str, Any]]) -> bool:
+    """The HTTP sessions' capture files exist; tshark (when installed) follows the first."""
+    paths = [Path(c["capture"]) for c in closes if c.get("capture")]
+    _step(f"captures by rule {CAPTURE_RULE}: what Wireshark opens, with the original addresses")
+    for path in paths:
+        _say(f"  {path} ({path.stat().st_size if path.exists() else 'MISSING'} bytes)")
+    if len(paths) != 2 or not all(path.exists() for path in paths):
+        _say(f"MISSING: two capture files by rule {CAPTURE_RULE}")
+        return False
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        _say("  (install tshark to read them here: apt install tshark)")
+        return True
+    _say(f"  tshark -r {paths[0].name} -q -z follow,tcp,ascii,0")
+    result = subprocess.run([tshark, "-r", str(paths[0]), "-q", "-z", "follow,tcp,ascii,0"],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    shown = [line for line in result.stdout.splitlines() if line.strip()][:12]
+    _say("\n".join(f"    {line}" for line in shown))
+    return result.returncode == 0 and any(line.startswith("GET / HTTP/1.1") for line in shown)
 
 
 def _curl_https(lab: Lab, name: str, resolve: str) -> subprocess.CompletedProcess[bytes]:
