@@ -82,3 +82,42 @@ def test_cancelled_waiters_are_not_called_and_their_deadlines_do_not_wake_the_ti
         assert len(clock_reads) - fired <= 2
 
     asyncio.run(scenario())
+
+
+def test_after_a_shorter_timeout_a_new_deadline_fires_on_time_not_behind_the_old_ones() -> None:
+    """A reload shortened the sniff timeout: a session that started before it still waits the
+    old one, and one that starts after it must not wait behind it."""
+
+    async def scenario() -> None:
+        calls: list[tuple[str, float]] = []
+        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print)
+        now = time.monotonic()
+        old = queue.add(now + 0.5, Waiter("old-cancelled", calls))  # sniffed at once
+        queue.cancel(old)
+        queue.add(now + 0.6, Waiter("old-silent", calls))
+        queue.add(now + 0.05, Waiter("new-1", calls))
+        queue.add(now + 0.07, Waiter("new-2", calls))
+        await asyncio.sleep(0.15)
+        assert [name for name, _ in calls] == ["new-1", "new-2"]
+        assert calls[0][1] >= now + 0.05 and calls[1][1] >= now + 0.07
+        await asyncio.sleep(0.55)
+        assert [name for name, _ in calls] == ["new-1", "new-2", "old-silent"]
+        assert len(queue) == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiters_that_stopped_in_order_leave_nothing_queued() -> None:
+    async def scenario() -> None:
+        queue: DeadlineQueue[Waiter] = DeadlineQueue(asyncio.get_running_loop(), print)
+        now = time.monotonic()
+        tickets = [queue.add(now + 60, Waiter(f"w{i}", [])) for i in range(1000)]
+        for ticket in tickets[:-1]:
+            queue.cancel(ticket)
+        assert len(queue) == 1 and len(queue._tickets) == 1  # only the one still waiting
+        queue.cancel(tickets[500])  # again, out of order: ignored
+        queue.cancel(tickets[-1])
+        assert len(queue._tickets) == len(queue._deadlines) == 0
+        queue.close()
+
+    asyncio.run(scenario())

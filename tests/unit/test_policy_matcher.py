@@ -159,3 +159,9 @@ def test_the_remote_name_is_a_well_formed_name_or_none(
     sni: str | None, host: str | None, expected: str | None
 ) -> None:
     assert remote_name(SniffedFacts("tls", sni, host)) == expected
+
+
+def test_resume_refuses_a_waiting_that_first_did_not_make() -> None:
+    policy = parse_policy('[[rule]]\nname = "n"\nsni = ["a.example"]\naction = "reset"\n')
+    with pytest.raises(ValueError, match="with_facts"):
+        Matcher(policy).resume(Waiting(0, "n"), 443, "tls", "a.example", None)

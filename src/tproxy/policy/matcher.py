@@ -365,7 +365,9 @@ class Matcher:
     def with_facts(
         self, waiting: Waiting, client: Address, dst: Address, port: int, sniffed: SniffedFacts
     ) -> Verdict:
-        """The verdict once sniffed, resuming the walk where `first()` stopped."""
+        """The verdict once sniffed, resuming the walk where `first()` stopped (for the same
+        client, destination and port: a `Waiting` from `first()` carries the rules they left,
+        and then they are not looked at again)."""
         if waiting.rest < 0:
             rest = self._candidates(client, dst, port) >> waiting.index << waiting.index
             waiting = Waiting(waiting.index, waiting.rule, rest)
@@ -375,7 +377,13 @@ class Matcher:
         self, waiting: Waiting, port: int, proto: str, sni: str | None, http_host: str | None
     ) -> Verdict:
         """`with_facts` for a `Waiting` that `first()` made (it knows the rules left), with the
-        facts as they were sniffed (names not normalized yet)."""
+        facts as they were sniffed (names not normalized yet).
+
+        Raises:
+            ValueError: a `Waiting` without its rules (`rest`): use `with_facts`.
+        """
+        if waiting.rest < 0:
+            raise ValueError("resume() needs the Waiting that first() made; use with_facts()")
         sni = None if sni is None else normalize_name(sni)
         host = None if http_host is None else normalize_name(http_host)
         bits = waiting.rest & self._facts.allow(proto, sni, host)
