@@ -3,9 +3,9 @@
 A session is callbacks on the event loop, not a task. Its life is a few phases (`Phase`), in
 this order, each entered at most once (docs/life-of-a-connection.md draws them):
 
-    NEW ─start()─▶ [SNIFFING] ─▶ CONNECTING ─▶ [HANDSHAKING] ─▶ RELAYING ─relay ended─▶ CLOSED
-     │                 │              │               │                                  ▲
-     └─refused, reset──┴─reset────────┴─failed────────┴─refused, failed──────────────────┘
+    NEW ─start()─▶ [SNIFFING] ─▶ [ADDONS] ─▶ CONNECTING ─▶ [HANDSHAKING] ─▶ RELAYING ─ended─▶ CLOSED
+     │                 │            │            │               │                            ▲
+     └─refused, reset──┴─reset──────┴─addon_err──┴─failed────────┴─refused, failed────────────┘
 
 `Session(...)` only records the accepted socket; `start()` reads the original destination,
 writes `session_open`, applies the loop guard and asks the policy (`policy.matcher`, when there
@@ -19,6 +19,12 @@ rule's `to`, the upstream proxy), CONNECTING until the socket is writable; `via`
 the proxy, HANDSHAKING (`tproxy.upstream`). The relay starts with the bytes held so far sent on
 first. Without a policy, or when one decides from addresses alone, nothing waits: the connect
 starts at once and the first bytes are sniffed as they pass (`sniffers.passive`).
+
+Addons (`config.addons`, taken when the session starts): `sniff = True` makes it SNIFFING as a
+rule would; once the policy has decided (not `reset`), each addon's `session_start` runs, and the
+first verdict replaces the policy's (`_decided`); an `async def` one makes the session ADDONS
+while a task awaits it (`engine.addon_session`). `close()` calls `session_end`. Without addons
+none of this runs.
 
 Deadlines: CONNECTING and HANDSHAKING share `connect_deadline_at` (connect timeout), enforced
 by the server's sweep through `sweep(now)`, as are the relay's idle and half-closed timeouts;
