@@ -458,3 +458,86 @@ def test_addons_without_the_hooks_of_this_step_take_todays_path() -> None:
         assert (close["reason"], close["rule"], close["relay"]) == ("closed", None, "splice")
 
     _run(scenario, config)
+
+
+def test_after_an_async_hook_the_next_ones_run_in_order_and_the_first_verdict_wins() -> None:
+    calls: list[str] = []
+
+    async def first(session: api.Session) -> None:
+        await asyncio.sleep(0.01)
+        calls.append("first")
+
+    def second(session: api.Session) -> api.Verdict:
+        calls.append("second")
+        return api.reset()
+
+    async def third(session: api.Session) -> api.Verdict:
+        calls.append("third")
+        return api.allow()
+
+    config = _with(_addon("1.py", session_start=first), _addon("2.py", session_start=second),
+                   _addon("3.py", session_start=third))  # fmt: skip
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        assert h.session.phase is Phase.ADDONS
+        await _reset_seen(h)
+        assert calls == ["first", "second", "third"]
+        assert (h.events()[-1]["reason"], h.events()[-1]["rule"]) == ("policy_reset", "addon:2.py")
+
+    _run(scenario, config)
+
+
+def test_sys_exit_or_a_coroutine_from_a_plain_hook_is_an_addon_error_not_the_end() -> None:
+    async def never(session: api.Session) -> None:
+        return None
+
+    def exits(session: api.Session) -> None:
+        raise SystemExit(3)
+
+    def returns_coroutine(session: api.Session) -> object:
+        return never(session)
+
+    async def exits_async(session: api.Session) -> None:
+        raise SystemExit(4)
+
+    async def scenario(h: PolicyHarness) -> None:
+        cases: list[tuple[HookFn, str]] = [
+            (exits, "SystemExit: 3"),
+            (exits_async, "SystemExit: 4"),
+            (returns_coroutine, "TypeError: session_start returned coroutine"),
+        ]
+        for fn, error in cases:
+            other = PolicyHarness(_with(_addon("x.py", session_start=fn)))
+            try:
+                other.session.start()
+                await _until(lambda o=other: _phase(o.session) is Phase.CLOSED)  # type: ignore[misc]
+                events = other.events()
+                assert events[-2]["error"].startswith(error), events[-2]
+                assert events[-1]["reason"] == "addon_error"
+            finally:
+                other.close()
+
+    _run(scenario, ProxyConfig())
+
+
+def test_an_async_session_end_is_scheduled_after_the_close_and_its_error_logged() -> None:
+    ended: list[str | None] = []
+
+    async def end(session: api.Session) -> None:
+        await asyncio.sleep(0.01)
+        ended.append(session.reason)
+        raise LookupError("late")
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await _relay_once(h)
+        assert ended == []  # not awaited: the close event is written first
+        await _until(lambda: bool(ended))
+        await asyncio.sleep(0.01)
+        events = h.events()
+        assert [e["event"] for e in events][-2:] == ["session_close", "session_error"]
+        assert (events[-1]["hook"], events[-1]["error"]) == ("session_end", "LookupError: late")
+        assert ended == ["closed"]
+
+    _run(scenario, _with(_addon("end.py", session_end=end)))

@@ -23,6 +23,7 @@ Limits of this step, as a user sees them:
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 from typing import TYPE_CHECKING, Any, Final
 
@@ -150,6 +151,8 @@ def engine_verdict(answer: object, addon: str) -> Verdict | None:
     if answer is None:
         return None
     if not isinstance(answer, AddonVerdict):
+        if inspect.iscoroutine(answer):  # a plain def that returned a coroutine: never awaited
+            answer.close()
         raise TypeError(
             f"session_start returned {type(answer).__name__}: return allow(), reset(), "
             "redirect(...), via(...) or None"

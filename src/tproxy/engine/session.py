@@ -109,6 +109,9 @@ _CONNECT_FAILURE_REASONS = {
 }
 # The sniffing fields of a session nothing was sniffed of (refused or failed before relaying).
 _NOT_SNIFFED: SniffedFields = (None, None, None, None, None, None, None)
+# What an addon's hook may raise that ends its session, not the process: a `sys.exit()` in a
+# hook would otherwise leave the event loop (asyncio re-raises SystemExit out of a task too).
+_HOOK_ERRORS = (Exception, SystemExit)
 # A session without a policy but with addons: allowed unless an addon says otherwise.
 _ALLOW = Verdict(Action.ALLOW)
 # A `via` session's proxy: every failure to reach it or talk to it, but running out of
@@ -416,7 +419,7 @@ class Session:
                 return
             try:
                 answer = hook.fn(run.session)
-            except Exception as exc:
+            except _HOOK_ERRORS as exc:
                 self._addon_failed(hook, exc)
                 return
             if not self._start_hook(hook, answer, run):
@@ -458,7 +461,7 @@ class Session:
                                                f"{ADDON_HOOK_TIMEOUT_S:g} s") from None  # fmt: skip
                     else:
                         answer = hook.fn(run.session)
-                except Exception as exc:
+                except _HOOK_ERRORS as exc:
                     self._addon_failed(hook, exc)
                     return
                 if self.phase is Phase.CLOSED:
@@ -788,7 +791,7 @@ class Session:
                     self._ctx.spawn(self._end_hook_async(hook, session, record.id))
                 else:
                     hook.fn(session)
-            except Exception as exc:
+            except _HOOK_ERRORS as exc:
                 self._ctx.log.emit(SessionFailed(record.id, hook_error(exc), hook.addon,
                                                  hook.name))  # fmt: skip
 
@@ -797,7 +800,7 @@ class Session:
         try:
             async with timeout:
                 await hook.fn(session)
-        except Exception as exc:
+        except _HOOK_ERRORS as exc:
             if isinstance(exc, TimeoutError) and timeout.expired():
                 exc = TimeoutError(f"{hook.name} did not return within {ADDON_HOOK_TIMEOUT_S:g} s")
             self._ctx.log.emit(SessionFailed(session_id, hook_error(exc), hook.addon, hook.name))
