@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import apply_rules, curl, start_proxy
-from tests.integration.test_sniffing import _start_tls_server
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, TLS_PORT
+from tproxy.lab.services import HTTP_PORT, TLS_PORT, start_tls_server
 from tproxy.lab.services import TLS_NAME as NAME
 from tproxy.lab.topology import Lab
 
@@ -85,7 +84,7 @@ def _http(lab: Lab, host: str) -> tuple[int, float, str]:
 
 def test_an_addon_resets_by_sni_and_host_while_other_sessions_pass(served_lab: Lab) -> None:
     lab = served_lab
-    _start_tls_server(lab)
+    start_tls_server(lab, lab.server)
     apply_rules(lab, "--ports", f"{HTTP_PORT},{TLS_PORT}")
     addon = _addon_file(lab, "block.py", BLOCKING)
     proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
