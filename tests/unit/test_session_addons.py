@@ -453,6 +453,7 @@ def test_addons_without_the_hooks_of_this_step_take_todays_path() -> None:
     async def scenario(h: PolicyHarness) -> None:
         h.session.start()
         assert h.session.phase in (Phase.CONNECTING, Phase.RELAYING)
+        assert h.session._addons is None  # nothing made, nothing to call at close
         await _relay_once(h)
         close = h.events()[-1]
         assert (close["reason"], close["rule"], close["relay"]) == ("closed", None, "splice")

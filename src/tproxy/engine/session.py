@@ -778,8 +778,13 @@ class Session:
         if `session_start` ran (an `async def` one is scheduled, not awaited). Never raises:
         what a hook raises is logged, and changes nothing else."""
         task = run.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
+        if task is not None and not task.done():
+            try:
+                current = asyncio.current_task()
+            except RuntimeError:  # no loop running (closed from outside it)
+                current = None
+            if task is not current:  # (its own hook failed: it is ending by itself)
+                task.cancel()
         run.task = None
         session, record = run.session, self.record
         if session is None or record is None:
