@@ -26,10 +26,12 @@ The order of calls, for one session (as issue 12 specifies it):
 An exception in a hook ends that session only (reset, close reason `addon_error`); a file that
 does not load stops `tproxy run` at start, and a SIGHUP reload keeps the running addons.
 
-What works now (step 1): the typed hook API, and loading: `--addon` and `addon = [...]` load
+What works now (steps 1 and 2): the typed hook API; loading (`--addon` and `addon = [...]` load
 each file as a module of its own, find and check its hooks, and fail start-up or a reload with
-one line naming the file and line. What is still to come (the engine's step): calling the hooks
-from sessions, the relay for claimed sessions (with the memory bound and the half-close and
-reset semantics of every other relay), `sniff = True` making sessions wait, hook exceptions as
-`addon_error`, the close event's `addons` field, and `examples/`.
+one line naming the file and line); and the engine calling `session_start` and `session_end`
+(`tproxy.engine.addon_session`, `tproxy.engine.session`): verdicts, `sniff = True`, async
+hooks (10 s each), exceptions as `addon_error`. What is still to come: the relay for claimed
+sessions and the byte hooks (with the memory bound and the half-close and reset semantics of
+every other relay), the close event's `addons` field, name resolution for addons' `redirect`
+and `via` verdicts, and `examples/`.
 """

@@ -26,7 +26,8 @@ The hooks, with what each is given and returns (`HOOKS` in the order a session m
     server_eof(session) -> bytes                claimed sessions: the upstream sent FIN
     session_end(session) -> None                every session, with its byte counts and reason
 
-As of this step the hooks are loaded and checked but not called yet (see `tproxy.addons`).
+As of step 2 the engine calls `session_start` and `session_end`; the byte hooks are not
+called yet and `claim()` only records the claim (see `tproxy.addons`).
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def allow() -> Verdict:
 
 
 def reset() -> Verdict:
-    """Reset the client; nothing connects upstream (close reason `policy_reset`)."""
+    """Reset the client; nothing connects upstream (close reason `policy_reset`, the close
+    event's `rule` `addon:NAME`)."""
     return _RESET
 
 
@@ -237,7 +239,8 @@ def redirect(target: str) -> Verdict:
     """Connect to `target` instead of the original destination.
 
     Args:
-        target: "HOST:PORT" or "[IPv6]:PORT", as a policy's `to`; HOST an IP or a name.
+        target: "HOST:PORT" or "[IPv6]:PORT", as a policy's `to`; HOST an IP or a name (the
+            engine takes IP literals only for now: a name is an addon error).
 
     Raises:
         ValueError: `target` is not of that form, or its port is off.

@@ -25,7 +25,7 @@ class CloseReason(enum.StrEnum):
     NO_ORIGINAL_DESTINATION = "no_original_destination"  # REDIRECT without a conntrack entry
     LOOP_REFUSED = "loop_refused"  # the destination is this proxy's own listener
     # The policy (`tproxy.policy`): the client is reset, nothing connects upstream.
-    POLICY_RESET = "policy_reset"  # a rule's action (or the default) was `reset`
+    POLICY_RESET = "policy_reset"  # a rule's action (or the default), or an addon, said `reset`
     # A `via` rule's upstream proxy: the client is reset.
     UPSTREAM_PROXY_REFUSED = "upstream_proxy_refused"  # it answered no (its answer is logged)
     UPSTREAM_PROXY_FAILED = "upstream_proxy_failed"  # unreachable, silent, or spoke nonsense
@@ -35,3 +35,5 @@ class CloseReason(enum.StrEnum):
     DRAIN_TIMEOUT = "drain_timeout"  # still live when the drain after SIGTERM/SIGINT ended
     SECOND_SIGNAL = "second_signal"  # a second SIGTERM/SIGINT during the drain
     ERROR = "error"  # an unexpected error in this session (a `session_error` event says which)
+    # An addon's hook raised, returned nonsense or (async) took too long: both sides are reset.
+    ADDON_ERROR = "addon_error"  # `session_error` names the addon and the hook

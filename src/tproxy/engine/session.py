@@ -3,9 +3,9 @@
 A session is callbacks on the event loop, not a task. Its life is a few phases (`Phase`), in
 this order, each entered at most once (docs/life-of-a-connection.md draws them):
 
-    NEW ─start()─▶ [SNIFFING] ─▶ CONNECTING ─▶ [HANDSHAKING] ─▶ RELAYING ─relay ended─▶ CLOSED
-     │                 │              │               │                                  ▲
-     └─refused, reset──┴─reset────────┴─failed────────┴─refused, failed──────────────────┘
+    NEW ─start()─▶ [SNIFFING] ─▶ [ADDONS] ─▶ CONNECTING ─▶ [HANDSHAKING] ─▶ RELAYING ─ended─▶ CLOSED
+     │                 │            │            │               │                            ▲
+     └─refused, reset──┴─reset──────┴─addon_err──┴─failed────────┴─refused, failed────────────┘
 
 `Session(...)` only records the accepted socket; `start()` reads the original destination,
 writes `session_open`, applies the loop guard and asks the policy (`policy.matcher`, when there
@@ -19,6 +19,12 @@ rule's `to`, the upstream proxy), CONNECTING until the socket is writable; `via`
 the proxy, HANDSHAKING (`tproxy.upstream`). The relay starts with the bytes held so far sent on
 first. Without a policy, or when one decides from addresses alone, nothing waits: the connect
 starts at once and the first bytes are sniffed as they pass (`sniffers.passive`).
+
+Addons (`config.addons`, taken when the session starts): `sniff = True` makes it SNIFFING as a
+rule would; once the policy has decided (not `reset`), each addon's `session_start` runs, and the
+first verdict replaces the policy's (`_decided`); an `async def` one makes the session ADDONS
+while a task awaits it (`engine.addon_session`). `close()` calls `session_end`. Without addons
+none of this runs.
 
 Deadlines: CONNECTING and HANDSHAKING share `connect_deadline_at` (connect timeout), enforced
 by the server's sweep through `sweep(now)`, as are the relay's idle and half-closed timeouts;
@@ -43,6 +49,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from tproxy.addons.loader import Hook
 from tproxy.capture.files import capture_name, open_capture
 from tproxy.capture.pcapng import TcpConversation
 from tproxy.capture.recorder import Recorder
@@ -52,6 +59,15 @@ from tproxy.core.lifecycle import expired_reason
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.core.session_id import SessionIds
+from tproxy.engine.addon_session import (
+    ADDON_HOOK_TIMEOUT_S,
+    ADDON_SNIFF_TIMEOUT_S,
+    AddonRun,
+    AddonSession,
+    engine_verdict,
+    has_hooks,
+    hook_error,
+)
 from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
@@ -93,6 +109,11 @@ _CONNECT_FAILURE_REASONS = {
 }
 # The sniffing fields of a session nothing was sniffed of (refused or failed before relaying).
 _NOT_SNIFFED: SniffedFields = (None, None, None, None, None, None, None)
+# What an addon's hook may raise that ends its session, not the process: a `sys.exit()` in a
+# hook would otherwise leave the event loop (asyncio re-raises SystemExit out of a task too).
+_HOOK_ERRORS = (Exception, SystemExit)
+# A session without a policy but with addons: allowed unless an addon says otherwise.
+_ALLOW = Verdict(Action.ALLOW)
 # A `via` session's proxy: every failure to reach it or talk to it, but running out of
 # descriptors, is the proxy's.
 _PROXY_FAILURE_REASONS = {
@@ -110,6 +131,7 @@ class Phase(enum.Enum):
 
     NEW = "new"  # accepted; start() not called yet
     SNIFFING = "sniffing"  # reading the client's first bytes for the policy (sniff deadline)
+    ADDONS = "addons"  # waiting for an addon's `async def session_start` (ADDON_HOOK_TIMEOUT_S)
     CONNECTING = "connecting"  # the upstream connect is in flight (until connect_deadline_at)
     HANDSHAKING = "handshaking"  # talking to a `via` rule's upstream proxy (same deadline)
     RELAYING = "relaying"  # both sockets belong to the relay (idle and half-closed timeouts)
@@ -154,10 +176,14 @@ class _Deciding:
         "dst_addr", "handshake", "held", "leftover", "matcher", "sniff_wait", "waiting",
     )  # fmt: skip
 
-    def __init__(self, matcher: Matcher, dst_addr: tuple[Any, ...]) -> None:
-        self.matcher = matcher  # the policy this session started with decides it (reloads too)
+    def __init__(self, matcher: Matcher | None, dst_addr: tuple[Any, ...]) -> None:
+        # The policy this session started with decides it (reloads too); None: no policy (the
+        # session has addons).
+        self.matcher = matcher
         self.dst_addr = dst_addr
-        self.waiting: Waiting | None = None  # where the policy's walk resumes once sniffed
+        # Where the policy's walk resumes once sniffed; or, when only an addon's `sniff = True`
+        # made the session wait, the verdict the policy already gave.
+        self.waiting: Waiting | Verdict | None = None
         # The client's bytes read while sniffing, to send on first: the first read as it came,
         # a bytearray once more come.
         self.held: bytes | bytearray = b""
@@ -179,6 +205,7 @@ class Session:
     """One intercepted connection: `start()` it; it ends by itself, by `close` or by `fail`."""
 
     __slots__ = (
+        "_addons",
         "_capture",
         "_client_addr",
         "_client_sock",
@@ -206,6 +233,7 @@ class Session:
         # The configuration under which the policy (or --capture-all) chose to capture it.
         self._capture: ProxyConfig | None = None
         self._recording: Recorder | None = None  # its capture, once relaying
+        self._addons: AddonRun | None = None  # the addons it started with, if any
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
         self.record: SessionRecord | None = None  # made by start()
@@ -217,7 +245,7 @@ class Session:
             self._start()
         except Exception as exc:  # the session boundary
             self.fail(exc)
-        if self.phase is not Phase.SNIFFING:
+        if self.phase is not Phase.SNIFFING and self.phase is not Phase.ADDONS:
             # The record has the client's address now; an idle session keeps no more than it
             # needs (memory per idle session is a benchmark target).
             self._client_addr = ()
@@ -248,14 +276,28 @@ class Session:
             )
             self.close(CloseReason.LOOP_REFUSED)
             return
-        matcher = ctx.config.matcher
-        self._capture = ctx.config if ctx.config.capture_all else None
-        if matcher is None:  # no policy: allow, sniffing as the bytes pass
+        config = ctx.config
+        matcher, addons = config.matcher, config.addons
+        self._capture = config if config.capture_all else None
+        if matcher is None and addons is None:  # no policy: allow, sniffing as the bytes pass
+            self._connect(dst_addr, self._spoof_ip(), now)
+            return
+        if addons is not None and has_hooks(addons):
+            self._addons = AddonRun(addons)
+        elif matcher is None:  # addons whose hooks this step does not call: as without them
             self._connect(dst_addr, self._spoof_ip(), now)
             return
         deciding = _Deciding(matcher, dst_addr)
-        verdict = matcher.first_of(self._client_addr[0], dst_addr[0], dst_addr[1])
-        if isinstance(verdict, Waiting):
+        verdict = (
+            _ALLOW
+            if matcher is None
+            else matcher.first_of(self._client_addr[0], dst_addr[0], dst_addr[1])
+        )
+        if isinstance(verdict, Waiting) or (
+            self._addons is not None
+            and self._addons.addons.wants_sniff
+            and verdict.action is not Action.RESET
+        ):
             deciding.waiting = verdict
             self._deciding = deciding
             self._sniffer = FirstBytes(eager=True)
@@ -264,11 +306,12 @@ class Session:
             # them first, and wait (a poller registration, a deadline) only if they are not.
             if self._sniff_more():
                 return
-            deadline_at = now + matcher.policy.sniff_timeout_s
+            timeout_s = ADDON_SNIFF_TIMEOUT_S if matcher is None else matcher.policy.sniff_timeout_s
+            deadline_at = now + timeout_s
             deciding.sniff_wait = ctx.sniff_deadlines.add(deadline_at, self)
             ctx.poller.add_reader(client_sock.fileno(), self)
             return
-        self._carry_out(verdict, deciding, now)
+        self._decided(verdict, deciding, now)
 
     def _spoof_ip(self) -> str | None:
         return self._client_addr[0] if self._ctx.config.spoof_source else None
@@ -284,7 +327,7 @@ class Session:
                 self._sniff_more()
             elif phase is Phase.HANDSHAKING:
                 self._handshake_more()
-            elif phase is Phase.CONNECTING:  # the level-triggered poller would call again
+            elif phase is Phase.CONNECTING or phase is Phase.ADDONS:  # level-triggered: again
                 self._ctx.poller.remove_reader(self._client_sock.fileno())
         except Exception as exc:
             self.fail(exc)
@@ -341,10 +384,106 @@ class Session:
         facts = sniffed.facts
         sni = facts.sni if isinstance(facts, TlsHello) else None
         host = facts.host if isinstance(facts, HttpRequest) else None
-        verdict = deciding.matcher.resume(deciding.waiting, deciding.dst_addr[1], sniffed.proto,
-                                          sni, host)  # fmt: skip
-        self._carry_out(verdict, deciding, time.monotonic(), sniffed)
-        self._client_addr = ()
+        waiting = deciding.waiting
+        if isinstance(waiting, Waiting):
+            assert deciding.matcher is not None
+            verdict = deciding.matcher.resume(waiting, deciding.dst_addr[1], sniffed.proto, sni,
+                                              host)  # fmt: skip
+        else:  # only an addon's `sniff = True` waited: the policy had decided
+            verdict = waiting
+        self._decided(verdict, deciding, time.monotonic(), sniffed)
+        if self.phase is not Phase.ADDONS:
+            self._client_addr = ()
+
+    # --- the addons' session_start --------------------------------------------------------------
+
+    def _decided(
+        self, verdict: Verdict, deciding: _Deciding, now: float, sniffed: Sniffed | None = None
+    ) -> None:
+        """The policy has decided: run the addons' `session_start` (unless it is a reset), then
+        carry out the first addon verdict, or the policy's."""
+        run, record = self._addons, self.record
+        if run is None or verdict.action is Action.RESET:
+            self._carry_out(verdict, deciding, now, sniffed)
+            return
+        assert record is not None and verdict.action is not None
+        record.action, record.rule = verdict.action.value, verdict.rule
+        run.session = AddonSession(record, verdict.rule, verdict.action.value)
+        hooks = run.addons.session_start
+        for index, hook in enumerate(hooks):
+            if hook.is_async:  # the rest run in a task; this session waits for it, alone
+                self.phase = Phase.ADDONS
+                run.task = self._ctx.spawn(
+                    self._start_hooks_async(hooks[index:], verdict, deciding, sniffed)
+                )
+                return
+            try:
+                answer = hook.fn(run.session)
+            except _HOOK_ERRORS as exc:
+                self._addon_failed(hook, exc)
+                return
+            if not self._start_hook(hook, answer, run):
+                return
+        self._carry_out(run.verdict or verdict, deciding, now, sniffed)
+
+    def _start_hook(self, hook: Hook, answer: object, run: AddonRun) -> bool:
+        """Take one `session_start`'s answer; False (the session closed) when it is wrong."""
+        try:
+            addon_verdict = engine_verdict(answer, hook.addon)
+        except (TypeError, ValueError) as exc:
+            self._addon_failed(hook, exc)
+            return False
+        if run.verdict is None:
+            run.verdict = addon_verdict  # the first wins; later ones only observe
+        return True
+
+    async def _start_hooks_async(
+        self, hooks: tuple[Hook, ...], verdict: Verdict, deciding: _Deciding,
+        sniffed: Sniffed | None,
+    ) -> None:  # fmt: skip
+        """The `session_start` hooks from the first `async def` one on, each awaited in turn
+        (at most `ADDON_HOOK_TIMEOUT_S` each), then the verdict carried out. A close meanwhile
+        (a drain, `tproxy` stopping) cancels this task."""
+        run = self._addons
+        assert run is not None and run.session is not None
+        try:
+            for hook in hooks:
+                try:
+                    if hook.is_async:
+                        timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
+                        try:
+                            async with timeout:
+                                answer = await hook.fn(run.session)
+                        except TimeoutError:
+                            if not timeout.expired():
+                                raise  # the hook's own
+                            raise TimeoutError(f"{hook.name} did not return within "
+                                               f"{ADDON_HOOK_TIMEOUT_S:g} s") from None  # fmt: skip
+                    else:
+                        answer = hook.fn(run.session)
+                except _HOOK_ERRORS as exc:
+                    self._addon_failed(hook, exc)
+                    return
+                if self.phase is Phase.CLOSED:
+                    return
+                if not self._start_hook(hook, answer, run):
+                    return
+            run.task = None
+            self._carry_out(run.verdict or verdict, deciding, time.monotonic(), sniffed)
+            if self.phase is not Phase.CLOSED:
+                self._client_addr = ()
+        except Exception as exc:  # the session boundary (a bug of ours past the hooks)
+            self.fail(exc)
+
+    def _addon_failed(self, hook: Hook, exc: BaseException) -> None:
+        """A hook raised or answered nonsense: one `session_error` naming the addon and the
+        hook, and (for `session_start`) the session reset with `addon_error`."""
+        if self.phase is Phase.CLOSED:
+            return
+        record = self.record
+        assert record is not None
+        self._ctx.log.emit(SessionFailed(record.id, hook_error(exc), hook.addon, hook.name))
+        self.close(CloseReason.ADDON_ERROR)
 
     # --- the verdict ----------------------------------------------------------------------------
 
@@ -634,6 +773,43 @@ class Session:
             self._ctx.log.emit(SessionFailed(session_id, f"{type(exc).__name__}: {exc}"))
             self.close(CloseReason.ERROR)
 
+    def _end_addons(self, run: AddonRun, reason: CloseReason) -> None:
+        """Stop an `async def session_start` still running; call every addon's `session_end`
+        if `session_start` ran (an `async def` one is scheduled, not awaited). Never raises:
+        what a hook raises is logged, and changes nothing else."""
+        task = run.task
+        if task is not None and not task.done():
+            try:
+                current = asyncio.current_task()
+            except RuntimeError:  # no loop running (closed from outside it)
+                current = None
+            if task is not current:  # (its own hook failed: it is ending by itself)
+                task.cancel()
+        run.task = None
+        session, record = run.session, self.record
+        if session is None or record is None:
+            return
+        session.reason = reason.value
+        for hook in run.addons.session_end:
+            try:
+                if hook.is_async:
+                    self._ctx.spawn(self._end_hook_async(hook, session, record.id))
+                else:
+                    hook.fn(session)
+            except _HOOK_ERRORS as exc:
+                self._ctx.log.emit(SessionFailed(record.id, hook_error(exc), hook.addon,
+                                                 hook.name))  # fmt: skip
+
+    async def _end_hook_async(self, hook: Hook, session: AddonSession, session_id: str) -> None:
+        timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
+        try:
+            async with timeout:
+                await hook.fn(session)
+        except _HOOK_ERRORS as exc:
+            if isinstance(exc, TimeoutError) and timeout.expired():
+                exc = TimeoutError(f"{hook.name} did not return within {ADDON_HOOK_TIMEOUT_S:g} s")
+            self._ctx.log.emit(SessionFailed(session_id, hook_error(exc), hook.addon, hook.name))
+
     def close(self, reason: CloseReason, *, abort: bool = True) -> None:
         """End the session (once): stop what runs, reset both sides (`abort`, the default) or
         close them with a FIN, write `session_close` with `reason`."""
@@ -671,6 +847,9 @@ class Session:
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
         ctx.pipes.trim(ctx.active)
+        if self._addons is not None:
+            self._end_addons(self._addons, reason)
+            self._addons = None
         sniffed: SniffedFields = (
             _NOT_SNIFFED if record.sniffed is None else (record.sniffed.event_fields())
         )

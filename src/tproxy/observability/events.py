@@ -193,13 +193,20 @@ class SessionClosed(Event):
 
 @dataclass(slots=True)
 class SessionFailed(Event):
-    """A session ended by an unexpected error: a bug to report, logged with the session id."""
+    """A session ended by an unexpected error: a bug to report, logged with the session id; or an
+    addon's hook raised (`addon` and `hook` say which)."""
 
     name: ClassVar[str] = "session_error"
     session: str
     error: str
+    # An addon's hook raised (or an async one timed out): which addon, which hook; the error is
+    # then escaped to printable ASCII and bounded (`engine.addon_session.hook_error`).
+    addon: str | None = None
+    hook: str | None = None
 
     def text(self) -> str:
+        if self.addon is not None:
+            return f"session {self.session} addon {self.addon} {self.hook} failed: {self.error}"
         return f"session {self.session} error: {self.error}"
 
 

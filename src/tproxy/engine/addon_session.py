@@ -1,0 +1,174 @@
+"""What the engine gives addons (issue 12, step 2): the `Session` object a hook sees, and the
+pure helpers around calling `session_start` and `session_end`.
+
+`AddonSession` implements `tproxy.addons.api.Session` for one engine session: it reads the
+session's record (id, byte counts, what was sniffed) and keeps what the policy decided, the
+addon's `state` and, at `session_end`, the close `reason`. `AddonRun` is what an engine session
+holds when it has addons: the `Addons` of the configuration it started with (a SIGHUP reload
+changes the next sessions' addons, not this one's), its `AddonSession` once `session_start`
+ran, the first verdict an addon returned, and the task of an `async def` hook it waits for.
+
+Limits of this step, as a user sees them:
+
+* `redirect(...)` and `via(...)` verdicts whose host is a name, not an IP literal, are refused
+  (an `addon_error`): the policy resolves its names when it is loaded, an addon's verdict would
+  have to be resolved per session, which is out of scope.
+* `claim()` records the claim and does nothing else yet: the byte hooks (`client_data`, ...)
+  are not called, and the session relays as if unclaimed. `send_to_client`,
+  `send_to_upstream`, `close` and `reset` raise `NotImplementedError` (so an `addon_error`).
+* An `async def` hook has `ADDON_HOOK_TIMEOUT_S` to return; past it the session is reset
+  (`addon_error`). An `async def session_end` is scheduled and not awaited: the session's
+  `session_close` is written without waiting for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+from typing import TYPE_CHECKING, Any, Final
+
+from tproxy.addons.api import Address
+from tproxy.addons.api import Verdict as AddonVerdict
+from tproxy.core.endpoint import parse_endpoint
+from tproxy.policy.decide import Verdict
+from tproxy.sniffers.printable import to_printable
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from tproxy.addons.loader import Addons
+    from tproxy.core.session import SessionRecord
+    from tproxy.sniffers.classify import Sniffed
+
+ADDON_HOOK_TIMEOUT_S: Final = 10.0
+"""How long an `async def` hook may take before its session is reset (`addon_error`)."""
+
+ADDON_SNIFF_TIMEOUT_S: Final = 1.0
+"""How long a session waits for its first bytes for an addon's `sniff = True` when there is no
+policy (with one, the policy's `sniff_timeout_s`)."""
+
+MAX_ERROR_CHARS: Final = 300
+"""The longest a hook's exception is in the log (`Type: message`, escaped to printable ASCII)."""
+
+
+class AddonSession:
+    """One session as its addons see it (`tproxy.addons.api.Session`).
+
+    Args:
+        record: the engine's record of the session (id, byte counts, sniffed facts).
+        rule: the policy rule that decided (None: the default, or no policy).
+        action: what the policy decided ("allow" without a policy).
+    """
+
+    __slots__ = ("_record", "action", "claimed", "client", "dst", "reason", "rule", "state")
+
+    def __init__(self, record: SessionRecord, rule: str | None, action: str) -> None:
+        self._record = record
+        client, dst = parse_endpoint(record.client), parse_endpoint(record.dst)
+        self.client: Address = (str(client.ip), client.port)
+        self.dst: Address = (str(dst.ip), dst.port)
+        self.rule = rule
+        self.action = action
+        self.reason: str | None = None
+        self.state: dict[str, Any] = {}
+        self.claimed = False
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def sniffed(self) -> Sniffed | None:
+        return self._record.sniffed
+
+    @property
+    def tls(self) -> object | None:
+        return None
+
+    @property
+    def bytes_up(self) -> int:
+        return self._record.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self._record.bytes_down
+
+    def claim(self) -> None:
+        """Record that an addon asked for this session's bytes. Nothing else happens yet: this
+        step calls only `session_start` and `session_end`; the byte hooks and the relay for
+        claimed sessions are issue 12's next step, so a claimed session relays as any other."""
+        self.claimed = True
+
+    def send_to_client(self, data: bytes) -> None:
+        raise NotImplementedError("send_to_client: the byte hooks are not available yet")
+
+    def send_to_upstream(self, data: bytes) -> None:
+        raise NotImplementedError("send_to_upstream: the byte hooks are not available yet")
+
+    def close(self) -> None:
+        raise NotImplementedError("close: not available yet (return reset() to refuse)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("reset: not available yet (return reset() to refuse)")
+
+
+class AddonRun:
+    """What a session with addons holds: its addons, and how far their `session_start` went."""
+
+    __slots__ = ("addons", "session", "task", "verdict")
+
+    def __init__(self, addons: Addons) -> None:
+        self.addons = addons
+        self.session: AddonSession | None = None  # made when session_start is about to run
+        self.verdict: Verdict | None = None  # the first addon verdict, as the policy's type
+        self.task: asyncio.Task[None] | None = None  # an async session_start being waited for
+
+
+def has_hooks(addons: Addons | None) -> bool:
+    """Whether `addons` gives a session anything to do in this step: a `session_start`, a
+    `session_end`, or `sniff = True`."""
+    return addons is not None and bool(
+        addons.session_start or addons.session_end or addons.wants_sniff
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def engine_verdict(answer: object, addon: str) -> Verdict | None:
+    """What `session_start` returned, as the policy's `Verdict` (its rule `addon:NAME`); None
+    for no opinion.
+
+    Raises:
+        TypeError: the answer is neither None nor a `tproxy.addons.api.Verdict`.
+        ValueError: a `redirect` or `via` whose host is a name, not an IP literal.
+    """
+    if answer is None:
+        return None
+    if not isinstance(answer, AddonVerdict):
+        if inspect.iscoroutine(answer):  # a plain def that returned a coroutine: never awaited
+            answer.close()
+        raise TypeError(
+            f"session_start returned {type(answer).__name__}: return allow(), reset(), "
+            "redirect(...), via(...) or None"
+        )
+    host = answer.to.host if answer.to is not None else None
+    if answer.via is not None:
+        host = answer.via.address.host
+    if host is not None and not _is_ip(host):
+        raise ValueError(f"{answer}: addons' verdicts take IP addresses only, not a host name")
+    return Verdict(answer.action, rule=f"addon:{addon}", to=answer.to, via=answer.via,
+                   remote_name=answer.remote_name)  # fmt: skip
+
+
+def hook_error(exc: BaseException) -> str:
+    """`Type: message` of a hook's exception, one line of printable ASCII (the message may hold
+    what a client sent), at most `MAX_ERROR_CHARS` characters."""
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return to_printable(text.encode("utf-8", "backslashreplace"), MAX_ERROR_CHARS)

@@ -1,0 +1,165 @@
+"""Addons on the real path (issue 12, step 2): `session_start` and `session_end` called by the
+engine with default workers, real clients (curl) through the router. An addon with
+`sniff = True` resets sessions by SNI or Host while others pass; one that raises resets that
+session only, and the next works; an `async def` hook that sleeps 1 s holds only its session."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.integration.conftest import apply_rules, curl, start_proxy
+from tproxy.lab.proxy_process import ProxyProcess
+from tproxy.lab.services import HTTP_PORT, TLS_PORT, start_tls_server
+from tproxy.lab.services import TLS_NAME as NAME
+from tproxy.lab.topology import Lab
+
+BLOCKING = """
+from pathlib import Path
+
+from tproxy.addons.api import reset
+
+sniff = True
+BLOCKED = {"www.ads.test", "tracker.test"}
+
+
+def session_start(session):
+    sniffed = session.sniffed
+    if sniffed is not None and (sniffed.sni in BLOCKED or sniffed.http_host in BLOCKED):
+        return reset()
+    return None
+
+
+def session_end(session):
+    with Path(__file__).with_name("ends.log").open("a") as log:
+        log.write(f"{session.id} {session.reason} {session.bytes_up} {session.bytes_down}\\n")
+"""
+
+RAISING = """
+sniff = True
+
+
+def session_start(session):
+    if session.sniffed is not None and session.sniffed.http_host == "boom.test":
+        raise RuntimeError("no sessions to boom.test\\nplease")
+"""
+
+SLOW = """
+import asyncio
+
+sniff = True
+
+
+async def session_start(session):
+    if session.sniffed is not None and session.sniffed.http_host == "slow.test":
+        await asyncio.sleep(1)
+"""
+
+
+def _addon_file(lab: Lab, name: str, text: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-addons-"))
+    lab.cleanup_paths.append(path)
+    addon = path / name
+    addon.write_text(text)
+    return addon
+
+
+def _closes(proxy: ProxyProcess, count: int) -> list[dict[str, Any]]:
+    return proxy.wait_for(lambda e: e.get("event") == "session_close", f"{count} closes",
+                          count=count)  # fmt: skip
+
+
+def _http(lab: Lab, host: str) -> tuple[int, float, str]:
+    """GET / from the server's nginx with `Host: host`: curl's exit status, its total time
+    and its stderr."""
+    argv = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{time_total}",
+            "-H", f"Host: {host}", f"http://{lab.server.endpoint(HTTP_PORT)}/"]  # fmt: skip
+    result = lab.run(lab.client, argv, check=False)
+    elapsed = float(result.stdout.decode() or 0)
+    return result.returncode, elapsed, result.stderr.decode(errors="replace")
+
+
+def test_an_addon_resets_by_sni_and_host_while_other_sessions_pass(served_lab: Lab) -> None:
+    lab = served_lab
+    start_tls_server(lab, lab.server)
+    apply_rules(lab, "--ports", f"{HTTP_PORT},{TLS_PORT}")
+    addon = _addon_file(lab, "block.py", BLOCKING)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    curl_tls = ["curl", "-sS", "-k", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"]
+
+    def https(name: str) -> Any:
+        argv = [*curl_tls, "--resolve", f"{name}:{TLS_PORT}:{lab.server.ipv4}", f"https://{name}/"]
+        return lab.run(lab.client, argv, check=False)
+
+    passed = https(NAME)
+    assert passed.stdout.decode() == "200", passed.stderr.decode()
+    blocked = https("www.ads.test")
+    assert blocked.returncode != 0 and b"reset" in blocked.stderr.lower(), blocked.stderr
+    code, _, stderr = _http(lab, "tracker.test")
+    assert code != 0 and "reset" in stderr.lower(), stderr
+    assert curl(lab, f"http://{lab.server.endpoint(HTTP_PORT)}/")[0] == 200
+
+    closes = _closes(proxy, 4)
+    by_name = {c["sni"] or c["http_host"]: c for c in closes}
+    assert set(by_name) == {NAME, "www.ads.test", "tracker.test", str(lab.server.ipv4)}
+    for name in ("www.ads.test", "tracker.test"):
+        close = by_name[name]
+        assert (close["reason"], close["rule"], close["action"], close["relay"]) == (
+            "policy_reset", f"addon:{addon}", "reset", None,
+        ), close  # fmt: skip
+    for name in (NAME, str(lab.server.ipv4)):
+        close = by_name[name]
+        assert (close["reason"], close["rule"], close["relay"]) == ("closed", None, "splice")
+    assert len(proxy.named("upstream_connected")) == 2
+    # session_end ran for every session that ran session_start, with its reason and counts.
+    ends = [line.split() for line in addon.with_name("ends.log").read_text().splitlines()]
+    assert sorted(end[1] for end in ends) == ["closed", "closed", "policy_reset", "policy_reset"]
+    counts = {c["session"]: (c["bytes_up"], c["bytes_down"]) for c in closes}
+    assert all(counts[end[0]] == (int(end[2]), int(end[3])) for end in ends), (ends, counts)
+
+
+def test_an_addon_that_raises_resets_that_session_and_the_next_works(served_lab: Lab) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(HTTP_PORT))
+    addon = _addon_file(lab, "raising.py", RAISING)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    code, _, stderr = _http(lab, "boom.test")
+    assert code != 0 and "reset" in stderr.lower(), stderr
+    code, _, stderr = _http(lab, "fine.test")
+    assert code == 0, stderr
+
+    closes = _closes(proxy, 2)
+    assert sorted(c["reason"] for c in closes) == ["addon_error", "closed"]
+    failed = proxy.named("session_error")
+    assert len(failed) == 1
+    assert (failed[0]["addon"], failed[0]["hook"], failed[0]["error"]) == (
+        str(addon), "session_start", "RuntimeError: no sessions to boom.test\\x0aplease",
+    )  # fmt: skip
+    boom = next(c for c in closes if c["reason"] == "addon_error")
+    assert failed[0]["session"] == boom["session"] and boom["http_host"] == "boom.test"
+    assert proxy.proc.poll() is None
+
+
+def test_an_async_hook_that_sleeps_holds_only_its_session(served_lab: Lab) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(HTTP_PORT))
+    addon = _addon_file(lab, "slow.py", SLOW)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    baseline = _http(lab, "fast.test")
+    assert baseline[0] == 0, baseline
+    # One client address: both sessions are served by the same worker, the same event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_http, lab, "slow.test")
+        time.sleep(0.2)  # the slow session is waiting for its hook by now
+        fast = [_http(lab, "fast.test") for _ in range(3)]
+        slow_code, slow_s, slow_err = slow.result()
+    assert slow_code == 0 and slow_s >= 1.0, (slow_s, slow_err)
+    for code, elapsed, stderr in fast:
+        assert code == 0 and elapsed < 0.5, (elapsed, stderr)
+    closes = _closes(proxy, 5)
+    assert all(c["reason"] == "closed" for c in closes), closes
+    slow_close = next(c for c in closes if c["http_host"] == "slow.test")
+    assert slow_close["duration_s"] >= 1.0
