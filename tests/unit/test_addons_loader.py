@@ -428,3 +428,13 @@ def test_addon_check_of_a_broken_file_is_one_line_and_status_2(
         f"tproxy addon check: error: addon {broken}:2: session_started is not a hook: did you "
         "mean session_start? (a helper's name must not look like a hook's: start it with _)\n"
     )
+
+
+def test_an_addons_hostile_error_message_is_one_bounded_printable_line(tmp_path: Path) -> None:
+    path = tmp_path / "loud.py"
+    path.write_text('raise ValueError("\\x1b[2J" + "A" * 200000)\n')
+    with pytest.raises(ConfigError) as raised:
+        load_addons([str(path)])
+    message = str(raised.value)
+    assert message.startswith(f"addon {path}:1: ValueError: \\x1b[2JAAA")
+    assert len(message) < 400 + len(str(path)) and "\x1b" not in message

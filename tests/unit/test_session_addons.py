@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
+import tproxy.cli.main as cli_main
 import tproxy.engine.session as session_module
 from tests.unit.test_session_phases import _phase, _until
 from tests.unit.test_session_policy import (
@@ -30,6 +31,9 @@ from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_session import AddonSession, engine_verdict, hook_error
 from tproxy.engine.session import Phase, Session
+from tproxy.interception.sockopts import abort_socket
+from tproxy.policy.decide import Verdict
+from tproxy.policy.model import Action
 
 HookFn = Callable[..., Any]
 
@@ -542,3 +546,156 @@ def test_an_async_session_end_is_scheduled_after_the_close_and_its_error_logged(
         assert ended == ["closed"]
 
     _run(scenario, _with(_addon("end.py", session_end=end)))
+
+
+def test_a_hook_cancelled_by_something_else_ends_its_session_as_an_addon_error() -> None:
+    """Two sessions' hooks await one shared future; the first session's close cancels it: the
+    second's hook sees CancelledError that is not its own task's. It must not hang in ADDONS."""
+    shared: list[asyncio.Future[None]] = []
+
+    async def start(session: api.Session) -> None:
+        if not shared:
+            shared.append(asyncio.get_running_loop().create_future())
+        await shared[0]
+
+    async def scenario(h: PolicyHarness) -> None:
+        h2 = PolicyHarness(h.ctx.config)
+        try:
+            h.session.start()
+            h2.session.start()
+            await asyncio.sleep(0.02)
+            assert h.session.phase is Phase.ADDONS and h2.session.phase is Phase.ADDONS
+            shared[0].cancel()  # as a cancelled lookup both awaited would
+            await _until(lambda: _phase(h.session) is Phase.CLOSED)
+            await _until(lambda: _phase(h2.session) is Phase.CLOSED)
+            for harness in (h, h2):
+                events = harness.events()
+                assert events[-1]["reason"] == "addon_error", events
+                assert events[-2]["event"] == "session_error"
+                assert events[-2]["error"].startswith("CancelledError")
+        finally:
+            h2.close()
+
+    _run(scenario, _with(_addon("shared.py", session_start=start)))
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, asyncio.CancelledError, GeneratorExit])
+def test_any_base_exception_from_a_plain_hook_ends_only_its_session(
+    raised: type[BaseException],
+) -> None:
+    def start(session: api.Session) -> None:
+        raise raised("from the addon")
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await _reset_seen(h)
+        assert h.events()[-1]["reason"] == "addon_error"
+        assert h.session not in h.ctx.sessions
+
+    _run(scenario, _with(_addon("rude.py", session_start=start)))
+
+
+def test_session_end_raising_anything_still_writes_the_close() -> None:
+    class UnprintableError(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    def end(session: api.Session) -> None:
+        raise asyncio.CancelledError()
+
+    def end_unprintable(session: api.Session) -> None:
+        raise UnprintableError()
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await _relay_once(h)
+        events = h.events()
+        assert events[-1]["event"] == "session_close" and events[-1]["reason"] == "closed"
+        errors = [e["error"] for e in events if e["event"] == "session_error"]
+        assert errors == ["CancelledError", "UnprintableError: (its message could not be read)"]
+
+    config = _with(_addon("a.py", session_start=lambda s: None, session_end=end),
+                   _addon("b.py", session_end=end_unprintable))  # fmt: skip
+    _run(scenario, config)
+
+
+def test_a_client_that_resets_while_its_hook_runs_ends_the_session_and_nothing_connects() -> None:
+    cancelled: list[bool] = []
+
+    async def start(session: api.Session) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await asyncio.sleep(0.02)
+        assert h.session.phase is Phase.ADDONS
+        abort_socket(h.client)
+        await _until(lambda: _phase(h.session) is Phase.CLOSED)
+        assert h.events()[-1]["reason"] == "client_reset"
+        await _until(lambda: bool(cancelled))
+        assert h.upstream_accept() is None
+
+    _run(scenario, _with(_addon("slow.py", session_start=start)))
+
+
+def test_a_hook_that_swallows_its_cancellation_is_ended_by_the_sweep() -> None:
+    tasks: list[asyncio.Task[Any]] = []
+    stop: list[bool] = []
+
+    async def start(session: api.Session) -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        while not stop:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue  # an addon that retries forever (until the test lets it go)
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await asyncio.sleep(0.02)
+        assert h.session.phase is Phase.ADDONS
+        h.session.sweep(h.session.connect_deadline_at - 0.001)
+        assert _phase(h.session) is Phase.ADDONS
+        h.session.sweep(h.session.connect_deadline_at)
+        assert _phase(h.session) is Phase.CLOSED
+        assert h.events()[-1]["reason"] == "addon_error"
+        stop.append(True)
+        tasks[0].cancel()
+        await asyncio.wait(tasks, timeout=5)
+
+    _run(scenario, _with(_addon("stubborn.py", session_start=start)))
+
+
+def test_an_addon_allowing_a_session_the_policy_captures_keeps_the_capture() -> None:
+    policy = Verdict(Action.ALLOW, rule="watch", capture=True)
+    addon = engine_verdict(api.allow(), "a.py")
+    assert addon is not None
+    final = session_module._final(addon, policy)
+    assert (final.rule, final.capture) == ("addon:a.py", True)
+    assert session_module._final(None, policy) is policy
+
+
+def test_a_task_that_will_not_stop_does_not_keep_the_process_from_exiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cli_main, "TASKS_STOP_TIMEOUT_S", 0.1)
+    ran: list[str] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                ran.append("cancelled")
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0.01)
+
+    loop = uvloop.new_event_loop()
+    cli_main.run_to_the_end(loop, main())
+    assert loop.is_closed() and ran == ["cancelled"]

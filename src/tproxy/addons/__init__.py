@@ -21,7 +21,8 @@ The order of calls, for one session (as issue 12 specifies it):
    back), and `client_eof(session)` / `server_eof(session)` when a side sends FIN, returning
    what to flush before the FIN goes on. A session no addon claims relays on the zero-copy path
    and runs no Python per chunk.
-4. `session_end(session)` for every session, with its byte counts and close `reason`.
+4. `session_end(session)` for every session whose `session_start` ran, with its byte counts
+   and close `reason`.
 
 An exception in a hook ends that session only (reset, close reason `addon_error`); a file that
 does not load stops `tproxy run` at start, and a SIGHUP reload keeps the running addons.

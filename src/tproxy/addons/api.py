@@ -24,7 +24,7 @@ The hooks, with what each is given and returns (`HOOKS` in the order a session m
     server_data(session, data) -> bytes         claimed sessions: a chunk from the upstream
     client_eof(session) -> bytes                claimed sessions: the client sent FIN
     server_eof(session) -> bytes                claimed sessions: the upstream sent FIN
-    session_end(session) -> None                every session, with its byte counts and reason
+    session_end(session) -> None                after session_start ran: byte counts, reason
 
 As of step 2 the engine calls `session_start` and `session_end`; the byte hooks are not
 called yet and `claim()` only records the claim (see `tproxy.addons`).

@@ -42,6 +42,7 @@ from typing import Any
 
 from tproxy.addons.api import HOOK_PARAMETERS, HOOKS
 from tproxy.core.options import ConfigError
+from tproxy.sniffers.printable import to_printable
 
 NEAR_MISS_CUTOFF = 0.85
 """How like a hook's name a function's name may be before it is taken for a misspelt hook
@@ -178,7 +179,7 @@ def _run_module(path: str, source: bytes) -> types.ModuleType:
         # dont_inherit: this module's `from __future__ import annotations` is not the addon's.
         code = compile(source, path, "exec", dont_inherit=True)
         exec(code, module.__dict__)
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # KeyboardInterrupt or GeneratorExit from an addon too
         if previous is None:
             del sys.modules[name]
         else:
@@ -187,8 +188,15 @@ def _run_module(path: str, source: bytes) -> types.ModuleType:
     return module
 
 
+# An addon's own words in an error (its exception's message) are cut to this many characters.
+MAX_MESSAGE_CHARS = 300
+
+
 def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    """`text` as one line of printable ASCII (an addon's message may hold anything, escape
+    sequences included), at most `MAX_MESSAGE_CHARS` characters."""
+    joined = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return to_printable(joined.encode("utf-8", "backslashreplace"), MAX_MESSAGE_CHARS)
 
 
 def _import_error(path: str, exc: BaseException) -> str:
@@ -203,7 +211,10 @@ def _import_error(path: str, exc: BaseException) -> str:
     ]
     own = [line for filename, line in frames if filename == path]
     where = f"{path}:{own[-1]}" if own else path
-    message = _one_line(str(exc))
+    try:
+        message = _one_line(str(exc))
+    except Exception:  # an exception whose __str__ raises
+        message = "(its message could not be read)"
     text = f"addon {where}: {kind}: {message}" if message else f"addon {where}: {kind}"
     if frames and frames[-1][0] != path:
         text += f" (raised at {frames[-1][0]}:{frames[-1][1]})"

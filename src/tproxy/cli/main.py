@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -50,7 +50,7 @@ from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
-from tproxy.engine.server import ProxyServer, StartupError, open_listeners
+from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
 from tproxy.engine.worker_channel import WorkerChannel
@@ -502,8 +502,7 @@ def _run(args: argparse.Namespace) -> int:
         factory = (
             uvloop.new_event_loop if config.loop is LoopKind.UVLOOP else asyncio.new_event_loop
         )
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(server.serve())
+        run_to_the_end(factory(), server.serve())
         return 0
 
     if workers == 1:
@@ -591,6 +590,22 @@ def _rules(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print("\n".join(lines))
     return 0
+
+
+def run_to_the_end(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on `loop`, then cancel what is left and close the loop -- like
+    `asyncio.run`, but waiting at most `TASKS_STOP_TIMEOUT_S` for the leftovers: a task that
+    swallows its cancellation (an addon's hook) must not keep the process from exiting."""
+    try:
+        loop.run_until_complete(main)
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=TASKS_STOP_TIMEOUT_S))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 def _ip(text: str) -> IPAddress:

@@ -169,6 +169,9 @@ def engine_verdict(answer: object, addon: str) -> Verdict | None:
 def hook_error(exc: BaseException) -> str:
     """`Type: message` of a hook's exception, one line of printable ASCII (the message may hold
     what a client sent), at most `MAX_ERROR_CHARS` characters."""
-    message = str(exc)
+    try:
+        message = str(exc)
+    except Exception:  # an addon's exception whose __str__ raises: its type says enough
+        message = "(its message could not be read)"
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return to_printable(text.encode("utf-8", "backslashreplace"), MAX_ERROR_CHARS)

@@ -64,6 +64,8 @@ from tproxy.observability.events import (
 # Accept at most this many connections per readiness event, so one busy listener cannot starve
 # the sessions already running on the loop.
 ACCEPT_BATCH = 64
+# How long stopping waits for its own tasks once cancelled (an addon's hook may never end).
+TASKS_STOP_TIMEOUT_S = 5.0
 # Out of descriptors even for the reserve trick: stop accepting for this long, then try again.
 ACCEPT_BACKOFF_S = 0.1
 # How often timeouts are checked, at most: a session is cut within this much after its timeout
@@ -231,7 +233,11 @@ class ProxyServer:
             for task in list(self._tasks):
                 task.cancel()
             if self._tasks:
-                await asyncio.wait(list(self._tasks))
+                _, stuck = await asyncio.wait(list(self._tasks), timeout=TASKS_STOP_TIMEOUT_S)
+                if stuck:  # an addon's hook that will not stop: not a reason never to exit
+                    self._log.emit(Notice(f"{len(stuck)} task(s) did not stop within "
+                                          f"{TASKS_STOP_TIMEOUT_S:g} s of being cancelled (an "
+                                          "addon's hook?): left behind"))  # fmt: skip
             self._ctx.sniff_deadlines.close()
             self._ctx.poller.close()
             self.release()

@@ -40,6 +40,7 @@ sides reset, only this session ended.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import errno
 import os
@@ -109,9 +110,11 @@ _CONNECT_FAILURE_REASONS = {
 }
 # The sniffing fields of a session nothing was sniffed of (refused or failed before relaying).
 _NOT_SNIFFED: SniffedFields = (None, None, None, None, None, None, None)
-# What an addon's hook may raise that ends its session, not the process: a `sys.exit()` in a
-# hook would otherwise leave the event loop (asyncio re-raises SystemExit out of a task too).
-_HOOK_ERRORS = (Exception, SystemExit)
+# What an addon's hook may raise that ends its session, not the process: anything. A
+# `sys.exit()`, a KeyboardInterrupt or a CancelledError raised by a hook would otherwise leave the
+# event loop or end a task silently; only the session's own task being cancelled (its close) is
+# let through, in `_start_hooks_async`.
+_HOOK_ERRORS = (BaseException,)
 # A session without a policy but with addons: allowed unless an addon says otherwise.
 _ALLOW = Verdict(Action.ALLOW)
 # A `via` session's proxy: every failure to reach it or talk to it, but running out of
@@ -124,6 +127,23 @@ _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIM
 # Most bytes read from an upstream proxy's answer at once (a SOCKS5 reply is 10-22 bytes, an
 # HTTP one a few hundred; the handshake bounds what it keeps).
 _HANDSHAKE_READ_BYTES = 4096
+
+
+def _final(addon_verdict: Verdict | None, policy_verdict: Verdict) -> Verdict:
+    """The verdict carried out: the first addon's, keeping the policy rule's `capture` (an
+    addon that allows a session the policy captures does not stop the capture); else the
+    policy's."""
+    if addon_verdict is None:
+        return policy_verdict
+    if policy_verdict.capture and not addon_verdict.capture:
+        return dataclasses.replace(addon_verdict, capture=True)
+    return addon_verdict
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (by whoever called its `cancel()`)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Phase(enum.Enum):
@@ -327,7 +347,9 @@ class Session:
                 self._sniff_more()
             elif phase is Phase.HANDSHAKING:
                 self._handshake_more()
-            elif phase is Phase.CONNECTING or phase is Phase.ADDONS:  # level-triggered: again
+            elif phase is Phase.ADDONS:
+                self._client_while_addons()
+            elif phase is Phase.CONNECTING:  # the level-triggered poller would call again
                 self._ctx.poller.remove_reader(self._client_sock.fileno())
         except Exception as exc:
             self.fail(exc)
@@ -413,9 +435,15 @@ class Session:
         for index, hook in enumerate(hooks):
             if hook.is_async:  # the rest run in a task; this session waits for it, alone
                 self.phase = Phase.ADDONS
+                # The sweep's bound, should the task never end (a hook that swallows its
+                # cancellation): every hook's timeout, and a second more.
+                self.connect_deadline_at = now + ADDON_HOOK_TIMEOUT_S * (len(hooks) - index) + 1
+                # Watched meanwhile: a client that resets is noticed (`on_readable`).
+                self._ctx.poller.add_reader(self._client_sock.fileno(), self)
                 run.task = self._ctx.spawn(
                     self._start_hooks_async(hooks[index:], verdict, deciding, sniffed)
                 )
+                run.task.add_done_callback(self._addons_task_done)
                 return
             try:
                 answer = hook.fn(run.session)
@@ -424,7 +452,32 @@ class Session:
                 return
             if not self._start_hook(hook, answer, run):
                 return
-        self._carry_out(run.verdict or verdict, deciding, now, sniffed)
+        self._carry_out(_final(run.verdict, verdict), deciding, now, sniffed)
+
+    def _client_while_addons(self) -> None:
+        """The client stirred while its `session_start` hooks run: a reset ends the session (the
+        task is cancelled, nothing connects); bytes or its FIN stay unread, for the relay."""
+        try:
+            self._client_sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _GONE:
+                self.close(CloseReason.CLIENT_RESET)
+                return
+            raise
+        self._ctx.poller.remove_reader(self._client_sock.fileno())  # else level-triggered: again
+
+    def _addons_task_done(self, task: asyncio.Task[None]) -> None:
+        """The hooks' task ended: if the session still waits for it, the task ended without an
+        answer (cancelled by something else than the session's close): an addon error."""
+        if self.phase is not Phase.ADDONS:
+            return
+        record = self.record
+        assert record is not None
+        why = "session_start's task ended without an answer (cancelled)"
+        self._ctx.log.emit(SessionFailed(record.id, why, None, "session_start"))
+        self.close(CloseReason.ADDON_ERROR)
 
     def _start_hook(self, hook: Hook, answer: object, run: AddonRun) -> bool:
         """Take one `session_start`'s answer; False (the session closed) when it is wrong."""
@@ -462,6 +515,8 @@ class Session:
                     else:
                         answer = hook.fn(run.session)
                 except _HOOK_ERRORS as exc:
+                    if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                        raise  # the session's own close cancelled it: nothing to report
                     self._addon_failed(hook, exc)
                     return
                 if self.phase is Phase.CLOSED:
@@ -469,7 +524,7 @@ class Session:
                 if not self._start_hook(hook, answer, run):
                     return
             run.task = None
-            self._carry_out(run.verdict or verdict, deciding, time.monotonic(), sniffed)
+            self._carry_out(_final(run.verdict, verdict), deciding, time.monotonic(), sniffed)
             if self.phase is not Phase.CLOSED:
                 self._client_addr = ()
         except Exception as exc:  # the session boundary (a bug of ours past the hooks)
@@ -583,7 +638,14 @@ class Session:
     def sweep(self, now: float) -> None:
         """Enforce this session's deadlines at `now` (monotonic); the server's sweep calls it."""
         phase = self.phase
-        if phase is Phase.CONNECTING or phase is Phase.HANDSHAKING:
+        if phase is Phase.ADDONS:  # the hooks' task should have ended by itself long ago
+            if now >= self.connect_deadline_at:
+                record = self.record
+                assert record is not None
+                why = f"session_start did not end within {ADDON_HOOK_TIMEOUT_S:g} s a hook"
+                self._ctx.log.emit(SessionFailed(record.id, why, None, "session_start"))
+                self.close(CloseReason.ADDON_ERROR)
+        elif phase is Phase.CONNECTING or phase is Phase.HANDSHAKING:
             if now >= self.connect_deadline_at:
                 self._stop_connecting()
                 timeout_s = self._ctx.config.connect_timeout_s
@@ -806,6 +868,8 @@ class Session:
             async with timeout:
                 await hook.fn(session)
         except _HOOK_ERRORS as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                raise  # tproxy is stopping: the hook is cut short, not in error
             if isinstance(exc, TimeoutError) and timeout.expired():
                 exc = TimeoutError(f"{hook.name} did not return within {ADDON_HOOK_TIMEOUT_S:g} s")
             self._ctx.log.emit(SessionFailed(session_id, hook_error(exc), hook.addon, hook.name))
