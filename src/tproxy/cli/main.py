@@ -604,6 +604,7 @@ def run_to_the_end(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, No
         if left:
             loop.run_until_complete(asyncio.wait(left, timeout=TASKS_STOP_TIMEOUT_S))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())  # a reload or prune in flight
     finally:
         loop.close()
 
