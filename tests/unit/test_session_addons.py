@@ -7,7 +7,7 @@ closed meanwhile cancels it, and `session_end` sees the byte counts and the reas
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +23,7 @@ from tests.unit.test_session_policy import (
     _accepted,
     _config,
     _recv_all,
+    _run,
 )
 from tproxy.addons import api
 from tproxy.addons.loader import Addon, Addons, Hook
@@ -47,21 +48,6 @@ def _addon(name: str, sniff: bool = False, **hooks: HookFn) -> Addon:
 def _with(*addons: Addon, base: ProxyConfig | None = None) -> ProxyConfig:
     base = base or ProxyConfig()
     return ProxyConfig(matcher=base.matcher, addons=Addons.of(addons))
-
-
-Scenario = Callable[[PolicyHarness], Coroutine[Any, Any, None]]
-
-
-def _run(scenario: Scenario, config: ProxyConfig) -> None:
-    async def main() -> None:
-        h = PolicyHarness(config)
-        try:
-            await scenario(h)
-        finally:
-            h.close()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
 
 
 async def _relay_once(h: PolicyHarness, session: Session | None = None) -> None:
