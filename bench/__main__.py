@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from bench.report import (
     MODES,
     POLICY_TARGETS,
     TARGETS,
+    Comparison,
     Verdict,
     render_comparisons,
     render_modes,
@@ -179,6 +181,12 @@ def _tests_of(name: str) -> str:
     return ", ".join(names[t] for t in names if t in spec.tests)
 
 
+def _verdicts(samples: Samples, targets: Sequence[Comparison]) -> str:
+    """`1 met, 2 MISSED`: how many of `targets` got each verdict."""
+    counts = tally(samples, targets)
+    return ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+
+
 def write_results(
     result: Run, argv: list[str], started: float, elapsed_s: float, *, load: tuple[str, str]
 ) -> str:
@@ -188,12 +196,9 @@ def write_results(
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     samples = result.samples
     rounds = len(result.orders)
-    counts = tally(samples, TARGETS)
-    summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
-    counts = tally(samples, POLICY_TARGETS)
-    policy_summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
-    counts = tally(samples, CAPTURE_TARGETS)
-    capture_summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+    summary = _verdicts(samples, TARGETS)
+    policy_summary = _verdicts(samples, POLICY_TARGETS)
+    capture_summary = _verdicts(samples, CAPTURE_TARGETS)
     captured = "; ".join(
         f"{name} {', '.join(f'{n / GIB:.2f}' for n in sizes)} GiB"
         for name, sizes in result.captured_bytes.items()

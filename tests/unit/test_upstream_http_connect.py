@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.upstream_harness import feed
 from tproxy.policy.model import HostPort, UpstreamProxy
 from tproxy.upstream.handshake import (
     NEED_MORE,
@@ -46,19 +47,6 @@ def fresh(
     handshake = handshake_for(proxy, host, port)
     handshake.start()
     return handshake
-
-
-def feed(handshake: ProxyHandshake, data: bytes, cuts: list[int]) -> tuple[Answer, bytes]:
-    """Feed `data` in pieces cut at `cuts` until an answer other than NEED_MORE; return it and
-    the bytes not fed yet (what the engine would relay after Established)."""
-    ends = [*sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
-    start = 0
-    for end in ends:
-        answer = handshake.receive(data[start:end])
-        start = end
-        if answer is not NEED_MORE:
-            return answer, data[start:]
-    return NEED_MORE, b""
 
 
 # --- what we send ----------------------------------------------------------------------------

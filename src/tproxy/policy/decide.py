@@ -135,7 +135,8 @@ def _fact_mismatch(rule: Rule, sniffed: SniffedFacts) -> str | None:
     return None
 
 
-def _verdict_of(rule: Rule) -> Verdict:
+def verdict_of(rule: Rule) -> Verdict:
+    """What `rule` does to a session it matches (also the compiled matcher's answer)."""
     return Verdict(
         action=rule.action,
         rule=rule.name,
@@ -168,7 +169,7 @@ def trace(policy: Policy, facts: SessionFacts) -> tuple[Verdict, list[str]]:
                 why.append(f"rule {rule.name!r}: {failed} does not match")
                 continue
         why.append(f"rule {rule.name!r}: matches")
-        return _verdict_of(rule), why
+        return verdict_of(rule), why
     why.append(f"no rule matches: default {policy.default.value}")
     return _default_verdict(policy), why
 
@@ -192,5 +193,5 @@ def decide(policy: Policy, facts: SessionFacts) -> Verdict:
                 return Verdict(None, need_facts=True, waiting_for=rule.name)
             if _fact_mismatch(rule, facts.sniffed) is not None:
                 continue
-        return _verdict_of(rule)
+        return verdict_of(rule)
     return _default_verdict(policy)

@@ -36,7 +36,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tproxy.policy.decide import SniffedFacts, Verdict
+from tproxy.policy.decide import SniffedFacts, Verdict, verdict_of
 from tproxy.policy.model import Action, Default, NamePattern, Policy, Rule, normalize_name
 
 Address = tuple[int, int]
@@ -126,14 +126,7 @@ def _compile(rule: Rule) -> _Compiled:
         sni=_names(rule.sni),
         host=_names(rule.host),
         either=_names(rule.name_any),
-        verdict=Verdict(
-            action=rule.action,
-            rule=rule.name,
-            to=rule.to,
-            via=rule.via,
-            remote_name=rule.remote_name,
-            capture=rule.capture,
-        ),
+        verdict=verdict_of(rule),
     )
 
 
