@@ -50,6 +50,19 @@ def _with(*addons: Addon, base: ProxyConfig | None = None) -> ProxyConfig:
     return ProxyConfig(matcher=base.matcher, addons=Addons.of(addons))
 
 
+def _sleeping_hook(cancelled: list[bool]) -> HookFn:
+    """An `async def session_start` that sleeps 10 s, noting in `cancelled` if it is cancelled."""
+
+    async def start(session: api.Session) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    return start
+
+
 async def _relay_once(h: PolicyHarness, session: Session | None = None) -> None:
     """Send the allowed request up and a reply down, then end both sides cleanly."""
     session = session or h.session
@@ -366,13 +379,7 @@ def test_an_async_hook_past_its_deadline_resets_the_session_and_is_cancelled(
 ) -> None:
     monkeypatch.setattr(session_module, "ADDON_HOOK_TIMEOUT_S", 0.1)
     cancelled: list[bool] = []
-
-    async def start(session: api.Session) -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+    start = _sleeping_hook(cancelled)
 
     config = _with(_addon("stuck.py", session_start=start))
 
@@ -607,13 +614,7 @@ def test_session_end_raising_anything_still_writes_the_close() -> None:
 
 def test_a_client_that_resets_while_its_hook_runs_ends_the_session_and_nothing_connects() -> None:
     cancelled: list[bool] = []
-
-    async def start(session: api.Session) -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.append(True)
-            raise
+    start = _sleeping_hook(cancelled)
 
     async def scenario(h: PolicyHarness) -> None:
         h.session.start()
