@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tproxy.addons.loader import Addon
@@ -29,13 +29,15 @@ async def relay(
     tap: FirstBytes | None = None,
     recording: Recording | None = None,
     addons: tuple[Addon, ...] | None = None,
+    session_start: Callable[[AddonSession], None] | None = None,
 ) -> CloseReason:
     """Relay to the end, close both sockets as a session does, return the close reason.
 
     `pool` None copies; a pool splices after each direction's first `splice_after` bytes; a
     `tap` sees the first bytes as they pass, as a session's sniffer does; a `recording` sees
     every byte written and every end, as a captured session's recorder does. With `addons`,
-    the addon relay, every one of them claiming the session (a hook's error is raised).
+    the addon relay, every one of them claiming the session (a hook's error is raised), after
+    `session_start` (if given) was called with the addons' session.
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[CloseReason] = loop.create_future()
@@ -57,6 +59,8 @@ async def relay(
     else:
         session = AddonSession(record, None, "allow")
         session.claimers = [addon.name for addon in addons]
+        if session_start is not None:
+            session_start(session)
         the_relay = AddonRelay(poller, client, upstream, record, session=session, addons=addons,
                                on_end=finished.set_result, on_error=finished.set_exception,
                                on_addon_error=lambda _, exc: finished.set_exception(exc),

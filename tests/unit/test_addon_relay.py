@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.unit.relay_harness import read_until_end, relay, tcp_pair
+from tests.unit.test_relay_contract import IDENTITY
 from tests.unit.test_session_addons import _addon, _reset_seen, _with
 from tests.unit.test_session_phases import _phase, _until
 from tests.unit.test_session_policy import (
@@ -29,7 +30,7 @@ from tproxy.addons.loader import Addon, Hook
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_relay import INJECTED_LIMIT_BYTES
 from tproxy.engine.pump import COPY_CHUNK_BYTES
-from tproxy.engine.session import Phase
+from tproxy.engine.session import Phase, Session
 from tproxy.interception.sockopts import abort_socket
 
 RESPONSE = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -353,5 +354,179 @@ def test_an_addon_sending_to_a_client_that_does_not_read_stops_reading_the_clien
             relaying.cancel()
             for sock in (peer_client, peer_upstream):
                 abort_socket(sock)
+
+    asyncio.run(scenario())
+
+
+# --- what the review of the addon relay found -------------------------------------------------
+
+
+def test_an_upstream_reset_during_an_upload_still_delivers_the_answer_a_hook_holds() -> None:
+    """The upstream answers early and resets while the client still uploads (a server closing
+    with unread bytes); the answer sits in an async server_data when the client's next write
+    meets the reset. The client gets the answer, then the reset (as with the copy relay)."""
+
+    async def delay(session: api.Session, data: bytes) -> bytes:
+        await asyncio.sleep(0.2)
+        return data
+
+    async def scenario() -> None:
+        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
+        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
+            addons=(_addon("delay.py", server_data=delay),)))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(peer_client, b"POST / (a big upload)")
+            await asyncio.sleep(0.05)
+            peer_upstream.send(b"HTTP/1.1 413 Too Large\r\n\r\n")
+            abort_socket(peer_upstream)
+            reads = asyncio.ensure_future(_ends(peer_client))
+            for _ in range(20):  # the client keeps uploading meanwhile
+                try:
+                    peer_client.send(b"x" * 1000)
+                except OSError:
+                    break
+                await asyncio.sleep(0.01)
+            assert await reads == (b"HTTP/1.1 413 Too Large\r\n\r\n", "reset")
+            assert await relaying == "upstream_reset"
+        finally:
+            peer_client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_that_waited_for_its_first_bytes_hands_the_client_over_to_the_relay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sniffed first bytes go into an async client_data: the relay takes the client's poller
+    registration over at once, so more bytes from the client meanwhile do not make the poller
+    call the session again and again (a busy loop for as long as the hook runs)."""
+    calls = {"n": 0}
+    real = Session.on_readable
+
+    def counting(self: Session) -> None:
+        calls["n"] += 1
+        real(self)
+
+    monkeypatch.setattr(Session, "on_readable", counting)
+
+    async def slow(session: api.Session, data: bytes) -> bytes:
+        await asyncio.sleep(0.3)
+        return data
+
+    sniffing = _with(_addon("slow.py", sniff=True, session_start=_claim, client_data=slow))
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        h.client.send(ALLOWED_REQUEST)
+        conn = await _accepted(h)
+        await asyncio.sleep(0.01)
+        calls["n"] = 0
+        h.client.send(b"body")  # while the first chunk is in the hook
+        await asyncio.sleep(0.2)
+        assert calls["n"] < 5, calls
+        got = await _recv_all(conn, len(ALLOWED_REQUEST) + 4)
+        assert got == ALLOWED_REQUEST + b"body"
+        conn.close()
+
+    _run(scenario, sniffing)
+
+
+def test_what_session_start_sends_past_the_limit_does_not_stall_the_client() -> None:
+    """300 KB sent to the client from session_start (past `INJECTED_LIMIT_BYTES`): once the
+    client has read it, its request is read and reaches the upstream."""
+
+    async def scenario() -> None:
+        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
+        for sock in (peer_client, proxy_client):  # room for all of it at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
+            addons=(IDENTITY,),
+            session_start=lambda session: session.send_to_client(b"x" * 300_000)))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        try:
+            got = 0
+            while got < 300_000:
+                got += len(await loop.sock_recv(peer_client, 1 << 20))
+            peer_client.send(b"request")
+            async with asyncio.timeout(5):
+                assert await loop.sock_recv(peer_upstream, 100) == b"request"
+        finally:
+            relaying.cancel()
+            for sock in (peer_client, peer_upstream):
+                abort_socket(sock)
+
+    asyncio.run(scenario())
+
+
+def test_a_hooks_task_cancelled_by_something_else_is_that_hooks_error() -> None:
+    async def client_data(session: api.Session, data: bytes) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # as a library cancelling current_task() would
+        await asyncio.sleep(0)
+        return data
+
+    async def scenario() -> None:
+        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
+        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
+            addons=(_addon("x.py", client_data=client_data),)))  # fmt: skip
+        try:
+            peer_client.send(b"cancel me")
+            with pytest.raises(asyncio.CancelledError, match="its task was cancelled"):
+                async with asyncio.timeout(5):
+                    await relaying
+        finally:
+            for sock in (peer_client, peer_upstream):
+                abort_socket(sock)
+
+    asyncio.run(scenario())
+
+
+def test_reset_ends_a_relaying_session_that_no_addon_claimed() -> None:
+    box: list[api.Session] = []
+    config = _with(_addon("r.py", session_start=box.append))
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        conn = await _accepted(h)
+        await _until(lambda: _phase(h.session) is Phase.RELAYING)
+        with pytest.raises(RuntimeError, match="for claimed sessions"):
+            box[0].close()
+        box[0].reset()
+        await _reset_seen_both(h, conn)
+        close = h.events()[-1]
+        assert (close["reason"], close["relay"]) == ("addon_reset", "splice")
+
+    _run(scenario, config)
+
+
+def test_what_an_async_hook_sends_after_close_goes_before_the_fin() -> None:
+    async def server_data(session: api.Session, data: bytes) -> bytes:
+        session.close()
+        await asyncio.sleep(0)
+        session.send_to_upstream(b"[bye]")
+        return data
+
+    async def scenario() -> None:
+        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
+        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
+            addons=(_addon("bye.py", server_data=server_data),)))  # fmt: skip
+        try:
+            peer_upstream.send(b"response")
+            upstream_gets = asyncio.ensure_future(_ends(peer_upstream))
+            assert await _ends(peer_client) == (b"response", "eof")
+            assert await upstream_gets == (b"[bye]", "eof")
+            peer_client.shutdown(socket.SHUT_WR)
+            peer_upstream.shutdown(socket.SHUT_WR)
+            assert await relaying == "addon_close"
+        finally:
+            for sock in (peer_client, peer_upstream):
+                sock.close()
 
     asyncio.run(scenario())

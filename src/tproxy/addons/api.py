@@ -32,6 +32,9 @@ The byte hooks are called only for a session the addon claimed (`session.claim()
 data hooks before the FIN is passed on. Chunks are whatever one read returned (at most 64 KiB):
 message boundaries are not kept, so a hook that parses must buffer (in `session.state`), and
 returns b"" to hold bytes back. A session no addon claims is relayed on the zero-copy path.
+
+A session that ends while an `async def` hook awaits cancels that hook; `session_end` may then
+run before the cancelled hook has unwound (whatever it sends then raises RuntimeError).
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ Address = tuple[str, int]
 class Session(Protocol):
     """One intercepted client connection and its upstream connection, as a hook sees it.
 
-    The same object is passed to every hook of one session, so an addon may keep its own
-    per-session data in `state`. Every other member belongs to the proxy: read it, do not set it.
+    The same object is passed to every hook of one session, so an addon may keep its
+    per-session data in `state` (shared by the session's addons: use keys of your own). Every
+    other member belongs to the proxy: read it, do not set it.
     """
 
     @property
@@ -152,7 +156,9 @@ class Session(Protocol):
 
     @property
     def state(self) -> dict[str, Any]:
-        """The addon's own data for this session, empty at first; the proxy never reads it."""
+        """The session's data for its addons, empty at first; the proxy never reads it. One
+        dict per session, shared by all of its addons: key yours by something of your own
+        (your addon's name)."""
 
     def claim(self) -> None:
         """Ask for this session's bytes: this addon's `client_data`, `server_data`,
@@ -195,9 +201,9 @@ class Session(Protocol):
         """
 
     def reset(self) -> None:
-        """End the session at once: a TCP reset to both sides, what is queued dropped (close
-        reason `addon_reset`); in `session_start`, the same as returning `reset()`. Does
-        nothing once the session has ended."""
+        """End the session at once, claimed or not: a TCP reset to both sides, what is queued
+        dropped (close reason `addon_reset`); in `session_start`, the same as returning
+        `reset()`. Does nothing once the session has ended."""
 
 
 @dataclass(frozen=True, slots=True)

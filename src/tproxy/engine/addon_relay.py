@@ -45,14 +45,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
-from tproxy.core.lifecycle import Direction, End
+from tproxy.core.lifecycle import Direction, DirectionEnded, End
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_session import ADDON_HOOK_TIMEOUT_S, AddonSession, cancelling
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
 from tproxy.engine.relay import Relay, Spawn
-from tproxy.interception.sockopts import abort_socket
+from tproxy.interception.sockopts import abort_socket, reset_behind_eof
 from tproxy.sniffers.passive import FirstBytes
 
 if TYPE_CHECKING:
@@ -95,12 +95,21 @@ def _as_bytes(out: object, hook: Hook) -> bytes:
 
 
 class AddonPump:
-    """One direction of a claimed session: source → the claiming addons' hooks → sink."""
+    """One direction of a claimed session: source → the claiming addons' hooks → sink.
+
+    Its state, besides its queue: reading / writing (its poller registrations), busy (an async
+    chain holds a chunk), waiting for room (the other direction holds over
+    `INJECTED_LIMIT_BYTES`), its source's FIN read, and -- after the addon's `close()` --
+    drained (everything it had is written) and lingering (dropping what the source still
+    sends); ended once it has reported its end (or lingered to its source's FIN), stopped once
+    the relay is over.
+    """
 
     __slots__ = (
-        "_busy", "_direction", "_dst", "_eof_read", "_has_async", "_lingering", "_queue",
-        "_queued", "_reading", "_record", "_recording", "_relay", "_session", "_src", "_steps",
-        "_tap", "_task", "_writing", "drained", "ended", "stopped",
+        "_busy", "_direction", "_dst", "_eof_read", "_has_async", "_hook", "_lingering",
+        "_queue", "_queued", "_reading", "_record", "_recording", "_relay", "_session", "_src",
+        "_steps", "_tap", "_task", "_waiting_for_room", "_writing", "drained", "ended",
+        "stopped",
     )  # fmt: skip
 
     def __init__(
@@ -128,13 +137,15 @@ class AddonPump:
         self._queued = 0  # bytes in the queue
         self._reading = False
         self._writing = False
-        self._busy = False  # an async chain is processing a chunk: read nothing meanwhile
+        self._busy = False
         self._task: asyncio.Task[None] | None = None
-        self._eof_read = False  # the source sent its FIN (its eof hooks ran or are running)
-        self._lingering = False  # after the addon's close(): read and drop until the FIN
-        self.ended = False  # reported its end to the relay (EOF passed on, or a reset)
+        self._hook: Hook | None = None  # the hook an async chain awaits (for its errors)
+        self._waiting_for_room = False
+        self._eof_read = False
+        self._lingering = False
+        self.ended = False
         self.stopped = False
-        self.drained = False  # after the addon's close(): everything queued was written
+        self.drained = False
 
     @property
     def queued(self) -> int:
@@ -142,8 +153,16 @@ class AddonPump:
 
     # --- what the relay and the addon's session call --------------------------------------------
 
+    def queue_first(self, sent: list[bytes]) -> None:
+        """What `session_start` sent this way: written before anything else."""
+        for data in sent:
+            self._enqueue(data)
+
     def start(self, pending: bytes) -> None:
-        """Begin: `pending` (read before the relay existed) is the first chunk."""
+        """Begin: take the source's poller registration over (a session that waited for its
+        first bytes leaves its own), then `pending` (read before the relay existed) is the first
+        chunk."""
+        self._arm_reader()
         if pending:
             self._run(pending)
         self.settle()
@@ -151,29 +170,29 @@ class AddonPump:
     def push(self, data: bytes) -> None:
         """Queue `data` for the sink, after what is queued (an addon's `send_to_*`); written
         when the sink is writable."""
-        if self.stopped or self._relay.ending is not None:
+        if self.stopped or self._relay.over:
             raise RuntimeError("the session has ended")
         if self.ended:
             side = "upstream" if self._direction is Direction.UP else "client"
             raise RuntimeError(f"the {side} has been sent its FIN: nothing more can go to it")
         self._enqueue(data)
+        self.drained = False  # (after close(): the FINs wait for this too)
         self._arm_writer()
 
     def stop(self) -> None:
         """Stop moving bytes; afterwards the pump touches neither socket and calls nobody."""
         self.stopped = True
         self._disarm_reader()
-        if self._writing:
-            self._relay.poller.remove_writer(self._dst)
-            self._writing = False
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        self._disarm_writer()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
         self._queue.clear()
         self._queued = 0
 
     def linger(self) -> None:
         """After the addon's close() sent the FINs: read and drop until the source's FIN."""
+        self._disarm_writer()
         if self._eof_read:
             self.ended = True
             self._relay.lingered()
@@ -183,25 +202,30 @@ class AddonPump:
 
     def settle(self) -> None:
         """Write what is queued; then wait for what comes next: the sink, the async chain,
-        the end (EOF passed on once everything is written), or the source."""
+        the end (EOF passed on once everything is written), the addon's close(), room in the
+        other direction, or the source."""
         if self.stopped or self.ended or self._lingering:
             return
         if self._queue and not self._flush():
             return
-        if self._writing:
-            self._relay.poller.remove_writer(self._dst)
-            self._writing = False
+        self._disarm_writer()
+        other = self._relay.other(self)
+        if other._waiting_for_room:  # its wait was for this queue
+            other._waiting_for_room = False
+            other.settle()
+            if self.stopped:
+                return
         if self._busy:
             self._disarm_reader()
         elif self._eof_read:
             self._finish(End.EOF)
         elif self._relay.closing:
             self._disarm_reader()
-            if not self.drained:
-                self.drained = True
-                self._relay.pump_drained()
-        elif self._other().queued > INJECTED_LIMIT_BYTES:
-            self._disarm_reader()  # the other pump settles this one once it has written
+            self.drained = True
+            self._relay.pump_drained()
+        elif other.queued > INJECTED_LIMIT_BYTES:
+            self._disarm_reader()
+            self._waiting_for_room = True
         else:
             self._arm_reader()
 
@@ -223,6 +247,9 @@ class AddonPump:
                         return
                     raise
                 self._record.last_activity_at = time.monotonic()
+                if not data and self._relay.reset_behind_eof(self):
+                    self._finish(End.SOURCE_RESET)  # not a FIN: no eof hook for it
+                    return
                 if not data:
                     self._eof_read = True
                     self._run(None)
@@ -242,10 +269,6 @@ class AddonPump:
     def on_writable(self) -> None:
         try:
             self.settle()
-            if not self._queue:
-                other = self._other()
-                if not other.stopped and not other._reading and not other._busy:
-                    other.settle()  # it may have waited for this queue to go down
         except Exception as exc:
             self._relay.pump_failed(exc)
 
@@ -254,12 +277,13 @@ class AddonPump:
     def _run(self, data: bytes | None) -> None:
         """Pass `data` (None: the source's FIN) through the chain: at once for plain hooks, in
         a task when some hook is an `async def` (the direction reads nothing meanwhile)."""
-        process = self._process(data)
         if self._has_async:
             self._busy = True
             self._disarm_reader()
-            self._task = self._relay.spawn(self._in_task(process))
+            task = self._task = self._relay.spawn(self._in_task(data))
+            task.add_done_callback(self._task_done)
             return
+        process = self._process(data)
         try:
             process.send(None)
         except StopIteration:
@@ -267,9 +291,9 @@ class AddonPump:
         process.close()  # nothing in a chain of plain hooks awaits: a bug of ours if it did
         raise RuntimeError("a chain of plain hooks suspended")
 
-    async def _in_task(self, process: Coroutine[Any, Any, None]) -> None:
+    async def _in_task(self, data: bytes | None) -> None:
         try:
-            await process
+            await self._process(data)
         except Exception as exc:  # a bug of ours past the hooks
             self._relay.pump_failed(exc)
             return
@@ -280,16 +304,27 @@ class AddonPump:
         except Exception as exc:
             self._relay.pump_failed(exc)
 
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A chain's task ended. Cancelled while still the pump's (not by `stop()`, which
+        forgets it first): cancelled by something else, such as the hook itself -- its
+        direction would wait forever, so that is the hook's error."""
+        if task is self._task and task.cancelled():
+            self._task = None
+            hook = self._hook
+            if hook is not None:
+                self._relay.hook_failed(hook, asyncio.CancelledError("its task was cancelled"))
+            else:
+                self._relay.pump_failed(asyncio.CancelledError("a chain's task was cancelled"))
+
     async def _process(self, data: bytes | None) -> None:
         """Run the chain over one chunk, or (None) over the source's FIN: each claiming addon's
         eof hook, its output through the later addons' data hooks. Queue what comes out."""
-        steps = self._steps
         if data is not None:
             out = await self._through(data, 0)
             if out:
                 self._enqueue(out)
             return
-        for index, (_, eof_hook) in enumerate(steps):
+        for index, (_, eof_hook) in enumerate(self._steps):
             if eof_hook is None:
                 continue
             flushed = await self._call(eof_hook)
@@ -315,6 +350,7 @@ class AddonPump:
     async def _call(self, hook: Hook, *args: bytes) -> bytes | None:
         """Call one hook (awaiting an `async def` one, within `ADDON_HOOK_TIMEOUT_S`); its bytes,
         or None when the session ended meanwhile (what it raised has been reported)."""
+        self._hook = hook
         try:
             out = hook.fn(self._session, *args)
             if hook.is_async:
@@ -330,10 +366,10 @@ class AddonPump:
             data = _as_bytes(out, hook)
         except BaseException as exc:  # anything a hook raises ends its session only
             if isinstance(exc, asyncio.CancelledError) and cancelling():
-                raise  # the session's own end cancelled the task: nothing to report
+                raise  # the task is being cancelled: `stop()`, or `_task_done` reports it
             self._relay.hook_failed(hook, exc)
             return None
-        if self.stopped or self._relay.ending is not None:
+        if self.stopped or self._relay.over:
             return None  # the hook reset the session (or the session ended around it)
         return data
 
@@ -354,13 +390,11 @@ class AddonPump:
                 self._count(chunk, n)
                 if n < len(chunk):
                     queue[0] = memoryview(chunk)[n:]
-                    self._disarm_reader()
-                    self._arm_writer()
+                    self._push_back()
                     return False
                 queue.popleft()
         except BlockingIOError:
-            self._disarm_reader()
-            self._arm_writer()
+            self._push_back()
             return False
         except OSError as exc:
             if exc.errno in _GONE:
@@ -368,6 +402,11 @@ class AddonPump:
                 return False
             raise
         return True
+
+    def _push_back(self) -> None:
+        """The sink is full: read nothing more until it has taken the queue."""
+        self._disarm_reader()
+        self._arm_writer()
 
     def _count(self, chunk: bytes | memoryview, n: int) -> None:
         self._queued -= n
@@ -400,15 +439,9 @@ class AddonPump:
 
     def _finish(self, end: End) -> None:
         self._disarm_reader()
-        if self._writing:
-            self._relay.poller.remove_writer(self._dst)
-            self._writing = False
+        self._disarm_writer()
         self.ended = True
         self._relay.pump_ended(self._direction, end)
-
-    def _other(self) -> AddonPump:
-        relay = self._relay
-        return relay.down if self is relay.up else relay.up
 
     def _arm_reader(self) -> None:
         if not self._reading:
@@ -425,6 +458,11 @@ class AddonPump:
             self._relay.poller.add_writer(self._dst, self)
             self._writing = True
 
+    def _disarm_writer(self) -> None:
+        if self._writing:
+            self._relay.poller.remove_writer(self._dst)
+            self._writing = False
+
 
 class AddonRelay(Relay):
     """Relays a claimed session `client` ⇄ `upstream` through its addons' byte hooks (the module
@@ -434,10 +472,16 @@ class AddonRelay(Relay):
 
     `pending_up` and `pending_down` are bytes read before the relay started (the sniffed first
     bytes; an upstream proxy's first tunnelled bytes): the chains' first chunks. What the addons
-    queued with `send_to_*` in `session_start` goes first, as it is.
+    sent with `send_to_*` in `session_start` goes first, as it is.
+
+    One cell differs from the lifecycle's matrix: a sink that resets while the other direction
+    is still moving (the upstream resets while the client uploads) does not abort both at once.
+    That direction stops; the other one goes on until it meets the same reset from its source,
+    so what it had read -- possibly still in an async hook -- reaches its sink first, and then
+    the reset does (the lifecycle's `SOURCE_RESET` cell).
     """
 
-    __slots__ = ("_on_addon_error", "_pending", "closing", "ending", "session")
+    __slots__ = ("_gone", "_on_addon_error", "_pending", "closing", "over", "session")
 
     up: AddonPump
     down: AddonPump
@@ -467,7 +511,10 @@ class AddonRelay(Relay):
         self._on_addon_error = on_addon_error
         self._pending = (pending_up, pending_down)
         self.closing = False  # the addon called close(): drain, FIN both ways, linger
-        self.ending: CloseReason | None = None  # set once the relay has ended or is ending
+        # Over: ended, ending, or past the close's FINs -- hooks' results are dropped, sending
+        # raises.
+        self.over = False
+        self._gone: DirectionEnded | None = None  # a sink's reset, passed on by the other way
         claimers = session.claimers
         self.up = AddonPump(self, client, upstream, Direction.UP,
                             chain_of(addons, claimers, up=True), tap=tap,
@@ -487,14 +534,22 @@ class AddonRelay(Relay):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self._spawn(coro)
 
+    def other(self, pump: AddonPump) -> AddonPump:
+        return self.down if pump is self.up else self.up
+
+    def reset_behind_eof(self, pump: AddonPump) -> bool:
+        """Whether the end `pump` just read from its source is a reset, not a FIN: the other
+        direction already met that reset writing to it (which leaves the read a plain EOF), or
+        the reset came behind the FIN."""
+        source = self._client if pump is self.up else self._upstream
+        return self._gone is not None or (source is not self._shut and reset_behind_eof(source))
+
     def start(self) -> None:
         """Hand the addons' session over to this relay and start both directions: what
-        `session_start` queued first, then the pending bytes through the chains."""
-        session = self.session
-        to_upstream, to_client = session.attach(self)
-        for pump, queued in ((self.up, to_upstream), (self.down, to_client)):
-            for data in queued:
-                pump._enqueue(data)
+        `session_start` sent first, then the pending bytes through the chains."""
+        to_upstream, to_client = self.session.attach(self)
+        self.up.queue_first(to_upstream)
+        self.down.queue_first(to_client)
         pending_up, pending_down = self._pending
         self._pending = (b"", b"")
         self.up.start(pending_up)
@@ -502,29 +557,38 @@ class AddonRelay(Relay):
             self.down.start(pending_down)
 
     def stop(self) -> None:
-        if self.ending is None:
-            self.ending = CloseReason.ERROR  # (the owner knows why; nothing reads this then)
+        self.over = True
         self.session.detach()
         super().stop()
 
-    def pump_failed(self, exc: BaseException) -> None:
-        if not self._done:
-            self.ending = CloseReason.ERROR
-        super().pump_failed(exc)
-
     def pump_ended(self, direction: Direction, end: End) -> None:
-        super().pump_ended(direction, end)
-        if self._done and self.ending is None:
-            self.ending = CloseReason.CLOSED
+        if self._done:
+            return
+        pump = self.up if direction is Direction.UP else self.down
+        ended = DirectionEnded(direction, end)
+        if self._gone is not None and end is not End.SOURCE_RESET:
+            # After a sink's reset, the other way ended without meeting it: reset both now.
+            self.up.stop()
+            self.down.stop()
+            self._done = self.over = True
             self.session.detach()
-        elif self.closing and end is End.EOF and not self._done:
+            self._abort_and_end([self._gone])
+            return
+        if end is End.SINK_RESET and not self.closing and not self.other(pump).ended:
+            self._gone = ended
+            pump.stop()
+            return
+        super().pump_ended(direction, end)
+        if self._done:
+            self.over = True
+            self.session.detach()
+        elif self.closing and end is End.EOF:
             self.pump_drained()  # that direction is done: its FIN went on
 
     def hook_failed(self, hook: Hook, exc: BaseException) -> None:
         """A hook raised or returned nonsense: stop, and let the owner reset the session."""
         if self._done:
             return
-        self.ending = CloseReason.ADDON_ERROR
         self.stop()
         self._on_addon_error(hook, exc)
 
@@ -534,11 +598,9 @@ class AddonRelay(Relay):
         """The addon's `session.reset()`: both sides reset at once, what is queued dropped."""
         if self._done:
             return
-        self.ending = CloseReason.ADDON_RESET
-        self.session.detach()
-        self._done = True
-        self.up.stop()
-        self.down.stop()
+        self.stop()
+        if self._recording is not None:
+            self._recording.ended(from_client=False, reset=True)
         for sock in (self._client, self._upstream):
             if sock.fileno() >= 0:
                 self._poller.forget(sock.fileno())
@@ -546,22 +608,15 @@ class AddonRelay(Relay):
         self._on_end(CloseReason.ADDON_RESET)
 
     def addon_close(self) -> None:
-        """The addon's `session.close()`: read no more, write what is queued, then FIN both
-        ways (`pump_drained`)."""
+        """The addon's `session.close()`: read no more; once everything read is through the
+        chains and written (`pump_drained`), FIN both ways."""
         if self._done or self.closing:
             return
         self.closing = True
         self._record.half_closed_at = time.monotonic()  # the linger is bounded as a half-close
-        for pump in (self.up, self.down):
-            task = pump._task
-            # A chunk still in an async chain is not queued: dropped (but the chain that called
-            # close() goes on: what its hook returns is queued).
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-                pump._task = None
-                pump._busy = False
         # Settled on the next round of the loop: the hook that called close() may still be
-        # returning bytes to queue.
+        # returning bytes to queue. A chunk still in an async chain is waited for (bounded by
+        # the hooks' timeout): its pump settles when the chain is done.
         asyncio.get_running_loop().call_soon(self._settle_both)
 
     def _settle_both(self) -> None:
@@ -573,20 +628,23 @@ class AddonRelay(Relay):
             self.pump_failed(exc)
 
     def pump_drained(self) -> None:
-        """After close(): once both directions have written everything, FIN both ways and
-        linger until both peers have sent theirs."""
-        if self._done or not all(p.drained or p.ended for p in (self.up, self.down)):
+        """After close(): once both directions have written everything they read, FIN both
+        ways and linger until both peers have sent theirs."""
+        pumps = (self.up, self.down)
+        if self._done or self.over or not all(p.ended or p.drained for p in pumps):
             return
-        for sock in (self._upstream, self._client):
+        self.over = True
+        for sock, from_client in ((self._upstream, True), (self._client, False)):
             if sock is not self._shut:
                 self._shutdown_write(sock)
-        self.session.detach()
-        self.ending = CloseReason.ADDON_CLOSE
-        for pump in (self.up, self.down):
+                if self._recording is not None:
+                    self._recording.ended(from_client=from_client, reset=False)
+        for pump in pumps:
             if not self._done:
                 pump.linger()
 
     def lingered(self) -> None:
         if not self._done and self.up.ended and self.down.ended:
             self._done = True
+            self.session.detach()
             self._on_end(CloseReason.ADDON_CLOSE)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from tproxy.addons.api import Address
@@ -61,15 +62,25 @@ class AddonSession:
         record: the engine's record of the session (id, byte counts, sniffed facts).
         rule: the policy rule that decided (None: the default, or no policy).
         action: what the policy decided ("allow" without a policy).
+        on_reset: resets the engine's session, for `reset()` when no addon relay runs it
+            (a session not claimed, or not connected yet).
     """
 
     __slots__ = (
-        "_ended", "_record", "_relay", "_to_client", "_to_upstream", "action", "claimers",
+        "_ended", "_on_reset", "_record", "_relay", "_to_client", "_to_upstream", "action",
+        "claimers",
         "reason", "reset_asked", "rule", "starting", "state",
     )  # fmt: skip
 
-    def __init__(self, record: SessionRecord, rule: str | None, action: str) -> None:
+    def __init__(
+        self,
+        record: SessionRecord,
+        rule: str | None,
+        action: str,
+        on_reset: Callable[[], None] = lambda: None,
+    ) -> None:
         self._record = record
+        self._on_reset = on_reset
         self.rule = rule
         self.action = action
         self.reason: str | None = None
@@ -142,15 +153,25 @@ class AddonSession:
     def close(self) -> None:
         if self._relay is not None:
             self._relay.addon_close()
-        elif not self._ended:
-            raise RuntimeError("close() ends a relaying session: to refuse one in "
-                               "session_start, return reset()")  # fmt: skip
+        elif self._ended:
+            return
+        elif self.starting is not None:
+            raise RuntimeError("close() in session_start: return reset() to refuse the session")
+        elif not self.claimers:
+            raise RuntimeError("close() is for claimed sessions (claim() in session_start); "
+                               "reset() ends any session")  # fmt: skip
+        else:
+            raise RuntimeError("close(): the session is not relaying yet; reset() ends it")
 
     def reset(self) -> None:
         if self._relay is not None:
             self._relay.addon_reset()
-        elif not self._ended:
+        elif self._ended:
+            return
+        elif self.starting is not None:
             self.reset_asked = True  # (the session carries it out as a reset verdict)
+        else:  # not claimed, or still connecting: the engine's session resets it
+            self._on_reset()
 
     def attach(self, relay: AddonRelay) -> tuple[list[bytes], list[bytes]]:
         """The addon relay starts: what was sent before it, (to the upstream, to the client)."""

@@ -429,7 +429,8 @@ class Session:
             return
         assert record is not None and verdict.action is not None
         record.action, record.rule = verdict.action.value, verdict.rule
-        run.session = AddonSession(record, verdict.rule, verdict.action.value)
+        run.session = AddonSession(record, verdict.rule, verdict.action.value,
+                                   on_reset=self._reset_by_addon)  # fmt: skip
         hooks = run.addons.session_start
         for index, hook in enumerate(hooks):
             if hook.is_async:  # the rest run in a task; this session waits for it, alone
@@ -454,6 +455,12 @@ class Session:
                 return
         run.session.starting = None
         self._carry_out(_final(run.verdict, verdict), deciding, now, sniffed)
+
+    def _reset_by_addon(self) -> None:
+        """An addon's `session.reset()` outside `session_start` with no addon relay to carry it
+        out (a session not claimed, or still connecting)."""
+        if self.phase is not Phase.CLOSED:
+            self.close(CloseReason.ADDON_RESET)
 
     def _client_while_addons(self) -> None:
         """The client stirred while its `session_start` hooks run: a reset ends the session (the
