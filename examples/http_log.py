@@ -106,12 +106,16 @@ def _printable(raw: bytes, max_chars: int) -> str:
     return "".join(out)
 
 
+def _endpoint(address: tuple[str, int]) -> str:
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _write_line(session: Session, request: _Head | None, status: str) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     line = "-" if request is None else _printable(request.start_line, MAX_REQUEST_LINE_CHARS)
-    client = f"{session.client[0]}:{session.client[1]}"
-    dst = f"{session.dst[0]}:{session.dst[1]}"
-    text = f'{when} {session.id} {client} -> {dst} "{line}" {status}\n'
+    text = f"{when} {session.id} {_endpoint(session.client)} -> {_endpoint(session.dst)} "
+    text += f'"{line}" {status}\n'
     if LOG_PATH is None:
         sys.stderr.write(text)
         sys.stderr.flush()

@@ -324,6 +324,15 @@ def test_http_log_logs_requests_without_a_response_at_the_end(
     assert _logged(log_path) == _expected_log([RESPONSE_LINES[0], *unanswered])
 
 
+def test_http_log_brackets_ipv6_addresses(http_log: types.ModuleType, log_path: Path) -> None:
+    _logged(log_path)
+    session = FakeSession(client=("2001:db8:1::2", 41000), dst=("2001:db8:2::2", 80))
+    _relay(http_log, [REQUESTS[:38]], [RESPONSES[0]], session)
+    assert _logged(log_path) == [
+        '0Q3H5V8K2M4PX [2001:db8:1::2]:41000 -> [2001:db8:2::2]:80 "GET / HTTP/1.1" 200'
+    ]
+
+
 def test_http_log_cuts_and_escapes_what_the_client_sent(
     http_log: types.ModuleType, log_path: Path
 ) -> None:
