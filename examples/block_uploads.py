@@ -121,6 +121,7 @@ _MAX_HEAD_BYTES = 64 * 1024
 _MAX_LINE_BYTES = 4 * 1024  # a chunk-size or trailer line
 _MAX_WAITING_REQUESTS = 128
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LEADING_NEWLINES = re.compile(rb"[\r\n]*")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") [^\x00-\x20\x7f]+ HTTP/1\.[01]")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
@@ -218,13 +219,14 @@ class _HTTP1Framer:
         self._go(self.after)
 
     def _feed_head(self, data: bytes, pieces: list[_Piece]) -> bytes:
-        searched = max(0, len(self.pending) - 3)
+        searched = max(0, len(self.pending) - 3)  # the head's end was not before this
         self.pending += data
         # Empty lines before a message are tolerated (RFC 9112 2.2); they stay in its head.
-        first = len(self.pending) - len(self.pending.lstrip(b"\r\n"))
+        leading = _LEADING_NEWLINES.match(self.pending)  # always matches, maybe empty
+        first = leading.end() if leading else 0
         end = _HEAD_END.search(self.pending, max(first, searched))
         if end is None:
-            if len(self.pending) - first > _MAX_HEAD_BYTES:
+            if len(self.pending) > _MAX_HEAD_BYTES:
                 self._opaque(pieces)
             return b""
         raw, rest = bytes(self.pending[: end.end()]), bytes(self.pending[end.end() :])

@@ -244,6 +244,21 @@ def test_the_framer_finds_every_message_however_cut(framing: types.ModuleType) -
         assert [p.kind for p in pieces].count("end") == 7  # the last one ends at the FIN
 
 
+@pytest.mark.parametrize(
+    "stream", [b"GET /" + b"a" * 70_000, b"\r\n" * 40_000, b"GET / HTTP/1.1\r\nX: " + b"b" * 70_000]
+)
+def test_the_framer_gives_up_on_a_head_over_64_kib_quickly(
+    framing: types.ModuleType, stream: bytes
+) -> None:
+    """Byte by byte (a read per byte), the framer's work and memory stay bounded."""
+    framer = framing._HTTP1Framer(response=False)
+    started = time.monotonic()
+    pieces = [piece for i in range(len(stream)) for piece in framer.feed(stream[i : i + 1])]
+    assert time.monotonic() - started < 5
+    assert [p.kind for p in pieces][-1] == "opaque" and framer.state == "opaque"
+    assert b"".join(p.raw for p in pieces) == stream and not framer.pending
+
+
 HTTPISH = st.lists(
     st.sampled_from([REQUESTS[:40], REQUESTS[40:130], *RESPONSES, b"\r\n", b"0\r\n", b":"])
     | st.binary(max_size=30),
