@@ -190,6 +190,7 @@ class _HTTP1Framer:
     # "trailer", "close" or "opaque"
     left: int = 0  # body bytes still to come ("length", "chunk_data")
     line: bytearray = field(default_factory=bytearray)  # a chunk-size or trailer line so far
+    newlines: int = 0  # the empty lines `pending` starts with
     after: str = "head"  # the state once this message ends: "head", or "opaque" for a tunnel
 
     @property
@@ -231,8 +232,8 @@ class _HTTP1Framer:
         searched = max(0, len(self.pending) - 3)  # the head's end was not before this
         self.pending += data
         # Empty lines before a message are tolerated (RFC 9112 2.2); they stay in its head.
-        leading = _LEADING_NEWLINES.match(self.pending)  # always matches, maybe empty
-        first = leading.end() if leading else 0
+        leading = _LEADING_NEWLINES.match(self.pending, self.newlines)  # always matches
+        first = self.newlines = leading.end() if leading else self.newlines
         end = _HEAD_END.search(self.pending, max(first, searched))
         if end is None:
             if len(self.pending) > _MAX_HEAD_BYTES:
@@ -240,6 +241,7 @@ class _HTTP1Framer:
             return b""
         raw, rest = bytes(self.pending[: end.end()]), bytes(self.pending[end.end() :])
         self.pending.clear()
+        self.newlines = 0
         head = self._parse_head(raw[first : end.start()])
         if head is None:
             self.pending += raw + rest
