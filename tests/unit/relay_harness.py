@@ -7,8 +7,11 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
+from tproxy.addons.loader import Addon
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
+from tproxy.engine.addon_relay import AddonRelay
+from tproxy.engine.addon_session import AddonSession
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import SPLICE_AFTER_BYTES, Recording
@@ -25,12 +28,14 @@ async def relay(
     *,
     tap: FirstBytes | None = None,
     recording: Recording | None = None,
+    addons: tuple[Addon, ...] | None = None,
 ) -> CloseReason:
     """Relay to the end, close both sockets as a session does, return the close reason.
 
     `pool` None copies; a pool splices after each direction's first `splice_after` bytes; a
     `tap` sees the first bytes as they pass, as a session's sniffer does; a `recording` sees
-    every byte written and every end, as a captured session's recorder does.
+    every byte written and every end, as a captured session's recorder does. With `addons`,
+    the addon relay, every one of them claiming the session (a hook's error is raised).
     """
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[CloseReason] = loop.create_future()
@@ -43,10 +48,20 @@ async def relay(
         return task
 
     poller = Poller(loop)
-    the_relay = Relay(poller, client, upstream, record, pool=pool,
-                      on_end=finished.set_result, on_error=finished.set_exception,
-                      spawn=spawn, splice_after=splice_after, tap=tap,
-                      recording=recording)  # fmt: skip
+    the_relay: Relay
+    if addons is None:
+        the_relay = Relay(poller, client, upstream, record, pool=pool,
+                          on_end=finished.set_result, on_error=finished.set_exception,
+                          spawn=spawn, splice_after=splice_after, tap=tap,
+                          recording=recording)  # fmt: skip
+    else:
+        session = AddonSession(record, None, "allow")
+        session.claimers = [addon.name for addon in addons]
+        the_relay = AddonRelay(poller, client, upstream, record, session=session, addons=addons,
+                               on_end=finished.set_result, on_error=finished.set_exception,
+                               on_addon_error=lambda _, exc: finished.set_exception(exc),
+                               spawn=spawn, tap=tap, recording=recording)  # fmt: skip
+        the_relay.start()
     try:
         return await finished
     finally:

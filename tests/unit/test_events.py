@@ -21,7 +21,7 @@ from tproxy.observability.events import (
 CLOSE = SessionClosed(
     "01kbj9dq70102", "198.18.1.2:5000", "[2001:db8::1]:443", 10, 20, 0.5, "closed", 3, "splice", 25,
     "tls", "www.example.test", ["h2", "http/1.1"], "1.3", False, None, None, "out", "via",
-    "198.18.2.9:1080", "/var/lib/tproxy/captures/x.pcapng", 16777216,
+    "198.18.2.9:1080", "/var/lib/tproxy/captures/x.pcapng", 16777216, ["log.py", "b.py:Fix"],
 )  # fmt: skip
 
 
@@ -60,6 +60,7 @@ def test_json_close_event_has_the_documented_fields() -> None:
         "upstream": "198.18.2.9:1080",
         "capture": "/var/lib/tproxy/captures/x.pcapng",
         "capture_truncated_at": 16777216,
+        "addons": ["log.py", "b.py:Fix"],
     }
     assert parse_json_event(record) == CLOSE
 
@@ -69,7 +70,8 @@ def test_text_line_is_one_readable_line() -> None:
         "2027-01-15T08:00:00.250Z session 01kbj9dq70102 closed (closed): 198.18.1.2:5000 -> "
         '[2001:db8::1]:443, up 10 B, down 20 B, 0.500 s, splice, tls sni="www.example.test" '
         'alpn="h2,http/1.1" offered 1.3, rule "out": via 198.18.2.9:1080, captured to '
-        '"/var/lib/tproxy/captures/x.pcapng" (cut at 16777216 B), 3 active sessions\n'
+        '"/var/lib/tproxy/captures/x.pcapng" (cut at 16777216 B), claimed by "log.py,b.py:Fix", '
+        "3 active sessions\n"
     )
 
 

@@ -1,4 +1,6 @@
-"""The relay contract: what both relays (splice and copy), on both loops (asyncio, uvloop), do.
+"""The relay contract: what every relay (splice, copy, and the addon relay with identity addons,
+plain and async, and a chain that holds bytes back until the FIN), on both loops (asyncio,
+uvloop), does.
 
 Real TCP sockets on loopback, so resets are real resets. `peer_*` sockets stand for the client
 program and the upstream server; the relay sits between `proxy_client` and `proxy_upstream`.
@@ -19,6 +21,8 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tproxy.addons.api import Session
+from tproxy.addons.loader import Addon, Hook
 from tproxy.core.config import RelayKind
 from tproxy.core.session import SessionRecord
 from tproxy.engine.pipes import Pipe, PipePool
@@ -55,15 +59,29 @@ class Relay:
     pipes: bool = True
     splice_after: int = 0
     sniffed: bool = False  # a sniffer watches the first bytes, as in every session of `run`
+    addons: tuple[Addon, ...] | None = None  # the addon relay (kind COPY), claimed by these
 
     def __call__(
         self, client: socket.socket, upstream: socket.socket, record: SessionRecord
     ) -> Awaitable[str]:
+        if self.addons is not None:
+            tap = FirstBytes() if self.sniffed else None
+            return relay(client, upstream, record, None, tap=tap, addons=self.addons)
         if self.kind is RelayKind.COPY:
             return relay(client, upstream, record, None)
         pool = POOL if self.pipes else EXHAUSTED
         tap = FirstBytes() if self.sniffed else None
         return relay(client, upstream, record, pool, self.splice_after, tap=tap)
+
+    @property
+    def name(self) -> str:
+        """The close event's `relay` for this relay."""
+        return "addon" if self.addons is not None else self.kind.value
+
+    def before_reset(self, sent: bytes) -> bytes:
+        """What a peer receives of the `sent` bytes when the sender then resets: all of them,
+        but the byte an addon holds back until a FIN that never comes."""
+        return sent[:-1] if self.addons is not None and HOLD_LAST_BYTE in self.addons else sent
 
     def spliced_all(self, record: SessionRecord) -> bool:
         """Whether `record`'s bytes moved as this relay must move them: all by splice when it
@@ -92,6 +110,44 @@ class Relay:
             POOL.close()
 
 
+def _same(session: Session, data: bytes) -> bytes:
+    return data
+
+
+async def _same_later(session: Session, data: bytes) -> bytes:
+    await asyncio.sleep(0)
+    return data
+
+
+def _hold_last_byte(key: str) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
+    def data_hook(session: Session, data: bytes) -> bytes:
+        held: bytes = session.state.get(key, b"") + data
+        session.state[key] = held[-1:]
+        return held[:-1]
+
+    def eof_hook(session: Session) -> bytes:
+        held: bytes = session.state.pop(key, b"")
+        return held
+
+    return data_hook, eof_hook
+
+
+def _identity(name: str, fn: Callable[..., Any], is_async: bool) -> Addon:
+    hooks = tuple(Hook(name, hook, fn, is_async) for hook in ("client_data", "server_data"))
+    return Addon(name, name, hooks)
+
+
+IDENTITY = _identity("identity.py", _same, is_async=False)
+ASYNC_IDENTITY = _identity("async_identity.py", _same_later, is_async=True)
+_up_data, _up_eof = _hold_last_byte("up")
+_down_data, _down_eof = _hold_last_byte("down")
+HOLD_LAST_BYTE = Addon("hold.py", "hold.py", (
+    Hook("hold.py", "client_data", _up_data, False),
+    Hook("hold.py", "server_data", _down_data, False),
+    Hook("hold.py", "client_eof", _up_eof, False),
+    Hook("hold.py", "server_eof", _down_eof, False),
+))  # fmt: skip
+
 RELAYS = [
     *(
         pytest.param(Relay(kind, loop), id=f"{kind.value}-{loop}")
@@ -105,6 +161,21 @@ RELAYS = [
     ),
     # Out of descriptors, the splice relay copies instead of failing.
     pytest.param(Relay(RelayKind.SPLICE, "uvloop", pipes=False), id="splice-without-pipes"),
+    # A claimed session: the addon relay, through identity addons.
+    *(
+        pytest.param(
+            Relay(RelayKind.COPY, loop, addons=(IDENTITY,), sniffed=True),
+            id=f"addon-identity-{loop}",
+        )
+        for loop in ("asyncio", "uvloop")
+    ),
+    pytest.param(Relay(RelayKind.COPY, "uvloop", addons=(ASYNC_IDENTITY,)), id="addon-async"),
+    # Each chunk's last byte held back by the first addon until the next chunk or the FIN (its
+    # eof hook flushes it through the second, async, addon before the FIN goes on).
+    pytest.param(
+        Relay(RelayKind.COPY, "uvloop", addons=(HOLD_LAST_BYTE, ASYNC_IDENTITY)),
+        id="addon-holdback-chain",
+    ),
 ]
 
 
@@ -216,14 +287,13 @@ def test_a_bulk_transfer_moves_by_the_relays_own_path_to_the_end(relay: Relay, e
             else:
                 await _abort_after_acknowledged(w.peer_upstream)
                 assert await relaying == "upstream_reset"
-                assert await client_reads == (down, "reset")
-            assert (w.record.bytes_up, w.record.bytes_down) == (len(up), len(down))
+                assert await client_reads == (relay.before_reset(down), "reset")
+            delivered_down = down if ending == "half_close" else relay.before_reset(down)
+            assert (w.record.bytes_up, w.record.bytes_down) == (len(up), len(delivered_down))
             assert relay.spliced_all(w.record), w.record
             if relay.kind is RelayKind.SPLICE and relay.pipes:
                 assert w.record.spliced_bytes > len(up)
-                assert w.record.relay == "splice"
-            else:
-                assert w.record.relay == ("copy" if relay.kind is RelayKind.COPY else "splice")
+            assert w.record.relay == relay.name
         finally:
             w.close()
 
@@ -238,7 +308,8 @@ def test_upstream_reset_reaches_the_client_as_a_reset(relay: Relay) -> None:
             relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
             await _send_chunks(w.peer_upstream, [b"partial response"], then_shutdown=False)
             loop = asyncio.get_running_loop()
-            assert await loop.sock_recv(w.peer_client, 100) == b"partial response"
+            expected = relay.before_reset(b"partial response")
+            assert await loop.sock_recv(w.peer_client, 100) == expected
             _abort(w.peer_upstream)
             assert await relaying == "upstream_reset"
             with pytest.raises(ConnectionResetError):
@@ -257,7 +328,8 @@ def test_client_reset_reaches_the_upstream_as_a_reset(relay: Relay) -> None:
             relaying = asyncio.ensure_future(relay(w.proxy_client, w.proxy_upstream, w.record))
             await _send_chunks(w.peer_client, [b"upload start"], then_shutdown=False)
             loop = asyncio.get_running_loop()
-            assert await loop.sock_recv(w.peer_upstream, 100) == b"upload start"
+            expected = relay.before_reset(b"upload start")
+            assert await loop.sock_recv(w.peer_upstream, 100) == expected
             _abort(w.peer_client)
             assert await relaying == "client_reset"
             with pytest.raises(ConnectionResetError):
@@ -288,11 +360,14 @@ def test_resets_arrive_after_every_byte_sent_before_them(
             upstream_reads = asyncio.ensure_future(read_until_end(w.peer_upstream))
             await _send_chunks(w.peer_client, up, then_shutdown=ending != "client_resets")
             await _send_chunks(w.peer_upstream, down, then_shutdown=ending != "upstream_resets")
+            # The side that resets first reads everything the other sent it, and its FIN: so
+            # the other direction has ended cleanly, and only this reset is left to pass on
+            # (not a race of the other direction's last write into the reset peer).
             if ending == "upstream_resets":
-                await _cancel(upstream_reads)
+                assert await upstream_reads == (b"".join(up), "eof")
                 await _abort_after_acknowledged(w.peer_upstream)
             elif ending == "client_resets":
-                await _cancel(client_reads)
+                assert await client_reads == (b"".join(down), "eof")
                 await _abort_after_acknowledged(w.peer_client)
             reason = await relaying
             if ending == "both_fin":
@@ -301,10 +376,10 @@ def test_resets_arrive_after_every_byte_sent_before_them(
                 assert await upstream_reads == (b"".join(up), "eof")
             elif ending == "upstream_resets":
                 assert reason == "upstream_reset"
-                assert await client_reads == (b"".join(down), "reset")
+                assert await client_reads == (relay.before_reset(b"".join(down)), "reset")
             else:
                 assert reason == "client_reset"
-                assert await upstream_reads == (b"".join(up), "reset")
+                assert await upstream_reads == (relay.before_reset(b"".join(up)), "reset")
             assert relay.spliced_all(w.record), w.record
             for reader in (client_reads, upstream_reads):
                 await _cancel(reader)
@@ -341,7 +416,7 @@ def test_upstream_reset_behind_a_slow_client_loses_nothing(relay: Relay) -> None
             reading = asyncio.ensure_future(slow_read())
             await _send_chunks(w.peer_upstream, [payload], then_shutdown=False)
             await _abort_after_acknowledged(w.peer_upstream)
-            assert await reading == (payload, "reset")
+            assert await reading == (relay.before_reset(payload), "reset")
             assert await relaying == "upstream_reset"
         finally:
             w.close()

@@ -95,9 +95,10 @@ def test_the_session_object_is_an_api_session() -> None:
     )  # fmt: skip
     record.bytes_up, record.bytes_down = 5, 7
     assert (session.bytes_up, session.bytes_down, session.reason) == (5, 7, None)
-    session.claim()  # recorded only (the byte hooks are the next step)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(RuntimeError, match="only for claimed sessions"):
         session.send_to_client(b"x")
+    with pytest.raises(RuntimeError, match="for session_start"):
+        session.claim()  # outside session_start: no addon to claim it for
 
 
 def test_verdicts_become_the_engines_with_the_addon_as_rule() -> None:

@@ -37,3 +37,6 @@ class CloseReason(enum.StrEnum):
     ERROR = "error"  # an unexpected error in this session (a `session_error` event says which)
     # An addon's hook raised, returned nonsense or (async) took too long: both sides are reset.
     ADDON_ERROR = "addon_error"  # `session_error` names the addon and the hook
+    # A claimed session ended by its addon (`session.close()`, `session.reset()`).
+    ADDON_CLOSE = "addon_close"  # what was queued was sent, then a FIN both ways
+    ADDON_RESET = "addon_reset"  # both sides reset

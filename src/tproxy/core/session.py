@@ -18,15 +18,15 @@ class SessionRecord:
     first log line needs them anyway). `bytes_up` counts client → upstream bytes written to the
     upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
     but could not deliver are not counted. `spliced_bytes` is the part of both that moved by
-    splice (never through Python); `relay` is how the session was relayed ("splice" or "copy";
-    None until the relay starts). `sniffed` is what its first bytes said it is (None when nothing
-    was sniffed: refused or failed before relaying, without waiting for its first bytes).
-    `action` is what the policy decided (`allow` without a policy), `rule` the rule that
-    decided (None: the default, or no policy), `upstream` the endpoint connected when it is not
-    `dst` (a `redirect` target, a `via` proxy). `last_activity_at` moves whenever a byte moves
-    either way;
-    `half_closed_at` is when the first direction finished (one side sent FIN), None while both
-    still flow.
+    splice (never through Python); `relay` is how the session was relayed ("splice", "copy",
+    "capture" or "addon"; None until the relay starts). `sniffed` is what its first bytes said
+    it is (None when nothing was sniffed: refused or failed before relaying, without waiting
+    for its first bytes). `action` is what the policy decided (`allow` without a policy), `rule`
+    the rule that decided (None: the default, or no policy), `upstream` the endpoint connected
+    when it is not `dst` (a `redirect` target, a `via` proxy). `last_activity_at` moves whenever
+    a byte moves either way; `half_closed_at` is when the first direction finished (one side
+    sent FIN), None while both still flow. `addons` are the addons that claimed the session
+    (its relay is then "addon"), None when none did.
     """
 
     id: str
@@ -43,6 +43,7 @@ class SessionRecord:
     upstream: str | None = None
     last_activity_at: float = 0.0
     half_closed_at: float | None = None
+    addons: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.last_activity_at:

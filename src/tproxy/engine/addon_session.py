@@ -1,5 +1,6 @@
-"""What the engine gives addons (issue 12, step 2): the `Session` object a hook sees, and the
-pure helpers around calling `session_start` and `session_end`.
+"""What the engine gives addons (issue 12): the `Session` object a hook sees, and the pure
+helpers around calling `session_start` and `session_end` (the byte hooks are
+`engine.addon_relay`'s).
 
 `AddonSession` implements `tproxy.addons.api.Session` for one engine session: it reads the
 session's record (id, byte counts, what was sniffed) and keeps what the policy decided, the
@@ -8,14 +9,13 @@ holds when it has addons: the `Addons` of the configuration it started with (a S
 changes the next sessions' addons, not this one's), its `AddonSession` once `session_start`
 ran, the first verdict an addon returned, and the task of an `async def` hook it waits for.
 
-Limits of this step, as a user sees them:
+Limits, as a user sees them:
 
 * `redirect(...)` and `via(...)` verdicts whose host is a name, not an IP literal, are refused
   (an `addon_error`): the policy resolves its names when it is loaded, an addon's verdict would
   have to be resolved per session, which is out of scope.
-* `claim()` records the claim and does nothing else yet: the byte hooks (`client_data`, ...)
-  are not called, and the session relays as if unclaimed. `send_to_client`,
-  `send_to_upstream`, `close` and `reset` raise `NotImplementedError` (so an `addon_error`).
+* `close()` is for a relaying session; in `session_start` it raises (`reset()` there is a reset
+  verdict, as returning `reset()` is).
 * An `async def` hook has `ADDON_HOOK_TIMEOUT_S` to return; past it the session is reset
   (`addon_error`). An `async def session_end` is scheduled and not awaited: the session's
   `session_close` is written without waiting for it.
@@ -23,6 +23,7 @@ Limits of this step, as a user sees them:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import ipaddress
 from typing import TYPE_CHECKING, Any, Final
@@ -34,10 +35,9 @@ from tproxy.policy.decide import Verdict
 from tproxy.sniffers.printable import to_printable
 
 if TYPE_CHECKING:
-    import asyncio
-
     from tproxy.addons.loader import Addons
     from tproxy.core.session import SessionRecord
+    from tproxy.engine.addon_relay import AddonRelay
     from tproxy.sniffers.classify import Sniffed
 
 ADDON_HOOK_TIMEOUT_S: Final = 10.0
@@ -54,13 +54,20 @@ MAX_ERROR_CHARS: Final = 300
 class AddonSession:
     """One session as its addons see it (`tproxy.addons.api.Session`).
 
+    Before its relay starts, what an addon sends is kept here (sent first once relaying); the
+    addon relay `attach`es itself when it starts, and `detach`es when the session ends: from
+    then on sending raises, and `close()`/`reset()` do nothing.
+
     Args:
         record: the engine's record of the session (id, byte counts, sniffed facts).
         rule: the policy rule that decided (None: the default, or no policy).
         action: what the policy decided ("allow" without a policy).
     """
 
-    __slots__ = ("_record", "action", "claimed", "client", "dst", "reason", "rule", "state")
+    __slots__ = (
+        "_ended", "_record", "_relay", "_to_client", "_to_upstream", "action", "claimers",
+        "client", "dst", "reason", "reset_asked", "rule", "starting", "state",
+    )  # fmt: skip
 
     def __init__(self, record: SessionRecord, rule: str | None, action: str) -> None:
         self._record = record
@@ -71,7 +78,14 @@ class AddonSession:
         self.action = action
         self.reason: str | None = None
         self.state: dict[str, Any] = {}
-        self.claimed = False
+        # The addon whose session_start runs now (claim() claims for it); None outside them.
+        self.starting: str | None = None
+        self.claimers: list[str] = []  # the addons that claimed the session, in claim order
+        self.reset_asked = False  # reset() in session_start: a reset verdict
+        self._to_client: list[bytes] = []
+        self._to_upstream: list[bytes] = []
+        self._relay: AddonRelay | None = None
+        self._ended = False
 
     @property
     def id(self) -> str:
@@ -94,22 +108,59 @@ class AddonSession:
         return self._record.bytes_down
 
     def claim(self) -> None:
-        """Record that an addon asked for this session's bytes. Nothing else happens yet: this
-        step calls only `session_start` and `session_end`; the byte hooks and the relay for
-        claimed sessions are issue 12's next step, so a claimed session relays as any other."""
-        self.claimed = True
+        """Claim the session's bytes for the addon whose `session_start` is running."""
+        if self.starting is None:
+            raise RuntimeError("claim() is for session_start")
+        if self.starting not in self.claimers:
+            self.claimers.append(self.starting)
 
     def send_to_client(self, data: bytes) -> None:
-        raise NotImplementedError("send_to_client: the byte hooks are not available yet")
+        self._send(data, to_client=True)
 
     def send_to_upstream(self, data: bytes) -> None:
-        raise NotImplementedError("send_to_upstream: the byte hooks are not available yet")
+        self._send(data, to_client=False)
+
+    def _send(self, data: bytes, to_client: bool) -> None:
+        verb = "send_to_client" if to_client else "send_to_upstream"
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{verb}() takes bytes, not {type(data).__name__}")
+        if not self.claimers:
+            raise RuntimeError(f"{verb}(): only for claimed sessions (claim() in session_start)")
+        if self._ended:
+            raise RuntimeError(f"{verb}(): the session has ended")
+        data = bytes(data)
+        relay = self._relay
+        if relay is None:  # still deciding or connecting: sent first, once relaying
+            (self._to_client if to_client else self._to_upstream).append(data)
+        else:
+            (relay.down if to_client else relay.up).push(data)
 
     def close(self) -> None:
-        raise NotImplementedError("close: not available yet (return reset() to refuse)")
+        if self._relay is not None:
+            self._relay.addon_close()
+        elif not self._ended:
+            raise RuntimeError("close() ends a relaying session: to refuse one in "
+                               "session_start, return reset()")  # fmt: skip
 
     def reset(self) -> None:
-        raise NotImplementedError("reset: not available yet (return reset() to refuse)")
+        if self._relay is not None:
+            self._relay.addon_reset()
+        elif not self._ended:
+            self.reset_asked = True  # (the session carries it out as a reset verdict)
+
+    def attach(self, relay: AddonRelay) -> tuple[list[bytes], list[bytes]]:
+        """The addon relay starts: what was sent before it, (to the upstream, to the client)."""
+        self._relay = relay
+        queued = self._to_upstream, self._to_client
+        self._to_upstream, self._to_client = [], []
+        return queued
+
+    def detach(self) -> None:
+        """The session has ended (or its relay is ending): nothing more can be sent."""
+        self._relay = None
+        self._ended = True
+        self._to_client.clear()
+        self._to_upstream.clear()
 
 
 class AddonRun:
@@ -124,9 +175,15 @@ class AddonRun:
         self.task: asyncio.Task[None] | None = None  # an async session_start being waited for
 
 
+def cancelling() -> bool:
+    """Whether the running task is being cancelled (by whoever called its `cancel()`)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def has_hooks(addons: Addons | None) -> bool:
-    """Whether `addons` gives a session anything to do in this step: a `session_start`, a
-    `session_end`, or `sniff = True`."""
+    """Whether `addons` gives a session anything to do: a `session_start`, a `session_end`, or
+    `sniff = True` (byte hooks run only for sessions a `session_start` claimed)."""
     return addons is not None and bool(
         addons.session_start or addons.session_end or addons.wants_sniff
     )

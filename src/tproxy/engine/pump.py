@@ -266,26 +266,12 @@ class Pump:
         if not data:
             self._finish(End.EOF)
             return False
-        if self._tap is not None:
-            self._look(data)
+        if self._tap is not None and not self._tap.passed(self._direction is Direction.UP, data):
+            self._tap = None  # it has seen enough
         self._buffer = memoryview(data)
         # Less than a full chunk: the socket was empty a moment ago, so stop here rather than
         # ask again for an EAGAIN; the level-triggered poller calls back if more has come.
         return self._flush() and len(data) == COPY_CHUNK_BYTES
-
-    def _look(self, data: bytes) -> None:
-        """Show the session's first bytes to its sniffer (`sniffers.passive`) as they pass."""
-        tap = self._tap
-        assert tap is not None
-        try:
-            if self._direction is Direction.UP:
-                if tap.client_sent(data):
-                    return
-            else:
-                tap.upstream_sent()
-        except Exception:  # a sniffer's bug ends the sniffing, never the session
-            tap.cannot_see()
-        self._tap = None
 
     def _tap_blind(self) -> None:
         tap = self._tap

@@ -16,7 +16,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from tproxy.core.lifecycle import Command, Direction, DirectionEnded, End, close_reason, decide
 from tproxy.core.reasons import CloseReason
@@ -38,6 +38,12 @@ DRAIN_STALL_S = 5.0
 _SHUTDOWNS = frozenset({Command.SHUTDOWN_UPSTREAM_WRITE, Command.SHUTDOWN_CLIENT_WRITE})
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+class Stoppable(Protocol):
+    """A relay's direction, as the relay sees it once it runs: something to stop."""
+
+    def stop(self) -> None: ...
 
 
 async def wait_acknowledged(sock: socket.socket, stall_s: float = DRAIN_STALL_S) -> bool:
@@ -117,6 +123,29 @@ class Relay:
         pending_down: bytes = b"",
         recording: Recording | None = None,
     ) -> None:
+        self._setup(poller, client, upstream, record, on_end=on_end, on_error=on_error,
+                    spawn=spawn, recording=recording)  # fmt: skip
+        record.relay = "capture" if recording else "copy" if pool is None else "splice"
+        self.up: Stoppable = Pump(poller, client, upstream, record, Direction.UP, pool=pool,
+                                  owner=self, splice_after=splice_after, tap=tap,
+                                  pending=pending_up, recording=recording)  # fmt: skip
+        self.down: Stoppable = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool,
+                                    owner=self, splice_after=splice_after, tap=tap,
+                                    pending=pending_down, recording=recording)  # fmt: skip
+
+    def _setup(
+        self,
+        poller: Poller,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: SessionRecord,
+        *,
+        on_end: Callable[[CloseReason], None],
+        on_error: Callable[[BaseException], None],
+        spawn: Spawn,
+        recording: Recording | None,
+    ) -> None:
+        """What every relay keeps, whatever its pumps (`engine.addon_relay` has its own)."""
         self._poller = poller
         self._recording = recording
         self._client = client
@@ -129,13 +158,6 @@ class Relay:
         self._shut: socket.socket | None = None  # the socket we have sent FIN on, if any
         self._done = False
         self._drain: asyncio.Task[None] | None = None
-        record.relay = "capture" if recording else "copy" if pool is None else "splice"
-        self.up = Pump(poller, client, upstream, record, Direction.UP, pool=pool, owner=self,
-                       splice_after=splice_after, tap=tap, pending=pending_up,
-                       recording=recording)  # fmt: skip
-        self.down = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool, owner=self,
-                         splice_after=splice_after, tap=tap, pending=pending_down,
-                         recording=recording)  # fmt: skip
 
     def stop(self) -> None:
         """Stop both directions (the owner resets the sockets); no callback follows."""

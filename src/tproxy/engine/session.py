@@ -50,6 +50,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from tproxy.addons.api import reset as addon_reset
 from tproxy.addons.loader import Hook
 from tproxy.capture.files import capture_name, open_capture
 from tproxy.capture.pcapng import TcpConversation
@@ -60,11 +61,13 @@ from tproxy.core.lifecycle import expired_reason
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.core.session_id import SessionIds
+from tproxy.engine.addon_relay import AddonRelay
 from tproxy.engine.addon_session import (
     ADDON_HOOK_TIMEOUT_S,
     ADDON_SNIFF_TIMEOUT_S,
     AddonRun,
     AddonSession,
+    cancelling,
     engine_verdict,
     has_hooks,
     hook_error,
@@ -138,12 +141,6 @@ def _final(addon_verdict: Verdict | None, policy_verdict: Verdict) -> Verdict:
     if policy_verdict.capture and not addon_verdict.capture:
         return dataclasses.replace(addon_verdict, capture=True)
     return addon_verdict
-
-
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (by whoever called its `cancel()`)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class Phase(enum.Enum):
@@ -445,6 +442,7 @@ class Session:
                 )
                 run.task.add_done_callback(self._addons_task_done)
                 return
+            run.session.starting = hook.addon
             try:
                 answer = hook.fn(run.session)
             except _HOOK_ERRORS as exc:
@@ -452,6 +450,7 @@ class Session:
                 return
             if not self._start_hook(hook, answer, run):
                 return
+        run.session.starting = None
         self._carry_out(_final(run.verdict, verdict), deciding, now, sniffed)
 
     def _client_while_addons(self) -> None:
@@ -480,12 +479,17 @@ class Session:
         self.close(CloseReason.ADDON_ERROR)
 
     def _start_hook(self, hook: Hook, answer: object, run: AddonRun) -> bool:
-        """Take one `session_start`'s answer; False (the session closed) when it is wrong."""
+        """Take one `session_start`'s answer (`session.reset()` in it answers `reset()`); False
+        (the session closed) when it is wrong."""
         try:
             addon_verdict = engine_verdict(answer, hook.addon)
         except (TypeError, ValueError) as exc:
             self._addon_failed(hook, exc)
             return False
+        assert run.session is not None
+        if run.session.reset_asked:
+            run.session.reset_asked = False
+            addon_verdict = engine_verdict(addon_reset(), hook.addon)
         if run.verdict is None:
             run.verdict = addon_verdict  # the first wins; later ones only observe
         return True
@@ -501,6 +505,7 @@ class Session:
         assert run is not None and run.session is not None
         try:
             for hook in hooks:
+                run.session.starting = hook.addon
                 try:
                     if hook.is_async:
                         timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
@@ -515,7 +520,7 @@ class Session:
                     else:
                         answer = hook.fn(run.session)
                 except _HOOK_ERRORS as exc:
-                    if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                    if isinstance(exc, asyncio.CancelledError) and cancelling():
                         raise  # the session's own close cancelled it: nothing to report
                     self._addon_failed(hook, exc)
                     return
@@ -524,6 +529,7 @@ class Session:
                 if not self._start_hook(hook, answer, run):
                     return
             run.task = None
+            run.session.starting = None
             self._carry_out(_final(run.verdict, verdict), deciding, time.monotonic(), sniffed)
             if self.phase is not Phase.CLOSED:
                 self._client_addr = ()
@@ -777,6 +783,18 @@ class Session:
                 self._sniffer.upstream_sent()
         if self._capture is not None:
             self._recording = self._open_recording(self._capture)
+        run = self._addons
+        if run is not None and run.session is not None and run.session.claimers:
+            relay = AddonRelay(ctx.poller, self._client_sock, upstream, record,
+                               session=run.session, addons=run.addons.addons,
+                               on_end=self._relay_ended, on_error=self.fail,
+                               on_addon_error=self._addon_failed, spawn=ctx.spawn,
+                               tap=self._sniffer, pending_up=pending_up,
+                               pending_down=pending_down, recording=self._recording)  # fmt: skip
+            record.addons = list(run.session.claimers)
+            self._relay = relay
+            relay.start()  # the first hooks may run, and end the session
+            return
         self._relay = Relay(ctx.poller, self._client_sock, upstream, record, pool=pool,
                             on_end=self._relay_ended, on_error=self.fail,
                             spawn=ctx.spawn, tap=self._sniffer, pending_up=pending_up,
@@ -851,6 +869,7 @@ class Session:
         session, record = run.session, self.record
         if session is None or record is None:
             return
+        session.detach()
         session.reason = reason.value
         for hook in run.addons.session_end:
             try:
@@ -868,7 +887,7 @@ class Session:
             async with timeout:
                 await hook.fn(session)
         except _HOOK_ERRORS as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelling():
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
                 raise  # tproxy is stopping: the hook is cut short, not in error
             if isinstance(exc, TimeoutError) and timeout.expired():
                 exc = TimeoutError(f"{hook.name} did not return within {ADDON_HOOK_TIMEOUT_S:g} s")
@@ -935,5 +954,6 @@ class Session:
                 record.upstream,
                 capture,
                 capture_cut,
+                record.addons,
             )
         )

@@ -121,7 +121,7 @@ class SessionClosed(Event):
     duration_s: float
     reason: str
     active: int
-    relay: str | None  # "splice", "copy"; None: never relayed (the connect failed or was refused)
+    relay: str | None  # "splice", "copy", "capture", "addon"; None: never relayed
     spliced_bytes: int  # of bytes_up + bytes_down, how many moved by splice
     # What the client's first bytes said (`sniffers`); None when it never relayed. The names are
     # the client's, escaped to printable ASCII by the sniffers and quoted in the text line.
@@ -140,6 +140,8 @@ class SessionClosed(Event):
     # A captured session's capture file (`--capture-dir`) and where `capture_max_bytes` cut it.
     capture: str | None = None
     capture_truncated_at: int | None = None
+    # The addons that claimed the session (its relay is "addon"); None when none did.
+    addons: list[str] | None = None
 
     def text(self) -> str:
         how = "" if self.relay is None else f", {self.relay}"
@@ -154,6 +156,8 @@ class SessionClosed(Event):
             decided += f", captured to {_q(self.capture)}"
             if self.capture_truncated_at is not None:
                 decided += f" (cut at {self.capture_truncated_at} B)"
+        if self.addons:
+            decided += f", claimed by {_q(','.join(self.addons))}"
         what = "" if self.proto is None else f", {self.proto}"
         if self.sni is not None:
             what += f" sni={_q(self.sni)}"
@@ -187,7 +191,8 @@ class SessionClosed(Event):
             f'"http_method":{_q_or_null(self.http_method)},"rule":{_q_or_null(self.rule)},'
             f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)},'
             f'"capture":{_q_or_null(self.capture)},"capture_truncated_at":'
-            f"{'null' if self.capture_truncated_at is None else self.capture_truncated_at}"
+            f"{'null' if self.capture_truncated_at is None else self.capture_truncated_at},"
+            f'"addons":{_list_or_null(self.addons)}'
         )
 
 

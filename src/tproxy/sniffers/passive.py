@@ -71,6 +71,19 @@ class FirstBytes:
         self._next_try = held + held // 2
         return True
 
+    def passed(self, from_client: bool, data: bytes) -> bool:
+        """`data` passed on its way (the relays call this with each chunk until it returns
+        False): the client's bytes go to `client_sent`, the upstream's first to
+        `upstream_sent`. True while more of the client's are wanted. A sniffer's bug ends the
+        sniffing, never the session."""
+        try:
+            if from_client:
+                return self.client_sent(data)
+            self.upstream_sent()
+        except Exception:
+            self.cannot_see()
+        return False
+
     def upstream_sent(self) -> None:
         """The upstream's first bytes arrived: before any of the client's, the session is
         `silent`; otherwise the client's bytes so far get one more look (the upstream answered

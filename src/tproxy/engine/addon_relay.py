@@ -1,0 +1,592 @@
+"""The addon relay: a claimed session's bytes, each chunk passed through the byte hooks of the
+addons that claimed it before it is written on (issue 12).
+
+Theory of operation
+-------------------
+A session an addon claimed (`session.claim()` in its `session_start`) is relayed by this relay
+instead of the splice or copy one; every other session never meets it. Each direction is an
+`AddonPump`: it reads a chunk (at most 64 KiB, whatever one read returns) from its source and
+gives it to its chain -- the claiming addons' `client_data` (up) or `server_data` (down), in the
+order the addons were given, each getting the previous one's output -- and queues what the last
+one returns for its sink. A hook that returns b"" holds the chunk back; the next ones then see
+nothing. When the source sends its FIN, each claiming addon's `client_eof` / `server_eof` is
+called in order, and what it returns goes through the *later* addons' data hooks and is queued;
+only once that queue is written does the pump report its EOF, so the relay passes the FIN on
+after it (`tproxy.core.lifecycle`, as for the other relays: the close matrix is theirs too).
+
+`session.send_to_client(data)` and `session.send_to_upstream(data)` queue raw bytes on the pump
+toward that side (`push`); `session.close()` stops reading both sides, writes what is queued,
+sends a FIN both ways and then reads (and drops) until both peers have sent theirs, so a peer
+still sending sees no reset (`addon_close`); `session.reset()` resets both at once
+(`addon_reset`).
+
+Memory: a direction reads its next chunk only once what it queued is written (as the copy relay
+does), so a slow reader stops the reading side; and only while the other direction's queue --
+which the hooks' `send_to_*` may fill -- is under `INJECTED_LIMIT_BYTES`.
+
+Hooks: a chain of plain functions runs inside the poller's callback. When any hook of a
+direction is an `async def`, every chunk of that direction is processed by a task, and the
+direction reads nothing more until it is done: only that direction of that session waits (each
+await at most `ADDON_HOOK_TIMEOUT_S`). Both run the same coroutine (`_process`): without async
+hooks nothing in it can suspend, so the pump drives it to its end with one `send(None)` (no
+task, no event loop round trip). Anything a hook raises, or a return that is not bytes, ends
+the session (`on_addon_error`: `addon_error`, the session reset); never the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import inspect
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+from tproxy.core.lifecycle import Direction, End
+from tproxy.core.reasons import CloseReason
+from tproxy.core.session import SessionRecord
+from tproxy.engine.addon_session import ADDON_HOOK_TIMEOUT_S, AddonSession, cancelling
+from tproxy.engine.poller import Poller
+from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
+from tproxy.engine.relay import Relay, Spawn
+from tproxy.interception.sockopts import abort_socket
+from tproxy.sniffers.passive import FirstBytes
+
+if TYPE_CHECKING:
+    from tproxy.addons.loader import Addon, Hook
+
+INJECTED_LIMIT_BYTES: Final = 256 * 1024
+"""A direction stops reading while the other direction has more than this queued (what its
+hooks sent with `send_to_*` toward a peer that does not read)."""
+
+_GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
+
+# One claiming addon's hooks for one direction: (its data hook, its eof hook), either missing.
+Step = tuple["Hook | None", "Hook | None"]
+OnAddonError = Callable[["Hook", BaseException], None]
+
+
+def chain_of(addons: tuple[Addon, ...], claimers: list[str], up: bool) -> tuple[Step, ...]:
+    """The steps of one direction: for each claiming addon, in the addons' order, its
+    `client_data`/`client_eof` (`up`) or `server_data`/`server_eof`."""
+    data_name, eof_name = ("client_data", "client_eof") if up else ("server_data", "server_eof")
+    steps = []
+    for addon in addons:
+        if addon.name in claimers:
+            hooks = {hook.name: hook for hook in addon.hooks}
+            steps.append((hooks.get(data_name), hooks.get(eof_name)))
+    return tuple(steps)
+
+
+def _as_bytes(out: object, hook: Hook) -> bytes:
+    if type(out) is bytes:
+        return out
+    if isinstance(out, (bytes, bytearray, memoryview)):
+        return bytes(out)  # a copy: the addon may change its bytearray later
+    if inspect.iscoroutine(out):  # a plain def that returned a coroutine: never awaited
+        out.close()
+    raise TypeError(
+        f"{hook.name} returned {type(out).__name__}: return the bytes to send on "
+        "(b'' to hold them back)"
+    )
+
+
+class AddonPump:
+    """One direction of a claimed session: source → the claiming addons' hooks → sink."""
+
+    __slots__ = (
+        "_busy", "_direction", "_dst", "_eof_read", "_has_async", "_lingering", "_queue",
+        "_queued", "_reading", "_record", "_recording", "_relay", "_session", "_src", "_steps",
+        "_tap", "_task", "_writing", "drained", "ended", "stopped",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        relay: AddonRelay,
+        source: socket.socket,
+        sink: socket.socket,
+        direction: Direction,
+        steps: tuple[Step, ...],
+        *,
+        tap: FirstBytes | None,
+        recording: Recording | None,
+    ) -> None:
+        self._relay = relay
+        self._session = relay.session
+        self._record = relay.record
+        self._src = source.fileno()
+        self._dst = sink.fileno()
+        self._direction = direction
+        self._steps = steps
+        self._has_async = any(hook.is_async for step in steps for hook in step if hook)
+        self._tap = tap
+        self._recording = recording
+        self._queue: collections.deque[bytes | memoryview] = collections.deque()
+        self._queued = 0  # bytes in the queue
+        self._reading = False
+        self._writing = False
+        self._busy = False  # an async chain is processing a chunk: read nothing meanwhile
+        self._task: asyncio.Task[None] | None = None
+        self._eof_read = False  # the source sent its FIN (its eof hooks ran or are running)
+        self._lingering = False  # after the addon's close(): read and drop until the FIN
+        self.ended = False  # reported its end to the relay (EOF passed on, or a reset)
+        self.stopped = False
+        self.drained = False  # after the addon's close(): everything queued was written
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # --- what the relay and the addon's session call --------------------------------------------
+
+    def start(self, pending: bytes) -> None:
+        """Begin: `pending` (read before the relay existed) is the first chunk."""
+        if pending:
+            self._run(pending)
+        self.settle()
+
+    def push(self, data: bytes) -> None:
+        """Queue `data` for the sink, after what is queued (an addon's `send_to_*`); written
+        when the sink is writable."""
+        if self.stopped or self._relay.ending is not None:
+            raise RuntimeError("the session has ended")
+        if self.ended:
+            side = "upstream" if self._direction is Direction.UP else "client"
+            raise RuntimeError(f"the {side} has been sent its FIN: nothing more can go to it")
+        self._enqueue(data)
+        self._arm_writer()
+
+    def stop(self) -> None:
+        """Stop moving bytes; afterwards the pump touches neither socket and calls nobody."""
+        self.stopped = True
+        self._disarm_reader()
+        if self._writing:
+            self._relay.poller.remove_writer(self._dst)
+            self._writing = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._queue.clear()
+        self._queued = 0
+
+    def linger(self) -> None:
+        """After the addon's close() sent the FINs: read and drop until the source's FIN."""
+        if self._eof_read:
+            self.ended = True
+            self._relay.lingered()
+            return
+        self._lingering = True
+        self._arm_reader()
+
+    def settle(self) -> None:
+        """Write what is queued; then wait for what comes next: the sink, the async chain,
+        the end (EOF passed on once everything is written), or the source."""
+        if self.stopped or self.ended or self._lingering:
+            return
+        if self._queue and not self._flush():
+            return
+        if self._writing:
+            self._relay.poller.remove_writer(self._dst)
+            self._writing = False
+        if self._busy:
+            self._disarm_reader()
+        elif self._eof_read:
+            self._finish(End.EOF)
+        elif self._relay.closing:
+            self._disarm_reader()
+            if not self.drained:
+                self.drained = True
+                self._relay.pump_drained()
+        elif self._other().queued > INJECTED_LIMIT_BYTES:
+            self._disarm_reader()  # the other pump settles this one once it has written
+        else:
+            self._arm_reader()
+
+    # --- the poller's callbacks -----------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            if self._lingering:
+                self._drop()
+                return
+            while self._reading and not self.stopped:
+                try:
+                    data = os.read(self._src, COPY_CHUNK_BYTES)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _GONE:
+                        self._finish(End.SOURCE_RESET)
+                        return
+                    raise
+                self._record.last_activity_at = time.monotonic()
+                if not data:
+                    self._eof_read = True
+                    self._run(None)
+                    self.settle()
+                    return
+                if self._tap is not None and not self._tap.passed(
+                    self._direction is Direction.UP, data
+                ):
+                    self._tap = None
+                self._run(data)
+                self.settle()
+                if len(data) < COPY_CHUNK_BYTES:
+                    return  # the socket was empty a moment ago: the poller calls again
+        except Exception as exc:  # reported to the session, never raised into the event loop
+            self._relay.pump_failed(exc)
+
+    def on_writable(self) -> None:
+        try:
+            self.settle()
+            if not self._queue:
+                other = self._other()
+                if not other.stopped and not other._reading and not other._busy:
+                    other.settle()  # it may have waited for this queue to go down
+        except Exception as exc:
+            self._relay.pump_failed(exc)
+
+    # --- the chain ------------------------------------------------------------------------------
+
+    def _run(self, data: bytes | None) -> None:
+        """Pass `data` (None: the source's FIN) through the chain: at once for plain hooks, in
+        a task when some hook is an `async def` (the direction reads nothing meanwhile)."""
+        process = self._process(data)
+        if self._has_async:
+            self._busy = True
+            self._disarm_reader()
+            self._task = self._relay.spawn(self._in_task(process))
+            return
+        try:
+            process.send(None)
+        except StopIteration:
+            return
+        process.close()  # nothing in a chain of plain hooks awaits: a bug of ours if it did
+        raise RuntimeError("a chain of plain hooks suspended")
+
+    async def _in_task(self, process: Coroutine[Any, Any, None]) -> None:
+        try:
+            await process
+        except Exception as exc:  # a bug of ours past the hooks
+            self._relay.pump_failed(exc)
+            return
+        self._task = None
+        self._busy = False
+        try:
+            self.settle()
+        except Exception as exc:
+            self._relay.pump_failed(exc)
+
+    async def _process(self, data: bytes | None) -> None:
+        """Run the chain over one chunk, or (None) over the source's FIN: each claiming addon's
+        eof hook, its output through the later addons' data hooks. Queue what comes out."""
+        steps = self._steps
+        if data is not None:
+            out = await self._through(data, 0)
+            if out:
+                self._enqueue(out)
+            return
+        for index, (_, eof_hook) in enumerate(steps):
+            if eof_hook is None:
+                continue
+            flushed = await self._call(eof_hook)
+            if flushed:
+                flushed = await self._through(flushed, index + 1)
+            if flushed is None:
+                return
+            if flushed:
+                self._enqueue(flushed)
+
+    async def _through(self, data: bytes, start: int) -> bytes | None:
+        """`data` through the data hooks of the steps from `start` on; None if the session
+        ended meanwhile (a hook raised, reset it, ...)."""
+        for data_hook, _ in self._steps[start:]:
+            if data_hook is None:
+                continue
+            out = await self._call(data_hook, data)
+            if not out:
+                return out  # held back (b""), or the end (None): the rest see nothing
+            data = out
+        return data
+
+    async def _call(self, hook: Hook, *args: bytes) -> bytes | None:
+        """Call one hook (awaiting an `async def` one, within `ADDON_HOOK_TIMEOUT_S`); its bytes,
+        or None when the session ended meanwhile (what it raised has been reported)."""
+        try:
+            out = hook.fn(self._session, *args)
+            if hook.is_async:
+                timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
+                try:
+                    async with timeout:
+                        out = await out
+                except TimeoutError:
+                    if not timeout.expired():
+                        raise  # the hook's own
+                    raise TimeoutError(f"{hook.name} did not return within "
+                                       f"{ADDON_HOOK_TIMEOUT_S:g} s") from None  # fmt: skip
+            data = _as_bytes(out, hook)
+        except BaseException as exc:  # anything a hook raises ends its session only
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise  # the session's own end cancelled the task: nothing to report
+            self._relay.hook_failed(hook, exc)
+            return None
+        if self.stopped or self._relay.ending is not None:
+            return None  # the hook reset the session (or the session ended around it)
+        return data
+
+    # --- moving bytes ---------------------------------------------------------------------------
+
+    def _enqueue(self, data: bytes) -> None:
+        if data:
+            self._queue.append(data)
+            self._queued += len(data)
+
+    def _flush(self) -> bool:
+        """Write the queue to the sink; False if the sink pushed back (or the pump ended)."""
+        queue = self._queue
+        try:
+            while queue:
+                chunk = queue[0]
+                n = os.write(self._dst, chunk)
+                self._count(chunk, n)
+                if n < len(chunk):
+                    queue[0] = memoryview(chunk)[n:]
+                    self._disarm_reader()
+                    self._arm_writer()
+                    return False
+                queue.popleft()
+        except BlockingIOError:
+            self._disarm_reader()
+            self._arm_writer()
+            return False
+        except OSError as exc:
+            if exc.errno in _GONE:
+                self._finish(End.SINK_RESET)
+                return False
+            raise
+        return True
+
+    def _count(self, chunk: bytes | memoryview, n: int) -> None:
+        self._queued -= n
+        record = self._record
+        if self._direction is Direction.UP:
+            record.bytes_up += n
+        else:
+            record.bytes_down += n
+        record.last_activity_at = time.monotonic()
+        if self._recording is not None and not self._recording.relayed(
+            self._direction is Direction.UP, chunk[:n]
+        ):
+            self._recording = None
+
+    def _drop(self) -> None:
+        """Lingering: read and drop what the source still sends, until its FIN (or reset)."""
+        while True:
+            try:
+                data = os.read(self._src, COPY_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""  # a reset after our FIN: the peer is gone all the same
+            if not data:
+                self._disarm_reader()
+                self._lingering = False
+                self._eof_read = self.ended = True
+                self._relay.lingered()
+                return
+
+    def _finish(self, end: End) -> None:
+        self._disarm_reader()
+        if self._writing:
+            self._relay.poller.remove_writer(self._dst)
+            self._writing = False
+        self.ended = True
+        self._relay.pump_ended(self._direction, end)
+
+    def _other(self) -> AddonPump:
+        relay = self._relay
+        return relay.down if self is relay.up else relay.up
+
+    def _arm_reader(self) -> None:
+        if not self._reading:
+            self._relay.poller.add_reader(self._src, self)
+            self._reading = True
+
+    def _disarm_reader(self) -> None:
+        if self._reading:
+            self._relay.poller.remove_reader(self._src)
+            self._reading = False
+
+    def _arm_writer(self) -> None:
+        if not self._writing:
+            self._relay.poller.add_writer(self._dst, self)
+            self._writing = True
+
+
+class AddonRelay(Relay):
+    """Relays a claimed session `client` ⇄ `upstream` through its addons' byte hooks (the module
+    docstring); ends as `Relay` does (`on_end`, `on_error`, `stop()`), and also by the addon:
+    `on_addon_error(hook, exc)` when a hook failed, `on_end` with `addon_close` or
+    `addon_reset`. Call `start()` once the owner holds it: the first hooks may run then.
+
+    `pending_up` and `pending_down` are bytes read before the relay started (the sniffed first
+    bytes; an upstream proxy's first tunnelled bytes): the chains' first chunks. What the addons
+    queued with `send_to_*` in `session_start` goes first, as it is.
+    """
+
+    __slots__ = ("_on_addon_error", "_pending", "closing", "ending", "session")
+
+    up: AddonPump
+    down: AddonPump
+
+    def __init__(
+        self,
+        poller: Poller,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: SessionRecord,
+        *,
+        session: AddonSession,
+        addons: tuple[Addon, ...],
+        on_end: Callable[[CloseReason], None],
+        on_error: Callable[[BaseException], None],
+        on_addon_error: OnAddonError,
+        spawn: Spawn,
+        tap: FirstBytes | None = None,
+        pending_up: bytes = b"",
+        pending_down: bytes = b"",
+        recording: Recording | None = None,
+    ) -> None:
+        self._setup(poller, client, upstream, record, on_end=on_end, on_error=on_error,
+                    spawn=spawn, recording=recording)  # fmt: skip
+        record.relay = "addon"
+        self.session = session
+        self._on_addon_error = on_addon_error
+        self._pending = (pending_up, pending_down)
+        self.closing = False  # the addon called close(): drain, FIN both ways, linger
+        self.ending: CloseReason | None = None  # set once the relay has ended or is ending
+        claimers = session.claimers
+        self.up = AddonPump(self, client, upstream, Direction.UP,
+                            chain_of(addons, claimers, up=True), tap=tap,
+                            recording=recording)  # fmt: skip
+        self.down = AddonPump(self, upstream, client, Direction.DOWN,
+                              chain_of(addons, claimers, up=False), tap=tap,
+                              recording=recording)  # fmt: skip
+
+    @property
+    def poller(self) -> Poller:
+        return self._poller
+
+    @property
+    def record(self) -> SessionRecord:
+        return self._record
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._spawn(coro)
+
+    def start(self) -> None:
+        """Hand the addons' session over to this relay and start both directions: what
+        `session_start` queued first, then the pending bytes through the chains."""
+        session = self.session
+        to_upstream, to_client = session.attach(self)
+        for pump, queued in ((self.up, to_upstream), (self.down, to_client)):
+            for data in queued:
+                pump._enqueue(data)
+        pending_up, pending_down = self._pending
+        self._pending = (b"", b"")
+        self.up.start(pending_up)
+        if not self._done:
+            self.down.start(pending_down)
+
+    def stop(self) -> None:
+        if self.ending is None:
+            self.ending = CloseReason.ERROR  # (the owner knows why; nothing reads this then)
+        self.session.detach()
+        super().stop()
+
+    def pump_failed(self, exc: BaseException) -> None:
+        if not self._done:
+            self.ending = CloseReason.ERROR
+        super().pump_failed(exc)
+
+    def pump_ended(self, direction: Direction, end: End) -> None:
+        super().pump_ended(direction, end)
+        if self._done and self.ending is None:
+            self.ending = CloseReason.CLOSED
+            self.session.detach()
+        elif self.closing and end is End.EOF and not self._done:
+            self.pump_drained()  # that direction is done: its FIN went on
+
+    def hook_failed(self, hook: Hook, exc: BaseException) -> None:
+        """A hook raised or returned nonsense: stop, and let the owner reset the session."""
+        if self._done:
+            return
+        self.ending = CloseReason.ADDON_ERROR
+        self.stop()
+        self._on_addon_error(hook, exc)
+
+    # --- the addon's close() and reset() --------------------------------------------------------
+
+    def addon_reset(self) -> None:
+        """The addon's `session.reset()`: both sides reset at once, what is queued dropped."""
+        if self._done:
+            return
+        self.ending = CloseReason.ADDON_RESET
+        self.session.detach()
+        self._done = True
+        self.up.stop()
+        self.down.stop()
+        for sock in (self._client, self._upstream):
+            if sock.fileno() >= 0:
+                self._poller.forget(sock.fileno())
+            abort_socket(sock)
+        self._on_end(CloseReason.ADDON_RESET)
+
+    def addon_close(self) -> None:
+        """The addon's `session.close()`: read no more, write what is queued, then FIN both
+        ways (`pump_drained`)."""
+        if self._done or self.closing:
+            return
+        self.closing = True
+        self._record.half_closed_at = time.monotonic()  # the linger is bounded as a half-close
+        for pump in (self.up, self.down):
+            task = pump._task
+            # A chunk still in an async chain is not queued: dropped (but the chain that called
+            # close() goes on: what its hook returns is queued).
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                pump._task = None
+                pump._busy = False
+        # Settled on the next round of the loop: the hook that called close() may still be
+        # returning bytes to queue.
+        asyncio.get_running_loop().call_soon(self._settle_both)
+
+    def _settle_both(self) -> None:
+        try:
+            for pump in (self.up, self.down):
+                if not self._done:
+                    pump.settle()
+        except Exception as exc:
+            self.pump_failed(exc)
+
+    def pump_drained(self) -> None:
+        """After close(): once both directions have written everything, FIN both ways and
+        linger until both peers have sent theirs."""
+        if self._done or not all(p.drained or p.ended for p in (self.up, self.down)):
+            return
+        for sock in (self._upstream, self._client):
+            if sock is not self._shut:
+                self._shutdown_write(sock)
+        self.session.detach()
+        self.ending = CloseReason.ADDON_CLOSE
+        for pump in (self.up, self.down):
+            if not self._done:
+                pump.linger()
+
+    def lingered(self) -> None:
+        if not self._done and self.up.ended and self.down.ended:
+            self._done = True
+            self._on_end(CloseReason.ADDON_CLOSE)
