@@ -266,3 +266,16 @@ def test_fault_injector_delays_each_connection(served_lab: Lab) -> None:
         # Nothing claimed: the bytes kept the zero-copy path.
         assert (close["reason"], close["relay"]) == ("closed", "splice"), close
         assert close.get("addons") in (None, []), close
+
+
+def test_fault_injector_delays_each_chunk(served_lab: Lab) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(HTTP_PORT))
+    proxy = _proxy(lab, "fault_injector.py", TPROXY_FAULT_CHUNK_DELAY_MS="200")
+    url = f"http://{lab.server.endpoint(HTTP_PORT)}/"
+    code, out, stderr = _curl(lab, "-w", "\n%{time_total}", url)
+    body, _, elapsed = out.rpartition(b"\n")
+    assert code == 0 and NGINX_BODY.fullmatch(body), (out, stderr)
+    assert float(elapsed) >= 0.4  # the request's chunk, then the response's
+    [close] = _closes(proxy, 1)
+    _assert_claimed(close, "fault_injector.py")

@@ -183,7 +183,7 @@ def test_each_example_loads_with_its_hooks() -> None:
         "http_log.py": ["session_start", "client_data", "server_data", "session_end"],
         "rewrite_response.py": ["session_start", "client_data", "server_data", "server_eof"],
         "block_uploads.py": ["session_start", "client_data", "client_eof"],
-        "fault_injector.py": ["session_start"],
+        "fault_injector.py": ["session_start", "client_data", "server_data"],
     }
     for name, expected in hooks.items():
         [addon] = load_addon_file(str(EXAMPLES / name))
@@ -581,6 +581,20 @@ def test_fault_injector_delays_without_claiming() -> None:
     assert not session.claimed
 
 
+def test_fault_injector_delays_each_chunk_of_the_sessions_it_claims() -> None:
+    addon = _load("fault_injector.py", TPROXY_FAULT_CHUNK_DELAY_MS="30")
+    session = FakeSession()
+
+    async def run() -> tuple[bytes, bytes]:
+        assert await addon.session_start(session) is None
+        return await addon.client_data(session, b"up"), await addon.server_data(session, b"down")
+
+    started = time.monotonic()
+    assert asyncio.run(run()) == (b"up", b"down")
+    assert time.monotonic() - started >= 0.06
+    assert session.claimed
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -589,6 +603,7 @@ def test_fault_injector_delays_without_claiming() -> None:
         ("TPROXY_FAULT_DROP_PERCENT", "nan"),
         ("TPROXY_FAULT_DELAY_MS", "-1"),
         ("TPROXY_FAULT_DELAY_MS", "10000"),
+        ("TPROXY_FAULT_CHUNK_DELAY_MS", "inf"),
         ("TPROXY_FAULT_SEED", "1.5"),
     ],
 )
