@@ -43,6 +43,8 @@ from bench.modes import (
     render_haproxy_cfg,
 )
 from bench.report import (
+    ADDON_CONTEXT,
+    ADDON_TARGETS,
     CAPTURE_CONTEXT,
     CAPTURE_TARGETS,
     CONTEXT,
@@ -50,9 +52,11 @@ from bench.report import (
     POLICY_TARGETS,
     TARGETS,
     Comparison,
+    Relays,
     Verdict,
     render_comparisons,
     render_modes,
+    render_relays,
     rotated,
     tally,
 )
@@ -85,6 +89,7 @@ class Run:
     load_at_round: list[float] = field(default_factory=list)
     log_lines: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     captured_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    relays: dict[str, list[Relays]] = field(default_factory=lambda: defaultdict(list))
 
 
 def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
@@ -126,6 +131,9 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
                         result.captured_bytes[name].append(mode.captured_bytes())
                 finally:
                     mode.stop()
+                if mode.log_path is not None and mode.spec.proxy == "tproxy":
+                    # Read once stopped: every session closed and logged by then.
+                    result.relays[name].append(mode.relays())
                 print(f"  ({time.monotonic() - began:.0f} s)", flush=True)
     return result
 
@@ -188,7 +196,13 @@ def _verdicts(samples: Samples, targets: Sequence[Comparison]) -> str:
 
 
 def write_results(
-    result: Run, argv: list[str], started: float, elapsed_s: float, *, load: tuple[str, str]
+    result: Run,
+    argv: list[str],
+    started: float,
+    elapsed_s: float,
+    *,
+    load: tuple[str, str],
+    output: Path = RESULTS,
 ) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
@@ -199,6 +213,7 @@ def write_results(
     summary = _verdicts(samples, TARGETS)
     policy_summary = _verdicts(samples, POLICY_TARGETS)
     capture_summary = _verdicts(samples, CAPTURE_TARGETS)
+    addon_summary = _verdicts(samples, ADDON_TARGETS)
     captured = "; ".join(
         f"{name} {', '.join(f'{n / GIB:.2f}' for n in sizes)} GiB"
         for name, sizes in result.captured_bytes.items()
@@ -309,6 +324,17 @@ def write_results(
         "configured but not matching, its CPU per connection against tproxy-policy's. Capture "
         f"files written per round (deleted after each): {captured or 'none'}.",
         "",
+        "**Addons** (issue 12): `tproxy-addon` is tproxy-splice with `--addon "
+        "bench/addons/unclaimed.py`, whose `session_start` returns None and claims nothing and "
+        "whose `session_end` does nothing: both hooks run for every session, which still "
+        "relays by splice; its CPU per connection against tproxy-splice's, and iperf3 one "
+        "stream each way against tproxy-splice. `tproxy-addon-identity` is tproxy-splice with "
+        "`--addon bench/addons/identity.py`, which claims every session and returns each chunk "
+        "unchanged from `client_data` and `server_data`: every byte goes through Python; iperf3 "
+        "one stream each way and CPU per GiB against tproxy-copy (the copy relay without "
+        "addons). Which relay carried each mode's sessions is read from its session log's close "
+        "events (`relay`, `spliced_bytes`) once each round has stopped the proxy, below.",
+        "",
         f"## Targets (issue 4), for the splice relay: {summary}",
         "",
         *render_comparisons(samples, TARGETS),
@@ -324,6 +350,19 @@ def write_results(
         "## Capturing a session, against the copy relay (issue 11, no target)",
         "",
         *render_comparisons(samples, CAPTURE_CONTEXT),
+        "",
+        f"## Targets (issue 12), an addon that claims nothing: {addon_summary}",
+        "",
+        *render_comparisons(samples, ADDON_TARGETS),
+        "",
+        "## Addons: unclaimed against splice, claimed (identity) against copy (issue 12, "
+        "no target)",
+        "",
+        *render_comparisons(samples, ADDON_CONTEXT),
+        "",
+        "## Which relay carried the sessions (the session log's close events)",
+        "",
+        *render_relays(result.relays),
         "",
         "## Other comparisons (no target)",
         "",
@@ -342,7 +381,7 @@ def write_results(
     lines += ["", "## HAProxy's configuration (forced splice, with logs)", "", "```",
               render_haproxy_cfg(result.threads, "forced", log=True).rstrip(), "```"]  # fmt: skip
     text = "\n".join(lines) + "\n"
-    RESULTS.write_text(text)
+    output.write_text(text)
     return text
 
 
@@ -356,7 +395,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--idle-sessions", type=int, default=10_000)
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated subset of the modes, run in this order in the first round "
+        f"(default: all of them: {', '.join(MODES)}); e.g. issue 12's rows alone: "
+        "--modes tproxy-splice,tproxy-copy,tproxy-addon,tproxy-addon-identity",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="the Markdown file to write (default: bench/RESULTS.md); a focused run or a smoke "
+        "run may keep the full run's results by writing elsewhere",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
@@ -369,7 +421,8 @@ def main() -> int:
     load_before = _uptime()
     result = run(args.rounds, args.seconds, args.idle_sessions, modes)
     text = write_results(result, ["python", "-m", "bench", *sys.argv[1:]], started,
-                         time.time() - started, load=(load_before, _uptime()))  # fmt: skip
+                         time.time() - started, load=(load_before, _uptime()),
+                         output=args.results)  # fmt: skip
     print(text)
     return 0
 

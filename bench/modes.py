@@ -6,6 +6,7 @@ may run on (`os.sched_getaffinity(0)`), HAProxy's `nbthread` and tproxy's `--wor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.policy import render_policy
+from bench.report import Relays
 from tproxy.lab.services import wait_listening
 from tproxy.lab.topology import Lab, stop_process, wait_until
 
 PROXY_PORT = 1800
+ADDONS_DIR = Path(__file__).parent / "addons"
 
 # Idle sessions held through HAProxy for the RSS test. Under the 20,000-descriptor hard limit
 # HAProxy 2.6 sets its own maxconn to 7,988 with splice (2 descriptors per session, plus
@@ -45,6 +48,9 @@ class ModeSpec:
     # tproxy: "all" for `--capture-all`, "rules" for the policy's redirect rules capturing
     # (which no benchmark connection matches); either way `--capture-dir` and no size limit.
     capture: str = ""
+    # tproxy: `--addon` of bench/addons/NAME.py ("unclaimed": claims nothing; "identity": claims
+    # every session and passes its bytes on unchanged)
+    addon: str = ""
 
 
 _ALL = frozenset({BULK, CONN_RATE, LATENCY, IDLE_RSS})
@@ -70,6 +76,15 @@ SPECS: dict[str, ModeSpec] = {
     "tproxy-capture": ModeSpec("tproxy", frozenset({STREAM1}), "splice", log=True, capture="all"),
     "tproxy-policy-capture": ModeSpec(
         "tproxy", frozenset({CONN_RATE}), "splice", log=True, policy=True, capture="rules"
+    ),
+    # Issue 12: an addon that claims nothing (CPU per connection against tproxy-splice, and one
+    # long stream each way that must still splice), and one that claims every session and
+    # passes its bytes on unchanged (one long stream each way, against tproxy-copy).
+    "tproxy-addon": ModeSpec(
+        "tproxy", frozenset({STREAM1, CONN_RATE}), "splice", log=True, addon="unclaimed"
+    ),
+    "tproxy-addon-identity": ModeSpec(
+        "tproxy", frozenset({STREAM1}), "splice", log=True, addon="identity"
     ),
     "tproxy-splice-nolog": ModeSpec("tproxy", frozenset({CONN_RATE}), "splice"),
     "tproxy-copy": ModeSpec("tproxy", frozenset({BULK, CONN_RATE, LATENCY}), "copy", log=True),
@@ -111,6 +126,26 @@ def render_haproxy_cfg(threads: int, splice: str, log: bool, port: int = PROXY_P
     return "\n".join(lines) + "\n"
 
 
+def render_tproxy_argv(
+    spec: ModeSpec, workers: int, policy: Path | None = None, captures: Path | None = None
+) -> list[str]:
+    """The command line of a tproxy mode: `policy` is its policy file (with `spec.policy`),
+    `captures` its capture directory (with `spec.capture`)."""
+    argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
+            "--relay", spec.splice, "--workers", str(workers)]  # fmt: skip
+    if spec.policy:
+        assert policy is not None
+        argv += ["--policy", str(policy)]
+    if spec.capture:
+        assert captures is not None
+        argv += ["--capture-dir", str(captures), "--capture-max-bytes", "1T"]
+        if spec.capture == "all":
+            argv.append("--capture-all")
+    if spec.addon:
+        argv += ["--addon", str(addon_path(spec.addon))]
+    return argv
+
+
 class Mode:
     """A running mode: `pids()` are the processes whose CPU and memory count as the proxy's."""
 
@@ -146,18 +181,14 @@ class Mode:
         # benchmark's own process would compete with the proxy for the same cores. tproxy cannot
         # turn its session log off, so "no log" sends it to /dev/null: the lines are still
         # rendered and written, only the file system's part of the cost is gone.
-        argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
-                "--relay", self.spec.splice, "--workers", str(self.threads)]  # fmt: skip
+        policy = None
         if self.spec.policy:
             policy = workdir / "policy.toml"
             policy.write_text(render_policy(capture=self.spec.capture == "rules"))
-            argv += ["--policy", str(policy)]
         if self.spec.capture:
             self._captures = workdir / "captures"
             self._captures.mkdir(mode=0o700)
-            argv += ["--capture-dir", str(self._captures), "--capture-max-bytes", "1T"]
-            if self.spec.capture == "all":
-                argv.append("--capture-all")
+        argv = render_tproxy_argv(self.spec, self.threads, policy, self._captures)
         if self.log_path is None:
             self._tproxy = self.lab.start(self.lab.router, argv)
             pid = self._tproxy.pid
@@ -175,6 +206,18 @@ class Mode:
             return 0
         with self.log_path.open("rb") as f:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+    def relays(self) -> Relays:
+        """What the session log's close events say carried the sessions so far (nothing
+        without a log): proof that an addon's sessions stayed on splice, or went through it."""
+        found = Relays()
+        if self.log_path is None:
+            return found
+        with self.log_path.open("rb") as f:
+            for line in f:
+                if b'"event":"session_close"' in line:
+                    found.add(json.loads(line))
+        return found
 
     def pids(self) -> list[int]:
         if self._haproxy is not None:
@@ -201,6 +244,11 @@ class Mode:
         if self._captures is None:
             return 0
         return sum(p.stat().st_size for p in self._captures.iterdir())
+
+
+def addon_path(name: str) -> Path:
+    """The file of a mode's `addon` (bench/addons/NAME.py)."""
+    return ADDONS_DIR / f"{name}.py"
 
 
 def _workers_waiting(pid: int, workers: int) -> bool:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import enum
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 # metric -> (title, unit, higher is better)
 METRICS: dict[str, tuple[str, str, bool]] = {
@@ -55,6 +56,10 @@ MODES: dict[str, str] = {
     "(relayed through Python)",
     "tproxy-policy-capture": "tproxy-policy with `--capture-dir` and `capture = true` on its "
     "redirect rules (no connection captured)",
+    "tproxy-addon": "tproxy-splice with `--addon` of an addon that claims nothing "
+    "(`session_start` returns None, `session_end` does nothing)",
+    "tproxy-addon-identity": "tproxy-splice with `--addon` of an identity addon: every session "
+    "claimed, `client_data` and `server_data` return each chunk unchanged",
     "tproxy-splice-nolog": "tproxy, splice relay, session log to /dev/null",
     "tproxy-copy": "tproxy, copy relay, JSON session log to a file",
 }
@@ -160,6 +165,25 @@ CAPTURE_CONTEXT = [
     Comparison("cpu_per_gib", "tproxy-capture", "tproxy-copy"),
     Comparison("cpu_per_gib", "tproxy-capture", "tproxy-copy", Kind.DIFFERENCE),
     Comparison("conn_rate", "tproxy-policy-capture", "tproxy-policy"),
+]
+
+# The benchmark target of issue 12: an addon that claims nothing costs (next to) nothing.
+ADDON_TARGETS = [
+    Comparison("cpu_per_conn", "tproxy-addon", "tproxy-splice", Kind.DIFFERENCE, bound=5.0),
+]
+
+# Issue 12's rows without a target: the unclaimed sessions' long stream still splices (against
+# tproxy-splice), and what claiming a session with an identity addon costs against the copy
+# relay (its throughput each way and CPU per GiB).
+ADDON_CONTEXT = [
+    Comparison("conn_rate", "tproxy-addon", "tproxy-splice"),
+    Comparison("stream1_up", "tproxy-addon", "tproxy-splice"),
+    Comparison("stream1_down", "tproxy-addon", "tproxy-splice"),
+    Comparison("cpu_per_gib", "tproxy-addon", "tproxy-splice"),
+    Comparison("stream1_up", "tproxy-addon-identity", "tproxy-copy"),
+    Comparison("stream1_down", "tproxy-addon-identity", "tproxy-copy"),
+    Comparison("cpu_per_gib", "tproxy-addon-identity", "tproxy-copy"),
+    Comparison("cpu_per_gib", "tproxy-addon-identity", "tproxy-copy", Kind.DIFFERENCE),
 ]
 
 # Context without a target: what logging and splice-auto cost each proxy, and the rest.
@@ -338,6 +362,42 @@ def render_comparisons(samples: Samples, comparisons: Sequence[Comparison]) -> l
             f"| {comparison.describe()} | {rounds} | {render_spread(values, digits)} | "
             f"{bound} | {shown} |"
         )
+    return lines
+
+
+@dataclass
+class Relays:
+    """One round's close events of one mode, counted by their `relay` ("splice", "copy",
+    "addon"; "none": never relayed), and the bytes they moved, `spliced_bytes` of them by
+    splice."""
+
+    closes: dict[str, int] = field(default_factory=dict)
+    bytes_moved: int = 0
+    spliced_bytes: int = 0
+
+    def add(self, close: Mapping[str, Any]) -> None:
+        """Count one close event (the session log's `session_close`, parsed)."""
+        relay = close.get("relay") or "none"
+        self.closes[relay] = self.closes.get(relay, 0) + 1
+        self.bytes_moved += close["bytes_up"] + close["bytes_down"]
+        self.spliced_bytes += close["spliced_bytes"]
+
+    def describe(self) -> str:
+        """`splice 3 (100.0% of 12.40 GiB spliced)`: the close events by relay, and how much
+        of what they moved went by splice."""
+        closes = ", ".join(f"{relay} {count:,}" for relay, count in sorted(self.closes.items()))
+        if not self.bytes_moved:
+            return closes or "no close events"
+        share = self.spliced_bytes / self.bytes_moved
+        return f"{closes} ({share:.1%} of {self.bytes_moved / (1 << 30):.2f} GiB spliced)"
+
+
+def render_relays(relays: Mapping[str, Sequence[Relays]]) -> list[str]:
+    """Markdown: per mode, each round's close events by relay and share of bytes spliced."""
+    lines = ["| mode | close events by `relay`, per round (share of the bytes spliced) |",
+             "|---|---|"]  # fmt: skip
+    for mode, rounds in relays.items():
+        lines.append(f"| {mode} | {'; '.join(r.describe() for r in rounds) or 'n/a'} |")
     return lines
 
 

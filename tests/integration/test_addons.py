@@ -1,21 +1,29 @@
-"""Addons on the real path (issue 12, step 2): `session_start` and `session_end` called by the
-engine with default workers, real clients (curl) through the router. An addon with
-`sniff = True` resets sessions by SNI or Host while others pass; one that raises resets that
-session only, and the next works; an `async def` hook that sleeps 1 s holds only its session."""
+"""Addons on the real path (issue 12): `session_start` and `session_end` called by the engine
+with default workers, real clients (curl) through the router. An addon with `sniff = True`
+resets sessions by SNI or Host while others pass; one that raises resets that session only, and
+the next works; an `async def` hook that sleeps 1 s holds only its session; SIGHUP reloads an
+edited addon in every worker and keeps it when the next edit fails to load; the sessions of an
+addon that claims nothing stay on splice."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import apply_rules, curl, start_proxy
+from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
+from tproxy.engine.steering import worker_for
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, TLS_PORT, start_tls_server
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, start_tls_server
 from tproxy.lab.services import TLS_NAME as NAME
-from tproxy.lab.topology import Lab
+from tproxy.lab.topology import Lab, wait_until
+
+MIB = 1024 * 1024
 
 BLOCKING = """
 from pathlib import Path
@@ -58,6 +66,32 @@ async def session_start(session):
         await asyncio.sleep(1)
 """
 
+RESETTING = """
+from tproxy.addons.api import reset
+
+sniff = True
+RESET = "a.test"
+
+
+def session_start(session):
+    if session.sniffed is not None and session.sniffed.http_host == RESET:
+        return reset()
+    return None
+"""
+
+UNCLAIMED = """
+from pathlib import Path
+
+
+def session_start(session):
+    return None
+
+
+def session_end(session):
+    with Path(__file__).with_name("ends.log").open("a") as log:
+        log.write(f"{session.id} {session.reason}\\n")
+"""
+
 
 def _addon_file(lab: Lab, name: str, text: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-addons-"))
@@ -72,11 +106,13 @@ def _closes(proxy: ProxyProcess, count: int) -> list[dict[str, Any]]:
                           count=count)  # fmt: skip
 
 
-def _http(lab: Lab, host: str) -> tuple[int, float, str]:
-    """GET / from the server's nginx with `Host: host`: curl's exit status, its total time
-    and its stderr."""
+def _http(lab: Lab, host: str, source: str | None = None) -> tuple[int, float, str]:
+    """GET / from the server's nginx with `Host: host` (from the client address `source`, else
+    the client's own): curl's exit status, its total time and its stderr."""
     argv = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{time_total}",
             "-H", f"Host: {host}", f"http://{lab.server.endpoint(HTTP_PORT)}/"]  # fmt: skip
+    if source is not None:
+        argv[1:1] = ["--interface", source]
     result = lab.run(lab.client, argv, check=False)
     elapsed = float(result.stdout.decode() or 0)
     return result.returncode, elapsed, result.stderr.decode(errors="replace")
@@ -163,3 +199,88 @@ def test_an_async_hook_that_sleeps_holds_only_its_session(served_lab: Lab) -> No
     assert all(c["reason"] == "closed" for c in closes), closes
     slow_close = next(c for c in closes if c["http_host"] == "slow.test")
     assert slow_close["duration_s"] >= 1.0
+
+
+def _one_client_per_worker(lab: Lab, workers: int) -> list[str]:
+    """An extra client address for each worker (steered to it), added to the client namespace."""
+    chosen: dict[int, str] = {}
+    for i in range(16, 256):
+        ip = ipaddress.ip_address(f"198.18.1.{i}")
+        chosen.setdefault(worker_for(ip, workers), str(ip))
+        if len(chosen) == workers:
+            break
+    for text in chosen.values():
+        lab.add_client_address(ipaddress.ip_address(text))
+    return [chosen[worker] for worker in sorted(chosen)]
+
+
+def _is_reset(result: tuple[int, float, str]) -> bool:
+    code, _, stderr = result
+    return code != 0 and "reset" in stderr.lower()
+
+
+def test_sighup_reloads_an_edited_addon_in_every_worker_and_keeps_it_when_the_next_is_broken(
+    served_lab: Lab,
+) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(HTTP_PORT))
+    addon = _addon_file(lab, "resetting.py", RESETTING)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    workers = os.cpu_count() or 1
+    clients = _one_client_per_worker(lab, workers)
+
+    def check(reset_host: str, passing_host: str) -> None:
+        for source in clients:
+            assert _is_reset(_http(lab, reset_host, source)), (reset_host, source)
+            code, _, stderr = _http(lab, passing_host, source)
+            assert code == 0, (passing_host, source, stderr)
+
+    check("a.test", "b.test")
+    closes = _closes(proxy, 2 * workers)
+    assert len({c["worker"] for c in closes}) == workers  # each client on its own worker
+
+    addon.write_text(RESETTING.replace('RESET = "a.test"', 'RESET = "b.test"'))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(lambda e: "reloaded the configuration" in e.get("message", ""),
+                   "the reload notice")  # fmt: skip
+    # The supervisor says so once it has reloaded and told the workers; each worker reloads
+    # off its own loop a moment later: wait, per worker, for the first b.test it resets.
+    for source in clients:
+        wait_until(lambda source=source: _is_reset(_http(lab, "b.test", source)), 10,
+                   f"the worker of {source} to reload")  # fmt: skip
+    check("b.test", "a.test")
+
+    addon.write_text(RESETTING + "\ndef session_end(session:\n")
+    proxy.signal(signal.SIGHUP)
+    failed = proxy.wait_for(lambda e: "reload failed" in e.get("message", ""), "the failure")
+    assert f"addon {addon}:" in failed[0]["message"], failed
+    assert "SyntaxError" in failed[0]["message"], failed
+    check("b.test", "a.test")
+    # Said once, by the supervisor, for every worker; and nothing claims it reloaded again.
+    assert len(proxy.find(lambda e: "reload failed" in e.get("message", ""))) == 1
+    assert len(proxy.find(lambda e: "reloaded the configuration" in e.get("message", ""))) == 1
+    assert proxy.proc.poll() is None
+
+
+def test_the_sessions_of_an_addon_that_claims_nothing_stay_on_splice(served_lab: Lab) -> None:
+    lab = served_lab
+    apply_rules(lab, "--ports", str(PEER_PORT))
+    addon = _addon_file(lab, "unclaimed.py", UNCLAIMED)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    peer = str(lab.server.endpoint(PEER_PORT))
+    up = client_json(lab, ["upload", peer, "--bytes", str(64 * MIB), "--seed", "21"])
+    assert up["intact"] and up["server"]["bytes"] == 64 * MIB, up
+    down = client_json(lab, ["download", peer, "--bytes", str(64 * MIB), "--seed", "22"])
+    assert down["intact"], down
+    closes = _closes(proxy, 2)
+    for close in closes:
+        assert (close["reason"], close["relay"]) == ("closed", "splice"), close
+        assert close["spliced_bytes"] >= 60 * MIB, close
+        assert close["addons"] is None, close  # claimed by none
+    assert closes[0]["bytes_up"] >= 64 * MIB and closes[1]["bytes_down"] >= 64 * MIB
+    # The addon's hooks ran for both sessions all the same.
+    ends_log = addon.with_name("ends.log")
+    wait_until(lambda: ends_log.exists() and len(ends_log.read_text().splitlines()) == 2, 10,
+               "both session_end calls")  # fmt: skip
+    ends = dict(line.split() for line in ends_log.read_text().splitlines())
+    assert ends == {c["session"]: "closed" for c in closes}

@@ -414,6 +414,12 @@ def test_addon_check_prints_one_line_per_addon(
         f"{two}:Counter: session_start (async), server_eof{sniffs}",
         f"{two}:Quiet: session_end",
     ]
+    lonely = _write(tmp_path / "lonely.py", "def client_data(session, data):\n    return data\n")
+    assert main(["addon", "check", lonely]) == 0
+    assert capsys.readouterr().out == (
+        f"{lonely}: client_data; its byte hooks never run: only a session_start can claim() "
+        "sessions\n"
+    )
 
 
 def test_addon_check_of_a_broken_file_is_one_line_and_status_2(

@@ -3,12 +3,27 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import sys
+from pathlib import Path
+from typing import Any
 
 from bench.clients import client_addresses
 from bench.measure import HTTP_PORT, wrk_url
-from bench.modes import BULK, CONN_RATE, LATENCY, SPECS, STREAM1, cpus, render_haproxy_cfg
+from bench.modes import (
+    BULK,
+    CONN_RATE,
+    LATENCY,
+    SPECS,
+    STREAM1,
+    addon_path,
+    cpus,
+    render_haproxy_cfg,
+    render_tproxy_argv,
+)
 from bench.policy import NAME_RULES, RULES, render_policy
 from bench.report import (
+    ADDON_CONTEXT,
+    ADDON_TARGETS,
     CAPTURE_CONTEXT,
     CAPTURE_TARGETS,
     CONTEXT,
@@ -17,6 +32,7 @@ from bench.report import (
     TARGETS,
 )
 
+from tproxy.addons.loader import load_addon_file
 from tproxy.lab.topology import Lab
 from tproxy.policy.decide import SessionFacts, SniffedFacts, decide
 from tproxy.policy.matcher import Matcher, Waiting, address_of
@@ -41,7 +57,8 @@ def _measures(mode: str, metric: str) -> bool:
 
 def test_every_mode_has_a_spec_and_every_comparison_is_measured_on_both_sides() -> None:
     assert set(SPECS) == set(MODES)
-    for comparison in [*TARGETS, *POLICY_TARGETS, *CAPTURE_TARGETS, *CAPTURE_CONTEXT, *CONTEXT]:
+    for comparison in [*TARGETS, *POLICY_TARGETS, *CAPTURE_TARGETS, *CAPTURE_CONTEXT,
+                       *ADDON_TARGETS, *ADDON_CONTEXT, *CONTEXT]:  # fmt: skip
         assert _measures(comparison.subject, comparison.metric), comparison
         if comparison.versus is not None:
             assert _measures(comparison.versus, comparison.metric), comparison
@@ -61,6 +78,63 @@ def test_the_capture_modes_differ_from_their_references_only_in_capturing() -> N
     policy, configured = SPECS["tproxy-policy"], SPECS["tproxy-policy-capture"]
     assert dataclasses.replace(configured, capture="", tests=policy.tests) == policy
     assert configured.tests == {CONN_RATE}
+
+
+def test_the_addon_modes_are_tproxy_splice_plus_an_addon_running_what_their_rows_need() -> None:
+    splice = SPECS["tproxy-splice"]
+    unclaimed, identity = SPECS["tproxy-addon"], SPECS["tproxy-addon-identity"]
+    for spec in (unclaimed, identity):
+        assert dataclasses.replace(spec, addon="", tests=splice.tests) == splice
+    assert unclaimed.addon == "unclaimed" and unclaimed.tests == {STREAM1, CONN_RATE}
+    assert identity.addon == "identity" and identity.tests == {STREAM1}
+
+
+def test_a_tproxy_modes_command_line() -> None:
+    assert render_tproxy_argv(SPECS["tproxy-splice"], 2) == [
+        sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
+        "--relay", "splice", "--workers", "2",
+    ]  # fmt: skip
+    addon = render_tproxy_argv(SPECS["tproxy-addon"], 2)
+    assert addon == [*render_tproxy_argv(SPECS["tproxy-splice"], 2), "--addon",
+                     str(addon_path("unclaimed"))]  # fmt: skip
+    assert Path(addon[-1]).is_file() and Path(addon[-1]).is_absolute()
+    capture = render_tproxy_argv(SPECS["tproxy-policy-capture"], 2, Path("/p.toml"), Path("/c"))
+    assert capture[-6:] == ["--policy", "/p.toml", "--capture-dir", "/c",
+                            "--capture-max-bytes", "1T"]  # fmt: skip
+    assert render_tproxy_argv(SPECS["tproxy-capture"], 1, None, Path("/c"))[-1] == "--capture-all"
+
+
+class _Session:
+    """What the bench addons touch of a session."""
+
+    def __init__(self) -> None:
+        self.claims = 0
+        self.state: dict[str, Any] = {}
+
+    def claim(self) -> None:
+        self.claims += 1
+
+
+def test_the_unclaimed_addon_has_start_and_end_and_claims_nothing() -> None:
+    (addon,) = load_addon_file(str(addon_path("unclaimed")))
+    assert [hook.name for hook in addon.hooks] == ["session_start", "session_end"]
+    assert not addon.sniff and not any(hook.is_async for hook in addon.hooks)
+    session = _Session()
+    assert [hook.fn(session) for hook in addon.hooks] == [None, None]
+    assert session.claims == 0
+
+
+def test_the_identity_addon_claims_every_session_and_passes_each_chunk_unchanged() -> None:
+    (addon,) = load_addon_file(str(addon_path("identity")))
+    hooks = {hook.name: hook.fn for hook in addon.hooks}
+    assert list(hooks) == ["session_start", "client_data", "server_data"]
+    assert not addon.sniff
+    session = _Session()
+    assert hooks["session_start"](session) is None
+    assert session.claims == 1
+    chunk = bytes(range(256)) * 256
+    assert hooks["client_data"](session, chunk) is chunk
+    assert hooks["server_data"](session, b"") == b""
 
 
 def test_the_capturing_bench_policy_is_the_bench_policy_capturing_on_rules_it_never_meets() -> None:

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import pytest
 from bench.report import (
+    ADDON_CONTEXT,
+    ADDON_TARGETS,
     MODES,
     POLICY_TARGETS,
     TARGETS,
     Comparison,
     Kind,
+    Relays,
     Spread,
     Verdict,
     judge,
@@ -14,6 +17,7 @@ from bench.report import (
     per_round,
     render_comparisons,
     render_modes,
+    render_relays,
     render_spread,
     rotated,
     tally,
@@ -214,3 +218,68 @@ def test_cpu_per_connection_shows_a_decimal_in_the_mode_table() -> None:
     assert lines[2] == (
         "| proxy CPU per connection (HTTP, Connection: close) (µs) | 151.3 (150.0 to 152.7) |"
     )
+
+
+def test_the_addon_target_is_cpu_per_connection_within_5_us_of_tproxy_splice() -> None:
+    assert [(t.metric, t.subject, t.versus, t.kind, t.bound) for t in ADDON_TARGETS] == [
+        ("cpu_per_conn", "tproxy-addon", "tproxy-splice", Kind.DIFFERENCE, 5.0)
+    ]
+    samples = {
+        "tproxy-addon": {"cpu_per_conn": [151.0, 153.5, 150.0]},
+        "tproxy-splice": {"cpu_per_conn": [150.0, 150.0, 149.0]},
+    }
+    row = render_comparisons(samples, ADDON_TARGETS)[2]
+    assert row == (
+        "| proxy CPU per connection (HTTP, Connection: close): tproxy-addon minus tproxy-splice "
+        "| 1.0, 3.5, 1.0 | 1.0 (1.0 to 3.5) | ≤ 5 µs | **met** |"
+    )
+    samples["tproxy-addon"]["cpu_per_conn"] = [151.0, 156.0, 150.0]  # one round 6 µs over
+    assert judge(samples, ADDON_TARGETS[0]) is Verdict.INCONCLUSIVE
+    samples["tproxy-addon"]["cpu_per_conn"] = [156.0, 157.0, 154.5]  # every round over
+    assert tally(samples, ADDON_TARGETS)[Verdict.MISSED] == 1
+
+
+def test_the_addon_rows_without_a_target() -> None:
+    for row in ADDON_CONTEXT:
+        assert row.bound is None and row.kind in (Kind.RATIO, Kind.DIFFERENCE)
+        assert row.subject in MODES and row.versus in MODES
+    # The unclaimed addon against tproxy-splice, the identity addon against the copy relay.
+    assert {(r.subject, r.versus) for r in ADDON_CONTEXT} == {
+        ("tproxy-addon", "tproxy-splice"), ("tproxy-addon-identity", "tproxy-copy")
+    }  # fmt: skip
+    identity = [r for r in ADDON_CONTEXT if r.subject == "tproxy-addon-identity"]
+    assert [(r.metric, r.kind) for r in identity] == [
+        ("stream1_up", Kind.RATIO), ("stream1_down", Kind.RATIO), ("cpu_per_gib", Kind.RATIO),
+        ("cpu_per_gib", Kind.DIFFERENCE),
+    ]  # fmt: skip
+    samples = {
+        "tproxy-addon-identity": {"stream1_down": [2.0, 2.5], "cpu_per_gib": [9.0, 8.0]},
+        "tproxy-copy": {"stream1_down": [4.0, 5.0], "cpu_per_gib": [3.0, 3.5]},
+    }
+    rows = render_comparisons(samples, identity)
+    assert rows[3] == (
+        "| 1 stream down (server → client): tproxy-addon-identity / tproxy-copy | 0.500, 0.500 "
+        "| 0.500 (0.500 to 0.500) | — | — |"
+    )
+    assert rows[5] == (
+        "| proxy CPU per GiB relayed: tproxy-addon-identity minus tproxy-copy | 6.00, 4.50 | "
+        "5.25 (4.50 to 6.00) | — | — |"
+    )
+
+
+def test_relays_count_close_events_and_the_share_of_bytes_spliced() -> None:
+    found = Relays()
+    for relay, up, down, spliced in [("splice", 100, 1 << 30, 1 << 30), ("splice", 10, 0, 0),
+                                     (None, 0, 0, 0)]:  # fmt: skip
+        found.add({"relay": relay, "bytes_up": up, "bytes_down": down, "spliced_bytes": spliced})
+    assert found.closes == {"splice": 2, "none": 1}
+    assert found.describe() == "none 1, splice 2 (100.0% of 1.00 GiB spliced)"
+    claimed = Relays({"addon": 4}, bytes_moved=3 << 30)
+    assert claimed.describe() == "addon 4 (0.0% of 3.00 GiB spliced)"
+    assert Relays().describe() == "no close events"
+    lines = render_relays({"tproxy-addon-identity": [claimed, claimed], "tproxy-copy": []})
+    assert lines[2] == (
+        "| tproxy-addon-identity | addon 4 (0.0% of 3.00 GiB spliced); addon 4 (0.0% of 3.00 GiB "
+        "spliced) |"
+    )
+    assert lines[3] == "| tproxy-copy | n/a |"

@@ -26,8 +26,12 @@ The hooks, with what each is given and returns (`HOOKS` in the order a session m
     server_eof(session) -> bytes                claimed sessions: the upstream sent FIN
     session_end(session) -> None                after session_start ran: byte counts, reason
 
-As of step 2 the engine calls `session_start` and `session_end`; the byte hooks are not
-called yet and `claim()` only records the claim (see `tproxy.addons`).
+The byte hooks are called only for a session the addon claimed (`session.claim()` in its
+`session_start`); with several claiming addons each data hook gets the previous one's output
+(in the order the addons were given), and an eof hook's output goes through the later addons'
+data hooks before the FIN is passed on. Chunks are whatever one read returned (at most 64 KiB):
+message boundaries are not kept, so a hook that parses must buffer (in `session.state`), and
+returns b"" to hold bytes back. A session no addon claims is relayed on the zero-copy path.
 """
 
 from __future__ import annotations
@@ -151,29 +155,49 @@ class Session(Protocol):
         """The addon's own data for this session, empty at first; the proxy never reads it."""
 
     def claim(self) -> None:
-        """Ask for this session's bytes: `client_data`, `server_data`, `client_eof` and
-        `server_eof` are called for it. Only in `session_start`; a session no addon claims
+        """Ask for this session's bytes: this addon's `client_data`, `server_data`,
+        `client_eof` and `server_eof` are called for it (other addons' only if they claim it
+        too). Only in `session_start` (elsewhere: RuntimeError); a session no addon claims
         relays on the zero-copy path and costs its addons nothing per byte."""
 
     def send_to_client(self, data: bytes) -> None:
-        """Queue `data` for the client, after what is already queued (claimed sessions).
+        """Queue `data` for the client, after what is already queued (claimed sessions). From
+        `session_start` it is sent first, once the upstream is connected; from a byte hook,
+        before what that hook returns.
 
         Args:
             data: the bytes, sent as they are (not passed to `server_data`).
+
+        Raises:
+            RuntimeError: the session is not claimed, has ended, or the client has been sent
+                its FIN.
         """
 
     def send_to_upstream(self, data: bytes) -> None:
-        """Queue `data` for the upstream, after what is already queued (claimed sessions).
+        """Queue `data` for the upstream, after what is already queued (claimed sessions);
+        as `send_to_client`.
 
         Args:
             data: the bytes, sent as they are (not passed to `client_data`).
+
+        Raises:
+            RuntimeError: the session is not claimed, has ended, or the upstream has been sent
+                its FIN.
         """
 
     def close(self) -> None:
-        """End the session gracefully: what is queued is sent, then FIN to both sides."""
+        """End a relaying session gracefully: nothing more is read, what is queued (and what the
+        calling hook returns) is sent, then a FIN to both sides; what they still send is read
+        and dropped (close reason `addon_close`). Does nothing once the session has ended.
+
+        Raises:
+            RuntimeError: in `session_start` (return `reset()` to refuse a session).
+        """
 
     def reset(self) -> None:
-        """End the session at once: a TCP reset to both sides; what is queued is dropped."""
+        """End the session at once: a TCP reset to both sides, what is queued dropped (close
+        reason `addon_reset`); in `session_start`, the same as returning `reset()`. Does
+        nothing once the session has ended."""
 
 
 @dataclass(frozen=True, slots=True)

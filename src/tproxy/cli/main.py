@@ -640,11 +640,20 @@ def _addon(args: argparse.Namespace) -> int:
     return 0
 
 
+_BYTE_HOOKS = frozenset({"client_data", "server_data", "client_eof", "server_eof"})
+
+
 def addon_line(addon: Addon) -> str:
-    """What `tproxy addon check` says of one addon: its hooks (async ones marked), and sniff."""
+    """What `tproxy addon check` says of one addon: its hooks (async ones marked), and sniff;
+    and that its byte hooks never run when it has no `session_start` to claim sessions."""
     hooks = ", ".join(hook.name + (" (async)" if hook.is_async else "") for hook in addon.hooks)
     line = f"{addon.name}: {hooks or 'no hooks of its own'}"
-    return line + ("; sniff = True: sessions wait for their first bytes" if addon.sniff else "")
+    if addon.sniff:
+        line += "; sniff = True: sessions wait for their first bytes"
+    names = {hook.name for hook in addon.hooks}
+    if "session_start" not in names and names & _BYTE_HOOKS:
+        line += "; its byte hooks never run: only a session_start can claim() sessions"
+    return line
 
 
 def explain_lines(policy: Policy, args: argparse.Namespace) -> list[str]:

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from tproxy.addons.api import Address
 from tproxy.addons.api import Verdict as AddonVerdict
-from tproxy.core.endpoint import parse_endpoint
 from tproxy.policy.decide import Verdict
 from tproxy.sniffers.printable import to_printable
 
@@ -66,14 +65,11 @@ class AddonSession:
 
     __slots__ = (
         "_ended", "_record", "_relay", "_to_client", "_to_upstream", "action", "claimers",
-        "client", "dst", "reason", "reset_asked", "rule", "starting", "state",
+        "reason", "reset_asked", "rule", "starting", "state",
     )  # fmt: skip
 
     def __init__(self, record: SessionRecord, rule: str | None, action: str) -> None:
         self._record = record
-        client, dst = parse_endpoint(record.client), parse_endpoint(record.dst)
-        self.client: Address = (str(client.ip), client.port)
-        self.dst: Address = (str(dst.ip), dst.port)
         self.rule = rule
         self.action = action
         self.reason: str | None = None
@@ -90,6 +86,14 @@ class AddonSession:
     @property
     def id(self) -> str:
         return self._record.id
+
+    @property
+    def client(self) -> Address:
+        return _address(self._record.client)
+
+    @property
+    def dst(self) -> Address:
+        return _address(self._record.dst)
 
     @property
     def sniffed(self) -> Sniffed | None:
@@ -161,6 +165,16 @@ class AddonSession:
         self._ended = True
         self._to_client.clear()
         self._to_upstream.clear()
+
+
+def _address(endpoint: str) -> Address:
+    """`(ip, port)` of a record's endpoint (`ip:port`, `[ip]:port`, as `format_sockaddr` made
+    it): split when a hook asks, not parsed for every session (most never ask)."""
+    if endpoint.startswith("["):
+        host, _, port = endpoint[1:].rpartition("]:")
+    else:
+        host, _, port = endpoint.rpartition(":")
+    return host, int(port)
 
 
 class AddonRun:

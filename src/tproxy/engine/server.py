@@ -230,6 +230,8 @@ class ProxyServer:
             cut = await self._drain(self.config.drain_timeout_s)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
+            if self._ctx.ending_hooks:  # the last sessions' async session_end: let them run
+                await asyncio.wait(list(self._ctx.ending_hooks), timeout=TASKS_STOP_TIMEOUT_S)
             for task in list(self._tasks):
                 task.cancel()
             if self._tasks:

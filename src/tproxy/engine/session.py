@@ -175,6 +175,8 @@ class SessionContext:
     sniff_deadlines: DeadlineQueue[Session] = field(init=False)
     pipes: PipePool = field(default_factory=PipePool)
     sessions: set[Session] = field(default_factory=set)
+    # Addons' `async def session_end` hooks still running: stopping waits for them (a while).
+    ending_hooks: set[asyncio.Task[None]] = field(default_factory=set)
     # Counters since this process started (the supervisor's heartbeats carry them).
     opened: int = 0
     closed_bytes_up: int = 0
@@ -874,7 +876,10 @@ class Session:
         for hook in run.addons.session_end:
             try:
                 if hook.is_async:
-                    self._ctx.spawn(self._end_hook_async(hook, session, record.id))
+                    ending = self._ctx.ending_hooks
+                    task = self._ctx.spawn(self._end_hook_async(hook, session, record.id))
+                    ending.add(task)
+                    task.add_done_callback(ending.discard)
                 else:
                     hook.fn(session)
             except _HOOK_ERRORS as exc:
