@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
@@ -27,6 +29,7 @@ from tests.unit.test_session_policy import (
 )
 from tproxy.addons import api
 from tproxy.addons.loader import Addon, Hook
+from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_relay import INJECTED_LIMIT_BYTES
 from tproxy.engine.pump import COPY_CHUNK_BYTES
@@ -297,10 +300,33 @@ async def _stuff(sock: socket.socket, total: int) -> int:
     return sent
 
 
-async def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+@dataclass
+class Relaying:
+    """An addon relay running between two peers (the client program, the upstream server)."""
+
+    peer_client: socket.socket
+    peer_upstream: socket.socket
+    record: SessionRecord
+    task: asyncio.Task[CloseReason]
+
+
+async def _relaying(
+    *addons: Addon,
+    session_start: Callable[[api.Session], None] | None = None,
+    big_client_buffers: bool = False,
+) -> Relaying:
+    """Start the addon relay, claimed by `addons`; `big_client_buffers` lets the client's side
+    take 4 MiB at once."""
     peer_client, proxy_client = await tcp_pair()
     proxy_upstream, peer_upstream = await tcp_pair()
-    return peer_client, proxy_client, proxy_upstream, peer_upstream
+    if big_client_buffers:
+        for sock in (peer_client, proxy_client):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
+    task = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
+                                       addons=addons, session_start=session_start))  # fmt: skip
+    return Relaying(peer_client, peer_upstream, record, task)
 
 
 def test_a_claimed_session_behind_a_slow_reader_holds_at_most_one_chunk() -> None:
@@ -311,22 +337,19 @@ def test_a_claimed_session_behind_a_slow_reader_holds_at_most_one_chunk() -> Non
     addon = _counting("count.py", seen)
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-                                               addons=(addon,)))  # fmt: skip
+        r = await _relaying(addon)
         try:
-            sent = await _stuff(peer_upstream, 32 << 20)
+            sent = await _stuff(r.peer_upstream, 32 << 20)
             assert sent < 32 << 20, "nothing held the upstream back"
-            held_in_proxy = seen["down"] - record.bytes_down
-            assert 0 <= held_in_proxy <= COPY_CHUNK_BYTES, (seen, record)
-            peer_upstream.shutdown(socket.SHUT_WR)
-            got, end = await _ends(peer_client)
-            assert (len(got), end) == (sent, "eof") and record.bytes_down == sent
-            peer_client.shutdown(socket.SHUT_WR)
-            assert await relaying == "closed"
+            held_in_proxy = seen["down"] - r.record.bytes_down
+            assert 0 <= held_in_proxy <= COPY_CHUNK_BYTES, (seen, r.record)
+            r.peer_upstream.shutdown(socket.SHUT_WR)
+            got, end = await _ends(r.peer_client)
+            assert (len(got), end) == (sent, "eof") and r.record.bytes_down == sent
+            r.peer_client.shutdown(socket.SHUT_WR)
+            assert await r.task == "closed"
         finally:
-            for sock in (peer_client, peer_upstream):
+            for sock in (r.peer_client, r.peer_upstream):
                 sock.close()
 
     asyncio.run(scenario())
@@ -341,18 +364,15 @@ def test_an_addon_sending_to_a_client_that_does_not_read_stops_reading_the_clien
     addon = _counting("answer.py", seen, answer)
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-                                               addons=(addon,)))  # fmt: skip
+        r = await _relaying(addon)
         try:
-            sent = await _stuff(peer_client, 64 << 20)
+            sent = await _stuff(r.peer_client, 64 << 20)
             assert sent < 64 << 20, "nothing held the client back"
-            queued = seen["calls"] * len(answer) - record.bytes_down
-            assert queued <= INJECTED_LIMIT_BYTES + len(answer), (seen, record)
+            queued = seen["calls"] * len(answer) - r.record.bytes_down
+            assert queued <= INJECTED_LIMIT_BYTES + len(answer), (seen, r.record)
         finally:
-            relaying.cancel()
-            for sock in (peer_client, peer_upstream):
+            r.task.cancel()
+            for sock in (r.peer_client, r.peer_upstream):
                 abort_socket(sock)
 
     asyncio.run(scenario())
@@ -371,27 +391,24 @@ def test_an_upstream_reset_during_an_upload_still_delivers_the_answer_a_hook_hol
         return data
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-            addons=(_addon("delay.py", server_data=delay),)))  # fmt: skip
+        r = await _relaying(_addon("delay.py", server_data=delay))
         loop = asyncio.get_running_loop()
         try:
-            await loop.sock_sendall(peer_client, b"POST / (a big upload)")
+            await loop.sock_sendall(r.peer_client, b"POST / (a big upload)")
             await asyncio.sleep(0.05)
-            peer_upstream.send(b"HTTP/1.1 413 Too Large\r\n\r\n")
-            abort_socket(peer_upstream)
-            reads = asyncio.ensure_future(_ends(peer_client))
+            r.peer_upstream.send(b"HTTP/1.1 413 Too Large\r\n\r\n")
+            abort_socket(r.peer_upstream)
+            reads = asyncio.ensure_future(_ends(r.peer_client))
             for _ in range(20):  # the client keeps uploading meanwhile
                 try:
-                    peer_client.send(b"x" * 1000)
+                    r.peer_client.send(b"x" * 1000)
                 except OSError:
                     break
                 await asyncio.sleep(0.01)
             assert await reads == (b"HTTP/1.1 413 Too Large\r\n\r\n", "reset")
-            assert await relaying == "upstream_reset"
+            assert await r.task == "upstream_reset"
         finally:
-            peer_client.close()
+            r.peer_client.close()
 
     asyncio.run(scenario())
 
@@ -438,25 +455,22 @@ def test_what_session_start_sends_past_the_limit_does_not_stall_the_client() -> 
     client has read it, its request is read and reaches the upstream."""
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        for sock in (peer_client, proxy_client):  # room for all of it at once
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-            addons=(IDENTITY,),
-            session_start=lambda session: session.send_to_client(b"x" * 300_000)))  # fmt: skip
+        r = await _relaying(
+            IDENTITY,
+            session_start=lambda session: session.send_to_client(b"x" * 300_000),
+            big_client_buffers=True,
+        )
         loop = asyncio.get_running_loop()
         try:
             got = 0
             while got < 300_000:
-                got += len(await loop.sock_recv(peer_client, 1 << 20))
-            peer_client.send(b"request")
+                got += len(await loop.sock_recv(r.peer_client, 1 << 20))
+            r.peer_client.send(b"request")
             async with asyncio.timeout(5):
-                assert await loop.sock_recv(peer_upstream, 100) == b"request"
+                assert await loop.sock_recv(r.peer_upstream, 100) == b"request"
         finally:
-            relaying.cancel()
-            for sock in (peer_client, peer_upstream):
+            r.task.cancel()
+            for sock in (r.peer_client, r.peer_upstream):
                 abort_socket(sock)
 
     asyncio.run(scenario())
@@ -471,17 +485,14 @@ def test_a_hooks_task_cancelled_by_something_else_is_that_hooks_error() -> None:
         return data
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-            addons=(_addon("x.py", client_data=client_data),)))  # fmt: skip
+        r = await _relaying(_addon("x.py", client_data=client_data))
         try:
-            peer_client.send(b"cancel me")
+            r.peer_client.send(b"cancel me")
             with pytest.raises(asyncio.CancelledError, match="its task was cancelled"):
                 async with asyncio.timeout(5):
-                    await relaying
+                    await r.task
         finally:
-            for sock in (peer_client, peer_upstream):
+            for sock in (r.peer_client, r.peer_upstream):
                 abort_socket(sock)
 
     asyncio.run(scenario())
@@ -513,20 +524,17 @@ def test_what_an_async_hook_sends_after_close_goes_before_the_fin() -> None:
         return data
 
     async def scenario() -> None:
-        peer_client, proxy_client, proxy_upstream, peer_upstream = await _pairs()
-        record = SessionRecord("t", "127.0.0.1:1", "127.0.0.1:2", time.monotonic())
-        relaying = asyncio.ensure_future(relay(proxy_client, proxy_upstream, record, None,
-            addons=(_addon("bye.py", server_data=server_data),)))  # fmt: skip
+        r = await _relaying(_addon("bye.py", server_data=server_data))
         try:
-            peer_upstream.send(b"response")
-            upstream_gets = asyncio.ensure_future(_ends(peer_upstream))
-            assert await _ends(peer_client) == (b"response", "eof")
+            r.peer_upstream.send(b"response")
+            upstream_gets = asyncio.ensure_future(_ends(r.peer_upstream))
+            assert await _ends(r.peer_client) == (b"response", "eof")
             assert await upstream_gets == (b"[bye]", "eof")
-            peer_client.shutdown(socket.SHUT_WR)
-            peer_upstream.shutdown(socket.SHUT_WR)
-            assert await relaying == "addon_close"
+            r.peer_client.shutdown(socket.SHUT_WR)
+            r.peer_upstream.shutdown(socket.SHUT_WR)
+            assert await r.task == "addon_close"
         finally:
-            for sock in (peer_client, peer_upstream):
+            for sock in (r.peer_client, r.peer_upstream):
                 sock.close()
 
     asyncio.run(scenario())
