@@ -5,6 +5,7 @@ be unusable said in one sentence naming the file."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from tproxy.cli.main import main
 from tproxy.tls.ca import (
     CA_VALIDITY,
     CAError,
@@ -385,3 +387,85 @@ def test_an_expired_or_not_yet_valid_ca(ca_dir: Path) -> None:
         "clock right?"
     )
     load_ca(ca_dir, now=NOW + CA_VALIDITY)  # its last second still counts
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_ca_create_then_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "ca"
+    assert main(["ca", "create", str(folder)]) == 0
+    created = capsys.readouterr().out.splitlines()
+    assert created[0] == f"created {folder / 'ca.crt'} and {folder / 'ca.key'} (mode 0600)"
+    assert main(["ca", "show", str(folder)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert created[1:] == shown
+    cert = read_ca_cert(folder)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    assert shown[0].startswith("subject:     CN=tproxy interception CA (")
+    assert shown[0].endswith("), O=tproxy")
+    assert shown[1] == f"sha256:      {fingerprint}"
+    assert re.fullmatch(r"valid:       \S+ \S+ UTC to \S+ \S+ UTC \(364[89] days left\)", shown[2])
+    for client, command in [("Debian/Ubuntu", "update-ca-certificates"), ("Firefox", "Import"),
+                            ("Android", "Install a certificate"), ("Windows", "certutil"),
+                            ("macOS", "security add-trusted-cert")]:  # fmt: skip
+        line = next(line for line in shown if line.startswith(f"  {client}: "))
+        assert command in line and str(folder / "ca.crt") in line
+    assert shown[-1] == "usable by 'tproxy run --ca': yes"
+
+
+def test_ca_create_refuses_to_overwrite_and_force_replaces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ca", "create", str(tmp_path)]) == 0
+    before = read_ca_cert(tmp_path)
+    capsys.readouterr()
+    assert main(["ca", "create", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"tproxy: error: {tmp_path / 'ca.key'} exists; 'tproxy ca create --force' replaces the CA\n"
+    )
+    assert read_ca_cert(tmp_path) == before
+    assert main(["ca", "create", "--force", str(tmp_path)]) == 0
+    assert read_ca_cert(tmp_path) != before
+
+
+def test_ca_show_says_why_a_ca_is_not_usable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_ca(tmp_path, now=NOW)
+    (tmp_path / "ca.key").chmod(0o644)
+    assert main(["ca", "show", str(tmp_path)]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(
+        f"usable by 'tproxy run --ca': no: {tmp_path / 'ca.key'} may be read by group or others"
+    )
+    assert main(["ca", "show", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tproxy: error: {tmp_path / 'nope'}: no such directory")
+    assert len(err.splitlines()) == 1
+
+
+def test_run_checks_the_ca_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--ca", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"tproxy: error: --ca: {tmp_path / 'nope'}: no such directory (create a CA with "
+        f"'tproxy ca create {tmp_path / 'nope'}')\n"
+    )
+    create_ca(tmp_path, now=datetime.now(UTC))
+    (tmp_path / "ca.key").write_bytes(b"garbage")
+    assert main(["run", "--ca", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"tproxy: error: --ca: {tmp_path / 'ca.key'} is not a PEM private key\n"
+    )
+
+
+def test_ca_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ca", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "create" in out and "show" in out
+    with pytest.raises(SystemExit) as exited:
+        main(["ca"])
+    assert exited.value.code == 2
