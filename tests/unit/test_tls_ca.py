@@ -4,6 +4,7 @@ be unusable said in one sentence naming the file."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import stat
@@ -290,6 +291,22 @@ def test_a_key_only_its_owner_may_read_loads(ca_dir: Path) -> None:
 def test_files_that_are_not_pem(ca_dir: Path, name: str, content: bytes, message: str) -> None:
     (ca_dir / name).write_bytes(content)
     assert _load_error(ca_dir) == message.format(dir=ca_dir)
+
+
+def test_a_certificate_with_a_duplicate_extension(ca_dir: Path) -> None:
+    """cryptography refuses it with DuplicateExtension, not a ValueError."""
+    der = read_ca_cert(ca_dir).public_bytes(serialization.Encoding.DER)
+    key_identifiers = (b"\x06\x03\x55\x1d\x0e", b"\x06\x03\x55\x1d\x23")  # SKI, AKI
+    mangled = x509.load_der_x509_certificate(der.replace(key_identifiers[1], key_identifiers[0]))
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n"
+        + base64.encodebytes(mangled.public_bytes(serialization.Encoding.DER))
+        + b"-----END CERTIFICATE-----\n"
+    )
+    (ca_dir / "ca.crt").write_bytes(pem)
+    assert _load_error(ca_dir).startswith(
+        f"{ca_dir / 'ca.crt'} has malformed extensions (DuplicateExtension: "
+    )
 
 
 def test_an_encrypted_key(ca_dir: Path) -> None:

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tproxy.tls.ca import CA, CA_VALIDITY, build_ca, create_ca
 from tproxy.tls.forge import (
@@ -29,7 +31,7 @@ from tproxy.tls.forge import (
     leaf_validity,
     read_upstream_cert,
 )
-from tproxy.tls.names import LeafNames, NameRejected, UpstreamCertFacts
+from tproxy.tls.names import LeafNames, NameRejected, UpstreamCertFacts, choose_names
 
 NOW = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 IP4 = ipaddress.IPv4Address("198.18.2.2")
@@ -298,9 +300,57 @@ def test_an_upstream_certificate_without_alt_names(ca: CA) -> None:
 
 @pytest.mark.parametrize("der", [b"", b"garbage", b"\x30\x03\x02\x01\x01", os.urandom(300)])
 def test_an_upstream_certificate_that_cannot_be_read(der: bytes) -> None:
-    assert read_upstream_cert(der) == NameRejected(
-        "the upstream certificate cannot be read (not DER X.509)"
-    )
+    rejected = read_upstream_cert(der)
+    assert isinstance(rejected, NameRejected)
+    assert rejected.reason.startswith("the upstream certificate cannot be read (ValueError: ")
+
+
+@pytest.fixture(scope="module")
+def upstream_der(ca: CA) -> bytes:
+    leaf = LeafForger(ca).leaf_for("a.example", _upstream("a.example", "*.b.example", ips=(IP4,)),
+                                   NOW)  # fmt: skip
+    assert isinstance(leaf, ForgedLeaf)
+    return leaf.cert.public_bytes(serialization.Encoding.DER)
+
+
+@settings(max_examples=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 10_000))  # fmt: skip
+def test_a_mangled_upstream_certificate_is_an_answer_never_an_exception(
+    upstream_der: bytes, changes: list[tuple[int, int]], cut: int
+) -> None:
+    """Found by this test: cryptography raises DuplicateExtension, InvalidVersion,
+    UnsupportedGeneralNameType and TypeError, and warns (an error under pytest), besides
+    ValueError."""
+    der = bytearray(upstream_der)
+    for position, value in changes:
+        der[position % len(der)] = value
+    result = read_upstream_cert(bytes(der[: max(cut, len(der) // 2)]))
+    assert isinstance(result, UpstreamCertFacts | NameRejected)
+    if isinstance(result, UpstreamCertFacts):
+        choose_names("a.example", result)  # and what it read is fit for choosing from
+
+
+# DER of parts of a TBSCertificate: the version (v3), and two extensions' OIDs.
+_VERSION_3 = b"\xa0\x03\x02\x01\x02"
+_BASIC_CONSTRAINTS_OID = b"\x06\x03\x55\x1d\x13"
+_EXTENDED_KEY_USAGE_OID = b"\x06\x03\x55\x1d\x25"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        (_VERSION_3, b"\xa0\x03\x02\x01\x42", "InvalidVersion"),
+        (_EXTENDED_KEY_USAGE_OID, _BASIC_CONSTRAINTS_OID, "DuplicateExtension"),
+    ],
+)
+def test_a_certificate_cryptography_refuses_with_other_errors(
+    upstream_der: bytes, old: bytes, new: bytes, error: str
+) -> None:
+    assert upstream_der.count(old) == 1
+    rejected = read_upstream_cert(upstream_der.replace(old, new))
+    assert isinstance(rejected, NameRejected)
+    assert rejected.reason.startswith(f"the upstream certificate cannot be read ({error}: ")
 
 
 # --- real clients ---------------------------------------------------------------------------------

@@ -247,6 +247,8 @@ def read_ca_cert(directory: str | os.PathLike[str]) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
         raise CAError(f"{path} is not a PEM certificate") from None
+    except Exception as exc:  # cryptography has more ways to refuse (see forge.read_upstream_cert)
+        raise CAError(f"{path} is not a certificate ({type(exc).__name__}: {exc})") from None
 
 
 def load_ca(directory: str | os.PathLike[str], *, now: datetime | None = None) -> CA:
@@ -318,8 +320,8 @@ def _read(path: Path, what: str) -> tuple[bytes, int]:
 def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
     try:
         extensions = cert.extensions
-    except ValueError:
-        raise CAError(f"{path} has malformed extensions") from None
+    except Exception as exc:  # ValueError, DuplicateExtension, ...
+        raise CAError(f"{path} has malformed extensions ({type(exc).__name__}: {exc})") from None
     try:
         constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:

@@ -34,6 +34,7 @@ Cheap enough to forge on the event loop: no thread or process pool.
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -52,6 +53,7 @@ from tproxy.tls.names import (
     NameRejected,
     UpstreamCertFacts,
     choose_names,
+    shown,
 )
 
 LEAF_MAX_VALIDITY = timedelta(days=397)
@@ -112,16 +114,28 @@ def leaf_validity(
 
 def read_upstream_cert(der: bytes) -> UpstreamCertFacts | NameRejected:
     """What forging needs of the upstream's certificate (`SSLObject.getpeercert(True)`); never
-    raises: a certificate that cannot be read is a `NameRejected`."""
+    raises: a certificate that cannot be read is a `NameRejected`.
+
+    In theory cryptography reports a malformed certificate with ValueError; in practice,
+    fuzzing a real certificate's bytes also brought DuplicateExtension, InvalidVersion,
+    UnsupportedGeneralNameType and TypeError, and warnings (a negative serial, a country name of
+    the wrong length) that would print on stderr once per process. Any of them means the same
+    here, so this one place catches them all, warnings silenced.
+    """
     try:
-        cert = x509.load_der_x509_certificate(der)
-        not_after = cert.not_valid_after_utc
-        extensions = cert.extensions
-        subject = cert.subject
-    except ValueError:
-        return NameRejected("the upstream certificate cannot be read (not DER X.509)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read_upstream_cert(der)
+    except Exception as exc:  # the bytes come from the network: see above
+        return NameRejected(
+            f"the upstream certificate cannot be read ({type(exc).__name__}: {shown(str(exc))})"
+        )
+
+
+def _read_upstream_cert(der: bytes) -> UpstreamCertFacts:
+    cert = x509.load_der_x509_certificate(der)
     try:
-        alt_names = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        alt_names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         dns: list[str] = []
         ips: list[IPAddress] = []
@@ -134,14 +148,14 @@ def read_upstream_cert(der: bytes) -> UpstreamCertFacts | NameRejected:
         ]
     common_names = [
         a.value
-        for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if isinstance(a.value, str)
     ]
     return UpstreamCertFacts(
         dns_names=tuple(dns),
         ip_addresses=tuple(ips),
         common_name=common_names[0] if common_names else None,
-        not_after=not_after,
+        not_after=cert.not_valid_after_utc,
     )
 
 
