@@ -190,7 +190,8 @@ class LeafForger:
         leaf_key: the key every leaf carries; None makes one (`new_leaf_key`).
         capacity: how many leaves the cache keeps.
 
-    `signed` counts signatures (cache misses), `hits` the leaves the cache answered.
+    `signed` counts signatures (cache misses), `hits` the leaves the cache answered. One per
+    worker process, used from its event loop only (not thread-safe, and needs no lock there).
     """
 
     def __init__(
