@@ -200,7 +200,22 @@ def create_ca(
         if not force:
             key_path.unlink(missing_ok=True)  # ours: linked a moment ago
         raise
+    _sync_directory(folder)
     return CA(cert, key, folder)
+
+
+def _sync_directory(folder: Path) -> None:
+    """Make the new names durable (a crash after `ca create` said so keeps the CA)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a filesystem that cannot sync a directory: the files themselves are synced
+    finally:
+        os.close(fd)
 
 
 def _install(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
