@@ -89,6 +89,7 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
         10 << 30,
     ),
     "capture_max_age_s": (["--capture-max-age", "12h"], "capture_max_age = 43200", 43200.0),
+    "ca_dir": (["--ca", "ca"], 'ca = "ca"', "ca"),
 }
 
 
@@ -190,7 +191,7 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_config_file(f"{key} = 1")
     assert str(raised.value) == (
-        f"unknown setting {key!r} (known: addon, capture_all, capture_dir, capture_max_age, "
+        f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
         "half_closed_timeout, idle_timeout, listen, log_format, loop, mark, max_connections, "
         "mode, policy, relay, spoof_source)"
@@ -303,7 +304,12 @@ def test_a_reload_applies_or_names_every_option(name: str) -> None:
         assert (applied, restart_only) == (loaded, [])
     else:
         assert (applied, restart_only) == (running, [spec.file_key])
-    assert {s.file_key for s in FILE_OPTIONS if not s.reloadable} == {"mode", "listen", "loop"}
+    assert {s.file_key for s in FILE_OPTIONS if not s.reloadable} == {
+        "mode",
+        "listen",
+        "loop",
+        "ca",
+    }
 
 
 # --- nested tables: a toy `[[rule]]` list and an `addon` list, not shipped options ------------

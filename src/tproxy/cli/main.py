@@ -10,16 +10,20 @@ import asyncio
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tproxy import __version__
 from tproxy.addons.loader import Addon, load_addons
@@ -87,6 +91,7 @@ from tproxy.rules.model import (
 )
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
+from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
 
 T = TypeVar("T")
 
@@ -386,6 +391,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     addon_check.add_argument("files", metavar="FILE", nargs="+", help="the addon files (Python)")
 
+    ca = commands.add_parser(
+        "ca",
+        help="create or show the CA that signs the certificates of intercepted TLS sessions",
+        description=(
+            "The CA for TLS interception (in progress: nothing is intercepted yet): a directory "
+            f"with {CERT_FILE}, the certificate the clients install, and {KEY_FILE}, its private "
+            "key (mode 0600; whoever reads it can impersonate any server to those clients). "
+            "No root needed."
+        ),
+    )
+    ca_actions = ca.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    ca_actions.required = True
+    ca_create = ca_actions.add_parser(
+        "create",
+        help="create a new CA in DIR",
+        description=(
+            f"Create a CA (ECDSA P-256, valid ten years) in DIR, made 0700 if missing: "
+            f"{CERT_FILE} (0644) and {KEY_FILE} (0600), then show it as 'ca show' does. An "
+            "existing CA is never overwritten without --force."
+        ),
+    )
+    ca_create.add_argument("dir", metavar="DIR", help="the CA directory")
+    ca_create.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA in DIR (clients that trust the old one must be given the "
+        "new one)",
+    )
+    ca_show = ca_actions.add_parser(
+        "show",
+        help="print the CA's subject, fingerprint and expiry, and how to install it on clients",
+        description=(
+            "Print the CA's subject, SHA-256 fingerprint, validity and whether 'tproxy run --ca' "
+            "can use it, and one line each on installing it on Debian/Ubuntu, Firefox, Android, "
+            "Windows and macOS. Exit status: 0 usable, 1 not (the last line says why)."
+        ),
+    )
+    ca_show.add_argument("dir", metavar="DIR", help="the CA directory")
+
     lab = commands.add_parser(
         "lab",
         help="demo: a client, a router running tproxy and a server, in network namespaces",
@@ -424,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "addon":
             return _addon(args)
+        if args.command == "ca":
+            return _ca(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -467,6 +513,11 @@ def _run(args: argparse.Namespace) -> int:
         config = _load_config(args.config, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    if config.ca_dir is not None:
+        try:
+            load_ca(config.ca_dir)  # in progress: checked, not used yet
+        except CAError as exc:
+            return _fail(f"--ca: {exc}")
     reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
     reload = partial(_load_config, args.config, overrides) if reloadable else None
     workers = args.workers or os.cpu_count() or 1
@@ -729,6 +780,57 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print("\n".join(render_text(findings)))
     return 0 if ok else 1
+
+
+def _ca(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        try:
+            create_ca(args.dir, force=args.force)
+        except CAError as exc:
+            return _fail(str(exc))
+        print(f"created {Path(args.dir) / CERT_FILE} and {Path(args.dir) / KEY_FILE} (mode 0600)")
+    try:
+        cert = read_ca_cert(args.dir)
+    except CAError as exc:
+        return _fail(str(exc))
+    try:
+        load_ca(args.dir)
+        problem = None
+    except CAError as exc:
+        problem = str(exc)
+    print("\n".join(ca_lines(cert, Path(args.dir), problem, datetime.now(UTC))))
+    return 0 if problem is None else 1
+
+
+def ca_lines(
+    cert: x509.Certificate, directory: Path, problem: str | None, now: datetime
+) -> list[str]:
+    """What `tproxy ca show` prints: the certificate's facts, how to install it, and whether
+    `tproxy run --ca` can use the CA (`problem`: why not)."""
+    crt = shlex.quote(str((directory / CERT_FILE).absolute()))
+    subject = ", ".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in cert.subject)
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    left = (end - now).days
+    return [
+        f"subject:     {subject}",
+        f"sha256:      {fingerprint}",
+        f"valid:       {start:%Y-%m-%d %H:%M} UTC to {end:%Y-%m-%d %H:%M} UTC "
+        + (f"({left} days left)" if now <= end else "(expired)"),
+        f"certificate: {crt} (give clients this file, never {KEY_FILE})",
+        "install it on each client whose TLS tproxy may intercept:",
+        f"  Debian/Ubuntu: sudo cp {crt} /usr/local/share/ca-certificates/tproxy-ca.crt && "
+        "sudo update-ca-certificates",
+        "  Firefox: Settings > Privacy & Security > Certificates > View Certificates > "
+        f"Authorities > Import {crt}, tick 'Trust this CA to identify websites'",
+        f"  Android: copy {crt} to the device, then Settings > Security > Encryption & "
+        "credentials > Install a certificate > CA certificate (apps trust user CAs only if "
+        "they opt in)",
+        f"  Windows: certutil -addstore -f Root {crt} (in an administrator's prompt)",
+        "  macOS: sudo security add-trusted-cert -d -r trustRoot -k "
+        f"/Library/Keychains/System.keychain {crt}",
+        f"usable by 'tproxy run --ca': {'yes' if problem is None else 'no: ' + problem}",
+    ]
 
 
 def _lab(args: argparse.Namespace) -> int:

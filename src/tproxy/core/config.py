@@ -24,10 +24,11 @@ and a test keeps it and the README's equal to it):
     capture_max_bytes = "16M"
     capture_max_total = "1G"
     capture_max_age = "7d"
+    ca = "/etc/tproxy/ca"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
-overrides, and applies what it can to the running proxy: `mode`, `listen` and `loop` change only
-on restart (`reload_config`).
+overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop` and `ca` change
+only on restart (`reload_config`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ class ProxyConfig:
         capture_max_total_bytes: the capture directory's finished files are pruned, oldest
             first, to keep its capture files within this total; None: no limit.
         capture_max_age_s: finished capture files older than this are pruned; None: no limit.
+        ca_dir: the TLS interception CA's directory (`tproxy.tls.ca`), checked at start-up;
+            None: no CA. Fixed at start. (In progress: nothing uses it yet.)
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -191,6 +194,7 @@ class ProxyConfig:
     capture_max_bytes: int = DEFAULT_CAPTURE_MAX_BYTES
     capture_max_total_bytes: int | None = None
     capture_max_age_s: float | None = None
+    ca_dir: str | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -281,6 +285,9 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     option("capture_max_age_s", DURATION, metavar="DURATION", example=7 * 86400.0,
            help="delete finished capture files older than this: seconds, or 45s, 30m, 12h, 7d "
            "(default: kept for ever)"),
+    option("ca_dir", PATH, key="ca", metavar="DIR", reloadable=False, example="/etc/tproxy/ca",
+           help="the CA for TLS interception, made by 'tproxy ca create DIR': checked at "
+           "start-up (in progress: nothing is intercepted yet) (default: none)"),
 )  # fmt: skip
 """Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
 `ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`

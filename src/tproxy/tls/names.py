@@ -1,0 +1,239 @@
+"""Which names a forged certificate carries: the client's SNI and the upstream certificate's
+names, validated; pure, no I/O, never raises for what it is given.
+
+Theory of operation. A forged leaf vouches, with the authority of a CA the client trusts, that
+the holder of our leaf key is the server for every name the leaf carries. So it carries only
+names someone legitimately asked for or vouched for:
+
+* The client's SNI comes first (the subject's common name too): it is what the client will check.
+  It is a host name (RFC 6066 section 3: "HostName" is a DNS name in A-labels, no trailing dot),
+  so it never makes a wildcard: a client that sends `*.bank.example` as its SNI gets a refusal,
+  not a leaf valid for every name under `bank.example`. An IP address as SNI (forbidden by the
+  RFC, sent by a few clients anyway) is taken as that IP.
+* When the upstream's certificate is known, its subjectAltName DNS names and IP addresses follow
+  (its common name only when it has no DNS names, as OpenSSL's `X509_check_host` does). Its
+  wildcards are kept when well-formed (`*` as the whole leftmost label, with at least two labels
+  after it), since the upstream vouched for them; anything else it carries is dropped, and said
+  so. The SNI itself is kept only if one of those names covers it: a leaf never vouches for more
+  than the real server's certificate did, so a client whose SNI the upstream's certificate does
+  not match sees the same mismatch it would have seen without us (with upstream verification on,
+  which checks the SNI against that certificate, this never drops anything).
+* Without an SNI and without an upstream certificate (a client that connected to an IP address,
+  decided before the upstream handshake), the destination's IP address is the one name.
+
+Names are checked the way they are given: lower-cased, one trailing dot removed, ASCII only (an
+internationalized name is valid only in its `xn--` A-label form, as the SNI carries it), each
+label 1 to 63 letters, digits, hyphens (not at either end) and underscores (which some private
+names use), at most 253 characters, and not ending in an all-digit label (which browsers read as
+an IPv4 address). At most `MAX_LEAF_NAMES` names go into a leaf.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from tproxy.core.endpoint import IPAddress
+
+LeafName = str | IPAddress
+"""A DNS name (lower case, maybe a wildcard from the upstream's certificate) or an IP address."""
+
+MAX_DNS_NAME_CHARS = 253
+# Large CDN certificates carry around a hundred names; more than this is a certificate built to
+# make every forged leaf (and every handshake) big.
+MAX_LEAF_NAMES = 100
+# Dropped names are reported for the log: this many, then a count.
+_MAX_DROPPED_SHOWN = 5
+_SHOWN_CHARS = 80
+
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+@dataclass(frozen=True, slots=True)
+class NameRejected:
+    """A name, or the whole choice, that cannot be used: one sentence for the log."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCertFacts:
+    """What forging needs of the upstream's certificate, as read from it (not yet validated).
+
+    Args:
+        dns_names: its subjectAltName DNS names, as they are.
+        ip_addresses: its subjectAltName IP addresses.
+        common_name: its subject's common name, if any.
+        not_after: the end of its validity (aware, UTC); a forged leaf never outlives it.
+    """
+
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[IPAddress, ...] = ()
+    common_name: str | None = None
+    not_after: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeafNames:
+    """The names a leaf carries, and what was left out.
+
+    Args:
+        names: never empty; the first is what the client asked for when it asked (the SNI).
+        dropped: one short line per name left out and why, for the session's log (bounded).
+    """
+
+    names: tuple[LeafName, ...]
+    dropped: tuple[str, ...] = ()
+
+
+def shown(text: str) -> str:
+    """A name an attacker may have chosen, safe for a log line: quoted, escaped, cut short."""
+    if len(text) > _SHOWN_CHARS:
+        return ascii(text[:_SHOWN_CHARS]) + "..."
+    return ascii(text)
+
+
+def parse_dns_name(text: str, *, wildcard: bool = False) -> str | NameRejected:
+    """A DNS name in the form a certificate carries it (lower case, no trailing dot).
+
+    Args:
+        text: the name as given.
+        wildcard: accept `*` as the whole leftmost label (an upstream certificate's name), with
+            at least two labels after it.
+
+    Returns:
+        The name, or why it is not one (never raises).
+    """
+    if not isinstance(text, str):
+        return NameRejected("not text")
+    if len(text) > MAX_DNS_NAME_CHARS + 1:  # room for the trailing dot
+        return NameRejected(f"longer than {MAX_DNS_NAME_CHARS} characters")
+    name = text.lower().removesuffix(".")
+    if not name:
+        return NameRejected("empty")
+    if len(name) > MAX_DNS_NAME_CHARS:
+        return NameRejected(f"longer than {MAX_DNS_NAME_CHARS} characters")
+    if not name.isascii():
+        return NameRejected("not ASCII (an internationalized name must be in xn-- form)")
+    labels = name.split(".")
+    if labels[0] == "*":
+        if not wildcard:
+            return NameRejected("a wildcard, which only an upstream certificate may carry")
+        if len(labels) < 3:
+            return NameRejected("a wildcard for a top-level or single-label name")
+        labels = labels[1:]
+    for label in labels:
+        if not label:
+            return NameRejected("an empty label")
+        if "*" in label:
+            return NameRejected("a wildcard that is not the whole leftmost label")
+        if _LABEL.fullmatch(label) is None:
+            return NameRejected(
+                "not a host name (labels of 1-63 letters, digits, '-' and '_', no '-' at "
+                "either end)"
+            )
+    if labels[-1].isdigit():
+        return NameRejected("ends in a number, as only an IPv4 address does")
+    return name
+
+
+def parse_server_name(text: str) -> LeafName | NameRejected:
+    """The client's SNI as a leaf name: a DNS name (no wildcard), or an IP address."""
+    if not isinstance(text, str):
+        return NameRejected("the SNI is not text")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    name = parse_dns_name(text)
+    if isinstance(name, NameRejected):
+        return NameRejected(f"the SNI {shown(text)} is {name.reason}")
+    return name
+
+
+def covers(pattern: LeafName, name: LeafName) -> bool:
+    """Whether a certificate name `pattern` matches `name` (RFC 6125 section 6.4.3: a wildcard
+    stands for exactly one whole leftmost label; no partial wildcards)."""
+    if isinstance(pattern, str) != isinstance(name, str):
+        return False
+    if not isinstance(pattern, str) or not isinstance(name, str):
+        return pattern == name
+    if pattern == name:
+        return True
+    if not pattern.startswith("*."):
+        return False
+    first, dot, rest = name.partition(".")
+    return bool(first) and bool(dot) and rest == pattern[2:]
+
+
+def choose_names(
+    sni: str | None,
+    upstream: UpstreamCertFacts | None,
+    destination: IPAddress | None = None,
+) -> LeafNames | NameRejected:
+    """The names a forged leaf carries (see the module's docstring for the rules).
+
+    Args:
+        sni: the client's server name as sniffed; None if it sent none.
+        upstream: the upstream's certificate, when its handshake came first; None to forge from
+            the SNI alone.
+        destination: the session's original destination, the name of last resort.
+
+    Returns:
+        The names, SNI first, or why no leaf can be forged (never raises).
+    """
+    asked: LeafName | None = None
+    if sni is not None:
+        parsed = parse_server_name(sni)
+        if isinstance(parsed, NameRejected):
+            return parsed
+        asked = parsed
+    if upstream is None:
+        if asked is not None:
+            return LeafNames((asked,))
+        if destination is not None:
+            return LeafNames((destination,))
+        return NameRejected("no SNI, no upstream certificate and no destination to forge for")
+    dropped: list[str] = []
+    vouched = _upstream_names(upstream, dropped)
+    names: list[LeafName] = []
+    if asked is not None:
+        if any(covers(pattern, asked) for pattern in vouched):
+            names.append(asked)
+        else:
+            dropped.append(f"{shown(str(asked))} (the SNI): not in the upstream certificate")
+    names += [name for name in vouched if name not in names]
+    if len(names) > MAX_LEAF_NAMES:
+        # First: the one drop that says the most when only a few are shown.
+        dropped.insert(0, f"{len(names) - MAX_LEAF_NAMES} names past the first {MAX_LEAF_NAMES}")
+        names = names[:MAX_LEAF_NAMES]
+    if not names:
+        why = "; ".join(_bounded(dropped)) or "it has none"
+        return NameRejected(f"no usable name in the upstream certificate ({why})")
+    return LeafNames(tuple(names), tuple(_bounded(dropped)))
+
+
+def _upstream_names(upstream: UpstreamCertFacts, dropped: list[str]) -> list[LeafName]:
+    """The upstream certificate's usable names, in its order, without repeats."""
+    names: list[LeafName] = []
+    given = list(upstream.dns_names)
+    if not given and upstream.common_name is not None:
+        given = [upstream.common_name]
+    for text in given:
+        name = parse_dns_name(text, wildcard=True)
+        if isinstance(name, NameRejected):
+            dropped.append(f"{shown(str(text))}: {name.reason}")
+        elif name not in names:
+            names.append(name)
+    for ip in upstream.ip_addresses:
+        if ip not in names:
+            names.append(ip)
+    return names
+
+
+def _bounded(dropped: list[str]) -> list[str]:
+    if len(dropped) <= _MAX_DROPPED_SHOWN:
+        return dropped
+    return [*dropped[:_MAX_DROPPED_SHOWN], f"{len(dropped) - _MAX_DROPPED_SHOWN} more"]
