@@ -538,3 +538,79 @@ def test_what_an_async_hook_sends_after_close_goes_before_the_fin() -> None:
                 sock.close()
 
     asyncio.run(scenario())
+
+
+def test_a_sink_reset_wakes_the_other_way_waiting_for_room_and_ends_the_session() -> None:
+    """session_start sent 8 MiB toward an upstream that does not read (the client's side waits
+    for room); the upstream answers and resets: the answer reaches the client, then the reset."""
+
+    async def scenario() -> None:
+        r = await _relaying(
+            IDENTITY, session_start=lambda session: session.send_to_upstream(b"x" * (8 << 20))
+        )
+        try:
+            await asyncio.sleep(0.2)
+            r.peer_upstream.send(b"HTTP/1.1 413 Too Large\r\n\r\n")
+            abort_socket(r.peer_upstream)
+            assert await _ends(r.peer_client) == (b"HTTP/1.1 413 Too Large\r\n\r\n", "reset")
+            assert await r.task == "upstream_reset"
+        finally:
+            r.peer_client.close()
+
+    asyncio.run(scenario())
+
+
+def test_after_a_sink_reset_the_other_ways_fin_still_delivers_everything_before_the_reset() -> None:
+    """The upstream sent its FIN (an async server_eof flushes 1 MiB for 0.3 s), then reset; the
+    client's next bytes meet the reset. The client, reading late, gets all of it, then the
+    reset."""
+    tail = b"T" * (1 << 20)
+
+    async def server_eof(session: api.Session) -> bytes:
+        await asyncio.sleep(0.3)
+        return tail
+
+    async def scenario() -> None:
+        r = await _relaying(_addon("tail.py", server_eof=server_eof))
+        try:
+            r.peer_client.send(b"upload")
+            await asyncio.sleep(0.05)
+            r.peer_upstream.send(b"resp")
+            r.peer_upstream.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.05)
+            abort_socket(r.peer_upstream)
+            await asyncio.sleep(0.02)
+            r.peer_client.send(b"more")  # meets the reset
+            await asyncio.sleep(0.5)  # the client reads only now
+            got, how = await _ends(r.peer_client)
+            assert (len(got), got[:4], how) == (4 + len(tail), b"resp", "reset")
+            assert await r.task == "upstream_reset"
+        finally:
+            r.peer_client.close()
+
+    asyncio.run(scenario())
+
+
+def test_reset_from_elsewhere_while_an_async_session_start_runs_ends_the_session() -> None:
+    """a.py allows (a verdict) and resets from a task of its own while b.py's async
+    session_start still runs: nothing connects, the session ends at once."""
+    box: list[api.Session] = []
+
+    def a_start(session: api.Session) -> api.Verdict:
+        box.append(session)
+        return api.allow()
+
+    async def b_start(session: api.Session) -> None:
+        await asyncio.sleep(0.5)
+
+    config = _with(_addon("a.py", session_start=a_start), _addon("b.py", session_start=b_start))
+
+    async def scenario(h: PolicyHarness) -> None:
+        h.session.start()
+        await asyncio.sleep(0.05)
+        assert _phase(h.session) is Phase.ADDONS
+        box[0].reset()
+        await _reset_seen(h)
+        assert h.events()[-1]["reason"] == "addon_reset"
+
+    _run(scenario, config)

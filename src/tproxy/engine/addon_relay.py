@@ -170,8 +170,10 @@ class AddonPump:
     def push(self, data: bytes) -> None:
         """Queue `data` for the sink, after what is queued (an addon's `send_to_*`); written
         when the sink is writable."""
-        if self.stopped or self._relay.over:
+        if self._relay.over:
             raise RuntimeError("the session has ended")
+        if self.stopped:  # its sink has reset: what is sent to it is lost, as it would be
+            return
         if self.ended:
             side = "upstream" if self._direction is Direction.UP else "client"
             raise RuntimeError(f"the {side} has been sent its FIN: nothing more can go to it")
@@ -192,6 +194,8 @@ class AddonPump:
 
     def linger(self) -> None:
         """After the addon's close() sent the FINs: read and drop until the source's FIN."""
+        if self.stopped:
+            return
         self._disarm_writer()
         if self._eof_read:
             self.ended = True
@@ -566,17 +570,20 @@ class AddonRelay(Relay):
             return
         pump = self.up if direction is Direction.UP else self.down
         ended = DirectionEnded(direction, end)
-        if self._gone is not None and end is not End.SOURCE_RESET:
-            # After a sink's reset, the other way ended without meeting it: reset both now.
-            self.up.stop()
-            self.down.stop()
-            self._done = self.over = True
-            self.session.detach()
-            self._abort_and_end([self._gone])
+        gone = self._gone
+        if gone is not None and end is not End.SOURCE_RESET:
+            self._after_gone(gone, direction, end)
             return
         if end is End.SINK_RESET and not self.closing and not self.other(pump).ended:
             self._gone = ended
             pump.stop()
+            # The other way goes on, bounded as a half-closed session is; it may have waited
+            # for room in this direction's queue, now dropped.
+            self._record.half_closed_at = time.monotonic()
+            other = self.other(pump)
+            if other._waiting_for_room:
+                other._waiting_for_room = False
+                other.settle()
             return
         super().pump_ended(direction, end)
         if self._done:
@@ -584,6 +591,22 @@ class AddonRelay(Relay):
             self.session.detach()
         elif self.closing and end is End.EOF:
             self.pump_drained()  # that direction is done: its FIN went on
+
+    def _after_gone(self, gone: DirectionEnded, direction: Direction, end: End) -> None:
+        """After a sink's reset, the other way ended without meeting it: by its FIN (its sink
+        has everything: wait until it acknowledged it, then reset both) or by its own sink's
+        reset (both peers are gone: reset both now)."""
+        self.up.stop()
+        self.down.stop()
+        self._done = self.over = True
+        self.session.detach()
+        if self._recording is not None:
+            self._record_end(gone.direction, gone.end)
+        if end is End.EOF:
+            sink = self._upstream if direction is Direction.UP else self._client
+            self._drain = self._spawn(self._drain_then_abort(sink, [gone]))
+        else:
+            self._abort_and_end([gone])
 
     def hook_failed(self, hook: Hook, exc: BaseException) -> None:
         """A hook raised or returned nonsense: stop, and let the owner reset the session."""
@@ -610,8 +633,8 @@ class AddonRelay(Relay):
     def addon_close(self) -> None:
         """The addon's `session.close()`: read no more; once everything read is through the
         chains and written (`pump_drained`), FIN both ways."""
-        if self._done or self.closing:
-            return
+        if self._done or self.closing or self._gone is not None:
+            return  # (after a sink's reset the session ends with that reset, not a FIN)
         self.closing = True
         self._record.half_closed_at = time.monotonic()  # the linger is bounded as a half-close
         # Settled on the next round of the loop: the hook that called close() may still be

@@ -62,8 +62,9 @@ class AddonSession:
         record: the engine's record of the session (id, byte counts, sniffed facts).
         rule: the policy rule that decided (None: the default, or no policy).
         action: what the policy decided ("allow" without a policy).
-        on_reset: resets the engine's session, for `reset()` when no addon relay runs it
-            (a session not claimed, or not connected yet).
+        on_reset: resets the engine's session, for `reset()` when no addon relay runs it (a
+            session not claimed, not connected yet, or waiting for an async `session_start`);
+            during a plain `session_start` it leaves the reset to the verdict.
     """
 
     __slots__ = (
@@ -166,12 +167,10 @@ class AddonSession:
     def reset(self) -> None:
         if self._relay is not None:
             self._relay.addon_reset()
-        elif self._ended:
-            return
-        elif self.starting is not None:
-            self.reset_asked = True  # (the session carries it out as a reset verdict)
-        else:  # not claimed, or still connecting: the engine's session resets it
-            self._on_reset()
+        elif not self._ended:
+            if self.starting is not None:  # a reset verdict, if session_start is still to end
+                self.reset_asked = True
+            self._on_reset()  # the engine's session resets it now, unless in a plain hook
 
     def attach(self, relay: AddonRelay) -> tuple[list[bytes], list[bytes]]:
         """The addon relay starts: what was sent before it, (to the upstream, to the client)."""

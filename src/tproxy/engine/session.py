@@ -457,9 +457,11 @@ class Session:
         self._carry_out(_final(run.verdict, verdict), deciding, now, sniffed)
 
     def _reset_by_addon(self) -> None:
-        """An addon's `session.reset()` outside `session_start` with no addon relay to carry it
-        out (a session not claimed, or still connecting)."""
-        if self.phase is not Phase.CLOSED:
+        """An addon's `session.reset()` with no addon relay to carry it out (a session not
+        claimed, still connecting, or waiting for an async `session_start`: its task is
+        cancelled). In a plain `session_start` (the session is NEW or SNIFFING then) the reset
+        is the verdict (`_start_hook`)."""
+        if self.phase not in (Phase.NEW, Phase.SNIFFING, Phase.CLOSED):
             self.close(CloseReason.ADDON_RESET)
 
     def _client_while_addons(self) -> None:
@@ -496,9 +498,10 @@ class Session:
             self._addon_failed(hook, exc)
             return False
         assert run.session is not None
-        if run.session.reset_asked:
+        if run.session.reset_asked:  # reset() is not an opinion: it wins over earlier verdicts
             run.session.reset_asked = False
-            addon_verdict = engine_verdict(addon_reset(), hook.addon)
+            run.verdict = engine_verdict(addon_reset(), hook.addon)
+            return True
         if run.verdict is None:
             run.verdict = addon_verdict  # the first wins; later ones only observe
         return True
