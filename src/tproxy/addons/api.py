@@ -202,8 +202,8 @@ class Session(Protocol):
 
     def reset(self) -> None:
         """End the session at once, claimed or not: a TCP reset to both sides, what is queued
-        dropped (close reason `addon_reset`); in `session_start`, the same as returning
-        `reset()`. Does nothing once the session has ended."""
+        dropped (close reason `addon_reset`); in `session_start`, a `reset()` verdict that wins
+        over any other addon's verdict. Does nothing once the session has ended."""
 
 
 @dataclass(frozen=True, slots=True)
