@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import tproxy.cli.main as cli_main
 from tproxy.addons.api import HOOKS
 from tproxy.addons.loader import (
     MODULE_PREFIX,
@@ -444,3 +445,18 @@ def test_an_addons_hostile_error_message_is_one_bounded_printable_line(tmp_path:
     message = str(raised.value)
     assert message.startswith(f"addon {path}:1: ValueError: \\x1b[2JAAA")
     assert len(message) < 400 + len(str(path)) and "\x1b" not in message
+
+
+def test_a_configuration_that_fails_after_its_addons_loaded_leaves_their_modules_alone(
+    tmp_path: Path,
+) -> None:
+    """A reload whose capture setup is wrong keeps the running addons, and their modules too
+    (the addons load last, once nothing else can fail)."""
+    addon = _write(tmp_path / "a.py", "def session_end(session):\n    pass\n")
+    running = load_addons([addon])
+    name = module_name(addon)
+    module = sys.modules[name]
+    policy = _write(tmp_path / "p.toml", '[[rule]]\nname = "c"\naction = "allow"\ncapture = true\n')
+    with pytest.raises(ConfigError, match="no --capture-dir"):
+        cli_main._load_config(None, {"policy": policy, "addon_files": [addon]})
+    assert sys.modules[name] is module and running.session_end[0].fn.__module__ == name

@@ -501,9 +501,9 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
     config = build_config(file_values, overrides)
     if config.policy is not None:
         config = replace(config, matcher=load_matcher(config.policy))
-    if config.addon_files:
-        config = replace(config, addons=load_addons(config.addon_files))
     check_capture(config)  # on reload too: a broken capture setup keeps the running one
+    if config.addon_files:  # last: nothing fails after the addons' modules were replaced
+        config = replace(config, addons=load_addons(config.addon_files))
     return config
 
 
