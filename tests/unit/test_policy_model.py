@@ -137,6 +137,7 @@ def test_to_takes_ips_and_names_kept_as_given(to: str, expected: HostPort) -> No
         (_rule('action = "drop"', "x"), "rule[0] (x).action must be"),
         (_rule('sni = ["a.example"]', "x"), "rule[0] (x).action is required"),
         ('[[rule]]\naction = "allow"', "rule[0].name is required"),
+        ('[[rule]]\nname = "a\\nb"\naction = "allow"', "rule[0] ('a\\nb').name must be printable"),
         (_rule('action = "allow"\nproto = ["quic"]', "x"), "rule[0] (x).proto: unknown protocol"),
         (_rule('action = "allow"\nsni = []', "x"), "rule[0] (x).sni must be a non-empty list"),
         (_rule('action = "allow"\nsni = "a.example"', "x"), "rule[0] (x).sni must be a non-empty"),

@@ -322,6 +322,8 @@ def _via_from_file(key: str, value: Any) -> UpstreamProxy:
 def _rule_name_from_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} must be a non-empty string")
+    if not value.isprintable():  # it is in every message about the rule, and in the log
+        raise ConfigError(f"{key} must be printable, on one line")
     return value
 
 
@@ -364,7 +366,10 @@ POLICY_OPTIONS = (
 
 def _rule_from_table(index: int, raw: Mapping[str, Any]) -> Rule:
     name = raw.get("name")
-    where = f"rule[{index}] ({name})." if isinstance(name, str) else f"rule[{index}]."
+    if isinstance(name, str):
+        where = f"rule[{index}] ({name if name.isprintable() else ascii(name)})."
+    else:
+        where = f"rule[{index}]."
     values = parse_table(RULE_OPTIONS, raw, where)
     action = values["action"]
     if action is Action.REDIRECT and "to" not in values:
