@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
+import selectors
+import socket
 import ssl
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import pytest
 from cryptography import x509
@@ -729,3 +735,216 @@ def test_handshakes_are_cheap_enough_for_the_event_loop(
         assert run.client_leg.state is LegState.ESTABLISHED
     spent = (time.process_time() - started) / 20
     assert spent < 0.02, f"an interception took {spent * 1e3:.1f} ms of CPU"
+
+
+# --- real tools on loopback ----------------------------------------------------------------
+
+
+def _accept_port(stream: IO[bytes]) -> int:
+    for line in stream:
+        match = re.match(rb"ACCEPT 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return int(match[1])
+    raise AssertionError("openssl s_server ended without saying which port it listens on")
+
+
+def _proxy_one(
+    listener: socket.socket,
+    upstream_port: int,
+    pki: PKI,
+    upstreams: UpstreamContexts,
+    leaves: LeafContexts,
+) -> tuple[ClientLeg | None, UpstreamLeg]:
+    """What the engine will do, with blocking sockets and one selector: accept one client,
+    sniff its hello, handshake with the upstream, then with the client, relay until both legs
+    are closed (or a deadline)."""
+    deadline = time.monotonic() + 20
+    client_sock, _ = listener.accept()
+    with client_sock, socket.create_connection(("127.0.0.1", upstream_port)) as upstream_sock:
+        held = b""
+        hello = sniff_tls(held)
+        while not isinstance(hello, TlsHello):
+            chunk = client_sock.recv(65536)
+            assert chunk, "the client left before its hello"
+            held += chunk
+            hello = sniff_tls(held)
+        up = open_upstream_leg(
+            upstreams.get(True, usable_alpn(hello.alpn)), hello.sni, "127.0.0.1",
+            established_context=upstreams.established,
+        )  # fmt: skip
+        assert isinstance(up, UpstreamLeg), up
+        upstream_sock.sendall(up.data_to_send())
+        while up.state is LegState.HANDSHAKING and time.monotonic() < deadline:
+            data = upstream_sock.recv(65536)
+            up.receive(data) if data else up.receive_eof()
+            with contextlib.suppress(OSError):  # an upstream that hung up after its alert
+                upstream_sock.sendall(up.data_to_send())
+        if up.info is None:
+            return None, up
+        facts = read_upstream_cert(up.info.peer_cert_der or b"")
+        assert isinstance(facts, UpstreamCertFacts)
+        leaf = pki.forger.leaf_for(hello.sni, facts, NOW)
+        assert isinstance(leaf, ForgedLeaf)
+        down = open_client_leg(
+            leaves.get(leaf, up.info.alpn), established_context=leaves.established
+        )
+        plaintext = down.receive(held)
+        legs = {client_sock: (down, up, upstream_sock), upstream_sock: (up, down, client_sock)}
+        open_socks = {client_sock, upstream_sock}
+        with selectors.DefaultSelector() as selector:
+            for sock in open_socks:
+                selector.register(sock, selectors.EVENT_READ)
+            client_sock.sendall(down.data_to_send())
+            while open_socks and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=0.5):
+                    ready = key.fileobj
+                    assert isinstance(ready, socket.socket)
+                    sock = ready
+                    leg, other, other_sock = legs[sock]
+                    try:
+                        data = sock.recv(65536)
+                    except ConnectionResetError:
+                        data = b""
+                    plaintext = leg.receive(data) if data else leg.receive_eof()
+                    other.send(plaintext)
+                    if leg.peer_closed or leg.state is LegState.FAILED or not data:
+                        other.close()
+                        selector.unregister(sock)
+                        open_socks.discard(sock)
+                    for out_leg, out_sock in ((leg, sock), (other, other_sock)):
+                        pending = out_leg.data_to_send()
+                        if pending:
+                            with contextlib.suppress(OSError):
+                                out_sock.sendall(pending)
+                    if other.sent_close:
+                        with contextlib.suppress(OSError):
+                            other_sock.shutdown(socket.SHUT_WR)
+        return down, up
+
+
+@pytest.fixture
+def stdin_file(tmp_path: Path) -> Iterator[Callable[[bytes], IO[bytes]]]:
+    """Files for a tool's stdin (s_client reads its input, then EOF), closed after the test."""
+    opened: list[IO[bytes]] = []
+
+    def make(data: bytes) -> IO[bytes]:
+        path = tmp_path / f"stdin{len(opened)}"
+        path.write_bytes(data)
+        opened.append(path.open("rb"))
+        return opened[-1]
+
+    yield make
+    for file in opened:
+        file.close()
+
+
+@pytest.fixture
+def upstream_files(pki: PKI, tmp_path: Path) -> Path:
+    path = tmp_path / "upstream.pem"
+    path.write_bytes(pki.upstream_pem)
+    return path
+
+
+@pytest.fixture
+def our_ca_file(pki: PKI, tmp_path: Path) -> Path:
+    path = tmp_path / "ours.pem"
+    path.write_bytes(pki.ours.cert_pem)
+    return path
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_openssl_s_client_through_both_legs_to_openssl_s_server(  # noqa: PLR0917 (pytest gives them)
+    pki: PKI,
+    upstreams: UpstreamContexts,
+    leaves: LeafContexts,
+    upstream_files: Path,
+    our_ca_file: Path,
+    stdin_file: Callable[[bytes], IO[bytes]],
+    version: str,
+) -> None:
+    """Real TLS on loopback: s_client (trusting only our CA) -> the legs -> s_server (a
+    certificate of the upstream CA), HTTP/1.0 through, ALPN http/1.1 chosen by the server."""
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", str(upstream_files),
+         "-naccept", "1", "-www", "-alpn", "http/1.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = None
+    try:
+        assert server.stdout is not None
+        port = _accept_port(server.stdout)
+        client = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{listener.getsockname()[1]}",
+             "-servername", UPSTREAM_NAME, "-verify_hostname", UPSTREAM_NAME, "-CAfile",
+             str(our_ca_file), "-verify_return_error", "-alpn", "h2,http/1.1", version,
+             "-brief", "-ign_eof"],
+            stdin=stdin_file(b"GET / HTTP/1.0\r\n\r\n"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        down, up = _proxy_one(listener, port, pki, upstreams, leaves)
+        output = client.communicate(timeout=30)[0].decode()
+        assert down is not None and down.info is not None and up.info is not None
+        assert client.returncode == 0, output
+        assert "Verification: OK" in output
+        assert f"Verified peername: {UPSTREAM_NAME}" in output
+        assert "HTTP/1.0 200 ok" in output  # s_server answered through both legs
+        assert (up.info.alpn, down.info.alpn) == ("http/1.1", "http/1.1")
+        assert up.info.version == "TLSv1.3"  # the upstream leg offers what it can
+        assert down.info.version == ("TLSv1.3" if "3" in version else "TLSv1.2")
+        assert up.info.verified
+    finally:
+        listener.close()
+        for process in (server, client):
+            if process is not None:
+                process.kill()
+                process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
+
+
+def test_openssl_s_client_renegotiating_is_refused_and_ends_nothing_else(  # noqa: PLR0917
+    pki: PKI,
+    upstreams: UpstreamContexts,
+    leaves: LeafContexts,
+    upstream_files: Path,
+    our_ca_file: Path,
+    stdin_file: Callable[[bytes], IO[bytes]],
+) -> None:
+    """TLS 1.2 renegotiation from the client ("R" to s_client): our leg refuses it (a
+    no_renegotiation alert); s_client then aborts the connection, which fails only this leg,
+    with nothing raised and nothing blamed on our certificate."""
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", str(upstream_files),
+         "-naccept", "1", "-www", "-tls1_2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = None
+    try:
+        assert server.stdout is not None
+        port = _accept_port(server.stdout)
+        client = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{listener.getsockname()[1]}",
+             "-servername", UPSTREAM_NAME, "-CAfile", str(our_ca_file), "-tls1_2"],
+            stdin=stdin_file(b"R\n"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        down, _ = _proxy_one(listener, port, pki, upstreams, leaves)
+        output = client.communicate(timeout=30)[0].decode()
+        assert "RENEGOTIATING" in output, output
+        assert down is not None and down.info is not None  # the handshake had completed
+        # OpenSSL's client gives up on the refusal (its own choice), with an alert of its own
+        assert "no renegotiation" in output
+        assert down.failure is not None and not down.failure.in_handshake
+        assert (down.failure.reason, down.failure.alert) == ("client_tls_failed",
+                                                             "handshake_failure")  # fmt: skip
+        assert client_rejected_certificate(down.failure) is None  # not about our certificate
+    finally:
+        listener.close()
+        for process in (server, client):
+            if process is not None:
+                process.kill()
+                process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
