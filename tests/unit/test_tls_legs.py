@@ -948,3 +948,30 @@ def test_openssl_s_client_renegotiating_is_refused_and_ends_nothing_else(  # noq
                 process.wait()
                 if process.stdout is not None:
                     process.stdout.close()
+
+
+def test_after_the_peers_close_notify_we_may_still_send(
+    pki: PKI, upstreams: UpstreamContexts
+) -> None:
+    """TLS 1.3 half-close: the upstream is done sending, the client's data still goes to it."""
+    leg, peer = _upstream_leg(upstreams, pki.upstream_server, UPSTREAM_NAME)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        peer.obj.unwrap()  # its close_notify; it waits for ours
+    leg.receive(peer.out())
+    assert leg.peer_closed and leg.state is LegState.CLOSED
+    leg.send(b"still going")
+    assert leg.failure is None
+    peer.incoming.write(leg.data_to_send())
+    with contextlib.suppress(ssl.SSLError):
+        peer.received += peer.obj.read(100)
+    assert peer.received == b"still going"
+
+
+def test_after_an_eof_without_close_notify_sending_is_no_failure(
+    pki: PKI, upstreams: UpstreamContexts
+) -> None:
+    leg, _ = _upstream_leg(upstreams, pki.upstream_server, UPSTREAM_NAME)
+    leg.receive_eof()
+    leg.send(b"to nobody")
+    leg.close()
+    assert leg.failure is None and leg.truncated

@@ -22,8 +22,11 @@ happened. The order the engine follows:
    ESTABLISHED or FAILED (`client_rejected_certificate(failure)` says whether the client refused
    our certificate, for `passthrough_on_client_reject`);
 4. relay: `plaintext = leg.receive(ciphertext)` on one side, `other.send(plaintext)` and
-   `other.data_to_send()` to its socket; a leg whose peer sent close_notify has `peer_closed`:
-   the engine `close()`s the other leg (our close_notify, then its FIN), as it would forward a FIN.
+   `other.data_to_send()` to its socket -- and `leg.data_to_send()` too, after every `receive`:
+   reading may answer the peer (a TLS 1.3 KeyUpdate, an alert). A leg whose peer sent
+   close_notify has `peer_closed`: the engine `close()`s the other leg (our close_notify, then
+   its FIN), as it would forward a FIN; one whose peer closed without it is also `truncated` and
+   can send no more (`can_send`), which the engine handles as a reset of that side.
 
 `send()` before the handshake is done keeps the plaintext until it is (an upstream that speaks
 first, like an SMTPS banner, while the client's handshake is still going on).
@@ -104,8 +107,9 @@ _ALERT_REASON = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_([A-Z_]+)")
 
 
 class LegState(enum.Enum):
-    """Where a leg is: handshaking, established (relaying), closed (close_notify or EOF from the
-    peer, and maybe ours), or failed (`TLSFailure`)."""
+    """Where a leg is: handshaking, established (relaying), closed (the peer's close_notify or
+    EOF came: nothing more from it; we may still send, see `TLSLeg.can_send`), or failed
+    (`TLSFailure`)."""
 
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
@@ -349,10 +353,18 @@ class TLSLeg:
 
     # --- plaintext to the peer ----------------------------------------------------------------
 
+    @property
+    def can_send(self) -> bool:
+        """Whether `send` still reaches the peer: not after a failure, our close_notify, or the
+        peer's EOF without close_notify (OpenSSL treats that as fatal to the connection, so the
+        engine ends the other direction too, as for a reset). After the peer's close_notify it
+        does: TLS 1.3 lets each side close its own direction."""
+        return self.failure is None and not self.sent_close and not self.truncated
+
     def send(self, plaintext: bytes) -> None:
-        """Encrypt `plaintext` for the peer (kept until the handshake is done); ignored once the
-        leg failed or we closed it."""
-        if not plaintext or self.state is LegState.FAILED or self.sent_close:
+        """Encrypt `plaintext` for the peer (kept until the handshake is done); dropped when
+        `can_send` is False."""
+        if not plaintext or not self.can_send:
             return
         if self.state is LegState.HANDSHAKING:
             self._pending.append(plaintext)
@@ -377,6 +389,8 @@ class TLSLeg:
         if self.sent_close or self.state is LegState.FAILED:
             return
         self.sent_close = True
+        if self.truncated:
+            return  # the connection is over for OpenSSL: nothing can be sent
         if self.state is LegState.HANDSHAKING:
             return  # nothing to close cleanly: the engine closes the socket
         try:
