@@ -975,3 +975,46 @@ def test_after_an_eof_without_close_notify_sending_is_no_failure(
     leg.send(b"to nobody")
     leg.close()
     assert leg.failure is None and leg.truncated
+
+
+def test_openssl_s_server_renegotiating_is_refused_and_fails_only_that_leg(
+    pki: PKI, upstreams: UpstreamContexts, upstream_files: Path
+) -> None:
+    """A TLS 1.2 upstream asking to renegotiate ("r" to s_server: a HelloRequest): our leg
+    answers no_renegotiation; s_server insists with a handshake_failure alert, which fails the
+    leg as `upstream_tls_failed`, after the handshake, nothing raised."""
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", str(upstream_files),
+         "-naccept", "1", "-tls1_2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        port = _accept_port(server.stdout)
+        leg = open_upstream_leg(upstreams.get(True, ()), UPSTREAM_NAME, "127.0.0.1",
+                                established_context=upstreams.established)  # fmt: skip
+        assert isinstance(leg, UpstreamLeg)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(leg.data_to_send())
+            while leg.state is LegState.HANDSHAKING:
+                data = sock.recv(65536)
+                leg.receive(data) if data else leg.receive_eof()
+                sock.sendall(leg.data_to_send())
+            assert leg.info is not None and leg.info.version == "TLSv1.2"
+            server.stdin.write(b"r\n")
+            server.stdin.flush()
+            while leg.failure is None and not leg.peer_closed:  # and the socket timeout
+                data = sock.recv(65536)
+                leg.receive(data) if data else leg.receive_eof()
+                with contextlib.suppress(OSError):
+                    sock.sendall(leg.data_to_send())
+        assert leg.failure is not None
+        assert (leg.failure.reason, leg.failure.alert) == ("upstream_tls_failed",
+                                                           "handshake_failure")  # fmt: skip
+        assert not leg.failure.in_handshake
+    finally:
+        server.kill()
+        server.wait()
+        for stream in (server.stdout, server.stdin):
+            if stream is not None:
+                stream.close()
