@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import selectors
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -1018,3 +1020,25 @@ def test_openssl_s_server_renegotiating_is_refused_and_fails_only_that_leg(
         for stream in (server.stdout, server.stdin):
             if stream is not None:
                 stream.close()
+
+
+def test_the_key_log_is_0600_and_gets_both_legs_secrets(pki: PKI, tmp_path: Path) -> None:
+    keylog = tmp_path / "keys.log"
+    old = os.umask(0)
+    try:
+        upstreams = UpstreamContexts(str(pki.upstream_ca_file), keylog=str(keylog))
+        leaves = LeafContexts(pki.forger.leaf_key_pem, keylog=str(keylog))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
+    run = intercept(pki, upstreams, leaves, _client_context(pki.ours), pki.upstream_server)
+    assert run.client_leg.state is LegState.ESTABLISHED
+    labels = [line.split()[0] for line in keylog.read_text().splitlines() if line[:1] != "#"]
+    # TLS 1.3: five secrets per connection, two connections.
+    assert labels.count("CLIENT_TRAFFIC_SECRET_0") == 2
+    assert labels.count("SERVER_HANDSHAKE_TRAFFIC_SECRET") == 2
+    wide = tmp_path / "wide.log"
+    wide.write_text("")
+    wide.chmod(0o644)
+    LeafContexts(pki.forger.leaf_key_pem, keylog=str(wide))
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o600

@@ -135,6 +135,8 @@ class UpstreamContexts:
     ) -> None:
         self.cafile = cafile
         self.keylog = keylog
+        if keylog is not None:
+            prepare_keylog(keylog)
         self._cache = _LRU(capacity)
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.established.check_hostname = False
@@ -177,6 +179,21 @@ class UpstreamContexts:
     @property
     def made(self) -> int:
         return self._cache.made
+
+
+def prepare_keylog(path: str) -> None:
+    """Make the key log file 0600 before OpenSSL appends secrets to it: `keylog_filename`
+    opens it with the process's umask, and whoever reads it decrypts every intercepted session.
+    An existing file is restricted to 0600 too.
+
+    Raises:
+        OSError: it cannot be created or opened (a symbolic link is refused).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def write_memory_file(data: bytes) -> tuple[int, str]:
@@ -236,6 +253,8 @@ class LeafContexts:
     ) -> None:
         self._key_pem = leaf_key_pem
         self.keylog = keylog
+        if keylog is not None:
+            prepare_keylog(keylog)
         self._cache = _LRU(capacity)
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(self.established)
