@@ -90,6 +90,12 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     ),
     "capture_max_age_s": (["--capture-max-age", "12h"], "capture_max_age = 43200", 43200.0),
     "ca_dir": (["--ca", "ca"], 'ca = "ca"', "ca"),
+    "tls_handshake_timeout_s": (
+        ["--tls-handshake-timeout", "3"],
+        "tls_handshake_timeout = 3",
+        3.0,
+    ),
+    "upstream_ca": (["--upstream-ca", "b.pem"], 'upstream_ca = "b.pem"', "b.pem"),
 }
 
 
@@ -194,7 +200,7 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
         f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
         "half_closed_timeout, idle_timeout, listen, log_format, loop, mark, max_connections, "
-        "mode, policy, relay, spoof_source)"
+        "mode, policy, relay, spoof_source, tls_handshake_timeout, upstream_ca)"
     )
 
 

@@ -48,6 +48,8 @@ def policies(draw: st.DrawFn) -> str:
             if draw(st.booleans()) and draw(st.booleans()):
                 items = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True))
                 lines.append(f"{key} = {_toml_list(items)}")
+        if action == "allow" and draw(st.booleans()) and draw(st.booleans()):
+            lines.append('tls = "intercept"')  # waits for the facts, even without fact keys
     return "\n".join(lines)
 
 

@@ -137,6 +137,7 @@ def test_to_takes_ips_and_names_kept_as_given(to: str, expected: HostPort) -> No
         (_rule('action = "drop"', "x"), "rule[0] (x).action must be"),
         (_rule('sni = ["a.example"]', "x"), "rule[0] (x).action is required"),
         ('[[rule]]\naction = "allow"', "rule[0].name is required"),
+        ('[[rule]]\nname = "a\\nb"\naction = "allow"', "rule[0] ('a\\nb').name must be printable"),
         (_rule('action = "allow"\nproto = ["quic"]', "x"), "rule[0] (x).proto: unknown protocol"),
         (_rule('action = "allow"\nsni = []', "x"), "rule[0] (x).sni must be a non-empty list"),
         (_rule('action = "allow"\nsni = "a.example"', "x"), "rule[0] (x).sni must be a non-empty"),
@@ -158,7 +159,8 @@ def test_each_mistake_is_one_sentence_naming_rule_and_key(text: str, message: st
 
 _KEYS = st.sampled_from(
     ["name", "action", "client", "dst", "ports", "proto", "sni", "host", "sni_or_host", "to",
-     "via", "remote_name", "capture", "colour"]
+     "via", "remote_name", "capture", "tls", "upstream_verify", "passthrough_on_client_reject",
+     "colour"]
 )  # fmt: skip
 _SCALARS = st.one_of(
     st.booleans(),
@@ -167,7 +169,7 @@ _SCALARS = st.one_of(
     st.sampled_from(
         ["allow", "reset", "redirect", "via", "10.0.0.0/8", "fd00::/8", "1-2", "8000-8100",
          "*.a.example", "a.example.", "tls", "1.2.3.4:5", "[::1]:80", "socks5://u:p@h:1",
-         "http://h:8080", "ftp://h:1"]
+         "http://h:8080", "ftp://h:1", "intercept", "passthrough"]
     ),
 )  # fmt: skip
 _VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3))

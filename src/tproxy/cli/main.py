@@ -40,6 +40,7 @@ from tproxy.core.config import (
     LoopKind,
     ProxyConfig,
     build_config,
+    check_interception,
     parse_config_file,
     reload_from,
 )
@@ -92,6 +93,7 @@ from tproxy.rules.model import (
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
+from tproxy.tls.contexts import check_upstream_ca
 
 T = TypeVar("T")
 
@@ -502,6 +504,9 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
     if config.policy is not None:
         config = replace(config, matcher=load_matcher(config.policy))
     check_capture(config)  # on reload too: a broken capture setup keeps the running one
+    check_interception(config)
+    if config.upstream_ca is not None:
+        check_upstream_ca(config.upstream_ca)
     if config.addon_files:  # last: nothing fails after the addons' modules were replaced
         config = replace(config, addons=load_addons(config.addon_files))
     return config
@@ -740,6 +745,14 @@ def _verdict_line(verdict: Verdict) -> str:
         )
     if verdict.capture:
         line += ", captured (with --capture-dir)"
+    if verdict.intercepts:
+        line += ", TLS intercepted (with --ca)"
+        if not verdict.upstream_verify:
+            line += ", upstream certificate NOT verified"
+        if verdict.passthrough_on_client_reject:
+            line += ", passed through for a while after a client rejects our certificate"
+    elif verdict.tls is not None:
+        line += f", TLS {verdict.tls.value}"
     if verdict.rule is None:
         return f"{line} (the default: no rule matches)"
     return f"{line} (rule {verdict.rule!r})"

@@ -25,6 +25,8 @@ and a test keeps it and the README's equal to it):
     capture_max_total = "1G"
     capture_max_age = "7d"
     ca = "/etc/tproxy/ca"
+    tls_handshake_timeout = 10
+    upstream_ca = "/etc/tproxy/upstream-ca.pem"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
 overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop` and `ca` change
@@ -79,6 +81,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # Per captured session: enough for a page load or an API exchange, small enough that a thousand
 # captured sessions fit in a few GiB.
 DEFAULT_CAPTURE_MAX_BYTES = 16 << 20
+# Each TLS handshake of an intercepted session (with the upstream, then with the client): a slow
+# mobile client needs a few round trips of a second or more; a peer that stalls is cut.
+DEFAULT_TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # Descriptors kept out of the session budget: listeners, stdio, the event loop, the reserve.
 RESERVED_DESCRIPTORS = 64
 
@@ -171,6 +176,10 @@ class ProxyConfig:
         capture_max_age_s: finished capture files older than this are pruned; None: no limit.
         ca_dir: the TLS interception CA's directory (`tproxy.tls.ca`), checked at start-up;
             None: no CA. Fixed at start. (In progress: nothing uses it yet.)
+        tls_handshake_timeout_s: how long each TLS handshake of an intercepted session (with the
+            upstream, with the client) may take before the session is reset.
+        upstream_ca: a PEM bundle of the CAs that intercepted sessions' upstreams are verified
+            against, instead of the system's trust store; checked when loaded.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -195,6 +204,8 @@ class ProxyConfig:
     capture_max_total_bytes: int | None = None
     capture_max_age_s: float | None = None
     ca_dir: str | None = None
+    tls_handshake_timeout_s: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_S
+    upstream_ca: str | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -288,6 +299,12 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     option("ca_dir", PATH, key="ca", metavar="DIR", reloadable=False, example="/etc/tproxy/ca",
            help="the CA for TLS interception, made by 'tproxy ca create DIR': checked at "
            "start-up (in progress: nothing is intercepted yet) (default: none)"),
+    option("tls_handshake_timeout_s", SECONDS, metavar="SECONDS",
+           help="reset an intercepted session whose TLS handshake with the upstream or with "
+           f"the client takes longer (default: {DEFAULT_TLS_HANDSHAKE_TIMEOUT_S:g})"),
+    option("upstream_ca", PATH, metavar="FILE", example="/etc/tproxy/upstream-ca.pem",
+           help="verify intercepted sessions' upstreams against the CA certificates in this PEM "
+           "file instead of the system's trust store (default: the system's)"),
 )  # fmt: skip
 """Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
 `ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`
@@ -363,8 +380,32 @@ def reload_from(
     except ConfigError as exc:
         return None, [f"reload failed, keeping the running configuration: {exc}"]
     new, restart_only = reload_config(running, loaded)
+    try:
+        check_interception(new)  # with the CA it keeps (`ca` changes only on restart)
+    except ConfigError as exc:
+        return None, [f"reload failed, keeping the running configuration: {exc}"]
     notice = restart_only_notice(restart_only)
     return new, [] if notice is None else [notice]
+
+
+def check_interception(config: ProxyConfig) -> None:
+    """Refuse a policy that intercepts TLS without a CA to forge with (pure).
+
+    Run when a configuration is loaded (its policy is loaded after `build_config`) and again on
+    a reload, with the CA the running proxy keeps: `ca` changes only on restart, so a reload
+    that adds an intercepting rule and the CA together must fail, not intercept without one.
+
+    Raises:
+        ConfigError: naming the first intercepting rule.
+    """
+    if config.ca_dir is not None or config.matcher is None:
+        return
+    names = config.matcher.policy.intercepting_rules
+    if names:
+        raise ConfigError(
+            f'policy rule {names[0]!r} has tls = "intercept", but no --ca (ca) gives the CA '
+            "that signs the certificates it forges ('tproxy ca create DIR' makes one)"
+        )
 
 
 def build_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> ProxyConfig:

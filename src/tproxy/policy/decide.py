@@ -22,6 +22,7 @@ from tproxy.policy.model import (
     NamePattern,
     Policy,
     Rule,
+    TLSMode,
     UpstreamProxy,
     normalize_name,
 )
@@ -70,6 +71,13 @@ class Verdict:
         via: the upstream proxy `via` connects through.
         remote_name: `via` asks the upstream proxy for the sniffed name.
         capture: capture the session (the rule's `capture`).
+        tls: the rule's `tls`: INTERCEPT decrypts the session when it is TLS (a session that
+            turns out not to be is relayed as the action says, untouched); PASSTHROUGH or None
+            leaves it encrypted.
+        upstream_verify: with INTERCEPT, verify the upstream's certificate for the SNI (for the
+            original destination's IP without one); False accepts any.
+        passthrough_on_client_reject: with INTERCEPT, a client that rejects the forged
+            certificate has its next connections to the same name passed through.
     """
 
     action: Action | None
@@ -80,6 +88,14 @@ class Verdict:
     via: UpstreamProxy | None = None
     remote_name: bool = False
     capture: bool = False
+    tls: TLSMode | None = None
+    upstream_verify: bool = True
+    passthrough_on_client_reject: bool = False
+
+    @property
+    def intercepts(self) -> bool:
+        """Whether the session is to be decrypted (when it is TLS)."""
+        return self.tls is TLSMode.INTERCEPT
 
 
 def needs_facts(policy: Policy) -> bool:
@@ -144,6 +160,9 @@ def verdict_of(rule: Rule) -> Verdict:
         via=rule.via,
         remote_name=rule.remote_name,
         capture=rule.capture,
+        tls=rule.tls,
+        upstream_verify=rule.upstream_verify,
+        passthrough_on_client_reject=rule.passthrough_on_client_reject,
     )
 
 

@@ -53,6 +53,15 @@ class Action(enum.Enum):
     VIA = "via"
 
 
+class TLSMode(enum.Enum):
+    """What a rule does with a TLS session: decrypt it (`intercept`: TLS with the client under a
+    forged certificate, TLS of our own to the upstream) or say explicitly that it stays encrypted
+    (`passthrough`, which is also what a rule without `tls` does)."""
+
+    INTERCEPT = "intercept"
+    PASSTHROUGH = "passthrough"
+
+
 class Default(enum.Enum):
     """What happens to a session no rule matches."""
 
@@ -136,6 +145,12 @@ class Rule:
         via: the upstream proxy `via` connects through.
         remote_name: `via` asks the upstream proxy for the sniffed name, not the IP.
         capture: capture the sessions it decides (`tproxy.capture`); any action that connects.
+        tls: `intercept` or `passthrough` (None: not given, which leaves TLS as it is, as
+            `passthrough` does); any action that connects.
+        upstream_verify: with `intercept`, verify the upstream's certificate (False: accept any,
+            logged on every session).
+        passthrough_on_client_reject: with `intercept`, a client that rejects the forged
+            certificate has its next connections to that name passed through for a while.
     """
 
     name: str
@@ -151,13 +166,23 @@ class Rule:
     via: UpstreamProxy | None = None
     remote_name: bool = False
     capture: bool = False
+    tls: TLSMode | None = None
+    upstream_verify: bool = True
+    passthrough_on_client_reject: bool = False
+
+    @property
+    def intercepts(self) -> bool:
+        """Whether the rule decrypts the TLS sessions it decides (`tls = "intercept"`)."""
+        return self.tls is TLSMode.INTERCEPT
 
     @property
     def needs_facts(self) -> bool:
         """Whether the rule needs what sniffing finds: it matches on it (proto, sni, host,
-        sni_or_host), or asks its upstream proxy for the sniffed name (remote_name)."""
+        sni_or_host), asks its upstream proxy for the sniffed name (remote_name), or intercepts
+        TLS (the ClientHello's SNI and ALPN are what the upstream is asked for)."""
         return (
             self.remote_name
+            or self.tls is TLSMode.INTERCEPT
             or self.proto is not None
             or self.sni is not None
             or self.host is not None
@@ -172,6 +197,11 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     default: Default = Default.ALLOW
     sniff_timeout_s: float = 1.0
+
+    @property
+    def intercepting_rules(self) -> tuple[str, ...]:
+        """The names of the rules with `tls = "intercept"` (they need a CA: `--ca`)."""
+        return tuple(rule.name for rule in self.rules if rule.intercepts)
 
 
 # --- value types ---------------------------------------------------------------------------
@@ -322,6 +352,8 @@ def _via_from_file(key: str, value: Any) -> UpstreamProxy:
 def _rule_name_from_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key} must be a non-empty string")
+    if not value.isprintable():  # it is in every message about the rule, and in the log
+        raise ConfigError(f"{key} must be printable, on one line")
     return value
 
 
@@ -351,6 +383,12 @@ RULE_OPTIONS = (
     _row("via", ValueType(_via_from_file), "via: the upstream proxy's URL"),
     _row("remote_name", SWITCH, "via: ask the upstream proxy for the sniffed name"),
     _row("capture", SWITCH, "capture the sessions it decides (needs --capture-dir)"),
+    _row("tls", choice(TLSMode), "intercept (decrypt, needs --ca) or passthrough (leave "
+         "encrypted)"),
+    _row("upstream_verify", SWITCH, "intercept: verify the upstream's certificate (default "
+         "true)"),
+    _row("passthrough_on_client_reject", SWITCH, "intercept: pass the next connections to a "
+         "name through when the client rejects our certificate"),
 )  # fmt: skip
 """The keys of one `[[rule]]` table."""
 
@@ -364,7 +402,10 @@ POLICY_OPTIONS = (
 
 def _rule_from_table(index: int, raw: Mapping[str, Any]) -> Rule:
     name = raw.get("name")
-    where = f"rule[{index}] ({name})." if isinstance(name, str) else f"rule[{index}]."
+    if isinstance(name, str):
+        where = f"rule[{index}] ({name if name.isprintable() else ascii(name)})."
+    else:
+        where = f"rule[{index}]."
     values = parse_table(RULE_OPTIONS, raw, where)
     action = values["action"]
     if action is Action.REDIRECT and "to" not in values:
@@ -380,6 +421,13 @@ def _rule_from_table(index: int, raw: Mapping[str, Any]) -> Rule:
     if action is Action.RESET and values.get("capture"):
         raise ConfigError(f"{where}capture is only for an action that connects: a reset "
                           "relays nothing to capture")  # fmt: skip
+    if action is Action.RESET and "tls" in values:
+        raise ConfigError(f"{where}tls is only for an action that connects: a reset relays no "
+                          "TLS to intercept or pass through")  # fmt: skip
+    if values.get("tls") is not TLSMode.INTERCEPT:
+        for key in ("upstream_verify", "passthrough_on_client_reject"):
+            if key in values:
+                raise ConfigError(f'{where}{key} is only for tls = "intercept"')
     return Rule(**values)
 
 
