@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
 from dataclasses import dataclass
 
 from tproxy.addons.api import Session
@@ -65,7 +64,7 @@ FORBIDDEN = (
 def session_start(session: Session) -> None:
     if session.sniffed is not None and session.sniffed.proto == "http":
         session.claim()
-        session.state["block"] = _Scan(HTTP1Framer(response=False, requests=deque(maxlen=1)))
+        session.state["block"] = _Scan(HTTP1Framer(response=False))
 
 
 def client_data(session: Session, data: bytes) -> bytes:

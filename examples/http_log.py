@@ -26,15 +26,19 @@ Environment:
 
 Limits:
     * Every session waits for its client's first bytes before it connects (a protocol whose
-      server speaks first waits until the sniff timeout: 1 s without a policy).
+      server speaks first waits until the sniff timeout: 1 s without a policy), and a client
+      whose first bytes come later than that is not sniffed as HTTP: not logged.
     * HTTP/1.x in clear only: TLS is not claimed (the bytes are encrypted), HTTP/2 is not
       HTTP/1.
-    * After a CONNECT, an `Upgrade` (WebSocket) or bytes that are not HTTP/1, the rest of that
-      direction passes unlogged; a head over 64 KiB stops the logging too.
+    * After a CONNECT, a switch of protocols (a 101: WebSocket, h2c; it is logged with its
+      101) or bytes that are not HTTP/1, the rest of that direction passes unlogged; a head
+      over 64 KiB stops the logging too. An `Upgrade` the server declines changes nothing.
     * The file is written from the worker's event loop (a plain `def` hook): a slow disk slows
       every session of that worker.
-    * At most 128 requests waiting for their responses are remembered per session; beyond
-      that the oldest are forgotten (and the statuses are paired with the wrong requests).
+    * At most 32 requests waiting for their responses are remembered per session, with the
+      first 200 bytes of their request lines (4 KiB in all). Past that, the requests are no
+      longer logged, nor the responses from the first one that would answer them (a status
+      is never paired with another request).
 """
 
 from __future__ import annotations
@@ -42,31 +46,28 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from tproxy.addons.api import Session
-from tproxy.addons.http1 import MAX_WAITING_REQUESTS, Head, HTTP1Framer
+from tproxy.addons.http1 import HTTP1Framer, Request
 
 sniff = True
 
 LOG_PATH = os.environ.get("TPROXY_HTTP_LOG") or None
-MAX_REQUEST_LINE_CHARS = 200
+MAX_REQUEST_LINE_CHARS = 200  # the framer keeps 200 bytes of each (KEPT_REQUEST_LINE_BYTES)
 
 
 def session_start(session: Session) -> None:
     if session.sniffed is not None and session.sniffed.proto == "http":
         session.claim()
-        requests: deque[Head] = deque(maxlen=MAX_WAITING_REQUESTS)
-        session.state["http_log"] = _Log(
-            HTTP1Framer(response=False, requests=requests),
-            HTTP1Framer(response=True, requests=requests),
-        )
+        client = HTTP1Framer(response=False)
+        server = HTTP1Framer(response=True, connection=client.connection)
+        session.state["http_log"] = _Log(client, server)
 
 
 def client_data(session: Session, data: bytes) -> bytes:
     log: _Log = session.state["http_log"]
-    log.client.feed(data)  # its heads go to `requests`, for the responses to pair with
+    log.client.feed(data)  # it records the requests, for the responses to pair with
     return data
 
 
@@ -74,7 +75,7 @@ def server_data(session: Session, data: bytes) -> bytes:
     log: _Log = session.state["http_log"]
     for piece in log.server.feed(data):
         head = piece.head
-        if head is not None and head.status >= 200:
+        if head is not None and (head.status >= 200 or head.status == 101):  # a final status
             _write_line(session, head.request, str(head.status))
     return data
 
@@ -82,7 +83,7 @@ def server_data(session: Session, data: bytes) -> bytes:
 def session_end(session: Session) -> None:
     log: _Log | None = session.state.get("http_log")
     if log is not None:
-        for request in log.client.requests:
+        for request in log.client.connection.waiting:
             _write_line(session, request, "-")
 
 
@@ -111,7 +112,7 @@ def _endpoint(address: tuple[str, int]) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _write_line(session: Session, request: Head | None, status: str) -> None:
+def _write_line(session: Session, request: Request | None, status: str) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     line = "-" if request is None else _printable(request.start_line, MAX_REQUEST_LINE_CHARS)
     text = f"{when} {session.id} {_endpoint(session.client)} -> {_endpoint(session.dst)} "
