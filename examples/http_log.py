@@ -21,8 +21,11 @@ cannot forge a line or send escape sequences to a terminal.
 
 Environment:
     TPROXY_HTTP_LOG: the file to append the lines to (created if missing); stderr if unset.
-        Each line is one `write` to a file opened with O_APPEND, so the workers' lines do not
-        mix.
+        It is opened once, at the first line, with O_APPEND, and each line is one `write`, so
+        the workers' lines do not mix (unless a write is cut short, by a full disk: the rest
+        of the line follows in another). A file that cannot be written (a missing directory,
+        no permission, a full disk) is said once on stderr and its lines are dropped; the
+        sessions go on, and the next line opens it again.
 
 Limits:
     * Every session waits for its client's first bytes before it connects (a protocol whose
@@ -33,8 +36,9 @@ Limits:
     * After a CONNECT, a switch of protocols (a 101: WebSocket, h2c; it is logged with its
       101) or bytes that are not HTTP/1, the rest of that direction passes unlogged; a head
       over 64 KiB stops the logging too. An `Upgrade` the server declines changes nothing.
-    * The file is written from the worker's event loop (a plain `def` hook): a slow disk slows
-      every session of that worker.
+    * The file is kept open: after a rotation that renames it, the lines go on to the renamed
+      file (rotate with copytruncate, or restart tproxy). It is written from the worker's
+      event loop (a plain `def` hook): a slow disk slows every session of that worker.
     * At most 32 requests waiting for their responses are remembered per session, with the
       first 200 bytes of their request lines (4 KiB in all). Past that, the requests are no
       longer logged, nor the responses from the first one that would answer them (a status
@@ -43,6 +47,7 @@ Limits:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -93,6 +98,53 @@ class _Log:
     server: HTTP1Framer
 
 
+class _LogFile:
+    """The log, written a line at a time from the event loop, and never raising: a log it
+    cannot write must not end the sessions it logs. One descriptor, opened at the first line
+    (again after a failure); the first failure is said once on stderr, and the lines that
+    cannot be written are dropped."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.failed = False
+
+    def write(self, line: bytes) -> None:
+        try:
+            if self.path is None:
+                sys.stderr.write(line.decode("ascii"))
+                sys.stderr.flush()
+                return
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                  0o640)  # fmt: skip
+            view = memoryview(line)
+            while view:  # a short write (a signal, a disk filling up) goes on where it stopped
+                written = os.write(self.fd, view)
+                if written <= 0:
+                    raise OSError("the log file took no bytes")
+                view = view[written:]
+        except (OSError, ValueError) as error:  # ValueError: stderr closed
+            self._fail(error)
+
+    def _fail(self, error: Exception) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not self.failed:
+            self.failed = True
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    f"http_log: cannot write {self.path or 'stderr'}: {error}; "
+                    "the lines that cannot be written are dropped (said once)\n"
+                )
+                sys.stderr.flush()
+
+
+_LOG = _LogFile(LOG_PATH)
+
+
 def _printable(raw: bytes, max_chars: int) -> str:
     r"""`raw` as printable ASCII, every other byte and `"` and `\` as `\xNN`, cut to at most
     `max_chars` characters (never inside an escape)."""
@@ -116,13 +168,4 @@ def _write_line(session: Session, request: Request | None, status: str) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     line = "-" if request is None else _printable(request.start_line, MAX_REQUEST_LINE_CHARS)
     text = f"{when} {session.id} {_endpoint(session.client)} -> {_endpoint(session.dst)} "
-    text += f'"{line}" {status}\n'
-    if LOG_PATH is None:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        return
-    fd = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    try:
-        os.write(fd, text.encode("ascii"))
-    finally:
-        os.close(fd)
+    _LOG.write(f'{text}"{line}" {status}\n'.encode("ascii"))

@@ -619,6 +619,40 @@ def test_http_log_logs_a_websocket_upgrade_with_its_101(
     assert _logged(log_path) == _expected_log(['"GET /chat HTTP/1.1" 101'])
 
 
+@pytest.mark.parametrize("path", ["/nonexistent-dir/http.log", "/dev/full"])
+def test_http_log_that_cannot_write_its_file_says_so_once_and_passes_the_bytes(
+    path: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    addon = _load("http_log.py", TPROXY_HTTP_LOG=path)
+    for _ in range(3):
+        up, down, _ = _relay(addon, [REQUESTS], [ALL_RESPONSES])  # no hook raises
+        assert (up, down) == (REQUESTS, ALL_RESPONSES)
+    [report] = capfd.readouterr().err.splitlines()
+    assert report.startswith(f"http_log: cannot write {path}: ")
+
+
+def test_http_log_writes_whole_lines_through_short_writes_on_one_descriptor(
+    log_path: Path,
+) -> None:
+    addon = _load("http_log.py", TPROXY_HTTP_LOG=str(log_path))
+    _logged(log_path)
+    real_write, real_open = os.write, os.open
+    opened = []
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[:7])
+
+    def counted_open(*args: Any) -> int:
+        opened.append(args[0])
+        return real_open(*args)
+
+    with mock.patch.object(os, "write", short_write), mock.patch.object(os, "open", counted_open):
+        for _ in range(2):
+            _relay(addon, [REQUESTS], [ALL_RESPONSES])
+    assert _logged(log_path) == _expected_log(RESPONSE_LINES) * 2
+    assert opened == [str(log_path)]
+
+
 # --- rewrite_response ------------------------------------------------------------------------
 
 
