@@ -247,7 +247,7 @@ def test_each_example_loads_with_its_hooks() -> None:
         assert [h.is_async for h in addon.hooks] == [name == "fault_injector.py"] * len(expected)
 
 
-@pytest.mark.parametrize("name", FRAMED)
+@pytest.mark.parametrize("name", ["http_log.py", "rewrite_response.py"])
 @pytest.mark.parametrize("sniffed", [None, Sniffed("tls"), Sniffed("silent"), Sniffed("unknown")])
 def test_the_http_examples_claim_only_http(name: str, sniffed: Sniffed | None) -> None:
     session = FakeSession(sniffed=sniffed)
@@ -863,6 +863,43 @@ def test_block_passes_garbage_without_the_marker(
         assert session.closed and block.MARKER not in up
     else:
         assert up == stream and not session.closed
+
+
+@pytest.mark.parametrize("sniffed", [None, Sniffed("unknown"), Sniffed("silent")])
+def test_block_scans_sessions_whose_first_bytes_said_nothing(
+    block: types.ModuleType, sniffed: Sniffed | None
+) -> None:
+    """A client slower than the sniff timeout is sniffed `silent` or `unknown`: still scanned."""
+    session = FakeSession(sniffed=sniffed)
+    block.session_start(session)
+    assert session.claimed
+    assert _call(block.client_data, session, SECRET[:2]) == SECRET[:2]
+    assert _call(block.client_data, session, SECRET[2:]) == b""
+    assert session.closed and session.to_client == [block.FORBIDDEN]
+
+
+@pytest.mark.parametrize("sniffed", [Sniffed("tls"), Sniffed("ssh")])
+def test_block_leaves_encrypted_sessions_alone(block: types.ModuleType, sniffed: Sniffed) -> None:
+    session = FakeSession(sniffed=sniffed)
+    assert block.session_start(session) is None
+    assert not session.claimed and session.state == {}
+
+
+def test_block_does_not_stall_a_protocol_that_is_not_http(block: types.ModuleType) -> None:
+    """Outside an HTTP request nothing is held back (the client may be waiting for an answer);
+    a marker split across chunks is still stopped before its last byte leaves."""
+    session = FakeSession(sniffed=Sniffed("unknown"))
+    block.session_start(session)
+    assert _call(block.client_data, session, b"\x00\x01binary TOP") == b"\x00\x01binary TOP"
+    assert _call(block.client_data, session, b"-SECRET") == b""
+    assert session.closed
+
+
+def test_block_does_not_stall_a_websocket_after_its_upgrade(block: types.ModuleType) -> None:
+    session = FakeSession()
+    block.session_start(session)
+    assert _call(block.client_data, session, WEBSOCKET) == WEBSOCKET
+    assert _call(block.client_data, session, b"\x81\x85abcdTOP") == b"\x81\x85abcdTOP"
 
 
 # --- fault_injector --------------------------------------------------------------------------
