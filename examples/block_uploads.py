@@ -5,14 +5,20 @@ Run it::
     tproxy run --addon examples/block_uploads.py
     TPROXY_BLOCK_MARKER="CONFIDENTIAL" tproxy run --addon examples/block_uploads.py
 
-It says `sniff = True` and claims the sessions whose first bytes are an HTTP/1 request (on any
-port). Everything their client sends streams through to the server, except that while a
-request is not complete the last few bytes that could be the start of the marker (at most
-len(marker) - 1) are held back until the next chunk shows whether the marker follows: so a
-marker split across chunks is caught, whatever the chunks, and nothing is held once a request
-is complete (a request that ends with "TOP-SEC" is not stalled). When the marker is seen, the
-client gets `403 Forbidden` with `Connection: close`, the chunk that holds it is dropped, and the
-session is closed (the server gets a FIN, and no byte of the marker's chunk).
+It says `sniff = True` and claims every session whose first bytes are not TLS or SSH (on any
+port): HTTP/1 requests, and also what was sniffed `unknown` or `silent`, which is what an
+HTTP client slower than the sniff timeout looks like (the scan works on the raw bytes, so it
+needs no sniffed facts; encrypted bytes would not show a marker). Everything their client
+sends streams through to the server, except that while an HTTP/1 request is not complete the
+last few bytes that could be the start of the marker (at most len(marker) - 1) are held back
+until the next chunk shows whether the marker follows: so a marker split across a request's
+chunks is caught before any of it leaves, whatever the chunks, and nothing is held once a
+request is complete (a request that ends with "TOP-SEC" is not stalled). Outside a request
+(between requests, bytes that are not HTTP/1, after an upgrade) nothing is held, as the client
+may be waiting for an answer: a marker split across chunks there is still caught before its
+last byte leaves, but its first bytes have gone. When the marker is seen, the client gets
+`403 Forbidden` with `Connection: close`, the chunk that holds it is dropped, and the session is
+closed (the server gets a FIN, and no byte of the marker's chunk).
 
 The marker is looked for in all the bytes the client sends (request lines, headers and bodies
 as they are on the wire), not in decoded bodies: a marker in a URL is blocked too, and no
@@ -33,14 +39,20 @@ Limits:
     * The 403 is queued after whatever the server's responses already queued for the client:
       if a response is still on its way (pipelining), the client sees it cut short.
     * Every session waits for its client's first bytes before it connects (a protocol whose
-      server speaks first waits until the sniff timeout: 1 s without a policy).
+      server speaks first waits until the sniff timeout: 1 s without a policy), and every
+      session but TLS and SSH runs through this addon's Python, chunk by chunk, instead of
+      the zero-copy path.
+    * A client whose first bytes look like TLS or SSH is not scanned, whatever it sends next.
+    * An unfinished head holds back the start of a marker at the end of a chunk as long as
+      nothing in it shows it is not HTTP/1 (a byte no head holds, a first line that is not a
+      request line): a text protocol that sends a line without its newline and waits for an
+      answer can stall, when that line ends like the marker starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
 from dataclasses import dataclass
 
 from tproxy.addons.api import Session
@@ -51,6 +63,8 @@ sniff = True
 MARKER = os.environ.get("TPROXY_BLOCK_MARKER", "TOP-SECRET").encode()
 if not MARKER:
     raise ValueError("TPROXY_BLOCK_MARKER must not be empty")
+
+ENCRYPTED = ("tls", "ssh")  # what is not claimed: a marker would not show in its bytes
 
 _EXPLANATION = b"blocked by tproxy: the upload contains a forbidden marker\n"
 FORBIDDEN = (
@@ -63,9 +77,9 @@ FORBIDDEN = (
 
 
 def session_start(session: Session) -> None:
-    if session.sniffed is not None and session.sniffed.proto == "http":
+    if session.sniffed is None or session.sniffed.proto not in ENCRYPTED:
         session.claim()
-        session.state["block"] = _Scan(HTTP1Framer(response=False, requests=deque(maxlen=1)))
+        session.state["block"] = _Scan(HTTP1Framer(response=False))
 
 
 def client_data(session: Session, data: bytes) -> bytes:
@@ -83,7 +97,7 @@ def client_data(session: Session, data: bytes) -> bytes:
         session.close()
         return b""
     scan.framer.feed(data)
-    keep = 0 if scan.framer.between_messages else _marker_start_at_end(window)
+    keep = _marker_start_at_end(window) if scan.framer.inside_message else 0
     out, scan.held = window[: len(window) - keep], window[len(window) - keep :]
     scan.sent_tail = (scan.sent_tail + out)[-(len(MARKER) - 1) :] if len(MARKER) > 1 else b""
     return out

@@ -22,8 +22,11 @@ Limits (each such response passes byte for byte, unchanged):
       until the end): holding it back would cost unbounded memory or stall the client;
     * a body with a Content-Encoding (gzip, br, ...): the text is not in its bytes;
     * responses without a body (to HEAD, 1xx, 204, 304);
-    * anything after a CONNECT, an upgrade (101) or bytes that are not HTTP/1 (the rest of the
-      connection), and a response the server cut short (sent as it came, at the server's FIN).
+    * anything after a CONNECT, a switch of protocols (101) or bytes that are not HTTP/1 (the
+      rest of the connection; an `Upgrade` the server declines changes nothing), and a
+      response the server cut short (sent as it came, at the server's FIN);
+    * the responses from the one that answers the 33rd request waiting for its response on
+      (or past 4 KiB of waiting request lines): which of them answers a HEAD is not known.
     HTTP/1.x in clear only (TLS is not claimed). Every session waits for its client's first
     bytes before it connects (a protocol whose server speaks first waits until the sniff
     timeout: 1 s without a policy). The replacement is on the body's bytes: a string split
@@ -33,11 +36,10 @@ Limits (each such response passes byte for byte, unchanged):
 from __future__ import annotations
 
 import os
-from collections import deque
 from dataclasses import dataclass, field
 
 from tproxy.addons.api import Session
-from tproxy.addons.http1 import MAX_WAITING_REQUESTS, Head, HTTP1Framer
+from tproxy.addons.http1 import Head, HTTP1Framer
 
 sniff = True
 
@@ -50,16 +52,14 @@ MAX_BODY_BYTES = 1 << 20
 def session_start(session: Session) -> None:
     if session.sniffed is not None and session.sniffed.proto == "http":
         session.claim()
-        requests: deque[Head] = deque(maxlen=MAX_WAITING_REQUESTS)
-        session.state["rewrite"] = _Rewrite(
-            HTTP1Framer(response=False, requests=requests),
-            HTTP1Framer(response=True, requests=requests),
-        )
+        client = HTTP1Framer(response=False)
+        server = HTTP1Framer(response=True, connection=client.connection)
+        session.state["rewrite"] = _Rewrite(client, server)
 
 
 def client_data(session: Session, data: bytes) -> bytes:
     rewrite: _Rewrite = session.state["rewrite"]
-    rewrite.client.feed(data)  # its heads tell the responses which one answers a HEAD
+    rewrite.client.feed(data)  # it records the requests: a response to HEAD has no body
     return data
 
 

@@ -280,3 +280,36 @@ def test_fault_injector_delays_each_chunk(served_lab: Lab) -> None:
     assert float(elapsed) >= 0.4  # the request's chunk, then the response's
     [close] = _closes(proxy, 1)
     _assert_claimed(close, "fault_injector.py")
+
+
+# A client whose first bytes come after the sniff timeout (1 s): "PO", a pause, then the rest
+# of an upload with the marker. It prints what it got back.
+SLOW_CLIENT = """
+import socket, sys, time
+request = (b"POST /slow HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 16\\r\\n\\r\\n"
+           b"here: TOP-SECRET")
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as sock:
+    sock.sendall(request[:2])
+    time.sleep(1.5)
+    sock.sendall(request[2:])
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+sys.stdout.buffer.write(got)
+"""
+
+
+def test_block_uploads_scans_a_client_slower_than_the_sniff_timeout(lab: Lab) -> None:
+    """Sniffed `unknown` (its first bytes came late), the session is still claimed: 403, and
+    the server never sees the marker."""
+    log = _start_upload_server(lab)
+    apply_rules(lab, "--ports", str(UPLOAD_PORT))
+    proxy = _proxy(lab, "block_uploads.py")
+    argv = [sys.executable, "-c", SLOW_CLIENT, str(lab.server.ipv4), str(UPLOAD_PORT)]
+    result = lab.run(lab.client, argv, check=False)
+    assert result.stdout.startswith(b"HTTP/1.1 403 Forbidden\r\n"), result
+    [close] = _closes(proxy, 1)
+    assert close["proto"] == "unknown" and close["reason"] == "addon_close", close
+    assert close["addons"] == [str(EXAMPLES / "block_uploads.py")], close
+    seen = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert all(not entry["marker"] for entry in seen), seen

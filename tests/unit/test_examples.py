@@ -10,6 +10,7 @@ import itertools
 import os
 import sys
 import time
+import tracemalloc
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tproxy.addons import http1
 from tproxy.addons.api import reset
 from tproxy.addons.loader import MODULE_PREFIX, load_addon_file, module_name
 from tproxy.core.options import ConfigError
@@ -178,6 +180,59 @@ REWRITTEN = [
 ALL_RESPONSES = b"".join(RESPONSES)
 
 
+# --- more connections: pipelining past the bound, a declined and an accepted upgrade ------
+
+
+def _pipelined_gets(count: int) -> tuple[bytes, bytes]:
+    """`count` pipelined GETs of /0, /1, ... and their responses, each status telling which
+    request it answers (200 + i)."""
+    requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count))
+    responses = b"".join(
+        b"HTTP/1.1 %d OK\r\nContent-Length: 0\r\n\r\n" % (200 + i) for i in range(count)
+    )
+    return requests, responses
+
+
+UPGRADE_DECLINED = [
+    b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    b"HEAD /big HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+UPGRADE_DECLINED_ANSWERS = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n",  # to HEAD: no body
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nnope!",
+]
+
+
+def _turns(
+    addon: types.ModuleType, requests: list[bytes], responses: list[bytes]
+) -> tuple[list[bytes], FakeSession]:
+    """Each request, then its response: what the client got for each."""
+    session = FakeSession()
+    addon.session_start(session)
+    got = []
+    for request, response in zip(requests, responses, strict=True):
+        assert _call(addon.client_data, session, request) == request
+        got.append(_call(addon.server_data, session, response))
+    return got, session
+
+
+WEBSOCKET = (
+    b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+CONNECT = b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"
+
+
 def test_each_example_loads_with_its_hooks() -> None:
     hooks = {
         "http_log.py": ["session_start", "client_data", "server_data", "session_end"],
@@ -192,7 +247,7 @@ def test_each_example_loads_with_its_hooks() -> None:
         assert [h.is_async for h in addon.hooks] == [name == "fault_injector.py"] * len(expected)
 
 
-@pytest.mark.parametrize("name", FRAMED)
+@pytest.mark.parametrize("name", ["http_log.py", "rewrite_response.py"])
 @pytest.mark.parametrize("sniffed", [None, Sniffed("tls"), Sniffed("silent"), Sniffed("unknown")])
 def test_the_http_examples_claim_only_http(name: str, sniffed: Sniffed | None) -> None:
     session = FakeSession(sniffed=sniffed)
@@ -218,7 +273,7 @@ def _framed(
     framer = requests = framing.HTTP1Framer(response=False)
     if response:
         requests.feed(REQUESTS)
-        framer = framing.HTTP1Framer(response=True, requests=requests.requests)
+        framer = framing.HTTP1Framer(response=True, connection=requests.connection)
     pieces = [piece for chunk in chunks for piece in framer.feed(chunk)]
     return pieces, bytes(framer.pending)
 
@@ -268,6 +323,156 @@ def test_the_framer_returns_every_byte_of_anything(
     for response in (False, True):
         pieces, pending = _framed(framing, chunks, response)
         assert b"".join(p.raw for p in pieces) + pending == stream
+
+
+@given(st.data())
+def test_the_framer_frames_the_same_messages_however_cut(
+    framing: types.ModuleType, data: st.DataObject
+) -> None:
+    """The heads and the message ends do not depend on the chunks (only how body and opaque
+    bytes are cut into pieces does)."""
+    stream = data.draw(HTTPISH)
+    chunks = data.draw(_chunkings(stream))
+    for response in (False, True):
+        whole, whole_pending = _framed(framing, [stream], response)
+        cut, cut_pending = _framed(framing, chunks, response)
+
+        def messages(pieces: list[Any]) -> list[Any]:
+            return [(p.kind, p.raw, p.head) for p in pieces if p.kind in ("head", "end")]
+
+        assert messages(cut) == messages(whole)
+        assert ("opaque" in [p.kind for p in cut]) == ("opaque" in [p.kind for p in whole])
+        assert b"".join(p.raw for p in cut) + cut_pending == stream
+        assert cut_pending == whole_pending
+
+
+CLIENT_PARTS = st.sampled_from(
+    [REQUESTS[:40], REQUESTS[40:130], REQUESTS, WEBSOCKET, CONNECT, *UPGRADE_DECLINED,
+     b"GET /" + b"l" * 300 + b" HTTP/1.1\r\n\r\n", b"\x81\x85abcd", b"\r\n"]
+) | st.binary(max_size=20)  # fmt: skip
+
+
+SERVER_PARTS = st.sampled_from(
+    [*RESPONSES, SWITCHED, b"HTTP/1.1 200 Connection established\r\n\r\n",
+     *UPGRADE_DECLINED_ANSWERS, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"]
+) | st.binary(max_size=20)  # fmt: skip
+
+
+@given(st.data())
+def test_the_two_framers_of_a_connection_pair_in_order_and_stop_together(
+    framing: types.ModuleType, data: st.DataObject
+) -> None:
+    """Client and server chunks in any order: every byte comes back on each side, the waiting
+    requests stay within their bounds, a response is paired only with the request its place
+    says it answers, and after a 101 (or a 2xx to a CONNECT) the client's side is opaque."""
+    client = data.draw(_chunkings(b"".join(data.draw(st.lists(CLIENT_PARTS, max_size=40)))))
+    server = data.draw(_chunkings(b"".join(data.draw(st.lists(SERVER_PARTS, max_size=40)))))
+    up = framing.HTTP1Framer(response=False)
+    down = framing.HTTP1Framer(response=True, connection=up.connection)
+    connection = up.connection
+    fed_up, fed_down, got_up, got_down = b"", b"", [], []
+    turns = data.draw(st.permutations([True] * len(client) + [False] * len(server)))
+    for from_client in turns:
+        if from_client:
+            switched = connection.switched
+            chunk = client.pop(0)
+            fed_up += chunk
+            pieces = up.feed(chunk)
+            if switched:
+                assert all(p.kind == "opaque" for p in pieces)
+            got_up += pieces
+        else:
+            chunk = server.pop(0)
+            fed_down += chunk
+            got_down += down.feed(chunk)
+        assert len(connection.waiting) <= http1.MAX_WAITING_REQUESTS
+        kept = sum(len(r.method) + len(r.start_line) for r in connection.waiting)
+        assert connection.waiting_bytes == kept <= http1.MAX_WAITING_BYTES
+    assert b"".join(p.raw for p in got_up) + up.pending == fed_up
+    assert b"".join(p.raw for p in got_down) + down.pending == fed_down
+    requests = [p.head.start_line[:200] for p in got_up if p.kind == "head"]
+    answered = [p.head.request.start_line for p in got_down if p.head and p.head.request]
+    assert answered == requests[: len(answered)]
+
+
+def test_a_waiting_request_keeps_only_its_method_and_the_start_of_its_line(
+    framing: types.ModuleType,
+) -> None:
+    framer = framing.HTTP1Framer(response=False)
+    long_line = b"GET /" + b"x" * 1000 + b" HTTP/1.1"
+    framer.feed(long_line + b"\r\nHost: a\r\n" + b"X: y\r\n" * 1000 + b"\r\n")
+    [request] = framer.connection.waiting
+    assert (request.method, request.start_line) == (b"GET", long_line[:200])
+    # 4 KiB of request lines: the 21st such request is not recorded, nor any after it.
+    for _ in range(30):
+        framer.feed(long_line + b"\r\n\r\n")
+    assert len(framer.connection.waiting) == 4096 // 203 and framer.connection.requests_lost
+    framer.connection.waiting.clear()
+    framer.connection.waiting_bytes = 0
+    framer.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert not framer.connection.waiting  # lost once: pairing cannot start again
+
+
+@pytest.mark.parametrize(
+    ("stream", "response"),
+    [
+        (b"GET / HTTP/1.1\r\nX: \x00", False),  # a byte no head holds
+        (b"\x16\x03\x01\x02\x00\x01", False),  # a TLS ClientHello
+        (b"EHLO mail.example.test\r\n", False),  # a first line that is no request line
+        (b"SSH-2.0-OpenSSH_9.6\r\n", True),  # nor a status line
+        (b"\x81\x85abcd TOP", False),  # a WebSocket frame: no method before a space
+        (b"HTTP/2 200", True),  # no "HTTP/1."
+    ],
+)
+def test_the_framer_stops_at_once_on_what_is_not_http1(
+    framing: types.ModuleType, stream: bytes, response: bool
+) -> None:
+    """Without waiting for the end of a head that will never come."""
+    framer = framing.HTTP1Framer(response=response)
+    assert [(p.kind, p.raw) for p in framer.feed(stream)] == [("opaque", stream)]
+    assert not framer.inside_message and not framer.pending
+
+
+def test_the_framer_is_inside_a_message_until_it_ends(framing: types.ModuleType) -> None:
+    framer = framing.HTTP1Framer(response=False)
+    steps = [(b"GET / HT", True), (b"TP/1.1\r\n\r\n", False), (b"POST / HTTP", True),
+             (b"/1.1\r\nContent-Length: 2\r\n\r\na", True), (b"b", False)]  # fmt: skip
+    for chunk, inside in steps:
+        framer.feed(chunk)
+        assert framer.inside_message is inside, chunk
+
+
+def _one_chunk_cost(framer_of: Callable[[], Any], stream: bytes) -> float:
+    """How much longer `stream` takes fed as one chunk than as 8 KiB chunks (best of 3)."""
+    whole, split = [], []
+    for _ in range(3):
+        framer = framer_of()
+        started = time.perf_counter()
+        framer.feed(stream)
+        whole.append(time.perf_counter() - started)
+        framer = framer_of()
+        started = time.perf_counter()
+        for offset in range(0, len(stream), 8192):
+            framer.feed(stream[offset : offset + 8192])
+        split.append(time.perf_counter() - started)
+    return min(whole) / min(split)
+
+
+def test_the_framer_costs_the_same_per_byte_however_large_the_chunk(
+    framing: types.ModuleType,
+) -> None:
+    """Linear: tiny messages, or 1-byte chunks of a chunked body, in one 512 KiB chunk cost
+    no more per byte than in 8 KiB chunks (each message resliced the rest: quadratic)."""
+    size = 512 * 1024
+    gets = (b"GET / HTTP/1.1\r\n\r\n" * (size // 18 + 1))[:size]
+    assert _one_chunk_cost(lambda: framing.HTTP1Framer(response=False), gets) < 2
+
+    def chunked() -> Any:
+        framer = framing.HTTP1Framer(response=False)
+        framer.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        return framer
+
+    assert _one_chunk_cost(chunked, (b"1\r\na\r\n" * (size // 6 + 1))[:size]) < 2
 
 
 # --- http_log --------------------------------------------------------------------------------
@@ -360,6 +565,94 @@ def test_http_log_passes_garbage_unchanged(framing: types.ModuleType, data: st.D
     assert (up, down) == (client, server)
 
 
+def test_http_log_never_pairs_a_status_with_the_wrong_request(
+    http_log: types.ModuleType, log_path: Path
+) -> None:
+    """More requests waiting than it remembers: the ones it remembers are logged with their
+    own statuses, the rest not at all (never with another request's status)."""
+    _logged(log_path)
+    requests, responses = _pipelined_gets(130)
+    assert _relay(http_log, [requests], [responses])[:2] == (requests, responses)
+    lines = _logged(log_path)
+    assert len(lines) >= 16
+    for line in lines:
+        request, status = line.split('"')[1], int(line.rsplit(" ", 1)[1])
+        assert request == f"GET /{status - 200} HTTP/1.1", line
+
+
+@pytest.mark.parametrize("name", ["http_log.py", "rewrite_response.py"])
+def test_a_session_of_huge_unanswered_heads_holds_little_memory(name: str) -> None:
+    """A client pipelining heads of 16 KiB of tiny headers to a server that never answers:
+    what the addon keeps per session stays small (it was whole parsed heads, 128 of them)."""
+    addon = _load(name, TPROXY_HTTP_LOG=os.devnull)
+    head = b"GET / HTTP/1.1\r\n" + b"ab:\r\n" * 3200 + b"\r\n"
+    session = FakeSession()
+    addon.session_start(session)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(48):
+            addon.client_data(session, head)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 256 * 1024, held
+
+
+def test_http_log_after_a_declined_upgrade(http_log: types.ModuleType, log_path: Path) -> None:
+    """`Upgrade: h2c` answered 200 (curl --http2 on http://): still HTTP/1.1, still logged."""
+    _logged(log_path)
+    got, session = _turns(http_log, UPGRADE_DECLINED, UPGRADE_DECLINED_ANSWERS)
+    http_log.session_end(session)
+    assert got == UPGRADE_DECLINED_ANSWERS
+    assert _logged(log_path) == _expected_log(
+        ['"GET / HTTP/1.1" 200', '"HEAD /big HTTP/1.1" 200', '"GET /x HTTP/1.1" 404']
+    )
+
+
+def test_http_log_logs_a_websocket_upgrade_with_its_101(
+    http_log: types.ModuleType, log_path: Path
+) -> None:
+    _logged(log_path)
+    frames = b"\x81\x85abcdGET / HTTP/1.1\r\n\r\n"  # after the 101, nothing is a request
+    _relay(http_log, [WEBSOCKET, frames], [SWITCHED + b"\x81\x05hello"])
+    assert _logged(log_path) == _expected_log(['"GET /chat HTTP/1.1" 101'])
+
+
+@pytest.mark.parametrize("path", ["/nonexistent-dir/http.log", "/dev/full"])
+def test_http_log_that_cannot_write_its_file_says_so_once_and_passes_the_bytes(
+    path: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    addon = _load("http_log.py", TPROXY_HTTP_LOG=path)
+    for _ in range(3):
+        up, down, _ = _relay(addon, [REQUESTS], [ALL_RESPONSES])  # no hook raises
+        assert (up, down) == (REQUESTS, ALL_RESPONSES)
+    [report] = capfd.readouterr().err.splitlines()
+    assert report.startswith(f"http_log: cannot write {path}: ")
+
+
+def test_http_log_writes_whole_lines_through_short_writes_on_one_descriptor(
+    log_path: Path,
+) -> None:
+    addon = _load("http_log.py", TPROXY_HTTP_LOG=str(log_path))
+    _logged(log_path)
+    real_write, real_open = os.write, os.open
+    opened = []
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[:7])
+
+    def counted_open(*args: Any) -> int:
+        opened.append(args[0])
+        return real_open(*args)
+
+    with mock.patch.object(os, "write", short_write), mock.patch.object(os, "open", counted_open):
+        for _ in range(2):
+            _relay(addon, [REQUESTS], [ALL_RESPONSES])
+    assert _logged(log_path) == _expected_log(RESPONSE_LINES) * 2
+    assert opened == [str(log_path)]
+
+
 # --- rewrite_response ------------------------------------------------------------------------
 
 
@@ -434,6 +727,34 @@ def test_rewrite_passes_garbage_unchanged(rewrite: types.ModuleType, data: st.Da
     assert up == client
     if b"X-Rewritten-By: tproxy" not in down:  # no response it could rewrite
         assert down == server
+
+
+def test_rewrite_with_too_many_waiting_requests_passes_the_rest_unchanged(
+    rewrite: types.ModuleType,
+) -> None:
+    """Past the requests it remembers, rewrite cannot tell which response answers a HEAD:
+    it passes them byte for byte rather than guess."""
+    requests = b"GET / HTTP/1.1\r\n\r\n" * 130 + b"HEAD / HTTP/1.1\r\n\r\n"
+    get = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    responses = get * 130 + head
+    up, down, _ = _relay(rewrite, [requests], [responses])
+    assert up == requests and down.endswith(get * 60 + head)
+
+
+def test_rewrite_after_a_declined_upgrade(rewrite: types.ModuleType) -> None:
+    got, _ = _turns(rewrite, UPGRADE_DECLINED, UPGRADE_DECLINED_ANSWERS)
+    assert got == [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-Rewritten-By: tproxy\r\n\r\ngoodbye",
+        UPGRADE_DECLINED_ANSWERS[1],  # the HEAD's answer: no body, not held
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nX-Rewritten-By: tproxy\r\n\r\nnope!",
+    ]
+
+
+def test_rewrite_passes_everything_after_a_101(rewrite: types.ModuleType) -> None:
+    down = SWITCHED + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    got, _ = _turns(rewrite, [WEBSOCKET], [down])
+    assert got == [down]
 
 
 # --- block_uploads ---------------------------------------------------------------------------
@@ -542,6 +863,43 @@ def test_block_passes_garbage_without_the_marker(
         assert session.closed and block.MARKER not in up
     else:
         assert up == stream and not session.closed
+
+
+@pytest.mark.parametrize("sniffed", [None, Sniffed("unknown"), Sniffed("silent")])
+def test_block_scans_sessions_whose_first_bytes_said_nothing(
+    block: types.ModuleType, sniffed: Sniffed | None
+) -> None:
+    """A client slower than the sniff timeout is sniffed `silent` or `unknown`: still scanned."""
+    session = FakeSession(sniffed=sniffed)
+    block.session_start(session)
+    assert session.claimed
+    assert _call(block.client_data, session, SECRET[:2]) == SECRET[:2]
+    assert _call(block.client_data, session, SECRET[2:]) == b""
+    assert session.closed and session.to_client == [block.FORBIDDEN]
+
+
+@pytest.mark.parametrize("sniffed", [Sniffed("tls"), Sniffed("ssh")])
+def test_block_leaves_encrypted_sessions_alone(block: types.ModuleType, sniffed: Sniffed) -> None:
+    session = FakeSession(sniffed=sniffed)
+    assert block.session_start(session) is None
+    assert not session.claimed and session.state == {}
+
+
+def test_block_does_not_stall_a_protocol_that_is_not_http(block: types.ModuleType) -> None:
+    """Outside an HTTP request nothing is held back (the client may be waiting for an answer);
+    a marker split across chunks is still stopped before its last byte leaves."""
+    session = FakeSession(sniffed=Sniffed("unknown"))
+    block.session_start(session)
+    assert _call(block.client_data, session, b"\x00\x01binary TOP") == b"\x00\x01binary TOP"
+    assert _call(block.client_data, session, b"-SECRET") == b""
+    assert session.closed
+
+
+def test_block_does_not_stall_a_websocket_after_its_upgrade(block: types.ModuleType) -> None:
+    session = FakeSession()
+    block.session_start(session)
+    assert _call(block.client_data, session, WEBSOCKET) == WEBSOCKET
+    assert _call(block.client_data, session, b"\x81\x85abcdTOP") == b"\x81\x85abcdTOP"
 
 
 # --- fault_injector --------------------------------------------------------------------------
