@@ -724,19 +724,18 @@ def test_bounded_escapes_and_cuts() -> None:
 # --- cost ----------------------------------------------------------------------------------
 
 
-def test_handshakes_are_cheap_enough_for_the_event_loop(
+def test_repeated_interceptions_reuse_their_contexts(
     pki: PKI, upstreams: UpstreamContexts, leaves: LeafContexts
 ) -> None:
-    """About 1.5 ms of CPU for a whole interception (both legs and both peers) here: a generous
-    bound that still catches a context made per session (0.6 ms more per leg) gone wrong."""
-    intercept(pki, upstreams, leaves, _client_context(pki.ours), pki.upstream_server)
+    """A context made per session would cost about 0.6 ms more per leg (the legs' docstring
+    has the costs): twenty interceptions of one name make one context each way."""
     client_context, server = _client_context(pki.ours), pki.upstream_server
-    started = time.process_time()
+    before = (upstreams.made, leaves.made)
     for _ in range(20):
         run = intercept(pki, upstreams, leaves, client_context, server)
         assert run.client_leg.state is LegState.ESTABLISHED
-    spent = (time.process_time() - started) / 20
-    assert spent < 0.02, f"an interception took {spent * 1e3:.1f} ms of CPU"
+    made = (upstreams.made - before[0], leaves.made - before[1])
+    assert made[0] <= 1 and made[1] <= 1, made
 
 
 # --- real tools on loopback ----------------------------------------------------------------
