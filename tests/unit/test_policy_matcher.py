@@ -78,7 +78,8 @@ def test_the_matcher_decides_as_the_reference(  # noqa: PLR0917 (hypothesis give
         assert isinstance(got, Waiting) and got.rule == expected.waiting_for
         sniffed = SniffedFacts(proto, sni, host)
         expected = decide(policy, SessionFacts(facts.client, facts.dst, port, sniffed))
-        assert matcher.with_facts(got, c, d, port, sniffed) == expected
+        for _ in range(2):  # computed, then remembered
+            assert matcher.with_facts(got, c, d, port, sniffed) == expected
     else:
         assert got == expected
     assert matcher.needs_facts == any(rule.needs_facts for rule in policy.rules)
@@ -106,6 +107,38 @@ action = "reset"
     assert matcher.resume(waiting, 443, "tls", "example.test", None).rule is None
     with pytest.raises(OSError):
         matcher.first_of("not an address", "198.18.2.2", 443)
+
+
+def test_resume_remembers_a_bounded_number_of_facts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(matcher_module, "FACTS_MEMO_MAX", 2)
+    matcher = Matcher(
+        parse_policy("""default = "allow"
+[[rule]]
+name = "near"
+client = ["198.18.1.0/24"]
+sni = ["*.example.test"]
+action = "reset"
+[[rule]]
+name = "web"
+sni_or_host = ["www.example.org"]
+action = "reset"
+""")
+    )
+    near = matcher.first_of("198.18.1.2", "198.18.2.2", 443)
+    far = matcher.first_of("198.18.9.9", "198.18.2.2", 443)
+    assert isinstance(near, Waiting) and isinstance(far, Waiting)
+    cases = [
+        (near, "tls", "A.Example.Test.", None, "near"),
+        (far, "tls", "A.Example.Test.", None, None),  # the same facts, other rules left
+        (near, "http", None, "WWW.example.org", "web"),
+        (far, "http", None, "www.example.org.", "web"),
+        (near, "tls", "example.test", None, None),
+        (near, "silent", None, None, None),
+    ]
+    for _ in range(3):  # computed, then remembered (or computed again once forgotten)
+        for waiting, proto, sni, host, rule in cases:
+            assert matcher.resume(waiting, 443, proto, sni, host).rule == rule
+            assert len(matcher._facts_memo) <= 2
 
 
 def test_a_policy_too_big_to_partition_still_decides_in_order() -> None:

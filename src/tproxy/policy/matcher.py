@@ -22,6 +22,8 @@ not on the number of rules before the one that decides:
   the facts allow: per fact key, the rules without it, plus those it names -- one lookup for the
   protocol, and for a name one for the name itself and one per `.suffix` of it (a glob
   `*.example.com` is the suffix `.example.com`, and matches only names longer than it).
+  The rules the facts allow depend on the facts alone, not on the session: they are remembered
+  by the facts as sniffed (up to `FACTS_MEMO_MAX`), so a name seen before costs one lookup.
 
 A property test drives `Matcher` and `decide` with random policies and sessions and requires
 the same verdict.
@@ -57,6 +59,11 @@ ADDRESS_MEMO_MAX = 1024
 # `first_of` remembers its answers by (client IP, destination IP, port) as the socket gives them,
 # up to this many (then it starts over): a client opens many connections to the same place.
 FIRST_MEMO_MAX = 2048
+# `resume` remembers which rules the sniffed facts allow, by the facts as sniffed (protocol, SNI,
+# Host), up to this many (then it starts over): clients name the same sites again and again.
+# Measured on the benchmark's 50-rule policy: 3 µs less per sniffed session (the lookups and
+# the name normalization, 0.8 µs in a tight loop, cost more among a session's other work).
+FACTS_MEMO_MAX = 2048
 
 
 def parse_address(text: str) -> Address:
@@ -294,8 +301,8 @@ class Matcher:
     """A policy, compiled: `first()` at accept, `with_facts()` once sniffed (see module doc)."""
 
     __slots__ = (
-        "_bounds", "_by_port", "_client", "_default", "_dst", "_facts", "_first_memo", "_rules",
-        "needs_facts", "policy",
+        "_bounds", "_by_port", "_client", "_default", "_dst", "_facts", "_facts_memo",
+        "_first_memo", "_rules", "needs_facts", "policy",
     )  # fmt: skip
 
     def __init__(self, policy: Policy) -> None:
@@ -311,6 +318,7 @@ class Matcher:
         if len(rules) <= PARTITION_MAX_RULES:
             self._bounds, self._by_port = _partition(rules)
         self._facts = _FactIndex(rules)
+        self._facts_memo: dict[tuple[str, str | None, str | None], int] = {}
         self._first_memo: dict[tuple[str, str, int], Verdict | Waiting] = {}
         self._default = Verdict(Action.ALLOW if policy.default is Default.ALLOW else Action.RESET)
         self.needs_facts = any(rule.needs_facts for rule in policy.rules)
@@ -377,9 +385,19 @@ class Matcher:
         """
         if waiting.rest < 0:
             raise ValueError("resume() needs the Waiting that first() made; use with_facts()")
-        sni = None if sni is None else normalize_name(sni)
-        host = None if http_host is None else normalize_name(http_host)
-        bits = waiting.rest & self._facts.allow(proto, sni, host)
+        key = (proto, sni, http_host)
+        memo = self._facts_memo
+        allowed = memo.get(key)
+        if allowed is None:
+            allowed = self._facts.allow(
+                proto,
+                None if sni is None else normalize_name(sni),
+                None if http_host is None else normalize_name(http_host),
+            )
+            if len(memo) >= FACTS_MEMO_MAX:
+                memo.clear()
+            memo[key] = allowed
+        bits = waiting.rest & allowed
         rules = self._rules
         if self._bounds is None:  # ports not partitioned: checked here, rule by rule
             while bits:
