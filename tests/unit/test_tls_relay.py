@@ -216,9 +216,11 @@ async def intercepting(
     held: bytes | None = None,
     hello: TlsHello | None = None,
     recording: Recorded | None = None,
+    held_cut: int | None = None,
 ) -> AsyncIterator[Intercepting]:
     """The client program and the upstream server connected through a TLS relay, which has
-    started: the client's ClientHello is held by the relay, as the sniffer leaves it."""
+    started: the client's ClientHello is held by the relay, as the sniffer leaves it (with
+    `held_cut`, only that much of it: the client sends the rest once the relay started)."""
     loop = asyncio.get_running_loop()
     peer_client, proxy_client = await tcp_pair()
     proxy_upstream, peer_upstream = await tcp_pair()
@@ -229,6 +231,9 @@ async def intercepting(
         sniffed = sniff_tls(held)
         assert isinstance(sniffed, TlsHello)
         hello = sniffed
+    rest = b""
+    if held_cut is not None:
+        held, rest = held[:held_cut], held[held_cut:]
     upstream = TLSPeer(peer_upstream, server, server_side=True)
     record = SessionRecord("t", "127.0.0.1:1", "192.0.2.10:443", time.monotonic())
     ended: asyncio.Future[CloseReason] = loop.create_future()
@@ -258,6 +263,8 @@ async def intercepting(
     run = Intercepting(client, upstream, relay, record, ended,
                        [peer_client, proxy_client, proxy_upstream, peer_upstream])  # fmt: skip
     relay.start()
+    if rest:
+        await loop.sock_sendall(peer_client, rest)
     try:
         yield run
     finally:
@@ -410,16 +417,30 @@ def test_the_plaintext_hook_sees_both_directions_and_the_ends(
     _run(scenario)
 
 
+def _client_at(pki: PKI, version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = _client_context(pki.ours)
+    context.maximum_version = version
+    return context
+
+
+def _name(version: ssl.TLSVersion) -> str:
+    return version.name.replace("_", ".")
+
+
 # --- half-close and reset --------------------------------------------------------------------
 
 
-def test_half_close_client_first(pki: PKI, interception: Interception) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_half_close_client_first(
+    pki: PKI, interception: Interception, version: ssl.TLSVersion
+) -> None:
     """The client sends its request, close_notify and FIN; the upstream still answers."""
 
     async def scenario() -> None:
-        server = server_context(pki.upstream_pem)
-        async with intercepting(interception, _client_context(pki.ours), server) as run:
+        server = server_context(pki.upstream_pem, version=version)
+        async with intercepting(interception, _client_at(pki, version), server) as run:
             await run.handshakes()
+            assert run.upstream.obj.version() == run.client.obj.version() == _name(version)
             await run.client.send(REQUEST)
             await run.client.close_notify()
             run.client.sock.shutdown(socket.SHUT_WR)
@@ -435,12 +456,15 @@ def test_half_close_client_first(pki: PKI, interception: Interception) -> None:
     _run(scenario)
 
 
-def test_half_close_upstream_first(pki: PKI, interception: Interception) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_half_close_upstream_first(
+    pki: PKI, interception: Interception, version: ssl.TLSVersion
+) -> None:
     """The upstream answers and closes (close_notify, FIN); the client still sends after it."""
 
     async def scenario() -> None:
-        server = server_context(pki.upstream_pem)
-        async with intercepting(interception, _client_context(pki.ours), server) as run:
+        server = server_context(pki.upstream_pem, version=version)
+        async with intercepting(interception, _client_at(pki, version), server) as run:
             await run.handshakes()
             await run.upstream.send(RESPONSE)
             await run.upstream.close_notify()
@@ -616,6 +640,26 @@ def test_garbage_instead_of_a_client_hello_fails_cleanly(
             outcome = run.relay.outcome
             assert outcome.failure is not None and outcome.failure.in_handshake
             assert outcome.rejected is None  # nothing of ours was refused
+
+    _run(scenario)
+
+
+@pytest.mark.parametrize("cut", [1, 100, -1])
+def test_a_client_hello_held_in_part_is_completed_from_the_socket(
+    pki: PKI, interception: Interception, cut: int
+) -> None:
+    """The sniffer held only part of the ClientHello; the rest comes on the socket while the
+    upstream handshakes, and is held for the client's handshake."""
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server, held_cut=cut
+        ) as run:
+            await run.handshakes()
+            await run.client.send(REQUEST)
+            assert await run.upstream.read_exactly(len(REQUEST)) == REQUEST
+            await _close_cleanly(run)
 
     _run(scenario)
 

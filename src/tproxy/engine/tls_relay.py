@@ -435,7 +435,11 @@ class TLSRelay(Relay):
                 plaintext = b""
             self._start_client_leg()
             return
-        if self.phase is TLSPhase.CLIENT_HANDSHAKE and leg.handshake_done:
+        if (
+            self.phase is TLSPhase.CLIENT_HANDSHAKE
+            and leg is self.client_leg
+            and leg.handshake_done
+        ):
             self.phase = TLSPhase.RELAYING
             self.handshake_deadline_at = None
             if plaintext:
