@@ -217,6 +217,7 @@ async def intercepting(
     hello: TlsHello | None = None,
     recording: Recorded | None = None,
     held_cut: int | None = None,
+    pending_down: bytes = b"",
 ) -> AsyncIterator[Intercepting]:
     """The client program and the upstream server connected through a TLS relay, which has
     started: the client's ClientHello is held by the relay, as the sniffer leaves it (with
@@ -259,7 +260,7 @@ async def intercepting(
                      destination=str(UPSTREAM_IP), interception=interception,
                      upstream_verify=verify, on_end=on_end,
                      on_error=ended.set_exception, spawn=spawn,
-                     recording=recording)  # fmt: skip
+                     recording=recording, pending_down=pending_down)  # fmt: skip
     run = Intercepting(client, upstream, relay, record, ended,
                        [peer_client, proxy_client, proxy_upstream, peer_upstream])  # fmt: skip
     relay.start()
@@ -530,6 +531,25 @@ def test_a_client_reset_resets_the_upstream(pki: PKI, interception: Interception
     _run(scenario)
 
 
+def test_garbage_after_the_handshake_is_that_sides_reset_with_the_failure_told(
+    pki: PKI, interception: Interception
+) -> None:
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(interception, _client_context(pki.ours), server) as run:
+            await run.handshakes()
+            await run.upstream.send(RESPONSE)
+            assert await run.client.read_exactly(len(RESPONSE)) == RESPONSE
+            run.upstream.sock.send(b"\x17\x03\x03\x00\x10" + b"\x00" * 16)  # no record of ours
+            assert await run.client.read() == (b"", "reset")
+            assert await run.reason() == "upstream_reset"
+            outcome = run.relay.outcome
+            assert outcome.intercepted and outcome.failed_side == "upstream"
+            assert outcome.failure is not None and not outcome.failure.in_handshake
+
+    _run(scenario)
+
+
 # --- handshake failures ----------------------------------------------------------------------
 
 
@@ -660,6 +680,24 @@ def test_a_client_hello_held_in_part_is_completed_from_the_socket(
             await run.client.send(REQUEST)
             assert await run.upstream.read_exactly(len(REQUEST)) == REQUEST
             await _close_cleanly(run)
+
+    _run(scenario)
+
+
+def test_what_a_via_proxy_left_of_the_upstreams_bytes_goes_to_the_upstream_leg(
+    pki: PKI, interception: Interception
+) -> None:
+    """An upstream proxy's answer came with bytes of the upstream's (`pending_down`): they are
+    the upstream's first ciphertext (here nonsense: the upstream leg fails on them)."""
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server, pending_down=b"HTTP/1.1 200 OK\r\n"
+        ) as run:
+            assert await run.reason() == "upstream_tls_failed"
+            assert run.relay.outcome.failed_side == "upstream"
+            assert await _ends(run.client.sock) == (b"", "reset")
 
     _run(scenario)
 

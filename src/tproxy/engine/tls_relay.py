@@ -251,11 +251,13 @@ class TLSRelay(Relay):
         upstream_verify: verify the upstream's certificate (the verdict's `upstream_verify`).
         recording: shown the plaintext each way as it is handed to the other leg, and the ends
             (a captured session; the hook point for anything that wants the plaintext).
+        pending_down: bytes of the upstream's read before the relay (a `via` proxy's answer
+            came with them): the upstream's first ciphertext.
     """
 
     __slots__ = (
         "_early_down", "_failed_side", "_failure", "_held", "_hello", "_interception",
-        "_leaf_dropped", "_plaintext", "_verify", "client_leg", "destination",
+        "_leaf_dropped", "_pending_down", "_plaintext", "_verify", "client_leg", "destination",
         "handshake_deadline_at", "phase", "upstream_leg",
     )  # fmt: skip
 
@@ -278,6 +280,7 @@ class TLSRelay(Relay):
         on_error: Callable[[BaseException], None],
         spawn: Spawn,
         recording: Recording | None = None,
+        pending_down: bytes = b"",
     ) -> None:
         self._setup(poller, client, upstream, record, on_end=on_end, on_error=on_error,
                     spawn=spawn, recording=recording)  # fmt: skip
@@ -288,6 +291,7 @@ class TLSRelay(Relay):
         self._verify = upstream_verify
         self._plaintext = recording  # None once it says it has stopped
         self._early_down: list[bytes] = []  # the upstream's plaintext before the client leg
+        self._pending_down = pending_down
         self._failure: TLSFailure | None = None
         self._failed_side: str | None = None
         self._leaf_dropped: tuple[str, ...] = ()
@@ -320,6 +324,10 @@ class TLSRelay(Relay):
         self.handshake_deadline_at = time.monotonic() + interception.handshake_timeout_s
         self.up.enqueue(leg.data_to_send())
         self.settle()
+        pending, self._pending_down = self._pending_down, b""
+        if pending and not self._done:  # the upstream's first bytes, read by a `via` handshake
+            self._received(self.down, pending)
+            self.settle()
 
     def handshake_deadline_passed(self) -> None:
         """`handshake_deadline_at` has passed: a handshake still going on fails (the side it
