@@ -872,3 +872,46 @@ def test_any_writes_arrive_whole_and_in_order(
             assert await run.reason() == "closed"
 
     _run(scenario)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(held=st.binary(min_size=1, max_size=3000))
+def test_random_bytes_as_the_held_client_hello_end_only_that_session_cleanly(
+    pki: PKI, interception: Interception, held: bytes
+) -> None:
+    hello = TlsHello(UPSTREAM_NAME, ("h2",), "1.3", ech=False)
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server, held=held, hello=hello
+        ) as run:
+            upstream_tries = asyncio.ensure_future(run.upstream.handshake())
+            run.client.sock.shutdown(socket.SHUT_WR)  # nothing more comes from this "client"
+            assert await run.reason() == "client_tls_failed"  # never on_error
+            assert run.relay.outcome.failed_side == "client"
+            with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+                await upstream_tries
+
+    _run(scenario)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(answer=st.binary(min_size=1, max_size=3000))
+def test_random_bytes_from_the_upstream_end_only_that_session_cleanly(
+    pki: PKI, interception: Interception, answer: bytes
+) -> None:
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(interception, _client_context(pki.ours), server) as run:
+            upstream = run.upstream.sock
+            await asyncio.get_running_loop().sock_sendall(upstream, answer)
+            upstream.shutdown(socket.SHUT_WR)
+            assert await run.reason() in {"upstream_tls_failed", "upstream_cert_invalid"}
+            assert run.relay.outcome.failed_side == "upstream"
+
+    _run(scenario)
