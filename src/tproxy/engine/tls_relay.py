@@ -43,7 +43,9 @@ TCP FIN without close_notify    SOURCE_RESET (truncated: a     drain the sink, r
                                 looks complete)
 TCP RST                         SOURCE_RESET                   drain the sink, reset both
 a TLS error after the           SOURCE_RESET (the failure is   drain the sink, reset both
-handshake (bad record, alert)   in `outcome`)
+handshake (bad record, alert)   in `outcome`)                  (alert 116 certificate_required
+                                                               from the upstream: reset both,
+                                                               `upstream_wants_client_cert`)
 the sink's RST (write fails)    SINK_RESET                     reset both
 ==============================  =============================  ================================
 
@@ -147,7 +149,8 @@ class TLSOutcome:
         client: what the client leg negotiated (None: its handshake never completed).
         upstream: what the upstream leg negotiated, with the upstream's certificate.
         failure: why a leg failed (during a handshake: the close reason is its `reason`; after
-            them: the session ended as that side's reset), None when none did.
+            them: the session ended as that side's reset, but for `upstream_wants_client_cert`,
+            which is the close reason wherever it comes), None when none did.
         failed_side: "client" or "upstream" when `failure` is set.
         rejected: why the client is taken to have refused our certificate
             (`client_rejected_certificate`), None when it did not.
