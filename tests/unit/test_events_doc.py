@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from tproxy.core.reasons import CloseReason
+from tproxy.core.reasons import NOT_EMITTED_YET, CloseReason
 from tproxy.observability.events import EVENT_TYPES
 
 DOC = (Path(__file__).parents[2] / "docs" / "events.md").read_text()
@@ -50,10 +50,13 @@ def test_planned_fields_are_not_in_the_code_yet() -> None:
 
 
 def test_every_close_reason_in_the_code_is_in_the_doc_and_no_more() -> None:
+    """Reasons defined ahead of the engine emitting them (`NOT_EMITTED_YET`) stay planned."""
     rows = _tables()["Close reasons"]
-    assert _shipped(rows) == {reason.value for reason in CloseReason}
+    emitted = {reason.value for reason in CloseReason if reason not in NOT_EMITTED_YET}
+    assert _shipped(rows) == emitted
     planned = {row[0] for row in rows if row[1].startswith("planned")}
-    assert not planned & {reason.value for reason in CloseReason}
+    assert not planned & emitted
+    assert {reason.value for reason in NOT_EMITTED_YET} <= planned
 
 
 def test_the_doc_has_no_event_the_code_does_not_know() -> None:

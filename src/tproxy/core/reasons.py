@@ -2,7 +2,8 @@
 
 `docs/events.md` lists each reason with what the client and the upstream saw; a unit test keeps
 that table and this enum the same. Reasons are strings in the log (a `StrEnum` compares and
-prints as its value), never renamed once shipped: scripts match on them.
+prints as its value), never renamed once shipped: scripts match on them. A reason defined before
+any session ends with it is in `NOT_EMITTED_YET` (and still planned in the doc).
 """
 
 from __future__ import annotations
@@ -40,3 +41,23 @@ class CloseReason(enum.StrEnum):
     # A claimed session ended by its addon (`session.close()`, `session.reset()`).
     ADDON_CLOSE = "addon_close"  # what was queued was sent, then a FIN both ways
     ADDON_RESET = "addon_reset"  # both sides reset
+    # An intercepted TLS session (`tls = "intercept"`): a handshake failed (or took longer than
+    # --tls-handshake-timeout); both sides are reset. The detail is in the close event's
+    # `client_tls` / `upstream_tls`.
+    CLIENT_TLS_FAILED = "client_tls_failed"  # e.g. the client does not trust our CA
+    UPSTREAM_TLS_FAILED = "upstream_tls_failed"
+    UPSTREAM_CERT_INVALID = "upstream_cert_invalid"  # its certificate did not verify
+    UPSTREAM_WANTS_CLIENT_CERT = "upstream_wants_client_cert"  # cannot be intercepted
+
+
+NOT_EMITTED_YET = frozenset(
+    {
+        CloseReason.CLIENT_TLS_FAILED,
+        CloseReason.UPSTREAM_TLS_FAILED,
+        CloseReason.UPSTREAM_CERT_INVALID,
+        CloseReason.UPSTREAM_WANTS_CLIENT_CERT,
+    }
+)
+"""Reasons the code defines but no session ends with yet: `engine.tls_relay` ends with them, and
+sessions do not run it yet (issue 13, step 3a). docs/events.md lists them as planned until the
+step that makes sessions emit them takes them out of here (the doc's test checks both)."""

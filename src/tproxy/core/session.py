@@ -17,16 +17,17 @@ class SessionRecord:
     `dst` are printed endpoints (`ip:port`, `[ip]:port`), made once when the session opens (its
     first log line needs them anyway). `bytes_up` counts client → upstream bytes written to the
     upstream, `bytes_down` upstream → client bytes written to the client: bytes the proxy read
-    but could not deliver are not counted. `spliced_bytes` is the part of both that moved by
+    but could not deliver are not counted (an intercepted session counts plaintext, what the
+    applications sent, not the TLS records). `spliced_bytes` is the part of both that moved by
     splice (never through Python); `relay` is how the session was relayed ("splice", "copy",
-    "capture" or "addon"; None until the relay starts). `sniffed` is what its first bytes said
-    it is (None when nothing was sniffed: refused or failed before relaying, without waiting
-    for its first bytes). `action` is what the policy decided (`allow` without a policy), `rule`
-    the rule that decided (None: the default, or no policy), `upstream` the endpoint connected
-    when it is not `dst` (a `redirect` target, a `via` proxy). `last_activity_at` moves whenever
-    a byte moves either way; `half_closed_at` is when the first direction finished (one side
-    sent FIN), None while both still flow. `addons` are the addons that claimed the session
-    (its relay is then "addon"), None when none did.
+    "capture", "addon" or "tls"; None until the relay starts). `sniffed` is what its first
+    bytes said it is (None when nothing was sniffed: refused or failed before relaying, without
+    waiting for its first bytes). `action` is what the policy decided (`allow` without a
+    policy), `rule` the rule that decided (None: the default, or no policy), `upstream` the
+    endpoint connected when it is not `dst` (a `redirect` target, a `via` proxy).
+    `last_activity_at` moves whenever a byte moves either way; `half_closed_at` is when the
+    first direction finished (one side sent FIN), None while both still flow. `addons` are the
+    addons that claimed the session (its relay is then "addon"), None when none did.
     """
 
     id: str
