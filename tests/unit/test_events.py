@@ -61,6 +61,10 @@ def test_json_close_event_has_the_documented_fields() -> None:
         "capture": "/var/lib/tproxy/captures/x.pcapng",
         "capture_truncated_at": 16777216,
         "addons": ["log.py", "b.py:Fix"],
+        "tls_intercepted": None,
+        "client_tls": None,
+        "upstream_tls": None,
+        "passthrough": None,
     }
     assert parse_json_event(record) == CLOSE
 

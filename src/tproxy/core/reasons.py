@@ -50,14 +50,6 @@ class CloseReason(enum.StrEnum):
     UPSTREAM_WANTS_CLIENT_CERT = "upstream_wants_client_cert"  # cannot be intercepted
 
 
-NOT_EMITTED_YET = frozenset(
-    {
-        CloseReason.CLIENT_TLS_FAILED,
-        CloseReason.UPSTREAM_TLS_FAILED,
-        CloseReason.UPSTREAM_CERT_INVALID,
-        CloseReason.UPSTREAM_WANTS_CLIENT_CERT,
-    }
-)
-"""Reasons the code defines but no session ends with yet: `engine.tls_relay` ends with them, and
-sessions do not run it yet (issue 13, step 3a). docs/events.md lists them as planned until the
-step that makes sessions emit them takes them out of here (the doc's test checks both)."""
+NOT_EMITTED_YET: frozenset[CloseReason] = frozenset()
+"""Reasons the code defines before any session ends with them: docs/events.md lists them as
+planned until then (the doc's test checks both)."""

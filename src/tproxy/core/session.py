@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tproxy.engine.tls_relay import TLSOutcome
     from tproxy.sniffers.classify import Sniffed
 
 
@@ -45,6 +46,8 @@ class SessionRecord:
     last_activity_at: float = 0.0
     half_closed_at: float | None = None
     addons: list[str] | None = None
+    tls: TLSOutcome | None = None
+    passthrough: str | None = None
 
     def __post_init__(self) -> None:
         if not self.last_activity_at:

@@ -40,6 +40,7 @@ from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
 from tproxy.engine.session import Session, SessionContext
+from tproxy.engine.tls_relay import interception_for
 from tproxy.engine.worker_channel import WorkerChannel, list_sessions
 from tproxy.interception.nofile import raise_nofile_limit
 from tproxy.interception.original_dst import destination_lookup
@@ -60,6 +61,7 @@ from tproxy.observability.events import (
     SessionsListed,
     Stopped,
 )
+from tproxy.tls.ca import CAError
 
 # Accept at most this many connections per readiness event, so one busy listener cannot starve
 # the sessions already running on the loop.
@@ -78,7 +80,8 @@ ConfigLoader = Callable[[], ProxyConfig]
 
 def sweep_interval_s(config: ProxyConfig) -> float:
     """How long the timeout sweep sleeps: a second, or a quarter of the shortest timeout."""
-    shortest = min(config.connect_timeout_s, config.idle_timeout_s, config.half_closed_timeout_s)
+    shortest = min(config.connect_timeout_s, config.idle_timeout_s, config.half_closed_timeout_s,
+                   config.tls_handshake_timeout_s)  # fmt: skip
     return min(SWEEP_INTERVAL_S, shortest / 4)
 
 
@@ -169,6 +172,14 @@ class ProxyServer:
         self._max_connections = self._limit_for(self.config)
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._splice_works = splice_works()
+        config = self.config
+        if config.ca_dir is not None:  # each worker its own leaf key, caches and contexts
+            try:
+                self._ctx.interception = interception_for(
+                    config.ca_dir, config.upstream_ca, config.tls_handshake_timeout_s
+                )
+            except CAError as exc:
+                raise StartupError(f"--ca: {exc}") from None
         if self.config.relay is RelayKind.SPLICE and not self._splice_works:
             self._ctx.config = dataclasses.replace(self.config, relay=RelayKind.COPY)
             self._log.emit(Notice("splice does not work on this kernel: relaying by copy"))
@@ -310,6 +321,11 @@ class ProxyServer:
             say(Notice(notice))
         if new is None:
             return
+        interception = self._ctx.interception
+        if interception is not None and new.ca_dir is not None:
+            self._ctx.interception = interception_for(
+                new.ca_dir, new.upstream_ca, new.tls_handshake_timeout_s, running=interception
+            )
         self._max_connections = self._limit_for(new)
         say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
 

@@ -76,6 +76,7 @@ from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
 from tproxy.engine.relay import Relay
+from tproxy.engine.tls_relay import Interception, TLSRelay
 from tproxy.interception.original_dst import Destination
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
@@ -87,6 +88,7 @@ from tproxy.observability.events import (
     SessionOpened,
     UpstreamConnected,
     UpstreamFailed,
+    tls_fields,
 )
 from tproxy.policy.decide import SniffedFacts, Verdict
 from tproxy.policy.matcher import Matcher, Waiting, remote_name
@@ -94,6 +96,13 @@ from tproxy.policy.model import Action
 from tproxy.sniffers.classify import Sniffed, SniffedFields
 from tproxy.sniffers.facts import MAX_SNIFF_BYTES, HttpRequest, TlsHello
 from tproxy.sniffers.passive import FirstBytes
+from tproxy.sniffers.printable import to_printable
+from tproxy.tls.passthrough import (
+    PassthroughMemory,
+    PassthroughReason,
+    passthrough_key,
+    reason_to_remember,
+)
 from tproxy.upstream.handshake import (
     Established,
     ProxyHandshake,
@@ -177,6 +186,11 @@ class SessionContext:
     sessions: set[Session] = field(default_factory=set)
     # Addons' `async def session_end` hooks still running: stopping waits for them (a while).
     ending_hooks: set[asyncio.Task[None]] = field(default_factory=set)
+    # TLS interception (`--ca`): the worker's forger and contexts; None without a CA.
+    interception: Interception | None = None
+    # The names (or destinations) intercepted sessions pass through for a while: a client that
+    # rejected our certificate, an upstream that wants a client certificate (this worker's).
+    passthrough: PassthroughMemory = field(default_factory=PassthroughMemory)
     # Counters since this process started (the supervisor's heartbeats carry them).
     opened: int = 0
     closed_bytes_up: int = 0
@@ -211,6 +225,19 @@ class _Deciding:
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
 
 
+class _Intercepting:
+    """What a session to be intercepted (`tls = "intercept"`) holds until its relay starts."""
+
+    __slots__ = ("destination", "hello", "key", "on_client_reject", "upstream_verify")
+
+    def __init__(self, hello: TlsHello, verdict: Verdict, destination: str, key: str) -> None:
+        self.hello = hello
+        self.upstream_verify = verdict.upstream_verify
+        self.on_client_reject = verdict.passthrough_on_client_reject
+        self.destination = destination
+        self.key = key  # what the passthrough memory knows it by
+
+
 def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
     facts = sniffed.facts
     return SniffedFacts(
@@ -233,6 +260,7 @@ class Session:
         "_recording",
         "_relay",
         "_sniffer",
+        "_tls",
         "_upstream",
         "connect_deadline_at",
         "phase",
@@ -253,6 +281,7 @@ class Session:
         self._capture: ProxyConfig | None = None
         self._recording: Recorder | None = None  # its capture, once relaying
         self._addons: AddonRun | None = None  # the addons it started with, if any
+        self._tls: _Intercepting | None = None  # intercepted: what its TLS relay needs
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
         self.record: SessionRecord | None = None  # made by start()
@@ -596,8 +625,28 @@ class Session:
             deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
             if deciding.handshake is None:
                 return
+        if verdict.intercepts:
+            self._tls = self._intercepting(verdict, sniffed, deciding, now)
         self._deciding = deciding if (deciding.held or deciding.handshake) else None
         self._connect(target, spoof_ip, now)
+
+    def _intercepting(
+        self, verdict: Verdict, sniffed: Sniffed | None, deciding: _Deciding, now: float
+    ) -> _Intercepting | None:
+        """What intercepting this session takes; None when it is relayed untouched: no CA in
+        this process, not TLS, or its name (its destination, without SNI) is passed through
+        for now (`record.passthrough` says why)."""
+        hello = None if sniffed is None else sniffed.facts
+        if self._ctx.interception is None or not isinstance(hello, TlsHello):
+            return None
+        ip = deciding.dst_addr[0].split("%", 1)[0]  # (an IPv6 scope is not an address)
+        key = passthrough_key(hello.sni, ip, deciding.dst_addr[1])
+        passed: PassthroughReason | None = self._ctx.passthrough.lookup(key, now)
+        if passed is not None:
+            assert self.record is not None
+            self.record.passthrough = passed
+            return None
+        return _Intercepting(hello, verdict, ip, key)
 
     def _proxy_handshake(
         self, verdict: Verdict, deciding: _Deciding, facts: SniffedFacts | None
@@ -671,6 +720,11 @@ class Session:
         elif phase is Phase.RELAYING:
             record = self.record
             assert record is not None
+            relay = self._relay
+            if isinstance(relay, TLSRelay) and relay.handshake_deadline_at is not None:
+                if now >= relay.handshake_deadline_at:
+                    relay.handshake_deadline_passed()
+                return
             reason = expired_reason(
                 record.last_activity_at, record.half_closed_at, now, self._ctx.config.timeouts
             )
@@ -795,6 +849,19 @@ class Session:
                 self._sniffer.upstream_sent()
         if self._capture is not None:
             self._recording = self._open_recording(self._capture)
+        tls, interception = self._tls, ctx.interception
+        if tls is not None and interception is not None:
+            # (an addon's claim is not honoured on an intercepted session yet: its plaintext
+            # goes to captures only)
+            tls_relay = TLSRelay(ctx.poller, self._client_sock, upstream, record, hello=tls.hello,
+                                 held=pending_up, destination=tls.destination,
+                                 interception=interception, upstream_verify=tls.upstream_verify,
+                                 on_end=self._relay_ended, on_error=self.fail, spawn=ctx.spawn,
+                                 recording=self._recording,
+                                 pending_down=pending_down)  # fmt: skip
+            self._relay = tls_relay
+            tls_relay.start()  # the upstream's handshake starts; it may end the session
+            return
         run = self._addons
         if run is not None and run.session is not None and run.session.claimers:
             relay = AddonRelay(ctx.poller, self._client_sock, upstream, record,
@@ -855,8 +922,24 @@ class Session:
     def _relay_ended(self, reason: CloseReason) -> None:
         # A clean end leaves both sockets open for close() to send the last FINs; after a reset
         # the relay has already reset them. Either way the relay is done: nothing to stop.
+        if isinstance(self._relay, TLSRelay):
+            self._tls_ended(self._relay)
         self._relay = None
         self.close(reason, abort=False)
+
+    def _tls_ended(self, relay: TLSRelay) -> None:
+        """Keep what the TLS relay negotiated (or why it failed) for the close event, and
+        remember a name that must pass through from now on (`tls.passthrough`)."""
+        record, tls = self.record, self._tls
+        assert record is not None and tls is not None
+        outcome = record.tls = relay.outcome
+        why = reason_to_remember(outcome.failure, outcome.failed_side,
+                                 on_client_reject=tls.on_client_reject)  # fmt: skip
+        if why is not None:
+            memory = self._ctx.passthrough
+            memory.remember(tls.key, why, time.monotonic())
+            self._ctx.log.emit(Notice(f"session {record.id}: {to_printable(tls.key.encode(), 300)} "
+                                      f"passes through for {memory.ttl_s:g} s: {why}"))  # fmt: skip
 
     def fail(self, exc: BaseException) -> None:
         """The session boundary: an unexpected error ends this session only, logged."""
@@ -920,6 +1003,8 @@ class Session:
         self._deciding = None
         self._client_addr = ()
         if self._relay is not None:
+            if isinstance(self._relay, TLSRelay):
+                self._tls_ended(self._relay)
             self._relay.stop()
         ctx = self._ctx
         for sock in (self._client_sock, self._upstream):
@@ -970,5 +1055,6 @@ class Session:
                 capture,
                 capture_cut,
                 record.addons,
+                *tls_fields(record.tls, record.passthrough),
             )
         )

@@ -63,6 +63,7 @@ as for every relay).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import errno
 import ipaddress
@@ -83,6 +84,7 @@ from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
 from tproxy.engine.relay import Relay, Spawn
 from tproxy.interception.sockopts import abort_socket, reset_behind_eof
 from tproxy.sniffers.facts import TlsHello
+from tproxy.tls.ca import load_ca
 from tproxy.tls.contexts import LeafContexts, UpstreamContexts, usable_alpn
 from tproxy.tls.forge import LeafForger, read_upstream_cert
 from tproxy.tls.legs import (
@@ -132,6 +134,28 @@ class Interception:
     upstreams: UpstreamContexts
     handshake_timeout_s: float
     clock: Callable[[], datetime] = field(default=_utc_now)
+
+
+def interception_for(
+    ca_dir: str, upstream_ca: str | None, handshake_timeout_s: float, *,
+    running: Interception | None = None,
+) -> Interception:  # fmt: skip
+    """A worker's interception, made when it starts (the CA loaded, one leaf key) or, on a
+    reload (`running`), with the running forger and leaf contexts kept (the CA changes only on
+    a restart) and the upstream contexts made again only when `--upstream-ca` changed.
+
+    Raises:
+        CAError: the CA cannot be used (checked at start-up already: a CA edited since).
+    """
+    if running is not None:
+        upstreams = running.upstreams
+        if upstreams.cafile != upstream_ca:
+            upstreams = UpstreamContexts(upstream_ca)
+        return dataclasses.replace(running, upstreams=upstreams,
+                                   handshake_timeout_s=handshake_timeout_s)  # fmt: skip
+    forger = LeafForger(load_ca(ca_dir))
+    return Interception(forger, LeafContexts(forger.leaf_key_pem),
+                        UpstreamContexts(upstream_ca), handshake_timeout_s)  # fmt: skip
 
 
 class TLSPhase(enum.Enum):

@@ -65,9 +65,10 @@ def start_nginx(lab: Lab, host: Host, port: int = HTTP_PORT) -> None:
     wait_listening(lab, host, port, "nginx")
 
 
-def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> None:
+def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> Path:
     """openssl s_server on `port` (IPv4 and IPv6) with a throw-away self-signed EC certificate
-    for `name`; it answers any HTTP request with a status page (`-www`). Clients need `-k`."""
+    for `name`; it answers any HTTP request with a status page (`-www`). Clients need `-k` (or
+    the certificate, returned, as their CA)."""
     if shutil.which("openssl") is None:
         raise LabError("openssl was not found: run scripts/bootstrap (apt-get install openssl)")
     workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-tls-"))
@@ -85,6 +86,7 @@ def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS
         return len(listing.stdout.decode().splitlines()) == 2
 
     wait_until(both_listen, 10, f"openssl s_server to listen on {port} over IPv4 and IPv6")
+    return cert
 
 
 class PeerServer:

@@ -16,7 +16,10 @@ import json
 import time
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from tproxy.engine.tls_relay import TLSOutcome
 
 
 @dataclass(slots=True)
@@ -142,6 +145,12 @@ class SessionClosed(Event):
     capture_truncated_at: int | None = None
     # The addons that claimed the session (its relay is "addon"); None when none did.
     addons: list[str] | None = None
+    # TLS interception (`tls = "intercept"`): whether it was decrypted, what each leg
+    # negotiated or why it failed (`tls_fields`), and why a session was passed through instead.
+    tls_intercepted: bool | None = None
+    client_tls: dict[str, Any] | None = None
+    upstream_tls: dict[str, Any] | None = None
+    passthrough: str | None = None
 
     def text(self) -> str:
         how = "" if self.relay is None else f", {self.relay}"
@@ -158,6 +167,10 @@ class SessionClosed(Event):
                 decided += f" (cut at {self.capture_truncated_at} B)"
         if self.addons:
             decided += f", claimed by {_q(','.join(self.addons))}"
+        if self.tls_intercepted:
+            decided += ", TLS intercepted"
+        elif self.passthrough is not None:
+            decided += f", TLS passed through ({self.passthrough})"
         what = "" if self.proto is None else f", {self.proto}"
         if self.sni is not None:
             what += f" sni={_q(self.sni)}"
@@ -192,7 +205,11 @@ class SessionClosed(Event):
             f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)},'
             f'"capture":{_q_or_null(self.capture)},"capture_truncated_at":'
             f"{'null' if self.capture_truncated_at is None else self.capture_truncated_at},"
-            f'"addons":{_list_or_null(self.addons)}'
+            f'"addons":{_list_or_null(self.addons)},'
+            f'"tls_intercepted":{_bool_or_null(self.tls_intercepted)},'
+            f'"client_tls":{_object_or_null(self.client_tls)},'
+            f'"upstream_tls":{_object_or_null(self.upstream_tls)},'
+            f'"passthrough":{_q_or_null(self.passthrough)}'
         )
 
 
@@ -289,6 +306,54 @@ _q = encode_basestring_ascii  # a JSON string literal, in C
 
 def _q_or_null(text: str | None) -> str:
     return "null" if text is None else _q(text)
+
+
+def _bool_or_null(value: bool | None) -> str:
+    return "null" if value is None else ("true" if value else "false")
+
+
+def _object_or_null(value: dict[str, Any] | None) -> str:
+    """An intercepted session's TLS facts (rare: json.dumps' cost is fine; its texts are
+    escaped and bounded where they are made)."""
+    return "null" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def tls_fields(
+    outcome: TLSOutcome | None, passthrough: str | None
+) -> tuple[bool | None, dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """The close event's `tls_intercepted`, `client_tls`, `upstream_tls` and `passthrough`."""
+    if outcome is None:
+        return (None, None, None, passthrough)
+    failure = outcome.failure
+    client_error = (
+        failure.detail if failure is not None and outcome.failed_side == "client" else None
+    )
+    upstream_error = (
+        failure.detail if failure is not None and outcome.failed_side == "upstream" else None
+    )
+    client: dict[str, Any] | None = None
+    if outcome.client is not None or client_error is not None:
+        info = outcome.client
+        client = {
+            "version": None if info is None else info.version,
+            "cipher": None if info is None else info.cipher,
+            "alpn": None if info is None else info.alpn,
+            "error": client_error,
+            "rejected": outcome.rejected,
+        }
+    upstream: dict[str, Any] | None = None
+    if outcome.upstream is not None or upstream_error is not None:
+        info = outcome.upstream
+        upstream = {
+            "version": None if info is None else info.version,
+            "cipher": None if info is None else info.cipher,
+            "alpn": None if info is None else info.alpn,
+            "subject": None if info is None else info.peer_subject,
+            "issuer": None if info is None else info.peer_issuer,
+            "verified": outcome.upstream_verify and (info is not None and info.verified),
+            "error": upstream_error,
+        }
+    return (outcome.intercepted, client, upstream, passthrough)
 
 
 def _list_or_null(texts: list[str] | None) -> str:
