@@ -34,7 +34,7 @@ from tproxy.engine.addon_session import AddonSession, engine_verdict, hook_error
 from tproxy.engine.session import Phase, Session
 from tproxy.interception.sockopts import abort_socket
 from tproxy.policy.decide import Verdict
-from tproxy.policy.model import Action
+from tproxy.policy.model import Action, TLSMode
 
 HookFn = Callable[..., Any]
 
@@ -665,6 +665,17 @@ def test_an_addon_allowing_a_session_the_policy_captures_keeps_the_capture() -> 
     final = session_module._final(addon, policy)
     assert (final.rule, final.capture) == ("addon:a.py", True)
     assert session_module._final(None, policy) is policy
+
+
+def test_an_addon_allowing_a_session_the_policy_intercepts_keeps_the_interception() -> None:
+    policy = Verdict(Action.ALLOW, rule="inspect", tls=TLSMode.INTERCEPT, upstream_verify=False,
+                     passthrough_on_client_reject=True)  # fmt: skip
+    addon = engine_verdict(api.allow(), "a.py")
+    assert addon is not None
+    final = session_module._final(addon, policy)
+    assert (final.rule, final.tls, final.upstream_verify, final.passthrough_on_client_reject) == (
+        "addon:a.py", TLSMode.INTERCEPT, False, True,
+    )  # fmt: skip
 
 
 def test_a_task_that_will_not_stop_does_not_keep_the_process_from_exiting(

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ca",
         help="create or show the CA that signs the certificates of intercepted TLS sessions",
         description=(
-            "The CA for TLS interception (in progress: nothing is intercepted yet): a directory "
+            'The CA for TLS interception (rules with tls = "intercept"): a directory '
             f"with {CERT_FILE}, the certificate the clients install, and {KEY_FILE}, its private "
             "key (mode 0600; whoever reads it can impersonate any server to those clients). "
             "No root needed."
@@ -520,7 +520,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if config.ca_dir is not None:
         try:
-            load_ca(config.ca_dir)  # in progress: checked, not used yet
+            load_ca(config.ca_dir)  # checked once here: a broken CA stops the start, one line
         except CAError as exc:
             return _fail(f"--ca: {exc}")
     reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)

@@ -298,7 +298,7 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            "(default: kept for ever)"),
     option("ca_dir", PATH, key="ca", metavar="DIR", reloadable=False, example="/etc/tproxy/ca",
            help="the CA for TLS interception, made by 'tproxy ca create DIR': checked at "
-           "start-up (in progress: nothing is intercepted yet) (default: none)"),
+           "start-up; rules with tls = \"intercept\" use it (default: none)"),
     option("tls_handshake_timeout_s", SECONDS, metavar="SECONDS",
            help="reset an intercepted session whose TLS handshake with the upstream or with "
            f"the client takes longer (default: {DEFAULT_TLS_HANDSHAKE_TIMEOUT_S:g})"),

@@ -21,6 +21,7 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -323,9 +324,12 @@ class ProxyServer:
             return
         interception = self._ctx.interception
         if interception is not None and new.ca_dir is not None:
-            self._ctx.interception = interception_for(
-                new.ca_dir, new.upstream_ca, new.tls_handshake_timeout_s, running=interception
-            )
+            try:
+                self._ctx.interception = interception_for(
+                    new.ca_dir, new.upstream_ca, new.tls_handshake_timeout_s, running=interception
+                )
+            except (OSError, ssl.SSLError) as exc:  # --upstream-ca edited since it was checked
+                say(Notice(f"reload: keeping the running TLS interception: --upstream-ca: {exc}"))
         self._max_connections = self._limit_for(new)
         say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
 

@@ -142,13 +142,18 @@ _HANDSHAKE_READ_BYTES = 4096
 
 
 def _final(addon_verdict: Verdict | None, policy_verdict: Verdict) -> Verdict:
-    """The verdict carried out: the first addon's, keeping the policy rule's `capture` (an
-    addon that allows a session the policy captures does not stop the capture); else the
-    policy's."""
+    """The verdict carried out: the first addon's, keeping the policy rule's `capture` and `tls`
+    (an addon that allows a session the policy captures or intercepts does not stop that);
+    else the policy's."""
     if addon_verdict is None:
         return policy_verdict
     if policy_verdict.capture and not addon_verdict.capture:
-        return dataclasses.replace(addon_verdict, capture=True)
+        addon_verdict = dataclasses.replace(addon_verdict, capture=True)
+    if policy_verdict.tls is not None and addon_verdict.tls is None:
+        addon_verdict = dataclasses.replace(
+            addon_verdict, tls=policy_verdict.tls, upstream_verify=policy_verdict.upstream_verify,
+            passthrough_on_client_reject=policy_verdict.passthrough_on_client_reject,
+        )  # fmt: skip
     return addon_verdict
 
 
@@ -225,17 +230,30 @@ class _Deciding:
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
 
 
+def run_claims(run: AddonRun | None) -> bool:
+    """Whether some addon claimed the session."""
+    return run is not None and run.session is not None and bool(run.session.claimers)
+
+
 class _Intercepting:
     """What a session to be intercepted (`tls = "intercept"`) holds until its relay starts."""
 
-    __slots__ = ("destination", "hello", "key", "on_client_reject", "upstream_verify")
+    __slots__ = ("client_key", "destination", "hello", "key", "on_client_reject",
+                 "upstream_verify")  # fmt: skip
 
-    def __init__(self, hello: TlsHello, verdict: Verdict, destination: str, key: str) -> None:
+    def __init__(
+        self, hello: TlsHello, verdict: Verdict, destination: str, key: str, client_ip: str
+    ) -> None:
         self.hello = hello
         self.upstream_verify = verdict.upstream_verify
         self.on_client_reject = verdict.passthrough_on_client_reject
         self.destination = destination
-        self.key = key  # what the passthrough memory knows it by
+        # What the passthrough memory knows it by: the name (the destination without SNI) for
+        # an upstream that wants a client certificate (it proved who it is: the same for every
+        # client); the client and the name for a client that rejected our certificate (what one
+        # client does must not turn inspection off for the others).
+        self.key = key
+        self.client_key = f"{client_ip} {key}"
 
 
 def _sniffed_facts(sniffed: Sniffed) -> SniffedFacts:
@@ -641,12 +659,16 @@ class Session:
             return None
         ip = deciding.dst_addr[0].split("%", 1)[0]  # (an IPv6 scope is not an address)
         key = passthrough_key(hello.sni, ip, deciding.dst_addr[1])
-        passed: PassthroughReason | None = self._ctx.passthrough.lookup(key, now)
+        tls = _Intercepting(hello, verdict, ip, key, self._client_addr[0])
+        memory = self._ctx.passthrough
+        passed: PassthroughReason | None = memory.lookup(tls.key, now)
+        if passed is None and tls.on_client_reject:  # (only where the rule opts in)
+            passed = memory.lookup(tls.client_key, now)
         if passed is not None:
             assert self.record is not None
             self.record.passthrough = passed
             return None
-        return _Intercepting(hello, verdict, ip, key)
+        return tls
 
     def _proxy_handshake(
         self, verdict: Verdict, deciding: _Deciding, facts: SniffedFacts | None
@@ -851,8 +873,9 @@ class Session:
             self._recording = self._open_recording(self._capture)
         tls, interception = self._tls, ctx.interception
         if tls is not None and interception is not None:
-            # (an addon's claim is not honoured on an intercepted session yet: its plaintext
-            # goes to captures only)
+            if run_claims(self._addons):  # not honoured yet: said, so nobody is misled
+                ctx.log.emit(Notice(f"session {record.id}: intercepted: the addons' claim is "
+                                    "not honoured (addons do not see plaintext yet)"))  # fmt: skip
             tls_relay = TLSRelay(ctx.poller, self._client_sock, upstream, record, hello=tls.hello,
                                  held=pending_up, destination=tls.destination,
                                  interception=interception, upstream_verify=tls.upstream_verify,
@@ -937,8 +960,9 @@ class Session:
                                  on_client_reject=tls.on_client_reject)  # fmt: skip
         if why is not None:
             memory = self._ctx.passthrough
-            memory.remember(tls.key, why, time.monotonic())
-            self._ctx.log.emit(Notice(f"session {record.id}: {to_printable(tls.key.encode(), 300)} "
+            key = tls.key if why is PassthroughReason.UPSTREAM_WANTS_CLIENT_CERT else tls.client_key
+            memory.remember(key, why, time.monotonic())
+            self._ctx.log.emit(Notice(f"session {record.id}: {to_printable(key.encode(), 300)} "
                                       f"passes through for {memory.ttl_s:g} s: {why}"))  # fmt: skip
 
     def fail(self, exc: BaseException) -> None:
