@@ -69,7 +69,9 @@ Step = tuple["Hook | None", "Hook | None"]
 OnAddonError = Callable[["Hook", BaseException], None]
 
 
-def chain_of(addons: tuple[Addon, ...], claimers: list[str], up: bool) -> tuple[Step, ...]:
+def chain_of(
+    addons: tuple[Addon, ...], claimers: list[str] | tuple[()], up: bool
+) -> tuple[Step, ...]:
     """The steps of one direction: for each claiming addon, in the addons' order, its
     `client_data`/`client_eof` (`up`) or `server_data`/`server_eof`."""
     data_name, eof_name = ("client_data", "client_eof") if up else ("server_data", "server_eof")

@@ -68,9 +68,9 @@ class AddonSession:
     """
 
     __slots__ = (
-        "_ended", "_on_reset", "_record", "_relay", "_to_client", "_to_upstream", "action",
-        "claimers",
-        "reason", "reset_asked", "rule", "starting", "state",
+        "_ended", "_on_reset", "_record", "_relay", "_state", "_to_client", "_to_upstream",
+        "action", "claimers",
+        "reason", "reset_asked", "rule", "starting",
     )  # fmt: skip
 
     def __init__(
@@ -85,19 +85,28 @@ class AddonSession:
         self.rule = rule
         self.action = action
         self.reason: str | None = None
-        self.state: dict[str, Any] = {}
+        self._state: dict[str, Any] | None = None  # made when an addon first looks
         # The addon whose session_start runs now (claim() claims for it); None outside them.
         self.starting: str | None = None
-        self.claimers: list[str] = []  # the addons that claimed the session, in claim order
+        # The addons that claimed the session, in claim order (most sessions: none; nothing
+        # is made per session that no addon uses: the garbage collector's work is per object).
+        self.claimers: list[str] | tuple[()] = ()
         self.reset_asked = False  # reset() in session_start: a reset verdict
-        self._to_client: list[bytes] = []
-        self._to_upstream: list[bytes] = []
+        self._to_client: list[bytes] | None = None  # sent before relaying, made when sent
+        self._to_upstream: list[bytes] | None = None
         self._relay: AddonRelay | None = None
         self._ended = False
 
     @property
     def id(self) -> str:
         return self._record.id
+
+    @property
+    def state(self) -> dict[str, Any]:
+        state = self._state
+        if state is None:
+            state = self._state = {}
+        return state
 
     @property
     def client(self) -> Address:
@@ -128,7 +137,7 @@ class AddonSession:
         if self.starting is None:
             raise RuntimeError("claim() is for session_start")
         if self.starting not in self.claimers:
-            self.claimers.append(self.starting)
+            self.claimers = [*self.claimers, self.starting]
 
     def send_to_client(self, data: bytes) -> None:
         self._send(data, to_client=True)
@@ -147,7 +156,10 @@ class AddonSession:
         data = bytes(data)
         relay = self._relay
         if relay is None:  # still deciding or connecting: sent first, once relaying
-            (self._to_client if to_client else self._to_upstream).append(data)
+            if to_client:
+                self._to_client = [*(self._to_client or ()), data]
+            else:
+                self._to_upstream = [*(self._to_upstream or ()), data]
         else:
             (relay.down if to_client else relay.up).push(data)
 
@@ -175,16 +187,22 @@ class AddonSession:
     def attach(self, relay: AddonRelay) -> tuple[list[bytes], list[bytes]]:
         """The addon relay starts: what was sent before it, (to the upstream, to the client)."""
         self._relay = relay
-        queued = self._to_upstream, self._to_client
-        self._to_upstream, self._to_client = [], []
+        queued = self._to_upstream or [], self._to_client or []
+        self._to_upstream = self._to_client = None
         return queued
 
     def detach(self) -> None:
         """The session has ended (or its relay is ending): nothing more can be sent."""
         self._relay = None
         self._ended = True
-        self._to_client.clear()
-        self._to_upstream.clear()
+        # The engine's session is not needed any more, and must not be kept: it holds this
+        # object, and a cycle would leave every session to the cyclic garbage collector.
+        self._on_reset = _nothing
+        self._to_client = self._to_upstream = None
+
+
+def _nothing() -> None:
+    pass
 
 
 def _address(endpoint: str) -> Address:

@@ -498,7 +498,9 @@ class Session:
             except _HOOK_ERRORS as exc:
                 self._addon_failed(hook, exc)
                 return
-            if not self._start_hook(hook, answer, run):
+            if (answer is not None or run.session.reset_asked) and not self._start_hook(
+                hook, answer, run
+            ):
                 return
         run.session.starting = None
         self._carry_out(_final(run.verdict, verdict), deciding, now, sniffed)
@@ -643,7 +645,7 @@ class Session:
             deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
             if deciding.handshake is None:
                 return
-        if verdict.intercepts:
+        if verdict.tls is not None and verdict.intercepts:
             self._tls = self._intercepting(verdict, sniffed, deciding, now)
         self._deciding = deciding if (deciding.held or deciding.handshake) else None
         self._connect(target, spoof_ip, now)
