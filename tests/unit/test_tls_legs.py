@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import re
 import selectors
@@ -32,7 +33,13 @@ from hypothesis import strategies as st
 from tproxy.sniffers.facts import TlsHello
 from tproxy.sniffers.tls import sniff_tls
 from tproxy.tls.ca import CA, build_ca
-from tproxy.tls.contexts import LeafContexts, UpstreamContexts, load_pem_chain, usable_alpn
+from tproxy.tls.contexts import (
+    DEFAULT_UPSTREAM_CONTEXTS,
+    LeafContexts,
+    UpstreamContexts,
+    load_pem_chain,
+    usable_alpn,
+)
 from tproxy.tls.forge import ForgedLeaf, LeafForger, read_upstream_cert
 from tproxy.tls.legs import (
     ClientLeg,
@@ -802,13 +809,39 @@ def test_the_system_store_is_the_default() -> None:
     ("offered", "usable"),
     [
         (("h2", "http/1.1"), ("h2", "http/1.1")),
-        (("h2", "h2", "x\\x00y", "", "caf\u00e9"), ("h2",)),
-        (tuple(f"p{i}" for i in range(40)), tuple(f"p{i}" for i in range(16))),
+        (("http/1.1", "h2"), ("http/1.1", "h2")),  # the client's order
+        (("h2", "h2", "x\\x00y", "", "caf\u00e9", "http/1.0"), ("h2", "http/1.0")),
+        (("acme-tls/1",), ()),
+        (("spdy/3.1", "H2", "http/1.1"), ("http/1.1",)),
+        ((*(f"p{i}" for i in range(40)), "h2"), ("h2",)),
         (("a" * 256,), ()),
     ],
 )
 def test_usable_alpn(offered: tuple[str, ...], usable: tuple[str, ...]) -> None:
     assert usable_alpn(offered) == usable
+
+
+def test_no_alpn_list_a_client_sends_makes_a_context_or_evicts_one(pki: PKI) -> None:
+    """Each new list used to make a verifying context (the trust store loaded on the event
+    loop) and push the common ones out (review rv3, finding 4): every list a client can send
+    now maps to one of a few, all of which the cache holds."""
+    contexts = UpstreamContexts(str(pki.upstream_ca_file))
+    common = {
+        verify: contexts.get(verify, usable_alpn(("h2", "http/1.1"))) for verify in (True, False)
+    }
+    made = contexts.made
+    for i in range(100):
+        contexts.get(True, usable_alpn((f"x{i}",)))
+        contexts.get(True, usable_alpn((f"x{i}", "h2", f"y{i}", "http/1.1")))
+    assert contexts.made == made  # () was made at construction, ("h2", "http/1.1") above
+    protocols = ["h2", "http/1.1", "http/1.0"]
+    every = {tuple(p) for n in range(4) for p in itertools.permutations([*protocols, "junk"], n)}
+    for offered in every:
+        for verify in (True, False):
+            contexts.get(verify, usable_alpn(offered))
+    assert contexts.made <= DEFAULT_UPSTREAM_CONTEXTS
+    for verify in (True, False):
+        assert contexts.get(verify, ("h2", "http/1.1")) is common[verify]
 
 
 def test_bounded_escapes_and_cuts() -> None:

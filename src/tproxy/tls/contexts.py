@@ -5,8 +5,11 @@ each made once and cached (bounded).
 Why contexts are cached per ALPN. The stdlib sets ALPN on a context, not on a connection
 (`set_alpn_protocols`), and the two legs of a session must agree: the upstream is offered the
 client's own list, and the client is offered exactly what the upstream chose. So a context is
-keyed by the ALPN it carries. In practice the keys are few: clients send a handful of lists
-(`h2,http/1.1`, `http/1.1`, none), upstreams choose among two or three protocols.
+keyed by the ALPN it carries. The keys must stay few, since a new verifying upstream context
+loads the trust store on the event loop (below): the upstream is offered only the protocols of
+`UPSTREAM_ALPN` the client offered, in the client's order, so at most 16 lists exist (browsers
+send `h2,http/1.1`, others `http/1.1` or none), and the cache holds them all; upstreams choose
+among those three protocols.
 
 How a forged leaf reaches OpenSSL. `SSLContext.load_cert_chain` reads files only. The leaf key
 and the leaf certificate are written into an anonymous memory file (`memfd_create(2)`) and loaded
@@ -52,14 +55,25 @@ from tproxy.core.options import ConfigError
 from tproxy.tls.forge import ForgedLeaf
 from tproxy.tls.legs import ObservedSSLObject, observe_handshake
 
-# ALPN protocol names: RFC 7301, 1 to 255 bytes; a client offering more than this many is not
-# a browser (they send two or three).
-MAX_ALPN_NAMES = 16
+UPSTREAM_ALPN = ("h2", "http/1.1", "http/1.0")
+"""The ALPN protocols an upstream is offered, those of them the client offered (`usable_alpn`).
+
+Each distinct list is a context of its own, and a verifying one costs 16-20 ms of the event loop
+and about 830 KiB (the trust store): were the client's list passed on as it is, each connection
+with a list never seen before would cost that, and push the common lists out of the cache (review
+rv3). The three protocols of HTTPS over TCP are kept. Any other (`acme-tls/1`, `dot`, `imap`,
+`xmpp-client`, a made-up one) is not offered upstream: the upstream sees the client's HTTP
+protocols or no ALPN at all, and the client is offered what the upstream chose. A client that
+requires another protocol then fails its handshake with us (no_application_protocol): such
+traffic is not HTTPS, and is better passed through by a rule than intercepted."""
+# Every list `usable_alpn` can give: the ordered selections of UPSTREAM_ALPN (1 + 3 + 6 + 6).
+_ALPN_LISTS = 16
 # Memory, measured: a leaf context holds about 21.5 KiB (1024 of them: 22 MiB per worker); a
-# verifying upstream context about 830 KiB (the system's 144 CAs parsed), so few of those: clients
-# send a handful of ALPN lists.
+# verifying upstream context about 830 KiB (the system's 144 CAs parsed), a non-verifying one a
+# few KiB. Room for every ALPN list in both modes: nothing a client sends evicts a context, and
+# the worst case (16 verifying contexts) is about 13 MiB per worker.
 DEFAULT_LEAF_CONTEXTS = 1024
-DEFAULT_UPSTREAM_CONTEXTS = 16
+DEFAULT_UPSTREAM_CONTEXTS = 2 * _ALPN_LISTS
 PEM = Encoding.PEM
 UPSTREAM_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 """The TLS 1.2 suites offered upstream (TLS 1.3's are OpenSSL's defaults, untouched): ECDHE only,
@@ -91,20 +105,14 @@ class _LRU:
 
 
 def usable_alpn(offered: tuple[str, ...]) -> tuple[str, ...]:
-    """The ALPN names of a client's list that can be offered again: printable ASCII as the
-    sniffer gives them (a name it had to escape, with a backslash, is not the client's bytes any
-    more and is left out), 1 to 255 bytes, no repeats, at most `MAX_ALPN_NAMES`."""
+    """The ALPN list the upstream is offered for a client's: the names of `UPSTREAM_ALPN` it
+    offered, in its order, without repeats (see `UPSTREAM_ALPN` for why no others). Other names
+    are left out as they are: compared exactly (ALPN names are bytes: `H2` is not `h2`)."""
     names: list[str] = []
     for name in offered:
-        if (
-            0 < len(name) <= 255
-            and name.isascii()
-            and name.isprintable()
-            and "\\" not in name
-            and name not in names
-        ):
+        if name in UPSTREAM_ALPN and name not in names:
             names.append(name)
-            if len(names) == MAX_ALPN_NAMES:
+            if len(names) == len(UPSTREAM_ALPN):
                 break
     return tuple(names)
 

@@ -6,10 +6,10 @@ Theory of operation
 -------------------
 An intercepted session has two TLS connections. Toward the client, tproxy is the TLS server
 (`ClientLeg`), presenting a leaf forged for the client's SNI. Toward the upstream, tproxy is the
-TLS client (`UpstreamLeg`), offering the client's SNI and ALPN list and verifying the upstream's
-certificate. Each leg is an `ssl.SSLObject` over two `ssl.MemoryBIO`s (what `asyncio`'s own TLS
-transport does): the engine moves bytes between the sockets and the BIOs, and the leg says what
-happened. The order the engine follows:
+TLS client (`UpstreamLeg`), offering the client's SNI and the HTTP protocols of its ALPN list
+(`contexts.usable_alpn`) and verifying the upstream's certificate. Each leg is an `ssl.SSLObject`
+over two `ssl.MemoryBIO`s (what `asyncio`'s own TLS transport does): the engine moves bytes
+between the sockets and the BIOs, and the leg says what happened. The order the engine follows:
 
 1. the ClientHello is sniffed (SNI, ALPN) and held, as for any sniffed session;
 2. `open_upstream_leg` -> `data_to_send()` is our ClientHello; the upstream's answers go into
