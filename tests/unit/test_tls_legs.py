@@ -133,7 +133,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     # The upstream's own certificate, made with the forger of its own CA (same shape).
     upstream_forger = LeafForger(upstream_ca)
     facts = UpstreamCertFacts(dns_names=(UPSTREAM_NAME,), ip_addresses=(UPSTREAM_IP,))
-    leaf = upstream_forger.leaf_for(UPSTREAM_NAME, facts, NOW)
+    leaf = upstream_forger.leaf_for(None, facts, NOW)  # without SNI: all of them
     assert isinstance(leaf, ForgedLeaf)
     return PKI(
         ours,

@@ -61,7 +61,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     ca_file.write_bytes(upstream_ca.cert_pem)
     upstream_forger = LeafForger(upstream_ca)
     facts = UpstreamCertFacts(dns_names=(UPSTREAM_NAME,), ip_addresses=(UPSTREAM_IP,))
-    leaf = upstream_forger.leaf_for(UPSTREAM_NAME, facts, NOW)
+    leaf = upstream_forger.leaf_for(None, facts, NOW)  # without SNI: all of them
     assert isinstance(leaf, ForgedLeaf)
     return PKI(ours, upstream_ca, ca_file, upstream_forger.leaf_key_pem + leaf.chain_pem,
                _self_signed_pem(), LeafForger(ours))  # fmt: skip
