@@ -38,6 +38,16 @@ without the observer: the observer costs a Python call per TLS record (measured:
 a 100-byte record 2.9 µs without, 7.3 µs with it; a 16 KiB one 11.0 µs against 14.9 µs), and an
 established connection needs nothing of its context any more (its keys, its peer's certificate
 and its session are its own; renegotiation, which would need the certificate again, is refused).
+
+The key log (`keylog`; not wired to a command-line option yet). `SSLContext.keylog_filename`
+makes each context open the file itself, by its path (`fopen(path, "a")`, kept open): one
+descriptor per cached context (up to `DEFAULT_LEAF_CONTEXTS` of them), and each later open follows
+whatever the path is by then, a symbolic link included (`prepare_keylog`'s O_NOFOLLOW and 0600
+hold only at start-up). So the `--keylog` wiring must open the file once (O_NOFOLLOW, 0600) and
+hand the contexts that descriptor's `/proc/self/fd/N` instead of the path: each context's own
+open then reaches the same file whatever the path has become. The descriptor per context stays
+(the stdlib has no key log callback to write through one): count it in the descriptor budget,
+or make key logging run with a smaller leaf cache.
 """
 
 from __future__ import annotations
