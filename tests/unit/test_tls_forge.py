@@ -15,7 +15,7 @@ from typing import IO
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -25,13 +25,20 @@ from hypothesis import strategies as st
 from tproxy.tls.ca import CA, CA_VALIDITY, build_ca, create_ca
 from tproxy.tls.forge import (
     LEAF_MAX_VALIDITY,
+    MAX_CACHED_CERT_BYTES,
     REFRESH_BEFORE,
     ForgedLeaf,
     LeafForger,
     leaf_validity,
     read_upstream_cert,
 )
-from tproxy.tls.names import LeafNames, NameRejected, UpstreamCertFacts, choose_names
+from tproxy.tls.names import (
+    MAX_UPSTREAM_NAMES,
+    LeafNames,
+    NameRejected,
+    UpstreamCertFacts,
+    choose_names,
+)
 
 NOW = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 IP4 = ipaddress.IPv4Address("198.18.2.2")
@@ -149,15 +156,31 @@ def test_the_chain_is_the_leaf_then_the_ca(forger: LeafForger, ca: CA) -> None:
 # --- names ----------------------------------------------------------------------------------------
 
 
-def test_the_sni_first_then_the_upstreams_names(forger: LeafForger, ca: CA) -> None:
+def test_the_sni_alone_not_the_upstreams_other_names(forger: LeafForger, ca: CA) -> None:
+    """A leaf valid for more than the SNI would draw other names' requests onto the intercepted
+    connection (HTTP/2 connection coalescing; review rv3, finding 5)."""
     upstream = _upstream("*.example.test", "example.test", ips=(IP4,))
     leaf = _forge(forger, "a.example.test", upstream)
-    assert _alt_names(leaf) == ["a.example.test", "*.example.test", "example.test", IP4]
+    assert _alt_names(leaf) == ["a.example.test"]
     assert leaf.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
         "a.example.test"
     )
-    for name in [x509.DNSName("a.example.test"), x509.DNSName("b.example.test"),
-                 x509.DNSName("example.test"), x509.IPAddress(IP4)]:  # fmt: skip
+    _verify(ca, leaf.cert, x509.DNSName("a.example.test"))
+    for name in [x509.DNSName("b.example.test"), x509.DNSName("example.test"),
+                 x509.IPAddress(IP4)]:  # fmt: skip
+        with pytest.raises(VerificationError):
+            _verify(ca, leaf.cert, name)
+
+
+def test_without_sni_the_upstreams_names(forger: LeafForger, ca: CA) -> None:
+    upstream = _upstream("*.example.test", "example.test", ips=(IP4,))
+    leaf = _forge(forger, None, upstream, destination=IP4)
+    assert _alt_names(leaf) == ["*.example.test", "example.test", IP4]
+    assert leaf.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
+        "*.example.test"
+    )
+    for name in [x509.DNSName("b.example.test"), x509.DNSName("example.test"),
+                 x509.IPAddress(IP4)]:  # fmt: skip
         _verify(ca, leaf.cert, name)
 
 
@@ -236,7 +259,7 @@ def test_the_cache_is_keyed_by_the_names_and_the_upstreams_end(forger: LeafForge
     assert _forge(forger, "a.example", _upstream("a.example", "b.example")) is first
     renewed = _upstream("a.example", "b.example", not_after=NOW + timedelta(days=300))
     assert _forge(forger, "a.example", renewed) is not first
-    assert _forge(forger, "b.example", upstream).names.names == ("b.example", "a.example")
+    assert _forge(forger, "b.example", upstream).names.names == ("b.example",)
     assert forger.signed == 3
 
 
@@ -293,10 +316,48 @@ def test_a_hundred_names_sign_a_hundred_leaves_and_repeats_sign_none(forger: Lea
 
 def test_reading_an_upstream_certificate(forger: LeafForger) -> None:
     upstream = _upstream("a.example", "*.b.example", ips=(IP4, IP6))
-    der = _forge(forger, "a.example", upstream).cert.public_bytes(serialization.Encoding.DER)
+    der = _forge(forger, None, upstream).cert.public_bytes(serialization.Encoding.DER)
     assert read_upstream_cert(der) == UpstreamCertFacts(
         ("a.example", "*.b.example"), (IP4, IP6), "a.example", upstream.not_after
     )
+
+
+def _certificate_with_names(count: int, salt: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"n0.{salt}.example")])
+    alt_names: list[x509.GeneralName] = [x509.DNSName(f"n{i}.{salt}.example") for i in range(count)]
+    alt_names.append(x509.IPAddress(IP4))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=9))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_certificate_with_thousands_of_names_is_read_bounded() -> None:
+    """Only the first MAX_UPSTREAM_NAMES names are kept, and so large a certificate is not kept
+    as a cache key either (review rv3, finding 6)."""
+    der = _certificate_with_names(5000, "huge")
+    assert len(der) > MAX_CACHED_CERT_BYTES
+    facts = read_upstream_cert(der)
+    assert isinstance(facts, UpstreamCertFacts)
+    assert facts.dns_names == tuple(f"n{i}.huge.example" for i in range(MAX_UPSTREAM_NAMES))
+    assert facts.ip_addresses == ()
+    assert facts.unread == 5001 - MAX_UPSTREAM_NAMES
+    again = read_upstream_cert(der)
+    assert again == facts and again is not facts  # read again, not cached
+    assert choose_names("n7.huge.example", facts) == LeafNames(
+        ("n7.huge.example",), (f"4801 names past the first {MAX_UPSTREAM_NAMES}: not read",)
+    )
+    small = _certificate_with_names(20, "small")
+    assert read_upstream_cert(small) is read_upstream_cert(small)  # cached
 
 
 def test_an_upstream_certificate_without_alt_names(ca: CA) -> None:

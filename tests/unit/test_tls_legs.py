@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import re
 import selectors
@@ -24,7 +25,7 @@ from typing import IO
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,11 +33,18 @@ from hypothesis import strategies as st
 from tproxy.sniffers.facts import TlsHello
 from tproxy.sniffers.tls import sniff_tls
 from tproxy.tls.ca import CA, build_ca
-from tproxy.tls.contexts import LeafContexts, UpstreamContexts, load_pem_chain, usable_alpn
+from tproxy.tls.contexts import (
+    DEFAULT_UPSTREAM_CONTEXTS,
+    LeafContexts,
+    UpstreamContexts,
+    load_pem_chain,
+    usable_alpn,
+)
 from tproxy.tls.forge import ForgedLeaf, LeafForger, read_upstream_cert
 from tproxy.tls.legs import (
     ClientLeg,
     LegState,
+    ObservedSSLObject,
     TLSFailure,
     TLSLeg,
     UpstreamLeg,
@@ -47,6 +55,7 @@ from tproxy.tls.legs import (
     open_upstream_leg,
 )
 from tproxy.tls.names import UpstreamCertFacts
+from tproxy.tls.passthrough import reason_to_remember
 
 NOW = datetime.now(UTC)
 UPSTREAM_NAME = "upstream.example"
@@ -124,7 +133,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     # The upstream's own certificate, made with the forger of its own CA (same shape).
     upstream_forger = LeafForger(upstream_ca)
     facts = UpstreamCertFacts(dns_names=(UPSTREAM_NAME,), ip_addresses=(UPSTREAM_IP,))
-    leaf = upstream_forger.leaf_for(UPSTREAM_NAME, facts, NOW)
+    leaf = upstream_forger.leaf_for(None, facts, NOW)  # without SNI: all of them
     assert isinstance(leaf, ForgedLeaf)
     return PKI(
         ours,
@@ -433,6 +442,99 @@ def test_an_upstream_asking_for_a_client_certificate_is_recognized(
     assert leg.state is LegState.FAILED
     assert leg.failure is not None
     assert leg.failure.reason == "upstream_wants_client_cert"
+    # TLS 1.3 asks before its Certificate and is believed once the handshake is done; TLS 1.2
+    # asks after its Certificate and signed ServerKeyExchange, and refuses during it.
+    tls12 = version is ssl.TLSVersion.TLSv1_2
+    assert (leg.failure.alert == "handshake_failure") is tls12
+    assert isinstance(leg._obj, ObservedSSLObject)
+    assert leg._obj.certificate_received and leg._obj.certificate_requested
+    assert leg._obj.requested_after_certificate is tls12
+
+
+@pytest.mark.parametrize("record_version", [b"\x03\x03", b"\x03\x01"], ids=["1.2", "1.0"])
+def test_alert_certificate_required_before_anything_is_authenticated_fails_closed(
+    upstreams: UpstreamContexts, record_version: bytes
+) -> None:
+    """Anyone can answer our ClientHello with a bare alert 116: it proves nothing, and believing
+    it would pass the name through for every client (review rv3, finding 1)."""
+    leg = open_upstream_leg(upstreams.get(True, ()), "www.bank.example", "203.0.113.9")
+    assert isinstance(leg, UpstreamLeg)
+    assert leg.data_to_send()
+    leg.receive(b"\x15" + record_version + b"\x00\x02\x02\x74")  # fatal certificate_required
+    assert leg.failure is not None
+    assert leg.failure.alert == "certificate_required"
+    assert leg.failure.reason == "upstream_tls_failed"
+    assert reason_to_remember(leg.failure, "upstream", on_client_reject=False) is None
+
+
+def _records(flight: bytes) -> list[bytes]:
+    records = []
+    while flight:
+        size = 5 + int.from_bytes(flight[3:5], "big")
+        records.append(flight[:size])
+        flight = flight[size:]
+    return records
+
+
+def test_a_certificate_request_then_eof_before_the_certificate_fails_closed(
+    pki: PKI, upstreams: UpstreamContexts
+) -> None:
+    """TLS 1.3: a CertificateRequest comes before the upstream's Certificate; an upstream that
+    stops after it authenticated nothing (review rv3, finding 1)."""
+    leg = open_upstream_leg(upstreams.get(True, ()), UPSTREAM_NAME, str(UPSTREAM_IP))
+    assert isinstance(leg, UpstreamLeg)
+    server = Peer(server_context(pki.upstream_pem, client_cert=True), server_side=True)
+    server.incoming.write(leg.data_to_send())
+    server.step()
+    # ServerHello, ChangeCipherSpec, EncryptedExtensions, CertificateRequest (then Certificate,
+    # CertificateVerify, Finished: not delivered).
+    records = _records(server.out())
+    assert len(records) == 7
+    leg.receive(b"".join(records[:4]))
+    assert leg.state is LegState.HANDSHAKING
+    assert isinstance(leg._obj, ObservedSSLObject) and leg._obj.certificate_requested
+    leg.receive_eof()
+    assert leg.failure is not None and leg.failure.peer_eof
+    assert leg.failure.reason == "upstream_tls_failed"
+
+
+def _rsa_upstream_pem(pki: PKI) -> bytes:
+    forger = LeafForger(pki.upstream_ca, leaf_key=rsa.generate_private_key(65537, 2048))
+    facts = UpstreamCertFacts(dns_names=(UPSTREAM_NAME,))
+    leaf = forger.leaf_for(UPSTREAM_NAME, facts, NOW)
+    assert isinstance(leaf, ForgedLeaf)
+    return forger.leaf_key_pem + leaf.chain_pem
+
+
+def test_an_upstream_with_rsa_key_exchange_only_fails_even_when_it_asks_for_a_certificate(
+    pki: PKI, upstreams: UpstreamContexts
+) -> None:
+    """Without a signed ServerKeyExchange, a TLS 1.2 CertificateRequest after a (replayed)
+    Certificate proves nothing: such upstreams are not offered TLS 1.2 suites at all."""
+    server = server_context(
+        _rsa_upstream_pem(pki), client_cert=True, version=ssl.TLSVersion.TLSv1_2
+    )
+    server.set_ciphers("AES128-GCM-SHA256:AES256-GCM-SHA384")  # RSA key exchange
+    leg, _ = _upstream_leg(upstreams, server, UPSTREAM_NAME)
+    assert leg.failure is not None
+    assert leg.failure.reason == "upstream_tls_failed"
+    assert leg.failure.in_handshake
+    assert isinstance(leg._obj, ObservedSSLObject) and not leg._obj.certificate_requested
+    for context in (upstreams.get(True, ()), upstreams.get(False, ()), upstreams.established):
+        tls12 = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+        assert tls12 and all(name.startswith("ECDHE-") for name in tls12)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_an_unverified_upstream_asking_for_a_certificate_is_not_believed(
+    pki: PKI, upstreams: UpstreamContexts, version: ssl.TLSVersion
+) -> None:
+    """With `upstream_verify = false` the upstream proved nothing: the session fails, and the
+    name is not passed through for everyone."""
+    server = server_context(pki.self_signed_pem, client_cert=True, version=version)
+    leg, _ = _upstream_leg(upstreams, server, UPSTREAM_NAME, verify=False)
+    assert leg.failure is not None
+    assert leg.failure.reason == "upstream_tls_failed"
 
 
 def test_alert_certificate_required_alone_is_recognized(pki: PKI) -> None:
@@ -707,13 +809,39 @@ def test_the_system_store_is_the_default() -> None:
     ("offered", "usable"),
     [
         (("h2", "http/1.1"), ("h2", "http/1.1")),
-        (("h2", "h2", "x\\x00y", "", "caf\u00e9"), ("h2",)),
-        (tuple(f"p{i}" for i in range(40)), tuple(f"p{i}" for i in range(16))),
+        (("http/1.1", "h2"), ("http/1.1", "h2")),  # the client's order
+        (("h2", "h2", "x\\x00y", "", "caf\u00e9", "http/1.0"), ("h2", "http/1.0")),
+        (("acme-tls/1",), ()),
+        (("spdy/3.1", "H2", "http/1.1"), ("http/1.1",)),
+        ((*(f"p{i}" for i in range(40)), "h2"), ("h2",)),
         (("a" * 256,), ()),
     ],
 )
 def test_usable_alpn(offered: tuple[str, ...], usable: tuple[str, ...]) -> None:
     assert usable_alpn(offered) == usable
+
+
+def test_no_alpn_list_a_client_sends_makes_a_context_or_evicts_one(pki: PKI) -> None:
+    """Each new list used to make a verifying context (the trust store loaded on the event
+    loop) and push the common ones out (review rv3, finding 4): every list a client can send
+    now maps to one of a few, all of which the cache holds."""
+    contexts = UpstreamContexts(str(pki.upstream_ca_file))
+    common = {
+        verify: contexts.get(verify, usable_alpn(("h2", "http/1.1"))) for verify in (True, False)
+    }
+    made = contexts.made
+    for i in range(100):
+        contexts.get(True, usable_alpn((f"x{i}",)))
+        contexts.get(True, usable_alpn((f"x{i}", "h2", f"y{i}", "http/1.1")))
+    assert contexts.made == made  # () was made at construction, ("h2", "http/1.1") above
+    protocols = ["h2", "http/1.1", "http/1.0"]
+    every = {tuple(p) for n in range(4) for p in itertools.permutations([*protocols, "junk"], n)}
+    for offered in every:
+        for verify in (True, False):
+            contexts.get(verify, usable_alpn(offered))
+    assert contexts.made <= DEFAULT_UPSTREAM_CONTEXTS
+    for verify in (True, False):
+        assert contexts.get(verify, ("h2", "http/1.1")) is common[verify]
 
 
 def test_bounded_escapes_and_cuts() -> None:

@@ -1,6 +1,7 @@
-"""Which names a forged leaf carries: the SNI first and only when the upstream vouched for it, the
-upstream's names, the destination as a last resort; garbage from either side is an answer,
-never an exception, and never turns into a wildcard."""
+"""Which names a forged leaf carries: the SNI alone when the upstream vouched for it, the
+upstream's names only without an SNI, the destination as a last resort; garbage from either side
+is an answer, never an exception, and never turns into a wildcard; bounded work for a certificate
+with thousands of names."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tproxy.tls import names as names_module
 from tproxy.tls.names import (
     MAX_LEAF_NAMES,
+    MAX_UPSTREAM_NAMES,
     LeafNames,
     NameRejected,
     UpstreamCertFacts,
@@ -141,33 +144,44 @@ def test_without_sni_or_upstream_certificate_the_destination() -> None:
     )
 
 
-def test_the_sni_first_then_the_upstreams_names_once_each() -> None:
+def test_an_sni_the_upstream_vouched_for_is_the_only_name() -> None:
+    """Not the upstream's other names and wildcards: browsers would coalesce requests for them
+    onto this intercepted HTTP/2 connection (review rv3, finding 5)."""
+    upstream = _upstream("*.google.com", "google.com", "*.youtube.com", "accounts.google.com",
+                         ips=(IP4,))  # fmt: skip
+    assert choose_names("www.google.com", upstream, IP6) == LeafNames(("www.google.com",))
+    assert choose_names("accounts.google.com", upstream) == LeafNames(("accounts.google.com",))
+    assert choose_names("198.18.2.2", upstream) == LeafNames((IP4,))
+
+
+def test_without_sni_the_upstreams_names_once_each() -> None:
     upstream = _upstream("*.example.test", "example.test", "b.example.test", "EXAMPLE.test",
                          ips=(IP4, IP4))  # fmt: skip
-    assert choose_names("b.example.test", upstream, IP6) == LeafNames(
-        ("b.example.test", "*.example.test", "example.test", IP4)
+    assert choose_names(None, upstream, IP6) == LeafNames(
+        ("*.example.test", "example.test", "b.example.test", IP4)
     )
 
 
-def test_an_sni_covered_by_a_wildcard_comes_first() -> None:
+def test_an_sni_covered_by_a_wildcard_is_the_only_name() -> None:
     assert choose_names("a.example.test", _upstream("*.example.test"), None) == LeafNames(
-        ("a.example.test", "*.example.test")
+        ("a.example.test",)
     )
 
 
 def test_an_sni_the_upstream_did_not_vouch_for_is_left_out() -> None:
-    assert choose_names("bank.example", _upstream("evil.example"), IP4) == LeafNames(
+    """The leaf then carries the upstream's first name alone: the client sees the mismatch it
+    would have seen without us, and nothing to coalesce onto."""
+    upstream = _upstream("evil.example", "*.evil.example", "other.example")
+    assert choose_names("bank.example", upstream, IP4) == LeafNames(
         ("evil.example",), ("'bank.example' (the SNI): not in the upstream certificate",)
     )
 
 
 def test_an_ip_sni_needs_the_upstreams_ip() -> None:
-    assert choose_names("198.18.2.2", _upstream("a.example", ips=(IP4,))) == LeafNames(
-        (IP4, "a.example")
-    )
+    assert choose_names("198.18.2.2", _upstream("a.example", ips=(IP4,))) == LeafNames((IP4,))
     chosen = choose_names("198.18.2.3", _upstream("a.example", ips=(IP4,)))
     assert isinstance(chosen, LeafNames)
-    assert chosen.names == ("a.example", IP4)
+    assert chosen.names == ("a.example",)
 
 
 def test_the_common_name_counts_only_without_dns_names() -> None:
@@ -213,14 +227,54 @@ def test_an_invalid_sni_is_a_refusal_even_with_an_upstream() -> None:
 
 
 def test_names_are_bounded_and_so_is_what_is_said_about_them() -> None:
-    upstream = _upstream(*[f"n{i}.example" for i in range(300)], *["bad name"] * 50)
-    chosen = choose_names("n299.example", upstream)
+    upstream = _upstream(*[f"n{i}.example" for i in range(150)], *["bad name"] * 50)
+    chosen = choose_names(None, upstream)
     assert isinstance(chosen, LeafNames)
     assert len(chosen.names) == MAX_LEAF_NAMES
-    assert chosen.names[:2] == ("n299.example", "n0.example")
+    assert chosen.names[:2] == ("n0.example", "n1.example")
     assert len(chosen.dropped) == 6
-    assert chosen.dropped[0] == "200 names past the first 100"
+    assert chosen.dropped[0] == "50 names past the first 100"
     assert chosen.dropped[-1] == "46 more"
+
+
+def test_only_the_first_names_of_a_huge_certificate_are_read() -> None:
+    """A certificate with thousands of names (review rv3, finding 6): the first
+    MAX_UPSTREAM_NAMES are read, each once; an SNI among the rest is not covered."""
+    names = [f"n{i}.example" for i in range(5000)]
+    upstream = _upstream(*names, ips=(IP4,))
+    read: list[str] = []
+    real = names_module.parse_dns_name
+
+    def counting(text: str, *, wildcard: bool = False) -> str | NameRejected:
+        read.append(text)
+        return real(text, wildcard=wildcard)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(names_module, "parse_dns_name", counting)
+        unread = f"{5001 - MAX_UPSTREAM_NAMES} names past the first {MAX_UPSTREAM_NAMES}: not read"
+        assert choose_names("n5.example", upstream) == LeafNames(("n5.example",), (unread,))
+        assert len(read) == 1 + MAX_UPSTREAM_NAMES  # the SNI, then the certificate's
+        chosen = choose_names("n4999.example", upstream)
+    assert chosen == LeafNames(
+        ("n0.example",),
+        (
+            unread,
+            f"'n4999.example' (the SNI): not in the first {MAX_UPSTREAM_NAMES} names of the "
+            "upstream certificate",
+        ),
+    )
+    without_sni = choose_names(None, UpstreamCertFacts(tuple(names[:10]), unread=7))
+    assert isinstance(without_sni, LeafNames)
+    assert without_sni.dropped == (f"7 names past the first {MAX_UPSTREAM_NAMES}: not read",)
+    assert len(without_sni.names) == 10
+
+
+def test_repeated_names_are_kept_once_in_their_order() -> None:
+    upstream = _upstream(*[f"n{i % 3}.example" for i in range(MAX_UPSTREAM_NAMES)], ips=(IP4,))
+    assert choose_names(None, upstream) == LeafNames(
+        ("n0.example", "n1.example", "n2.example"),
+        (f"1 names past the first {MAX_UPSTREAM_NAMES}: not read",),
+    )
 
 
 # --- hostile input ------------------------------------------------------------------------------

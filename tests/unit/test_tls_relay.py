@@ -48,6 +48,7 @@ from tproxy.sniffers.tls import sniff_tls
 from tproxy.tls.contexts import LeafContexts, UpstreamContexts
 from tproxy.tls.forge import ForgedLeaf, LeafForger
 from tproxy.tls.names import UpstreamCertFacts
+from tproxy.tls.passthrough import reason_to_remember
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: upstream.example\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
@@ -60,7 +61,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     ca_file.write_bytes(upstream_ca.cert_pem)
     upstream_forger = LeafForger(upstream_ca)
     facts = UpstreamCertFacts(dns_names=(UPSTREAM_NAME,), ip_addresses=(UPSTREAM_IP,))
-    leaf = upstream_forger.leaf_for(UPSTREAM_NAME, facts, NOW)
+    leaf = upstream_forger.leaf_for(None, facts, NOW)  # without SNI: all of them
     assert isinstance(leaf, ForgedLeaf)
     return PKI(ours, upstream_ca, ca_file, upstream_forger.leaf_key_pem + leaf.chain_pem,
                _self_signed_pem(), LeafForger(ours))  # fmt: skip
@@ -637,6 +638,29 @@ def test_an_upstream_asking_for_a_client_certificate_cannot_be_intercepted(
                 await upstream_tries
             assert await _ends(run.client.sock) == (b"", "reset")
             assert run.relay.outcome.failed_side == "upstream"
+
+    _run(scenario)
+
+
+def test_a_bare_alert_certificate_required_is_no_reason_to_pass_the_name_through(
+    pki: PKI, interception: Interception
+) -> None:
+    """An upstream (or anyone on the path) that answers our ClientHello with alert 116 alone has
+    authenticated nothing: the session fails, and nothing is remembered (review rv3)."""
+
+    async def scenario() -> None:
+        async with intercepting(
+            interception, _client_context(pki.ours), pki.upstream_server, sni="www.bank.example"
+        ) as run:
+            loop = asyncio.get_running_loop()
+            hello = await loop.sock_recv(run.upstream.sock, 65536)  # our ClientHello
+            assert hello[:1] == b"\x16"
+            await loop.sock_sendall(run.upstream.sock, b"\x15\x03\x03\x00\x02\x02\x74")
+            assert await run.reason() == "upstream_tls_failed"
+            outcome = run.relay.outcome
+            assert outcome.failed_side == "upstream"
+            assert outcome.failure is not None and outcome.failure.alert == "certificate_required"
+            assert reason_to_remember(outcome.failure, "upstream", on_client_reject=False) is None
 
     _run(scenario)
 

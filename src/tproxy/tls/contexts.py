@@ -5,8 +5,11 @@ each made once and cached (bounded).
 Why contexts are cached per ALPN. The stdlib sets ALPN on a context, not on a connection
 (`set_alpn_protocols`), and the two legs of a session must agree: the upstream is offered the
 client's own list, and the client is offered exactly what the upstream chose. So a context is
-keyed by the ALPN it carries. In practice the keys are few: clients send a handful of lists
-(`h2,http/1.1`, `http/1.1`, none), upstreams choose among two or three protocols.
+keyed by the ALPN it carries. The keys must stay few, since a new verifying upstream context
+loads the trust store on the event loop (below): the upstream is offered only the protocols of
+`UPSTREAM_ALPN` the client offered, in the client's order, so at most 16 lists exist (browsers
+send `h2,http/1.1`, others `http/1.1` or none), and the cache holds them all; upstreams choose
+among those three protocols.
 
 How a forged leaf reaches OpenSSL. `SSLContext.load_cert_chain` reads files only. The leaf key
 and the leaf certificate are written into an anonymous memory file (`memfd_create(2)`) and loaded
@@ -29,11 +32,22 @@ store (144 CAs from /etc/ssl/certs/ca-certificates.crt): 16-20 ms, once per ALPN
 
 Both kinds of context refuse TLS 1.2 renegotiation (`OP_NO_RENEGOTIATION`; TLS 1.3 has none) and
 older versions than TLS 1.2, and carry the handshake observer of `legs` (`_msg_callback`, see
-there). Once its handshake is done, a leg moves its connection to `established`, one bare context
-per side without the observer: the observer costs a Python call per TLS record (measured: reading
+there); toward upstreams, TLS 1.2 is offered with ECDHE suites only (`UPSTREAM_TLS12_CIPHERS`).
+Once its handshake is done, a leg moves its connection to `established`, one bare context per side
+without the observer: the observer costs a Python call per TLS record (measured: reading
 a 100-byte record 2.9 µs without, 7.3 µs with it; a 16 KiB one 11.0 µs against 14.9 µs), and an
 established connection needs nothing of its context any more (its keys, its peer's certificate
 and its session are its own; renegotiation, which would need the certificate again, is refused).
+
+The key log (`keylog`; not wired to a command-line option yet). `SSLContext.keylog_filename`
+makes each context open the file itself, by its path (`fopen(path, "a")`, kept open): one
+descriptor per cached context (up to `DEFAULT_LEAF_CONTEXTS` of them), and each later open follows
+whatever the path is by then, a symbolic link included (`prepare_keylog`'s O_NOFOLLOW and 0600
+hold only at start-up). So the `--keylog` wiring must open the file once (O_NOFOLLOW, 0600) and
+hand the contexts that descriptor's `/proc/self/fd/N` instead of the path: each context's own
+open then reaches the same file whatever the path has become. The descriptor per context stays
+(the stdlib has no key log callback to write through one): count it in the descriptor budget,
+or make key logging run with a smaller leaf cache.
 """
 
 from __future__ import annotations
@@ -51,15 +65,32 @@ from tproxy.core.options import ConfigError
 from tproxy.tls.forge import ForgedLeaf
 from tproxy.tls.legs import ObservedSSLObject, observe_handshake
 
-# ALPN protocol names: RFC 7301, 1 to 255 bytes; a client offering more than this many is not
-# a browser (they send two or three).
-MAX_ALPN_NAMES = 16
+UPSTREAM_ALPN = ("h2", "http/1.1", "http/1.0")
+"""The ALPN protocols an upstream is offered, those of them the client offered (`usable_alpn`).
+
+Each distinct list is a context of its own, and a verifying one costs 16-20 ms of the event loop
+and about 830 KiB (the trust store): were the client's list passed on as it is, each connection
+with a list never seen before would cost that, and push the common lists out of the cache (review
+rv3). The three protocols of HTTPS over TCP are kept. Any other (`acme-tls/1`, `dot`, `imap`,
+`xmpp-client`, a made-up one) is not offered upstream: the upstream sees the client's HTTP
+protocols or no ALPN at all, and the client is offered what the upstream chose. A client that
+requires another protocol then fails its handshake with us (no_application_protocol): such
+traffic is not HTTPS, and is better passed through by a rule than intercepted."""
+# Every list `usable_alpn` can give: the ordered selections of UPSTREAM_ALPN (1 + 3 + 6 + 6).
+_ALPN_LISTS = 16
 # Memory, measured: a leaf context holds about 21.5 KiB (1024 of them: 22 MiB per worker); a
-# verifying upstream context about 830 KiB (the system's 144 CAs parsed), so few of those: clients
-# send a handful of ALPN lists.
+# verifying upstream context about 830 KiB (the system's 144 CAs parsed), a non-verifying one a
+# few KiB. Room for every ALPN list in both modes: nothing a client sends evicts a context, and
+# the worst case (16 verifying contexts) is about 13 MiB per worker.
 DEFAULT_LEAF_CONTEXTS = 1024
-DEFAULT_UPSTREAM_CONTEXTS = 16
+DEFAULT_UPSTREAM_CONTEXTS = 2 * _ALPN_LISTS
 PEM = Encoding.PEM
+UPSTREAM_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""The TLS 1.2 suites offered upstream (TLS 1.3's are OpenSSL's defaults, untouched): ECDHE only,
+so that a TLS 1.2 upstream signs its key exchange with its certificate's key before it asks for
+a client certificate (`legs.UpstreamLeg` believes it only then). An upstream that offers only
+RSA key exchange (no forward secrecy; rare since about 2015) then fails as
+`upstream_tls_failed`."""
 
 
 class _LRU:
@@ -84,22 +115,22 @@ class _LRU:
 
 
 def usable_alpn(offered: tuple[str, ...]) -> tuple[str, ...]:
-    """The ALPN names of a client's list that can be offered again: printable ASCII as the
-    sniffer gives them (a name it had to escape, with a backslash, is not the client's bytes any
-    more and is left out), 1 to 255 bytes, no repeats, at most `MAX_ALPN_NAMES`."""
+    """The ALPN list the upstream is offered for a client's: the names of `UPSTREAM_ALPN` it
+    offered, in its order, without repeats (see `UPSTREAM_ALPN` for why no others). Other names
+    are left out as they are: compared exactly (ALPN names are bytes: `H2` is not `h2`)."""
     names: list[str] = []
     for name in offered:
-        if (
-            0 < len(name) <= 255
-            and name.isascii()
-            and name.isprintable()
-            and "\\" not in name
-            and name not in names
-        ):
+        if name in UPSTREAM_ALPN and name not in names:
             names.append(name)
-            if len(names) == MAX_ALPN_NAMES:
+            if len(names) == len(UPSTREAM_ALPN):
                 break
     return tuple(names)
+
+
+def _harden_upstream(context: ssl.SSLContext) -> None:
+    """TLS 1.2 with a signed key exchange only: see `UPSTREAM_TLS12_CIPHERS`."""
+    _harden(context)
+    context.set_ciphers(UPSTREAM_TLS12_CIPHERS)
 
 
 def _harden(context: ssl.SSLContext) -> None:
@@ -144,14 +175,14 @@ class UpstreamContexts:
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.established.check_hostname = False
         self.established.verify_mode = ssl.CERT_NONE
-        _harden(self.established)
+        _harden_upstream(self.established)
         first = self.get(True, ())
         if cafile is not None and not first.cert_store_stats()["x509_ca"]:
             raise ssl.SSLError(f"{cafile} holds no CA certificate")
 
     def _make(self, verify: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        _harden(context)
+        _harden_upstream(context)
         if verify:
             if self.cafile is None:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)

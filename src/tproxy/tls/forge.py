@@ -13,10 +13,11 @@ names come from `names.choose_names`; the rest is fixed:
   certificate stays expired for the client (when upstream verification is off and lets one
   through at all).
 * extensions: basicConstraints CA:FALSE (critical), keyUsage digitalSignature (critical; plus
-  keyEncipherment for an RSA leaf key), extendedKeyUsage serverAuth, subjectAltName (every name;
-  clients ignore the common name), subjectKeyIdentifier, and authorityKeyIdentifier from the CA's
-  subjectKeyIdentifier (what OpenSSL's X509_V_FLAG_X509_STRICT, Python 3.13's default, demands).
-  The subject is CN=the first DNS name (when it fits X.509's 64 characters), O=tproxy.
+  keyEncipherment for an RSA leaf key), extendedKeyUsage serverAuth, subjectAltName (every name
+  `choose_names` chose: the SNI alone when the client sent one; clients ignore the common
+  name), subjectKeyIdentifier, and authorityKeyIdentifier from the CA's subjectKeyIdentifier
+  (what OpenSSL's X509_V_FLAG_X509_STRICT, Python 3.13's default, demands). The subject is
+  CN=the first DNS name (when it fits X.509's 64 characters), O=tproxy.
 * serial: 159 random bits (`x509.random_serial_number`; the CA/Browser Forum asks for 64 or more).
 
 The cache is an LRU of `DEFAULT_CACHE_SIZE` leaves keyed by the leaf's names (in order) and the
@@ -49,6 +50,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tproxy.core.endpoint import IPAddress
 from tproxy.tls.ca import BACKDATE, CA, ORGANIZATION
 from tproxy.tls.names import (
+    MAX_UPSTREAM_NAMES,
     LeafName,
     LeafNames,
     NameRejected,
@@ -63,6 +65,10 @@ REFRESH_BEFORE = timedelta(days=1)
 # HAProxy's default for its generated-certificate cache (tune.ssl.ssl-ctx-cache-size is 1000).
 DEFAULT_CACHE_SIZE = 1024
 _MAX_CN_CHARS = 64
+# An upstream certificate larger than this is read again for each session rather than kept as
+# a cache key: certificates with a hundred names take about 4 KiB; OpenSSL accepts up to 100 KiB
+# (max_cert_list), which 1024 cached keys would make 100 MiB.
+MAX_CACHED_CERT_BYTES = 16 * 1024
 
 LeafKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 K = TypeVar("K")
@@ -113,12 +119,14 @@ def leaf_validity(
     return not_before, not_after
 
 
-@lru_cache(maxsize=DEFAULT_CACHE_SIZE)
 def read_upstream_cert(der: bytes) -> UpstreamCertFacts | NameRejected:
     """What forging needs of the upstream's certificate (`SSLObject.getpeercert(True)`); never
     raises: a certificate that cannot be read is a `NameRejected`. Remembered for the last
-    `DEFAULT_CACHE_SIZE` certificates: an upstream shows every session the same one, and
-    reading it costs about 30 µs (a certificate with 31 names), the lookup under 1 µs.
+    `DEFAULT_CACHE_SIZE` certificates up to `MAX_CACHED_CERT_BYTES`: an upstream shows every
+    session the same one, and reading it costs about 30 µs (a certificate with 31 names), the
+    lookup under 1 µs. At most `MAX_UPSTREAM_NAMES` of its names are kept (`unread` counts the
+    rest): a certificate built with thousands (up to about 7000 fit in what OpenSSL accepts)
+    would otherwise make every cached entry, and every later step, that large.
 
     In theory cryptography reports a malformed certificate with ValueError; in practice,
     fuzzing a real certificate's bytes also brought DuplicateExtension, InvalidVersion,
@@ -126,6 +134,17 @@ def read_upstream_cert(der: bytes) -> UpstreamCertFacts | NameRejected:
     the wrong length) that would print on stderr once per process. Any of them means the same
     here, so this one place catches them all, warnings silenced.
     """
+    if len(der) > MAX_CACHED_CERT_BYTES:
+        return _read_upstream_cert_safely(der)
+    return _read_upstream_cert_cached(der)
+
+
+@lru_cache(maxsize=DEFAULT_CACHE_SIZE)
+def _read_upstream_cert_cached(der: bytes) -> UpstreamCertFacts | NameRejected:
+    return _read_upstream_cert_safely(der)
+
+
+def _read_upstream_cert_safely(der: bytes) -> UpstreamCertFacts | NameRejected:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,11 +174,14 @@ def _read_upstream_cert(der: bytes) -> UpstreamCertFacts:
         for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if isinstance(a.value, str)
     ]
+    kept_dns = dns[:MAX_UPSTREAM_NAMES]
+    kept_ips = ips[: MAX_UPSTREAM_NAMES - len(kept_dns)]
     return UpstreamCertFacts(
-        dns_names=tuple(dns),
-        ip_addresses=tuple(ips),
+        dns_names=tuple(kept_dns),
+        ip_addresses=tuple(kept_ips),
         common_name=common_names[0] if common_names else None,
         not_after=cert.not_valid_after_utc,
+        unread=len(dns) + len(ips) - len(kept_dns) - len(kept_ips),
     )
 
 

@@ -6,10 +6,10 @@ Theory of operation
 -------------------
 An intercepted session has two TLS connections. Toward the client, tproxy is the TLS server
 (`ClientLeg`), presenting a leaf forged for the client's SNI. Toward the upstream, tproxy is the
-TLS client (`UpstreamLeg`), offering the client's SNI and ALPN list and verifying the upstream's
-certificate. Each leg is an `ssl.SSLObject` over two `ssl.MemoryBIO`s (what `asyncio`'s own TLS
-transport does): the engine moves bytes between the sockets and the BIOs, and the leg says what
-happened. The order the engine follows:
+TLS client (`UpstreamLeg`), offering the client's SNI and the HTTP protocols of its ALPN list
+(`contexts.usable_alpn`) and verifying the upstream's certificate. Each leg is an `ssl.SSLObject`
+over two `ssl.MemoryBIO`s (what `asyncio`'s own TLS transport does): the engine moves bytes
+between the sockets and the BIOs, and the leg says what happened. The order the engine follows:
 
 1. the ClientHello is sniffed (SNI, ALPN) and held, as for any sniffed session;
 2. `open_upstream_leg` -> `data_to_send()` is our ClientHello; the upstream's answers go into
@@ -42,10 +42,12 @@ What the stdlib does not say, observed. Whether our certificate went out before 
 and whether an upstream asked for a client certificate, are handshake messages the `ssl` module
 does not report; both are seen through `SSLContext._msg_callback` (private but present since
 Python 3.8, used by the stdlib's own tests), which the contexts carry during handshakes only (see
-`contexts`). An upstream asking for a certificate fails the leg at once, before the upstream
-would refuse our empty one (TLS 1.3 refuses after our handshake is done, with alert 116
-certificate_required; TLS 1.2 with a handshake_failure alert indistinguishable from others).
-Without the private API (a future Python), alert 116 is still recognized.
+`contexts`). An upstream asking for a certificate fails the leg once our handshake is done, before
+the upstream would refuse our empty one (TLS 1.3 refuses only then, with alert 116
+certificate_required; TLS 1.2 during the handshake with a handshake_failure alert
+indistinguishable from others, which the order of the messages before it tells apart). Only an
+upstream that authenticated itself first is believed (`UpstreamLeg`: anything else fails closed).
+Without the private API (a future Python), alert 116 after the handshake is still recognized.
 
 Renegotiation is refused on both legs (`OP_NO_RENEGOTIATION`: OpenSSL answers a TLS 1.2 client's
 renegotiating ClientHello, or a server's HelloRequest, with a no_renegotiation warning alert and
@@ -228,23 +230,38 @@ def client_rejected_certificate(failure: TLSFailure) -> str | None:
 
 
 class ObservedSSLObject(ssl.SSLObject):
-    """An `SSLObject` that remembers the handshake messages `observe_handshake` saw."""
+    """An `SSLObject` that remembers the handshake messages `observe_handshake` saw.
+
+    `certificate_sent`: our Certificate went out (client leg). `certificate_received`: the
+    peer's Certificate came in. `certificate_requested`: a CertificateRequest came in;
+    `requested_after_certificate`: one came after the peer's Certificate (TLS 1.2's order, see
+    `UpstreamLeg`)."""
 
     certificate_sent = False
+    certificate_received = False
     certificate_requested = False
+    requested_after_certificate = False
 
 
 def observe_handshake(  # noqa: PLR0917 -- OpenSSL's message callback, called positionally
     conn: object, direction: str, version: object, content_type: int, msg_type: int, data: bytes
 ) -> None:
-    """The contexts' `_msg_callback` during handshakes: notes our Certificate going out and a
-    CertificateRequest coming in. Must never raise (OpenSSL would report it from the next call)."""
+    """The contexts' `_msg_callback` during handshakes: notes our Certificate going out, the
+    peer's Certificate and a CertificateRequest coming in (and in which order). OpenSSL calls it
+    for a message it reads only once the message is allowed where it stands (an out-of-order one
+    fails the handshake first), before processing it. Must never raise (OpenSSL would report it
+    from the next call)."""
     if content_type != _HANDSHAKE or not isinstance(conn, ObservedSSLObject):
         return
-    if msg_type == _CERTIFICATE and direction == "write":
-        conn.certificate_sent = True
+    if msg_type == _CERTIFICATE:
+        if direction == "write":
+            conn.certificate_sent = True
+        elif direction == "read":
+            conn.certificate_received = True
     elif msg_type == _CERTIFICATE_REQUEST and direction == "read":
         conn.certificate_requested = True
+        if conn.certificate_received:
+            conn.requested_after_certificate = True
 
 
 class TLSLeg:
@@ -457,7 +474,32 @@ def _describe(exc: BaseException | None) -> str:
 
 
 class UpstreamLeg(TLSLeg):
-    """Our TLS connection to the upstream (we are the TLS client)."""
+    """Our TLS connection to the upstream (we are the TLS client).
+
+    Telling `upstream_wants_client_cert`. That reason makes the name pass through, for every
+    client, for an hour (`passthrough`), so it is believed only from an upstream that has proved
+    it holds the key of a certificate we verified; anything else fails closed as
+    `upstream_tls_failed`. An alert or a CertificateRequest costs nothing to send: a server at
+    any address the client chose, or anyone on the path, can send one before authenticating
+    anything. So it is the upstream asking for a certificate only:
+
+    * after our handshake is done (the upstream's Certificate, CertificateVerify and Finished
+      checked): a CertificateRequest seen during it (`_check_established`), or alert 116
+      certificate_required (TLS 1.3, where the upstream refuses our empty certificate only
+      then; also what is left without the observer);
+    * during the handshake, a CertificateRequest that came after the upstream's Certificate
+      (TLS 1.2: Certificate, ServerKeyExchange, CertificateRequest, then it refuses our empty
+      certificate with a handshake_failure alert). By then OpenSSL has verified the certificate
+      and the ServerKeyExchange signed with its key over both hellos' randoms: the key's holder
+      is there. This needs a key exchange that is signed, so the upstream contexts offer TLS 1.2
+      ECDHE suites only (`contexts`). In theory the CertificateRequest itself is not signed
+      (only the Finished covers it, which never comes), so someone on the path between tproxy
+      and a TLS 1.2-only upstream can still insert one; in practice they cannot make a TLS
+      1.3-capable upstream speak TLS 1.2 (the signed server random carries the downgrade
+      sentinel of RFC 8446 section 4.1.3), and they could stop that session anyway.
+
+    Never without verification (`upstream_verify = false`): the upstream then proved nothing.
+    """
 
     __slots__ = ()
     side = "upstream"
@@ -468,9 +510,12 @@ class UpstreamLeg(TLSLeg):
         in_handshake = self.info is None
         if isinstance(exc, ssl.SSLCertVerificationError):
             reason = "upstream_cert_invalid"
-        elif alert == "certificate_required" or _requested(self._obj):
+        elif self._verifies() and (
+            (alert == "certificate_required" and not in_handshake)
+            or (in_handshake and _requested_after_certificate(self._obj))
+        ):
             reason = "upstream_wants_client_cert"
-            detail = "the upstream asks for a client certificate, which tproxy cannot present"
+            detail = _WANTS_CLIENT_CERT
         else:
             reason = "upstream_tls_failed"
         return TLSFailure(reason, detail, alert, in_handshake, eof)
@@ -479,11 +524,18 @@ class UpstreamLeg(TLSLeg):
         if _requested(self._obj):
             # TLS 1.3: the upstream refuses our empty certificate only after our side of the
             # handshake is done; it asked, so it will.
+            if self._verifies():
+                return TLSFailure("upstream_wants_client_cert", _WANTS_CLIENT_CERT)
             return TLSFailure(
-                "upstream_wants_client_cert",
-                "the upstream asks for a client certificate, which tproxy cannot present",
+                "upstream_tls_failed",
+                "the upstream (not verified) asks for a client certificate",
             )
         return None
+
+    def _verifies(self) -> bool:
+        if self.info is not None:  # the connection may have moved to `established` since
+            return self.info.verified
+        return self._obj.context.verify_mode == ssl.CERT_REQUIRED
 
 
 class ClientLeg(TLSLeg):
@@ -499,8 +551,15 @@ class ClientLeg(TLSLeg):
         return TLSFailure("client_tls_failed", detail, alert, self.info is None, eof, sent)
 
 
+_WANTS_CLIENT_CERT = "the upstream asks for a client certificate, which tproxy cannot present"
+
+
 def _requested(obj: ssl.SSLObject) -> bool:
     return isinstance(obj, ObservedSSLObject) and obj.certificate_requested
+
+
+def _requested_after_certificate(obj: ssl.SSLObject) -> bool:
+    return isinstance(obj, ObservedSSLObject) and obj.requested_after_certificate
 
 
 def verify_name(sni: str | None, destination: IPAddress | str) -> str | TLSFailure:

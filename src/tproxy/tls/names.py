@@ -5,27 +5,38 @@ Theory of operation. A forged leaf vouches, with the authority of a CA the clien
 the holder of our leaf key is the server for every name the leaf carries. So it carries only
 names someone legitimately asked for or vouched for:
 
-* The client's SNI comes first (the subject's common name too): it is what the client will check.
-  It is a host name (RFC 6066 section 3: "HostName" is a DNS name in A-labels, no trailing dot),
-  so it never makes a wildcard: a client that sends `*.bank.example` as its SNI gets a refusal,
-  not a leaf valid for every name under `bank.example`. An IP address as SNI (forbidden by the
-  RFC, sent by a few clients anyway) is taken as that IP.
-* When the upstream's certificate is known, its subjectAltName DNS names and IP addresses follow
-  (its common name only when it has no DNS names, as OpenSSL's `X509_check_host` does). Its
-  wildcards are kept when well-formed (`*` as the whole leftmost label, with at least two labels
-  after it), since the upstream vouched for them; anything else it carries is dropped, and said
-  so. The SNI itself is kept only if one of those names covers it: a leaf never vouches for more
-  than the real server's certificate did, so a client whose SNI the upstream's certificate does
-  not match sees the same mismatch it would have seen without us (with upstream verification on,
-  which checks the SNI against that certificate, this never drops anything).
-* Without an SNI and without an upstream certificate (a client that connected to an IP address,
-  decided before the upstream handshake), the destination's IP address is the one name.
+* The client's SNI is what the client asked for and will check. It is a host name (RFC 6066
+  section 3: "HostName" is a DNS name in A-labels, no trailing dot), so it never makes a
+  wildcard: a client that sends `*.bank.example` as its SNI gets a refusal, not a leaf valid for
+  every name under `bank.example`. An IP address as SNI (forbidden by the RFC, sent by a few
+  clients anyway) is taken as that IP.
+* When the upstream's certificate is known, its subjectAltName DNS names and IP addresses are
+  what it vouched for (its common name only when it has no DNS names, as OpenSSL's
+  `X509_check_host` does). Its wildcards are kept when well-formed (`*` as the whole leftmost
+  label, with at least two labels after it); anything else it carries is dropped, and said so.
+* With an SNI that one of those names covers, the leaf carries the SNI alone (its common name
+  too). Not the upstream's other names: a browser reuses an HTTP/2 connection for any name the
+  certificate covers whose address matches ("connection coalescing", RFC 9113 section 9.1.1),
+  so a leaf listing `*.google.com` and `*.youtube.com` would carry requests for names a rule
+  passes through, or never meant to intercept, over this intercepted connection.
+* With an SNI that none of them covers, the leaf carries the upstream's first name alone: a leaf
+  never vouches for more than the real server's certificate did, so a client whose SNI the
+  upstream's certificate does not match sees the same mismatch it would have seen without us
+  (with upstream verification on, which checks the SNI against that certificate, this never
+  happens).
+* Without an SNI, the client asked for no name: the leaf carries all of the upstream's names,
+  at most `MAX_LEAF_NAMES`. Without an upstream certificate either (a client that connected to
+  an IP address, decided before the upstream handshake), the destination's IP address is the
+  one name.
 
 Names are checked the way they are given: lower-cased, one trailing dot removed, ASCII only (an
 internationalized name is valid only in its `xn--` A-label form, as the SNI carries it), each
 label 1 to 63 letters, digits, hyphens (not at either end) and underscores (which some private
 names use), at most 253 characters, and not ending in an all-digit label (which browsers read as
-an IPv4 address). At most `MAX_LEAF_NAMES` names go into a leaf.
+an IPv4 address). At most `MAX_LEAF_NAMES` names go into a leaf, and at most
+`MAX_UPSTREAM_NAMES` of the upstream certificate's are read (in its order): a certificate built
+with thousands would otherwise cost every new session time and memory; one whose SNI comes later
+than that is treated as not covering it.
 """
 
 from __future__ import annotations
@@ -41,9 +52,11 @@ LeafName = str | IPAddress
 """A DNS name (lower case, maybe a wildcard from the upstream's certificate) or an IP address."""
 
 MAX_DNS_NAME_CHARS = 253
-# Large CDN certificates carry around a hundred names; more than this is a certificate built to
-# make every forged leaf (and every handshake) big.
+# Large CDN certificates carry around a hundred names (public CAs allow at most about that many);
+# more than this is a certificate built to make every forged leaf (and every handshake) big.
 MAX_LEAF_NAMES = 100
+MAX_UPSTREAM_NAMES = 2 * MAX_LEAF_NAMES
+"""How many of an upstream certificate's names are read and kept (`UpstreamCertFacts`)."""
 # Dropped names are reported for the log: this many, then a count.
 _MAX_DROPPED_SHOWN = 5
 _SHOWN_CHARS = 80
@@ -67,12 +80,14 @@ class UpstreamCertFacts:
         ip_addresses: its subjectAltName IP addresses.
         common_name: its subject's common name, if any.
         not_after: the end of its validity (aware, UTC); a forged leaf never outlives it.
+        unread: how many subjectAltNames past the first `MAX_UPSTREAM_NAMES` were not kept.
     """
 
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[IPAddress, ...] = ()
     common_name: str | None = None
     not_after: datetime | None = None
+    unread: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +95,7 @@ class LeafNames:
     """The names a leaf carries, and what was left out.
 
     Args:
-        names: never empty; the first is what the client asked for when it asked (the SNI).
+        names: never empty; the SNI alone when the client sent one the upstream vouched for.
         dropped: one short line per name left out and why, for the session's log (bounded).
     """
 
@@ -182,7 +197,8 @@ def choose_names(
         destination: the session's original destination, the name of last resort.
 
     Returns:
-        The names, SNI first, or why no leaf can be forged (never raises).
+        The SNI alone when the upstream's certificate covers it (or there is none); without an
+        SNI, the upstream's names; or why no leaf can be forged (never raises).
     """
     asked: LeafName | None = None
     if sni is not None:
@@ -197,15 +213,16 @@ def choose_names(
             return LeafNames((destination,))
         return NameRejected("no SNI, no upstream certificate and no destination to forge for")
     dropped: list[str] = []
-    vouched = _upstream_names(upstream, dropped)
-    names: list[LeafName] = []
+    vouched, unread = _upstream_names(upstream, dropped)
+    names = vouched
     if asked is not None:
         if any(covers(pattern, asked) for pattern in vouched):
-            names.append(asked)
+            names = [asked]
         else:
-            dropped.append(f"{shown(str(asked))} (the SNI): not in the upstream certificate")
-    names += [name for name in vouched if name not in names]
-    if len(names) > MAX_LEAF_NAMES:
+            where = f"the first {MAX_UPSTREAM_NAMES} names of " if unread else ""
+            dropped.append(f"{shown(str(asked))} (the SNI): not in {where}the upstream certificate")
+            names = vouched[:1]
+    elif len(names) > MAX_LEAF_NAMES:
         # First: the one drop that says the most when only a few are shown.
         dropped.insert(0, f"{len(names) - MAX_LEAF_NAMES} names past the first {MAX_LEAF_NAMES}")
         names = names[:MAX_LEAF_NAMES]
@@ -215,22 +232,28 @@ def choose_names(
     return LeafNames(tuple(names), tuple(_bounded(dropped)))
 
 
-def _upstream_names(upstream: UpstreamCertFacts, dropped: list[str]) -> list[LeafName]:
-    """The upstream certificate's usable names, in its order, without repeats."""
+def _upstream_names(upstream: UpstreamCertFacts, dropped: list[str]) -> tuple[list[LeafName], int]:
+    """The upstream certificate's usable names, in its order, without repeats, and how many
+    were not read: at most `MAX_UPSTREAM_NAMES` are (the rest counted in `dropped`)."""
+    dns = upstream.dns_names
+    if not dns and upstream.common_name is not None:
+        dns = (upstream.common_name,)
+    ips = upstream.ip_addresses
+    given: list[str | IPAddress] = [*dns[:MAX_UPSTREAM_NAMES]]
+    given += ips[: MAX_UPSTREAM_NAMES - len(given)]
+    unread = upstream.unread + len(dns) + len(ips) - len(given)
+    if unread:
+        dropped.append(f"{unread} names past the first {MAX_UPSTREAM_NAMES}: not read")
     names: list[LeafName] = []
-    given = list(upstream.dns_names)
-    if not given and upstream.common_name is not None:
-        given = [upstream.common_name]
+    seen: set[LeafName] = set()
     for text in given:
-        name = parse_dns_name(text, wildcard=True)
+        name = parse_dns_name(text, wildcard=True) if isinstance(text, str) else text
         if isinstance(name, NameRejected):
             dropped.append(f"{shown(str(text))}: {name.reason}")
-        elif name not in names:
+        elif name not in seen:
+            seen.add(name)
             names.append(name)
-    for ip in upstream.ip_addresses:
-        if ip not in names:
-            names.append(ip)
-    return names
+    return names, unread
 
 
 def _bounded(dropped: list[str]) -> list[str]:
