@@ -1,13 +1,14 @@
 """TLS interception on the real path (issue 13, step 3b), default workers, real clients: curl
 trusting our CA through the router to openssl s_server in the server namespace gets the page
-over a certificate our CA issued for the name; a client that does not trust our CA fails its
-handshake, and with `passthrough_on_client_reject` its next connection to that name reaches the
-real server's certificate; an upstream whose certificate does not verify resets the client
-(`upstream_cert_invalid`) unless the rule says `upstream_verify = false`; a session no intercept
-rule matches is never decrypted."""
+over a certificate our CA issued for the name, and `--keylog` gets both legs' secrets; a client
+that does not trust our CA fails its handshake, and with `passthrough_on_client_reject` its next
+connection to that name reaches the real server's certificate; an upstream whose certificate
+does not verify resets the client (`upstream_cert_invalid`) unless the rule says
+`upstream_verify = false`; a session no intercept rule matches is never decrypted."""
 
 from __future__ import annotations
 
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def _files(lab: Lab) -> Path:
     return folder
 
 
-def _proxy(lab: Lab, *, upstream_ca: Path | None, extra: str = "") -> tuple[ProxyProcess, Path]:
+def _proxy(
+    lab: Lab, *, upstream_ca: Path | None, extra: str = "", keylog: Path | None = None
+) -> tuple[ProxyProcess, Path]:
     folder = _files(lab)
     tproxy_cli(lab, lab.router, "ca", "create", str(folder / "ca"))
     policy = folder / "policy.toml"
@@ -41,6 +44,8 @@ def _proxy(lab: Lab, *, upstream_ca: Path | None, extra: str = "") -> tuple[Prox
     args = ["--ca", str(folder / "ca"), "--policy", str(policy)]
     if upstream_ca is not None:
         args += ["--upstream-ca", str(upstream_ca)]
+    if keylog is not None:
+        args += ["--keylog", str(keylog)]
     return start_proxy(lab, *args, default_workers=True), folder / "ca" / "ca.crt"
 
 
@@ -61,7 +66,8 @@ def _closes(proxy: ProxyProcess, count: int) -> list[dict[str, Any]]:
 def test_curl_trusting_our_ca_gets_the_page_over_our_certificate_v4_and_v6(lab: Lab) -> None:
     server_cert = start_tls_server(lab, lab.server)
     apply_rules(lab, "--ports", str(TLS_PORT))
-    proxy, ca = _proxy(lab, upstream_ca=server_cert)
+    keylog = _files(lab) / "keys.log"
+    proxy, ca = _proxy(lab, upstream_ca=server_cert, keylog=keylog)
     for family in (4, 6):
         done = _curl(lab, "--cacert", str(ca), family=family)
         stderr = done.stderr.decode(errors="replace")
@@ -77,6 +83,11 @@ def test_curl_trusting_our_ca_gets_the_page_over_our_certificate_v4_and_v6(lab: 
         upstream = close["upstream_tls"]
         assert upstream["subject"] == f"CN={TLS_NAME}" and upstream["verified"] is True, close
         assert close["bytes_down"] > 0 and close["sni"] == TLS_NAME
+    # Both legs of both sessions in the key log (TLS 1.3's label, or TLS 1.2's), 0600.
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
+    lines = [line.split() for line in keylog.read_text().splitlines() if line[:1] != "#"]
+    randoms = {w[1] for w in lines if w[0] in ("CLIENT_TRAFFIC_SECRET_0", "CLIENT_RANDOM")}
+    assert len(randoms) == 4, lines
 
 
 def test_an_upstream_that_does_not_verify_resets_the_client_unless_the_rule_says_not_to(

@@ -96,6 +96,7 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
         3.0,
     ),
     "upstream_ca": (["--upstream-ca", "b.pem"], 'upstream_ca = "b.pem"', "b.pem"),
+    "keylog": (["--keylog", "k.log"], 'keylog = "k.log"', "k.log"),
 }
 
 
@@ -199,8 +200,8 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
     assert str(raised.value) == (
         f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
-        "half_closed_timeout, idle_timeout, listen, log_format, loop, mark, max_connections, "
-        "mode, policy, relay, spoof_source, tls_handshake_timeout, upstream_ca)"
+        "half_closed_timeout, idle_timeout, keylog, listen, log_format, loop, mark, "
+        "max_connections, mode, policy, relay, spoof_source, tls_handshake_timeout, upstream_ca)"
     )
 
 
@@ -315,6 +316,7 @@ def test_a_reload_applies_or_names_every_option(name: str) -> None:
         "listen",
         "loop",
         "ca",
+        "keylog",
     }
 
 

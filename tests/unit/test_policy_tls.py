@@ -148,6 +148,12 @@ def test_an_intercepting_policy_needs_a_ca() -> None:
     check_interception(ProxyConfig(matcher=Matcher(parse_policy(_rule('action = "allow"')))))
 
 
+def test_a_key_log_needs_a_ca() -> None:
+    with pytest.raises(ConfigError, match=r"--keylog \(keylog\) needs --ca \(ca\)"):
+        check_interception(ProxyConfig(keylog="keys.log"))
+    check_interception(ProxyConfig(keylog="keys.log", ca_dir="/etc/tproxy/ca"))
+
+
 def test_a_reload_cannot_add_interception_without_the_ca_it_keeps() -> None:
     """`ca` changes only on restart: a file that adds a CA and an intercepting rule together
     is refused as a whole, the running configuration kept."""

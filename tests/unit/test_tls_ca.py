@@ -477,6 +477,23 @@ def test_run_checks_the_ca_at_start_up(tmp_path: Path, capsys: pytest.CaptureFix
     )
 
 
+def test_run_checks_the_key_log_at_start_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    create_ca(ca, now=datetime.now(UTC))
+    link = tmp_path / "keys.log"
+    link.symlink_to(tmp_path / "elsewhere.log")
+    assert main(["run", "--ca", str(ca), "--keylog", str(link)]) == 1
+    assert capsys.readouterr().err == (
+        f"tproxy: error: --keylog {link}: a symbolic link; give the file itself\n"
+    )
+    assert main(["run", "--keylog", str(tmp_path / "k.log")]) == 1
+    assert capsys.readouterr().err == (
+        "tproxy: error: --keylog (keylog) needs --ca (ca): only intercepted sessions have keys\n"
+    )
+
+
 def test_ca_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["ca", "--help"])

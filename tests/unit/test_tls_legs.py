@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tproxy.core.options import ConfigError
 from tproxy.sniffers.facts import TlsHello
 from tproxy.sniffers.tls import sniff_tls
 from tproxy.tls.ca import CA, build_ca
@@ -38,6 +39,7 @@ from tproxy.tls.contexts import (
     LeafContexts,
     UpstreamContexts,
     load_pem_chain,
+    open_keylog,
     usable_alpn,
 )
 from tproxy.tls.forge import ForgedLeaf, LeafForger, read_upstream_cert
@@ -1153,19 +1155,37 @@ def test_the_key_log_is_0600_and_gets_both_legs_secrets(pki: PKI, tmp_path: Path
     keylog = tmp_path / "keys.log"
     old = os.umask(0)
     try:
-        upstreams = UpstreamContexts(str(pki.upstream_ca_file), keylog=str(keylog))
-        leaves = LeafContexts(pki.forger.leaf_key_pem, keylog=str(keylog))
+        fd, by_descriptor = open_keylog(str(keylog))
     finally:
         os.umask(old)
+    try:  # the descriptor stays open while contexts may be made (each opens the file by it)
+        upstreams = UpstreamContexts(str(pki.upstream_ca_file), keylog=by_descriptor)
+        leaves = LeafContexts(pki.forger.leaf_key_pem, keylog=by_descriptor)
+        run = intercept(pki, upstreams, leaves, _client_context(pki.ours), pki.upstream_server)
+    finally:
+        os.close(fd)
     assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
-    run = intercept(pki, upstreams, leaves, _client_context(pki.ours), pki.upstream_server)
     assert run.client_leg.state is LegState.ESTABLISHED
     labels = [line.split()[0] for line in keylog.read_text().splitlines() if line[:1] != "#"]
     # TLS 1.3: five secrets per connection, two connections.
     assert labels.count("CLIENT_TRAFFIC_SECRET_0") == 2
     assert labels.count("SERVER_HANDSHAKE_TRAFFIC_SECRET") == 2
+
+
+def test_a_key_log_that_others_could_read_or_reach_is_refused(tmp_path: Path) -> None:
     wide = tmp_path / "wide.log"
     wide.write_text("")
-    wide.chmod(0o644)
-    LeafContexts(pki.forger.leaf_key_pem, keylog=str(wide))
-    assert stat.S_IMODE(wide.stat().st_mode) == 0o600
+    wide.chmod(0o640)
+    with pytest.raises(ConfigError, match=r"may be read by group or others \(mode 0640\)"):
+        open_keylog(str(wide))
+    assert stat.S_IMODE(wide.stat().st_mode) == 0o640  # left as it was: the fix is the user's
+    target = tmp_path / "target.log"
+    link = tmp_path / "link.log"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="a symbolic link"):
+        open_keylog(str(link))
+    assert not target.exists()
+    with pytest.raises(ConfigError, match="no such directory"):
+        open_keylog(str(tmp_path / "missing" / "keys.log"))
+    with pytest.raises(ConfigError, match="cannot open it: Is a directory"):
+        open_keylog(str(tmp_path))

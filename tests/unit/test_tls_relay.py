@@ -14,10 +14,12 @@ import hashlib
 import os
 import socket
 import ssl
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,15 +39,17 @@ from tests.unit.test_tls_legs import (
     _self_signed_pem,
     server_context,
 )
+from tproxy.core.options import ConfigError
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import COPY_CHUNK_BYTES
-from tproxy.engine.tls_relay import Interception, TLSPhase, TLSRelay
+from tproxy.engine.tls_relay import Interception, TLSPhase, TLSRelay, interception_for
 from tproxy.interception.sockopts import abort_socket
 from tproxy.sniffers.facts import TlsHello
 from tproxy.sniffers.tls import sniff_tls
-from tproxy.tls.contexts import LeafContexts, UpstreamContexts
+from tproxy.tls.ca import create_ca
+from tproxy.tls.contexts import LeafContexts, UpstreamContexts, open_keylog
 from tproxy.tls.forge import ForgedLeaf, LeafForger
 from tproxy.tls.names import UpstreamCertFacts
 from tproxy.tls.passthrough import reason_to_remember
@@ -369,6 +373,63 @@ def test_a_request_and_its_response_with_sni_and_the_alpn_the_upstream_chose(  #
             assert "upstream-test" in outcome.upstream.peer_issuer
 
     _run(scenario, loop)
+
+
+def _secrets(path: Path) -> set[tuple[str, str]]:
+    """The (label, client random) pairs of an NSS key log file."""
+    lines = path.read_text().splitlines()
+    return {(line.split()[0], line.split()[1]) for line in lines if line and line[0] != "#"}
+
+
+def test_the_key_log_gets_both_legs_secrets_of_every_session(pki: PKI, tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    ours = create_ca(ca_dir, hostname="keylog-test")
+    path = tmp_path / "keys.log"
+    old = os.umask(0)  # 0600 whatever the umask
+    try:
+        fd, by_descriptor = open_keylog(str(path))
+    finally:
+        os.umask(old)
+    # The peers log their own secrets apart: each of our legs must match its peer's.
+    client_context = _client_context(ours, ["http/1.1"])
+    client_context.keylog_filename = str(tmp_path / "client.log")
+    server = server_context(pki.upstream_pem, ["http/1.1"])
+    server.keylog_filename = str(tmp_path / "upstream.log")
+
+    async def scenario() -> None:
+        interception = interception_for(
+            str(ca_dir), str(pki.upstream_ca_file), 10.0, keylog=by_descriptor
+        )
+        for _ in range(2):
+            async with intercepting(interception, client_context, server) as run:
+                await run.handshakes()
+                await run.client.send(REQUEST)
+                assert await run.upstream.read_exactly(len(REQUEST)) == REQUEST
+                await _close_cleanly(run)
+
+    try:
+        _run(scenario)
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    logged = _secrets(path)
+    client_leg, upstream_leg = (
+        _secrets(tmp_path / "client.log"),
+        _secrets(tmp_path / "upstream.log"),
+    )
+    assert logged == client_leg | upstream_leg
+    for label in ("CLIENT_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0"):
+        # Two sessions, two legs each: four connections, four client randoms.
+        assert len({random for name, random in logged if name == label}) == 4
+        assert len({random for name, random in client_leg if name == label}) == 2
+
+
+def test_a_symbolic_link_as_the_key_log_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.log"
+    (tmp_path / "keys.log").symlink_to(target)
+    with pytest.raises(ConfigError, match="a symbolic link"):
+        open_keylog(str(tmp_path / "keys.log"))
+    assert not target.exists()
 
 
 def test_a_mebibyte_each_way_at_once_arrives_intact(pki: PKI, interception: Interception) -> None:

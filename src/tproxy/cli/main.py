@@ -93,7 +93,7 @@ from tproxy.rules.model import (
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
-from tproxy.tls.contexts import check_upstream_ca
+from tproxy.tls.contexts import check_upstream_ca, open_keylog
 
 T = TypeVar("T")
 
@@ -523,6 +523,11 @@ def _run(args: argparse.Namespace) -> int:
             load_ca(config.ca_dir)  # checked once here: a broken CA stops the start, one line
         except CAError as exc:
             return _fail(f"--ca: {exc}")
+    if config.keylog is not None:  # checked (and created 0600) once here; each worker opens it
+        try:
+            os.close(open_keylog(config.keylog)[0])
+        except ConfigError as exc:
+            return _fail(str(exc))
     reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
     reload = partial(_load_config, args.config, overrides) if reloadable else None
     workers = args.workers or os.cpu_count() or 1

@@ -27,10 +27,11 @@ and a test keeps it and the README's equal to it):
     ca = "/etc/tproxy/ca"
     tls_handshake_timeout = 10
     upstream_ca = "/etc/tproxy/upstream-ca.pem"
+    keylog = "/var/lib/tproxy/keys.log"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
-overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop` and `ca` change
-only on restart (`reload_config`).
+overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop`, `ca` and
+`keylog` change only on restart (`reload_config`).
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ class ProxyConfig:
             upstream, with the client) may take before the session is reset.
         upstream_ca: a PEM bundle of the CAs that intercepted sessions' upstreams are verified
             against, instead of the system's trust store; checked when loaded.
+        keylog: a file the intercepted sessions' secrets are appended to, both legs, in the NSS
+            key log format (`tls.contexts.open_keylog`); None: none. Fixed at start.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -206,6 +209,7 @@ class ProxyConfig:
     ca_dir: str | None = None
     tls_handshake_timeout_s: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_S
     upstream_ca: str | None = None
+    keylog: str | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -305,6 +309,11 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     option("upstream_ca", PATH, metavar="FILE", example="/etc/tproxy/upstream-ca.pem",
            help="verify intercepted sessions' upstreams against the CA certificates in this PEM "
            "file instead of the system's trust store (default: the system's)"),
+    option("keylog", PATH, metavar="FILE", reloadable=False, example="/var/lib/tproxy/keys.log",
+           help="append intercepted sessions' TLS secrets (both legs) to FILE in the NSS key log "
+           "format, so Wireshark can decrypt a capture; created 0600, refused if a symbolic "
+           "link or readable by group or others; whoever reads it decrypts those sessions "
+           "(default: none)"),
 )  # fmt: skip
 """Every `tproxy run` option, in --help's order. The rows with a file key are exactly the
 `ProxyConfig` fields (whose defaults are the options' defaults) but `DERIVED_FIELDS`; `config`
@@ -389,16 +398,20 @@ def reload_from(
 
 
 def check_interception(config: ProxyConfig) -> None:
-    """Refuse a policy that intercepts TLS without a CA to forge with (pure).
+    """Refuse a policy that intercepts TLS, or a key log, without a CA to forge with (pure).
 
     Run when a configuration is loaded (its policy is loaded after `build_config`) and again on
     a reload, with the CA the running proxy keeps: `ca` changes only on restart, so a reload
     that adds an intercepting rule and the CA together must fail, not intercept without one.
 
     Raises:
-        ConfigError: naming the first intercepting rule.
+        ConfigError: naming `--keylog` or the first intercepting rule.
     """
-    if config.ca_dir is not None or config.matcher is None:
+    if config.ca_dir is not None:
+        return
+    if config.keylog is not None:
+        raise ConfigError("--keylog (keylog) needs --ca (ca): only intercepted sessions have keys")
+    if config.matcher is None:
         return
     names = config.matcher.policy.intercepting_rules
     if names:

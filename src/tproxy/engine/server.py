@@ -35,6 +35,7 @@ from tproxy.core.config import (
     reload_from,
 )
 from tproxy.core.endpoint import format_sockaddr
+from tproxy.core.options import ConfigError
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session_id import SessionIds
 from tproxy.engine.deadlines import DeadlineQueue
@@ -63,6 +64,7 @@ from tproxy.observability.events import (
     Stopped,
 )
 from tproxy.tls.ca import CAError
+from tproxy.tls.contexts import KEYLOG_DESCRIPTORS, open_keylog
 
 # Accept at most this many connections per readiness event, so one busy listener cannot starve
 # the sessions already running on the loop.
@@ -154,6 +156,7 @@ class ProxyServer:
         # One descriptor kept free so that, when accept() fails with EMFILE, we can free it,
         # accept the waiting connection and reset it instead of leaving it to time out.
         self._reserve_fd = -1
+        self._keylog_fd = -1  # --keylog's descriptor, see `open_keylog`
         self._accept_paused = False
         # Connections reset at accept since the last sweep: reason -> [count, detail].
         self._refused: dict[str, list[Any]] = {}
@@ -175,9 +178,18 @@ class ProxyServer:
         self._splice_works = splice_works()
         config = self.config
         if config.ca_dir is not None:  # each worker its own leaf key, caches and contexts
+            keylog = None
+            if config.keylog is not None:  # opened once per process (`open_keylog`)
+                try:
+                    self._keylog_fd, keylog = open_keylog(config.keylog)
+                except ConfigError as exc:
+                    raise StartupError(str(exc)) from None
             try:
                 self._ctx.interception = interception_for(
-                    config.ca_dir, config.upstream_ca, config.tls_handshake_timeout_s
+                    config.ca_dir,
+                    config.upstream_ca,
+                    config.tls_handshake_timeout_s,
+                    keylog=keylog,
                 )
             except CAError as exc:
                 raise StartupError(f"--ca: {exc}") from None
@@ -190,10 +202,16 @@ class ProxyServer:
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
+        if self._keylog_fd >= 0:  # the contexts hold their own opens of the file
+            os.close(self._keylog_fd)
+            self._keylog_fd = -1
 
     def _limit_for(self, config: ProxyConfig) -> int:
         if config.max_connections is None:
-            return max_connections_for(self._nofile, 3 if config.may_capture else 2)
+            nofile = self._nofile
+            if config.keylog is not None and config.ca_dir is not None:
+                nofile -= KEYLOG_DESCRIPTORS  # each context with the key log holds it open
+            return max_connections_for(nofile, 3 if config.may_capture else 2)
         return -(-config.max_connections // self._share)  # ceil: the workers' shares add up
 
     def close_listeners(self) -> None:

@@ -138,11 +138,16 @@ class Interception:
 
 def interception_for(
     ca_dir: str, upstream_ca: str | None, handshake_timeout_s: float, *,
-    running: Interception | None = None,
+    keylog: str | None = None, running: Interception | None = None,
 ) -> Interception:  # fmt: skip
     """A worker's interception, made when it starts (the CA loaded, one leaf key) or, on a
     reload (`running`), with the running forger and leaf contexts kept (the CA changes only on
     a restart) and the upstream contexts made again only when `--upstream-ca` changed.
+
+    Args:
+        keylog: where both legs' contexts append their secrets (`open_keylog`'s
+            `/proc/self/fd/N`); None: no key log. Ignored on a reload: the running one's is
+            kept (`--keylog` changes only on restart).
 
     Raises:
         CAError: the CA cannot be used (checked at start-up already: a CA edited since).
@@ -150,12 +155,13 @@ def interception_for(
     if running is not None:
         upstreams = running.upstreams
         if upstreams.cafile != upstream_ca:
-            upstreams = UpstreamContexts(upstream_ca)
+            upstreams = UpstreamContexts(upstream_ca, keylog=upstreams.keylog)
         return dataclasses.replace(running, upstreams=upstreams,
                                    handshake_timeout_s=handshake_timeout_s)  # fmt: skip
     forger = LeafForger(load_ca(ca_dir))
-    return Interception(forger, LeafContexts(forger.leaf_key_pem),
-                        UpstreamContexts(upstream_ca), handshake_timeout_s)  # fmt: skip
+    return Interception(forger, LeafContexts(forger.leaf_key_pem, keylog=keylog),
+                        UpstreamContexts(upstream_ca, keylog=keylog),
+                        handshake_timeout_s)  # fmt: skip
 
 
 class TLSPhase(enum.Enum):

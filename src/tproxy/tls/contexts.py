@@ -39,22 +39,23 @@ a 100-byte record 2.9 µs without, 7.3 µs with it; a 16 KiB one 11.0 µs agains
 established connection needs nothing of its context any more (its keys, its peer's certificate
 and its session are its own; renegotiation, which would need the certificate again, is refused).
 
-The key log (`keylog`; not wired to a command-line option yet). `SSLContext.keylog_filename`
-makes each context open the file itself, by its path (`fopen(path, "a")`, kept open): one
-descriptor per cached context (up to `DEFAULT_LEAF_CONTEXTS` of them), and each later open follows
-whatever the path is by then, a symbolic link included (`prepare_keylog`'s O_NOFOLLOW and 0600
-hold only at start-up). So the `--keylog` wiring must open the file once (O_NOFOLLOW, 0600) and
-hand the contexts that descriptor's `/proc/self/fd/N` instead of the path: each context's own
-open then reaches the same file whatever the path has become. The descriptor per context stays
-(the stdlib has no key log callback to write through one): count it in the descriptor budget,
-or make key logging run with a smaller leaf cache.
+The key log (`--keylog`). `SSLContext.keylog_filename` makes each context open the file itself,
+by its path (`fopen(path, "a")`, kept open): one descriptor per cached context (up to
+`KEYLOG_DESCRIPTORS` of them, which the server takes out of its descriptor budget), and each
+later open would follow whatever the path is by then, a symbolic link included. So `open_keylog`
+opens the file once per process (O_NOFOLLOW, 0600, a regular file not readable by group or
+others), and the contexts are handed that descriptor's `/proc/self/fd/N` instead of the path:
+each context's own open then reaches the same file whatever the path has become (the stdlib has
+no key log callback to write through one descriptor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import ssl
+import stat
 import tempfile
 from collections import OrderedDict
 from typing import Any
@@ -84,6 +85,9 @@ _ALPN_LISTS = 16
 # the worst case (16 verifying contexts) is about 13 MiB per worker.
 DEFAULT_LEAF_CONTEXTS = 1024
 DEFAULT_UPSTREAM_CONTEXTS = 2 * _ALPN_LISTS
+KEYLOG_DESCRIPTORS = DEFAULT_LEAF_CONTEXTS + DEFAULT_UPSTREAM_CONTEXTS + 1
+"""The descriptors key logging may hold: one per cached context with the key log (each opens
+it), and `open_keylog`'s own."""
 PEM = Encoding.PEM
 UPSTREAM_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 """The TLS 1.2 suites offered upstream (TLS 1.3's are OpenSSL's defaults, untouched): ECDHE only,
@@ -152,7 +156,8 @@ class UpstreamContexts:
     Args:
         cafile: a PEM bundle of CA certificates to verify upstreams against instead of the
             system's trust store (`--upstream-ca`); None: the system's.
-        keylog: a file to append the sessions' secrets to (NSS key log format), or None.
+        keylog: where to append the sessions' secrets (NSS key log format): the path
+            `open_keylog` gives; None: no key log.
         capacity: how many contexts to keep.
 
     Raises:
@@ -169,8 +174,6 @@ class UpstreamContexts:
     ) -> None:
         self.cafile = cafile
         self.keylog = keylog
-        if keylog is not None:
-            prepare_keylog(keylog)
         self._cache = _LRU(capacity)
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.established.check_hostname = False
@@ -215,19 +218,47 @@ class UpstreamContexts:
         return self._cache.made
 
 
-def prepare_keylog(path: str) -> None:
-    """Make the key log file 0600 before OpenSSL appends secrets to it: `keylog_filename`
-    opens it with the process's umask, and whoever reads it decrypts every intercepted session.
-    An existing file is restricted to 0600 too.
+def open_keylog(path: str) -> tuple[int, str]:
+    """Open the key log file for this process (`--keylog`): created 0600 if missing, appended to
+    otherwise. Whoever reads it decrypts every intercepted session, so a symbolic link, anything
+    but a regular file, and a file that group or others may read are refused (as the CA's key
+    is: the fix is the user's to make, not a chmod behind their back).
+
+    Returns:
+        The descriptor (kept open for the process's life, close-on-exec) and the path the
+        contexts open the same file by (`/proc/self/fd/N`; see the module docstring).
 
     Raises:
-        OSError: it cannot be created or opened (a symbolic link is refused).
+        ConfigError: one sentence naming the file.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--keylog {path}: no such directory {folder}")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        os.fchmod(fd, 0o600)
-    finally:
+        # O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of blocking the start.
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"--keylog {path}: a symbolic link; give the file itself") from None
+        raise ConfigError(f"--keylog {path}: cannot open it: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"--keylog {path}: not a regular file")
+        if mode & 0o077:
+            raise ConfigError(
+                f"--keylog {path} may be read by group or others (mode {mode:04o}): whoever "
+                f"reads it decrypts every intercepted session; chmod 600 {path}"
+            )
+        by_descriptor = f"/proc/self/fd/{fd}"
+        if not os.path.exists(by_descriptor):
+            raise ConfigError(f"--keylog {path}: needs /proc (to hand the contexts one file)")
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, by_descriptor
 
 
 def write_memory_file(data: bytes) -> tuple[int, str]:
@@ -273,7 +304,8 @@ class LeafContexts:
 
     Args:
         leaf_key_pem: the key every forged leaf carries (`LeafForger.leaf_key_pem`).
-        keylog: a file to append the sessions' secrets to (NSS key log format), or None.
+        keylog: where to append the sessions' secrets (NSS key log format): the path
+            `open_keylog` gives; None: no key log.
         capacity: how many contexts to keep (each holds a parsed key and certificate, a few
             KiB).
     """
@@ -287,8 +319,6 @@ class LeafContexts:
     ) -> None:
         self._key_pem = leaf_key_pem
         self.keylog = keylog
-        if keylog is not None:
-            prepare_keylog(keylog)
         self._cache = _LRU(capacity)
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(self.established)
