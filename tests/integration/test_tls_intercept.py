@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.integration.conftest import apply_rules, start_proxy, tproxy_cli
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_server
+from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_nginx, start_tls_server
 from tproxy.lab.topology import Lab
 
 POLICY = """
@@ -141,3 +141,25 @@ def test_a_client_rejecting_our_ca_then_passes_through_and_others_are_never_decr
     assert by_sni["other.example.test"]["tls_intercepted"] is None
     notices = [n["message"] for n in proxy.named("notice")]
     assert any(f"{TLS_NAME} passes through" in n for n in notices), notices
+
+
+def test_http2_through_interception_with_alpn_h2_end_to_end(lab: Lab) -> None:
+    """curl --http2 against nginx (h2 and http/1.1): the client and the upstream legs both
+    negotiate h2 (tproxy offers the client's list and presents what the upstream chose), and
+    the page comes over HTTP/2."""
+    server_cert = start_tls_nginx(lab, lab.server)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    proxy, ca = _proxy(lab, upstream_ca=server_cert)
+    for option, alpn in (("--http2", "h2"), ("--http1.1", "http/1.1")):
+        done = _curl(lab, "--cacert", str(ca), option)
+        stderr = done.stderr.decode(errors="replace")
+        assert done.stdout.decode() == "200", stderr
+        assert (
+            f"ALPN: server accepted {alpn}" in stderr
+            or f"ALPN, server accepted to use {alpn}" in stderr
+        ), stderr
+    closes = _closes(proxy, 2)
+    alpns = sorted((c["client_tls"]["alpn"], c["upstream_tls"]["alpn"]) for c in closes)
+    assert alpns == [("h2", "h2"), ("http/1.1", "http/1.1")], closes
+    # curl and nginx end without close_notify here: passed on as bare FINs, not resets.
+    assert [(c["tls_intercepted"], c["reason"]) for c in closes] == [(True, "closed")] * 2

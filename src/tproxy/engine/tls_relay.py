@@ -38,9 +38,11 @@ the source                      the direction ends             the session
 ==============================  =============================  ================================
 close_notify                    EOF, once our close_notify is  FIN passed on (after our
                                 written to the sink            close_notify); the other way on
-TCP FIN without close_notify    SOURCE_RESET (truncated: a     drain the sink, reset both
-                                truncated transfer never
-                                looks complete)
+TCP FIN without close_notify    EOF, with no close_notify      a bare FIN passed on: the sink's
+                                written to the sink            TLS sees the truncation its peer
+                                (truncated)                    made, no more and no less (many
+                                                               peers end so once their own
+                                                               framing says they are done)
 TCP RST                         SOURCE_RESET                   drain the sink, reset both
 a TLS error after the           SOURCE_RESET (the failure is   drain the sink, reset both
 handshake (bad record, alert)   in `outcome`)                  (alert 116 certificate_required
@@ -459,8 +461,8 @@ class TLSRelay(Relay):
         if plaintext:
             self._deliver(way, plaintext)
         if way.ending is None:
-            # A FIN without close_notify is a truncation: as much an end as a reset.
-            way.ending = End.SOURCE_RESET
+            # A FIN without close_notify: the sink gets a bare FIN, the same truncation.
+            way.ending = End.EOF
 
     def _after_receive(self, way: _Way, leg: TLSLeg, plaintext: bytes) -> None:
         """After the source's leg took bytes (or its EOF): its answer back to the source, the
@@ -503,12 +505,12 @@ class TLSRelay(Relay):
 
     def _source_closed(self, way: _Way) -> None:
         """If the source's peer has closed its TLS: close_notify ends the way as EOF, once our
-        own close_notify is written to the sink; without it, as a reset (truncated)."""
+        own close_notify is written to the sink; without it (truncated), as a bare FIN."""
         leg = self._source_leg(way)
         if leg is None or not leg.peer_closed or way.ending is not None:
             return
         if leg.truncated:
-            way.ending = End.SOURCE_RESET
+            way.ending = End.EOF  # no close_notify of ours: the sink sees what the source did
             return
         way.ending = End.EOF  # then the FIN (`Relay.pump_ended`)
         sink_leg = self._sink_leg(way)

@@ -44,6 +44,33 @@ http {{
 """
 
 
+_NGINX_TLS_CONF = """\
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server {{
+        listen {port} ssl http2;
+        listen [::]:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            default_type text/plain;
+            return 200 "hello over $server_protocol from the server\\n";
+        }}
+    }}
+}}
+"""
+
+
 def is_listening(lab: Lab, host: Host, port: int) -> bool:
     result = lab.run(host, ["ss", "-Hltn", f"sport = :{port}"], check=False)
     return bool(result.stdout.strip())
@@ -86,6 +113,26 @@ def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS
         return len(listing.stdout.decode().splitlines()) == 2
 
     wait_until(both_listen, 10, f"openssl s_server to listen on {port} over IPv4 and IPv6")
+    return cert
+
+
+def start_tls_nginx(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> Path:
+    """nginx with TLS and HTTP/2 (ALPN h2 and http/1.1) on `port`, IPv4 and IPv6, with a
+    throw-away self-signed EC certificate for `name`, returned (a client's or tproxy's CA)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists() or shutil.which("openssl") is None:
+        raise LabError("nginx or openssl was not found: run scripts/bootstrap")
+    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-nginx-tls-"))
+    lab.cleanup_paths.append(workdir)
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    lab.run(host, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                   str(cert), "-days", "1", "-subj", f"/CN={name}",
+                   "-addext", f"subjectAltName=DNS:{name}"])  # fmt: skip
+    conf = workdir / "nginx.conf"
+    conf.write_text(_NGINX_TLS_CONF.format(workdir=workdir, port=port, cert=cert, key=key))
+    lab.start(host, [nginx, "-c", str(conf), "-e", "stderr"])
+    wait_listening(lab, host, port, "nginx (TLS)")
     return cert
 
 
