@@ -8,15 +8,20 @@ does not verify resets the client (`upstream_cert_invalid`) unless the rule says
 
 from __future__ import annotations
 
+import os
+import signal
 import stat
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import apply_rules, start_proxy, tproxy_cli
+from tests.unit.test_capture_pcapng import tshark
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_nginx, start_tls_server
-from tproxy.lab.topology import Lab
+from tproxy.lab.topology import Host, Lab
 
 POLICY = """
 [[rule]]
@@ -163,3 +168,43 @@ def test_http2_through_interception_with_alpn_h2_end_to_end(lab: Lab) -> None:
     assert alpns == [("h2", "h2"), ("http/1.1", "http/1.1")], closes
     # curl and nginx end without close_notify here: passed on as bare FINs, not resets.
     assert [(c["tls_intercepted"], c["reason"]) for c in closes] == [(True, "closed")] * 2
+
+
+def _capture(lab: Lab, host: Host, path: Path) -> subprocess.Popen[bytes]:
+    """dumpcap (tshark's capture engine) writing what crosses `host` to `path`, once it
+    captures."""
+    capture = lab.start(host, ["dumpcap", "-q", "-i", "any",
+                               "-w", str(path)], stderr=subprocess.PIPE)  # fmt: skip
+    assert capture.stderr is not None
+    for line in capture.stderr:  # "Capturing on 'any'" once it listens
+        if b"Capturing on" in line:
+            time.sleep(2)  # (it says so as the capture opens, before packets flow into it)
+            return capture
+    raise AssertionError(f"dumpcap did not start capturing in {host.netns}")
+
+
+def test_the_key_log_lets_tshark_decrypt_captures_taken_outside_the_proxy(lab: Lab) -> None:
+    """Raw captures of the client's leg (in the client namespace) and of the upstream's (in the
+    server namespace) both decrypt with `--keylog`'s file: tshark shows the request inside."""
+    server_cert = start_tls_server(lab, lab.server)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    folder = _files(lab)
+    keylog = folder / "keys.log"
+    proxy, ca = _proxy(lab, upstream_ca=server_cert, keylog=keylog)
+    captures = {"client": folder / "client.pcapng", "server": folder / "server.pcapng"}
+    running = [_capture(lab, lab.client, captures["client"]),
+               _capture(lab, lab.server, captures["server"])]  # fmt: skip
+    done = _curl(lab, "--cacert", str(ca))
+    assert done.stdout.decode() == "200", done.stderr
+    _closes(proxy, 1)
+    time.sleep(2)  # the capture ring hands packets over in blocks, not at once
+    for capture in running:
+        os.killpg(capture.pid, signal.SIGINT)
+        capture.wait(10)
+    for leg, path in captures.items():
+        requests = tshark(path, "-o", f"tls.keylog_file:{keylog}", "-Y", "http.request",
+                          "-T", "fields", "-e", "http.request.method",
+                          "-e", "http.request.uri")  # fmt: skip
+        assert requests.split() == ["GET", "/"], (leg, requests)
+        # Without the key log the same capture shows no request: it was encrypted.
+        assert not tshark(path, "-Y", "http.request").strip(), leg
