@@ -33,38 +33,11 @@ http {{
     uwsgi_temp_path {workdir}/uwsgi;
     scgi_temp_path {workdir}/scgi;
     server {{
-        listen {port};
-        listen [::]:{port};
+        listen {port}{listen_options};
+        listen [::]:{port}{listen_options};{tls}
         location / {{
             default_type text/plain;
             return 200 "hello from the server; it saw you as $remote_addr\\n";
-        }}
-    }}
-}}
-"""
-
-
-_NGINX_TLS_CONF = """\
-daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log stderr error;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    server {{
-        listen {port} ssl http2;
-        listen [::]:{port} ssl http2;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        location / {{
-            default_type text/plain;
-            return 200 "hello over $server_protocol from the server\\n";
         }}
     }}
 }}
@@ -81,29 +54,45 @@ def wait_listening(lab: Lab, host: Host, port: int, what: str, timeout_s: float 
 
 
 def start_nginx(lab: Lab, host: Host, port: int = HTTP_PORT) -> None:
+    _run_nginx(lab, host, port, _workdir(lab, "nginx"))
+
+
+def _workdir(lab: Lab, what: str) -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-{what}-"))
+    lab.cleanup_paths.append(workdir)
+    return workdir
+
+
+def _run_nginx(
+    lab: Lab, host: Host, port: int, workdir: Path, *, listen_options: str = "", tls: str = ""
+) -> None:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise LabError("nginx was not found: run scripts/bootstrap (apt-get install nginx)")
-    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-nginx-"))
     conf = workdir / "nginx.conf"
-    conf.write_text(_NGINX_CONF.format(workdir=workdir, port=port))
+    conf.write_text(_NGINX_CONF.format(workdir=workdir, port=port,
+                                       listen_options=listen_options, tls=tls))  # fmt: skip
     lab.start(host, [nginx, "-c", str(conf), "-e", "stderr"])
-    lab.cleanup_paths.append(workdir)
     wait_listening(lab, host, port, "nginx")
+
+
+def _self_signed(lab: Lab, host: Host, workdir: Path, name: str) -> tuple[Path, Path]:
+    """A throw-away self-signed EC certificate for `name` (CN and SAN): (key, certificate)."""
+    if shutil.which("openssl") is None:
+        raise LabError("openssl was not found: run scripts/bootstrap (apt-get install openssl)")
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    lab.run(host, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                   str(cert), "-days", "1", "-subj", f"/CN={name}",
+                   "-addext", f"subjectAltName=DNS:{name}"])  # fmt: skip
+    return key, cert
 
 
 def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> Path:
     """openssl s_server on `port` (IPv4 and IPv6) with a throw-away self-signed EC certificate
     for `name`; it answers any HTTP request with a status page (`-www`). Clients need `-k` (or
     the certificate, returned, as their CA)."""
-    if shutil.which("openssl") is None:
-        raise LabError("openssl was not found: run scripts/bootstrap (apt-get install openssl)")
-    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-tls-"))
-    lab.cleanup_paths.append(workdir)
-    key, cert = workdir / "key.pem", workdir / "cert.pem"
-    lab.run(host, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                   str(cert), "-days", "1", "-subj", f"/CN={name}"])  # fmt: skip
+    key, cert = _self_signed(lab, host, _workdir(lab, "tls"), name)
     for listen in (f"0.0.0.0:{port}", f"[::]:{port}"):  # s_server binds one family
         lab.start(host, ["openssl", "s_server", "-accept", listen, "-cert", str(cert),
                          "-key", str(key), "-www", "-quiet"])  # fmt: skip
@@ -119,20 +108,10 @@ def start_tls_server(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS
 def start_tls_nginx(lab: Lab, host: Host, port: int = TLS_PORT, name: str = TLS_NAME) -> Path:
     """nginx with TLS and HTTP/2 (ALPN h2 and http/1.1) on `port`, IPv4 and IPv6, with a
     throw-away self-signed EC certificate for `name`, returned (a client's or tproxy's CA)."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists() or shutil.which("openssl") is None:
-        raise LabError("nginx or openssl was not found: run scripts/bootstrap")
-    workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-nginx-tls-"))
-    lab.cleanup_paths.append(workdir)
-    key, cert = workdir / "key.pem", workdir / "cert.pem"
-    lab.run(host, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                   str(cert), "-days", "1", "-subj", f"/CN={name}",
-                   "-addext", f"subjectAltName=DNS:{name}"])  # fmt: skip
-    conf = workdir / "nginx.conf"
-    conf.write_text(_NGINX_TLS_CONF.format(workdir=workdir, port=port, cert=cert, key=key))
-    lab.start(host, [nginx, "-c", str(conf), "-e", "stderr"])
-    wait_listening(lab, host, port, "nginx (TLS)")
+    workdir = _workdir(lab, "nginx-tls")
+    key, cert = _self_signed(lab, host, workdir, name)
+    tls = f"\n        ssl_certificate {cert};\n        ssl_certificate_key {key};"
+    _run_nginx(lab, host, port, workdir, listen_options=" ssl http2", tls=tls)
     return cert
 
 
