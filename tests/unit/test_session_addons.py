@@ -445,7 +445,7 @@ def test_sessions_keep_the_addons_they_started_with_across_a_reload() -> None:
     _run(scenario, config)
 
 
-def test_addons_without_the_hooks_of_this_step_take_todays_path() -> None:
+def test_addons_with_only_byte_hooks_take_the_path_without_addons() -> None:
     config = _with(_addon("bytes.py", client_data=lambda s, d: d))
 
     async def scenario(h: PolicyHarness) -> None:

@@ -230,9 +230,11 @@ class _Deciding:
         self.leftover = b""  # tunnelled bytes that came with the proxy's answer
 
 
-def run_claims(run: AddonRun | None) -> bool:
-    """Whether some addon claimed the session."""
-    return run is not None and run.session is not None and bool(run.session.claimers)
+def _claimed(run: AddonRun | None) -> AddonSession | None:
+    """The addons' session, if some addon claimed it."""
+    if run is None or run.session is None or not run.session.claimers:
+        return None
+    return run.session
 
 
 class _Intercepting:
@@ -350,7 +352,7 @@ class Session:
             return
         if addons is not None and has_hooks(addons):
             self._addons = AddonRun(addons)
-        elif matcher is None:  # addons whose hooks this step does not call: as without them
+        elif matcher is None:  # addons with only byte hooks (never claimed): as without them
             self._connect(dst_addr, self._spoof_ip(), now)
             return
         deciding = _Deciding(matcher, dst_addr)
@@ -875,7 +877,7 @@ class Session:
             self._recording = self._open_recording(self._capture)
         tls, interception = self._tls, ctx.interception
         if tls is not None and interception is not None:
-            if run_claims(self._addons):  # not honoured yet: said, so nobody is misled
+            if _claimed(self._addons) is not None:  # not honoured yet: said, so nobody is misled
                 ctx.log.emit(Notice(f"session {record.id}: intercepted: the addons' claim is "
                                     "not honoured (addons do not see plaintext yet)"))  # fmt: skip
             tls_relay = TLSRelay(ctx.poller, self._client_sock, upstream, record, hello=tls.hello,
@@ -887,15 +889,15 @@ class Session:
             self._relay = tls_relay
             tls_relay.start()  # the upstream's handshake starts; it may end the session
             return
-        run = self._addons
-        if run is not None and run.session is not None and run.session.claimers:
+        run, claimed = self._addons, _claimed(self._addons)
+        if run is not None and claimed is not None:
             relay = AddonRelay(ctx.poller, self._client_sock, upstream, record,
-                               session=run.session, addons=run.addons.addons,
+                               session=claimed, addons=run.addons.addons,
                                on_end=self._relay_ended, on_error=self.fail,
                                on_addon_error=self._addon_failed, spawn=ctx.spawn,
                                tap=self._sniffer, pending_up=pending_up,
                                pending_down=pending_down, recording=self._recording)  # fmt: skip
-            record.addons = list(run.session.claimers)
+            record.addons = list(claimed.claimers)
             self._relay = relay
             relay.start()  # the first hooks may run, and end the session
             return
