@@ -199,7 +199,7 @@ class SessionClosed(Event):
             f'"spliced_bytes":{self.spliced_bytes},"proto":{_q_or_null(self.proto)},'
             f'"sni":{_q_or_null(self.sni)},"alpn":{_list_or_null(self.alpn)},'
             f'"tls_offered":{_q_or_null(self.tls_offered)},'
-            f'"ech":{"null" if self.ech is None else ("true" if self.ech else "false")},'
+            f'"ech":{_bool_or_null(self.ech)},'
             f'"http_host":{_q_or_null(self.http_host)},'
             f'"http_method":{_q_or_null(self.http_method)},"rule":{_q_or_null(self.rule)},'
             f'"action":{_q_or_null(self.action)},"upstream":{_q_or_null(self.upstream)},'
