@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from tproxy.engine.tls_relay import TLSOutcome
+    from tproxy.tls.legs import TLSInfo
 
 
 @dataclass(slots=True)
@@ -318,41 +319,34 @@ def _object_or_null(value: dict[str, Any] | None) -> str:
     return "null" if value is None else json.dumps(value, separators=(",", ":"))
 
 
+def _leg(info: TLSInfo | None, error: str | None) -> dict[str, Any] | None:
+    """One leg's negotiated facts and why it failed; None for a leg that never began."""
+    if info is None and error is None:
+        return None
+    return {
+        "version": None if info is None else info.version,
+        "cipher": None if info is None else info.cipher,
+        "alpn": None if info is None else info.alpn,
+        "error": error,
+    }
+
+
 def tls_fields(
     outcome: TLSOutcome | None, passthrough: str | None
 ) -> tuple[bool | None, dict[str, Any] | None, dict[str, Any] | None, str | None]:
     """The close event's `tls_intercepted`, `client_tls`, `upstream_tls` and `passthrough`."""
     if outcome is None:
         return (None, None, None, passthrough)
-    failure = outcome.failure
-    client_error = (
-        failure.detail if failure is not None and outcome.failed_side == "client" else None
-    )
-    upstream_error = (
-        failure.detail if failure is not None and outcome.failed_side == "upstream" else None
-    )
-    client: dict[str, Any] | None = None
-    if outcome.client is not None or client_error is not None:
-        info = outcome.client
-        client = {
-            "version": None if info is None else info.version,
-            "cipher": None if info is None else info.cipher,
-            "alpn": None if info is None else info.alpn,
-            "error": client_error,
-            "rejected": outcome.rejected,
-        }
-    upstream: dict[str, Any] | None = None
-    if outcome.upstream is not None or upstream_error is not None:
+    failure, side = outcome.failure, outcome.failed_side
+    client = _leg(outcome.client, failure.detail if failure and side == "client" else None)
+    if client is not None:
+        client["rejected"] = outcome.rejected
+    upstream = _leg(outcome.upstream, failure.detail if failure and side == "upstream" else None)
+    if upstream is not None:
         info = outcome.upstream
-        upstream = {
-            "version": None if info is None else info.version,
-            "cipher": None if info is None else info.cipher,
-            "alpn": None if info is None else info.alpn,
-            "subject": None if info is None else info.peer_subject,
-            "issuer": None if info is None else info.peer_issuer,
-            "verified": outcome.upstream_verify and (info is not None and info.verified),
-            "error": upstream_error,
-        }
+        upstream["subject"] = None if info is None else info.peer_subject
+        upstream["issuer"] = None if info is None else info.peer_issuer
+        upstream["verified"] = outcome.upstream_verify and info is not None and info.verified
     return (outcome.intercepted, client, upstream, passthrough)
 
 
