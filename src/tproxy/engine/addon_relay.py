@@ -24,13 +24,10 @@ Memory: a direction reads its next chunk only once what it queued is written (as
 does), so a slow reader stops the reading side; and only while the other direction's queue --
 which the hooks' `send_to_*` may fill -- is under `INJECTED_LIMIT_BYTES`.
 
-Hooks: a chain of plain functions runs inside the poller's callback. When any hook of a
-direction is an `async def`, every chunk of that direction is processed by a task, and the
-direction reads nothing more until it is done: only that direction of that session waits (each
-await at most `ADDON_HOOK_TIMEOUT_S`). Both run the same coroutine (`_process`): without async
-hooks nothing in it can suspend, so the pump drives it to its end with one `send(None)` (no
-task, no event loop round trip). Anything a hook raises, or a return that is not bytes, ends
-the session (`on_addon_error`: `addon_error`, the session reset); never the process.
+Hooks: each direction's chain is an `AddonChain` (`engine.addon_chain`: plain hooks run inside
+the poller's callback, a direction with an `async def` hook runs each chunk in a task and reads
+nothing more until it is done). Anything a hook raises, or a return that is not bytes, ends the
+session (`on_addon_error`: `addon_error`, the session reset); never the process.
 """
 
 from __future__ import annotations
@@ -38,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import inspect
 import os
 import socket
 import time
@@ -48,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Final
 from tproxy.core.lifecycle import Direction, DirectionEnded, End
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
-from tproxy.engine.addon_session import ADDON_HOOK_TIMEOUT_S, AddonSession, cancelling
+from tproxy.engine.addon_chain import AddonChain, Step, chain_of
+from tproxy.engine.addon_session import AddonSession
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
 from tproxy.engine.relay import Relay, Spawn
@@ -64,36 +61,7 @@ hooks sent with `send_to_*` toward a peer that does not read)."""
 
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
-# One claiming addon's hooks for one direction: (its data hook, its eof hook), either missing.
-Step = tuple["Hook | None", "Hook | None"]
 OnAddonError = Callable[["Hook", BaseException], None]
-
-
-def chain_of(
-    addons: tuple[Addon, ...], claimers: list[str] | tuple[()], up: bool
-) -> tuple[Step, ...]:
-    """The steps of one direction: for each claiming addon, in the addons' order, its
-    `client_data`/`client_eof` (`up`) or `server_data`/`server_eof`."""
-    data_name, eof_name = ("client_data", "client_eof") if up else ("server_data", "server_eof")
-    steps = []
-    for addon in addons:
-        if addon.name in claimers:
-            hooks = {hook.name: hook for hook in addon.hooks}
-            steps.append((hooks.get(data_name), hooks.get(eof_name)))
-    return tuple(steps)
-
-
-def _as_bytes(out: object, hook: Hook) -> bytes:
-    if type(out) is bytes:
-        return out
-    if isinstance(out, (bytes, bytearray, memoryview)):
-        return bytes(out)  # a copy: the addon may change its bytearray later
-    if inspect.iscoroutine(out):  # a plain def that returned a coroutine: never awaited
-        out.close()
-    raise TypeError(
-        f"{hook.name} returned {type(out).__name__}: return the bytes to send on "
-        "(b'' to hold them back)"
-    )
 
 
 class AddonPump:
@@ -108,10 +76,9 @@ class AddonPump:
     """
 
     __slots__ = (
-        "_busy", "_direction", "_dst", "_eof_read", "_has_async", "_hook", "_lingering",
-        "_queue", "_queued", "_reading", "_record", "_recording", "_relay", "_session", "_src",
-        "_steps", "_tap", "_task", "_waiting_for_room", "_writing", "drained", "ended",
-        "stopped",
+        "_chain", "_direction", "_dst", "_eof_read", "_lingering", "_queue", "_queued",
+        "_reading", "_record", "_recording", "_relay", "_src", "_tap", "_waiting_for_room",
+        "_writing", "drained", "ended", "stopped",
     )  # fmt: skip
 
     def __init__(
@@ -126,22 +93,17 @@ class AddonPump:
         recording: Recording | None,
     ) -> None:
         self._relay = relay
-        self._session = relay.session
         self._record = relay.record
         self._src = source.fileno()
         self._dst = sink.fileno()
         self._direction = direction
-        self._steps = steps
-        self._has_async = any(hook.is_async for step in steps for hook in step if hook)
+        self._chain = AddonChain(relay, relay.session, steps, self._enqueue, self._chain_done)
         self._tap = tap
         self._recording = recording
         self._queue: collections.deque[bytes | memoryview] = collections.deque()
         self._queued = 0  # bytes in the queue
         self._reading = False
         self._writing = False
-        self._busy = False
-        self._task: asyncio.Task[None] | None = None
-        self._hook: Hook | None = None  # the hook an async chain awaits (for its errors)
         self._waiting_for_room = False
         self._eof_read = False
         self._lingering = False
@@ -188,9 +150,7 @@ class AddonPump:
         self.stopped = True
         self._disarm_reader()
         self._disarm_writer()
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        self._chain.stop()
         self._queue.clear()
         self._queued = 0
 
@@ -221,7 +181,7 @@ class AddonPump:
             other.settle()
             if self.stopped:
                 return
-        if self._busy:
+        if self._chain.busy:
             self._disarm_reader()
         elif self._eof_read:
             self._finish(End.EOF)
@@ -281,103 +241,14 @@ class AddonPump:
     # --- the chain ------------------------------------------------------------------------------
 
     def _run(self, data: bytes | None) -> None:
-        """Pass `data` (None: the source's FIN) through the chain: at once for plain hooks, in
-        a task when some hook is an `async def` (the direction reads nothing meanwhile)."""
-        if self._has_async:
-            self._busy = True
+        """Pass `data` (None: the source's FIN) through the chain; an async one holds the
+        direction (reads nothing) until it is done (`_chain_done`)."""
+        self._chain.run(data)
+        if self._chain.busy:
             self._disarm_reader()
-            task = self._task = self._relay.spawn(self._in_task(data))
-            task.add_done_callback(self._task_done)
-            return
-        process = self._process(data)
-        try:
-            process.send(None)
-        except StopIteration:
-            return
-        process.close()  # nothing in a chain of plain hooks awaits: a bug of ours if it did
-        raise RuntimeError("a chain of plain hooks suspended")
 
-    async def _in_task(self, data: bytes | None) -> None:
-        try:
-            await self._process(data)
-        except Exception as exc:  # a bug of ours past the hooks
-            self._relay.pump_failed(exc)
-            return
-        self._task = None
-        self._busy = False
-        try:
-            self.settle()
-        except Exception as exc:
-            self._relay.pump_failed(exc)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        """A chain's task ended. Cancelled while still the pump's (not by `stop()`, which
-        forgets it first): cancelled by something else, such as the hook itself -- its
-        direction would wait forever, so that is the hook's error."""
-        if task is self._task and task.cancelled():
-            self._task = None
-            hook = self._hook
-            if hook is not None:
-                self._relay.hook_failed(hook, asyncio.CancelledError("its task was cancelled"))
-            else:
-                self._relay.pump_failed(asyncio.CancelledError("a chain's task was cancelled"))
-
-    async def _process(self, data: bytes | None) -> None:
-        """Run the chain over one chunk, or (None) over the source's FIN: each claiming addon's
-        eof hook, its output through the later addons' data hooks. Queue what comes out."""
-        if data is not None:
-            out = await self._through(data, 0)
-            if out:
-                self._enqueue(out)
-            return
-        for index, (_, eof_hook) in enumerate(self._steps):
-            if eof_hook is None:
-                continue
-            flushed = await self._call(eof_hook)
-            if flushed:
-                flushed = await self._through(flushed, index + 1)
-            if flushed is None:
-                return
-            if flushed:
-                self._enqueue(flushed)
-
-    async def _through(self, data: bytes, start: int) -> bytes | None:
-        """`data` through the data hooks of the steps from `start` on; None if the session
-        ended meanwhile (a hook raised, reset it, ...)."""
-        for data_hook, _ in self._steps[start:]:
-            if data_hook is None:
-                continue
-            out = await self._call(data_hook, data)
-            if not out:
-                return out  # held back (b""), or the end (None): the rest see nothing
-            data = out
-        return data
-
-    async def _call(self, hook: Hook, *args: bytes) -> bytes | None:
-        """Call one hook (awaiting an `async def` one, within `ADDON_HOOK_TIMEOUT_S`); its bytes,
-        or None when the session ended meanwhile (what it raised has been reported)."""
-        self._hook = hook
-        try:
-            out = hook.fn(self._session, *args)
-            if hook.is_async:
-                timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
-                try:
-                    async with timeout:
-                        out = await out
-                except TimeoutError:
-                    if not timeout.expired():
-                        raise  # the hook's own
-                    raise TimeoutError(f"{hook.name} did not return within "
-                                       f"{ADDON_HOOK_TIMEOUT_S:g} s") from None  # fmt: skip
-            data = _as_bytes(out, hook)
-        except BaseException as exc:  # anything a hook raises ends its session only
-            if isinstance(exc, asyncio.CancelledError) and cancelling():
-                raise  # the task is being cancelled: `stop()`, or `_task_done` reports it
-            self._relay.hook_failed(hook, exc)
-            return None
-        if self.stopped or self._relay.over:
-            return None  # the hook reset the session (or the session ended around it)
-        return data
+    def _chain_done(self) -> None:
+        self.settle()
 
     # --- moving bytes ---------------------------------------------------------------------------
 
