@@ -6,19 +6,19 @@ Run it::
     TPROXY_BLOCK_MARKER="CONFIDENTIAL" tproxy run --addon examples/block_uploads.py
 
 It says `sniff = True` and claims every session whose first bytes are not TLS or SSH (on any
-port): HTTP/1 requests, and also what was sniffed `unknown` or `silent`, which is what an
-HTTP client slower than the sniff timeout looks like (the scan works on the raw bytes, so it
-needs no sniffed facts; encrypted bytes would not show a marker). Everything their client
-sends streams through to the server, except that while an HTTP/1 request is not complete the
-last few bytes that could be the start of the marker (at most len(marker) - 1) are held back
-until the next chunk shows whether the marker follows: so a marker split across a request's
-chunks is caught before any of it leaves, whatever the chunks, and nothing is held once a
-request is complete (a request that ends with "TOP-SEC" is not stalled). Outside a request
-(between requests, bytes that are not HTTP/1, after an upgrade) nothing is held, as the client
-may be waiting for an answer: a marker split across chunks there is still caught before its
-last byte leaves, but its first bytes have gone. When the marker is seen, the client gets
-`403 Forbidden` with `Connection: close`, the chunk that holds it is dropped, and the session is
-closed (the server gets a FIN, and no byte of the marker's chunk).
+port), and TLS that tproxy intercepts (its plaintext): HTTP/1 requests, and also what was
+sniffed `unknown` or `silent`, which is what an HTTP client slower than the sniff timeout looks
+like (the scan works on the raw bytes, so it needs no sniffed facts; encrypted bytes would not
+show a marker). Everything their client sends streams through to the server, except that while
+an HTTP/1 request is not complete the last few bytes that could be the start of the marker (at
+most len(marker) - 1) are held back until the next chunk shows whether the marker follows: so a
+marker split across a request's chunks is caught before any of it leaves, whatever the chunks,
+and nothing is held once a request is complete (a request that ends with "TOP-SEC" is not
+stalled). Outside a request (between requests, bytes that are not HTTP/1, after an upgrade)
+nothing is held, as the client may be waiting for an answer: a marker split across chunks there
+is still caught before its last byte leaves, but its first bytes have gone. When the marker is
+seen, the client gets `403 Forbidden` with `Connection: close`, the chunk that holds it is
+dropped, and the session is closed (the server gets a FIN, and no byte of the marker's chunk).
 
 The marker is looked for in all the bytes the client sends (request lines, headers and bodies
 as they are on the wire), not in decoded bodies: a marker in a URL is blocked too, and no
@@ -35,7 +35,8 @@ Limits:
       body streams): the server sees an upload cut short, then the FIN.
     * A marker that is encoded (compressed, base64, split by a chunked body's framing into two
       chunks of the transfer coding, percent-encoded) is not found: this shows the hooks, it
-      is not a data-loss-prevention product. HTTP/1.x in clear only (TLS is not claimed).
+      is not a data-loss-prevention product. HTTP/1.x in clear, and inside TLS that tproxy
+      intercepts (a `tls = "intercept"` rule); other TLS is not claimed.
     * The 403 is queued after whatever the server's responses already queued for the client:
       if a response is still on its way (pipelining), the client sees it cut short.
     * Every session waits for its client's first bytes before it connects (a protocol whose
@@ -77,7 +78,8 @@ FORBIDDEN = (
 
 
 def session_start(session: Session) -> None:
-    if session.sniffed is None or session.sniffed.proto not in ENCRYPTED:
+    # Not encrypted, or TLS that a `tls = "intercept"` rule decrypts (the hooks see plaintext).
+    if session.tls is not None or session.sniffed is None or session.sniffed.proto not in ENCRYPTED:
         session.claim()
         session.state["block"] = _Scan(HTTP1Framer(response=False))
 

@@ -31,8 +31,10 @@ Limits:
     * Every session waits for its client's first bytes before it connects (a protocol whose
       server speaks first waits until the sniff timeout: 1 s without a policy), and a client
       whose first bytes come later than that is not sniffed as HTTP: not logged.
-    * HTTP/1.x in clear only: TLS is not claimed (the bytes are encrypted), HTTP/2 is not
-      HTTP/1.
+    * HTTP/1.x in clear, and inside TLS that tproxy intercepts (a `tls = "intercept"` policy
+      rule: `session.tls` is set in `session_start`); other TLS is not claimed (its bytes are
+      encrypted). HTTP/2 (what curl and browsers choose over TLS when the server offers it) is
+      not HTTP/1: not logged.
     * After a CONNECT, a switch of protocols (a 101: WebSocket, h2c; it is logged with its
       101) or bytes that are not HTTP/1, the rest of that direction passes unlogged; a head
       over 64 KiB stops the logging too. An `Upgrade` the server declines changes nothing.
@@ -63,7 +65,8 @@ MAX_REQUEST_LINE_CHARS = 200  # the framer keeps 200 bytes of each (KEPT_REQUEST
 
 
 def session_start(session: Session) -> None:
-    if session.sniffed is not None and session.sniffed.proto == "http":
+    # HTTP in clear, or TLS that a `tls = "intercept"` rule decrypts (the hooks see plaintext).
+    if session.tls is not None or (session.sniffed is not None and session.sniffed.proto == "http"):
         session.claim()
         client = HTTP1Framer(response=False)
         server = HTTP1Framer(response=True, connection=client.connection)

@@ -27,9 +27,10 @@ Limits (each such response passes byte for byte, unchanged):
       response the server cut short (sent as it came, at the server's FIN);
     * the responses from the one that answers the 33rd request waiting for its response on
       (or past 4 KiB of waiting request lines): which of them answers a HEAD is not known.
-    HTTP/1.x in clear only (TLS is not claimed). Every session waits for its client's first
-    bytes before it connects (a protocol whose server speaks first waits until the sniff
-    timeout: 1 s without a policy). The replacement is on the body's bytes: a string split
+    HTTP/1.x in clear, and inside TLS that tproxy intercepts (a `tls = "intercept"` rule);
+    other TLS is not claimed, and HTTP/2 is passed unchanged. Every session waits for its
+    client's first bytes before it connects (a protocol whose server speaks first waits until
+    the sniff timeout: 1 s without a policy). The replacement is on the body's bytes: a string split
     across the held body is found, whatever the chunks were.
 """
 
@@ -50,7 +51,8 @@ MAX_BODY_BYTES = 1 << 20
 
 
 def session_start(session: Session) -> None:
-    if session.sniffed is not None and session.sniffed.proto == "http":
+    # HTTP in clear, or TLS that a `tls = "intercept"` rule decrypts (the hooks see plaintext).
+    if session.tls is not None or (session.sniffed is not None and session.sniffed.proto == "http"):
         session.claim()
         client = HTTP1Framer(response=False)
         server = HTTP1Framer(response=True, connection=client.connection)

@@ -184,7 +184,7 @@ class _PlainSession:
         self.rule: str | None = None
         self.action = "allow"
         self.sniffed: Sniffed | None = None
-        self.tls: object | None = None
+        self.tls: api.InterceptedTLS | None = None
         self.bytes_up = 0
         self.bytes_down = 0
         self.reason: str | None = None

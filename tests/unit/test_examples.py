@@ -23,11 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tproxy.addons import http1
-from tproxy.addons.api import reset
+from tproxy.addons.api import InterceptedTLS, reset
 from tproxy.addons.loader import MODULE_PREFIX, load_addon_file, module_name
 from tproxy.core.options import ConfigError
 from tproxy.sniffers.classify import Sniffed
 from tproxy.sniffers.facts import HttpRequest
+
+NOT_YET_INTERCEPTED = InterceptedTLS(None, None, None, None, upstream_verified=False, failure=None)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FRAMED = ("http_log.py", "rewrite_response.py", "block_uploads.py")
@@ -66,6 +68,7 @@ class FakeSession:
     closed: bool = False
     was_reset: bool = False
     client_shut: bool = False  # send_to_client raises, as after the client's FIN was sent
+    tls: InterceptedTLS | None = None  # set: a `tls = "intercept"` rule decrypts the session
 
     def claim(self) -> None:
         self.claimed = True
@@ -253,6 +256,15 @@ def test_the_http_examples_claim_only_http(name: str, sniffed: Sniffed | None) -
     session = FakeSession(sniffed=sniffed)
     assert _load(name).session_start(session) is None
     assert not session.claimed and session.state == {}
+
+
+@pytest.mark.parametrize("name", ["http_log.py", "rewrite_response.py", "block_uploads.py"])
+def test_the_http_examples_claim_what_tproxy_intercepts(name: str) -> None:
+    """In `session_start` of a session a `tls = "intercept"` rule decrypts, `session.tls` is
+    set (both legs still None): the examples claim it, to see its plaintext."""
+    session = FakeSession(sniffed=Sniffed("tls"), tls=NOT_YET_INTERCEPTED)
+    assert _load(name).session_start(session) is None
+    assert session.claimed
 
 
 # --- the framer ------------------------------------------------------------------------------

@@ -39,9 +39,11 @@ from tests.unit.test_tls_legs import (
     _self_signed_pem,
     server_context,
 )
+from tproxy.addons.loader import Addon, Hook
 from tproxy.core.options import ConfigError
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
+from tproxy.engine.addon_session import AddonSession
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import COPY_CHUNK_BYTES
 from tproxy.engine.tls_relay import Interception, TLSPhase, TLSRelay, interception_for
@@ -58,8 +60,8 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: upstream.example\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+def make_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """Our CA, an upstream CA (its file for `--upstream-ca`) and its leaf for the upstream."""
     ours, upstream_ca = _ca("tproxy-test"), _ca("upstream-test")
     ca_file = tmp_path_factory.mktemp("upstream-ca") / "ca.pem"
     ca_file.write_bytes(upstream_ca.cert_pem)
@@ -71,14 +73,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
                _self_signed_pem(), LeafForger(ours))  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def interception(pki: PKI) -> Interception:
+def make_interception(pki: PKI) -> Interception:
     return Interception(
         forger=pki.forger,
         leaves=LeafContexts(pki.forger.leaf_key_pem),
         upstreams=UpstreamContexts(str(pki.upstream_ca_file)),
         handshake_timeout_s=10.0,
     )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def interception(pki: PKI) -> Interception:
+    return make_interception(pki)
 
 
 # --- Python's TLS peers on real sockets -----------------------------------------------------
@@ -185,6 +196,9 @@ class Intercepting:
     record: SessionRecord
     ended: asyncio.Future[CloseReason]
     sockets: list[socket.socket] = field(default_factory=list)
+    # A claimed session's: its addons' session, and the hooks that failed (and how).
+    session: AddonSession | None = None
+    hook_errors: list[tuple[Hook, BaseException]] = field(default_factory=list)
 
     async def handshakes(self) -> None:
         await asyncio.gather(self.client.handshake(), self.upstream.handshake())
@@ -223,10 +237,16 @@ async def intercepting(
     recording: Recorded | None = None,
     held_cut: int | None = None,
     pending_down: bytes = b"",
+    addons: tuple[Addon, ...] | None = None,
+    session_start: Callable[[AddonSession], None] | None = None,
 ) -> AsyncIterator[Intercepting]:
     """The client program and the upstream server connected through a TLS relay, which has
     started: the client's ClientHello is held by the relay, as the sniffer leaves it (with
-    `held_cut`, only that much of it: the client sends the rest once the relay started)."""
+    `held_cut`, only that much of it: the client sends the rest once the relay started).
+
+    With `addons`, every one of them claims the session, after `session_start` (if given) was
+    called with the addons' session; a hook's failure is noted in `hook_errors` and ends the
+    run as the session would (`addon_error`, both sides reset)."""
     loop = asyncio.get_running_loop()
     peer_client, proxy_client = await tcp_pair()
     proxy_upstream, peer_upstream = await tcp_pair()
@@ -261,13 +281,31 @@ async def intercepting(
             sock.close()
         ended.set_result(reason)
 
+    session = None
+    hook_errors: list[tuple[Hook, BaseException]] = []
+    if addons is not None:
+        session = AddonSession(record, None, "allow")
+        session.claimers = [addon.name for addon in addons]
+        if session_start is not None:
+            session_start(session)
+
+    def on_addon_error(hook: Hook, exc: BaseException) -> None:
+        hook_errors.append((hook, exc))
+        for sock in (proxy_client, proxy_upstream):  # as the session's close(addon_error)
+            if sock.fileno() >= 0:
+                poller.forget(sock.fileno())
+            abort_socket(sock)
+        ended.set_result(CloseReason.ADDON_ERROR)
+
     relay = TLSRelay(poller, proxy_client, proxy_upstream, record, hello=hello, held=held,
                      destination=str(UPSTREAM_IP), interception=interception,
                      upstream_verify=verify, on_end=on_end,
                      on_error=ended.set_exception, spawn=spawn,
-                     recording=recording, pending_down=pending_down)  # fmt: skip
+                     recording=recording, pending_down=pending_down, session=session,
+                     addons=addons or (), on_addon_error=on_addon_error)  # fmt: skip
     run = Intercepting(client, upstream, relay, record, ended,
-                       [peer_client, proxy_client, proxy_upstream, peer_upstream])  # fmt: skip
+                       [peer_client, proxy_client, proxy_upstream, peer_upstream],
+                       session, hook_errors)  # fmt: skip
     relay.start()
     if rest:
         await loop.sock_sendall(peer_client, rest)

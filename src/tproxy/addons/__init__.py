@@ -27,12 +27,12 @@ The order of calls, for one session (as issue 12 specifies it):
 An exception in a hook ends that session only (reset, close reason `addon_error`); a file that
 does not load stops `tproxy run` at start, and a SIGHUP reload keeps the running addons.
 
-What works now (steps 1 and 2): the typed hook API; loading (`--addon` and `addon = [...]` load
-each file as a module of its own, find and check its hooks, and fail start-up or a reload with
-one line naming the file and line); and the engine calling `session_start` and `session_end`
-(`tproxy.engine.addon_session`, `tproxy.engine.session`): verdicts, `sniff = True`, async
-hooks (10 s each), exceptions as `addon_error`. What is still to come: the relay for claimed
-sessions and the byte hooks (with the memory bound and the half-close and reset semantics of
-every other relay), the close event's `addons` field, name resolution for addons' `redirect`
-and `via` verdicts, and `examples/`.
+Where it lives: loading (`tproxy.addons.loader`: each file a module of its own, its hooks
+found and checked, start-up or a reload failing with one line naming the file and line); the
+engine calling `session_start` and `session_end` (`tproxy.engine.addon_session`,
+`tproxy.engine.session`); the byte hooks (`tproxy.engine.addon_chain`), run by the addon relay
+on a claimed session's bytes (`tproxy.engine.addon_relay`) or, for a session a
+`tls = "intercept"` rule decrypts, by the TLS relay on its plaintext
+(`tproxy.engine.tls_relay`; `session.tls` says so). Not done: name resolution for addons'
+`redirect` and `via` verdicts (they take IP addresses).
 """

@@ -58,6 +58,8 @@ __all__ = [
     "Action",
     "Address",
     "HostPort",
+    "InterceptedTLS",
+    "NegotiatedTLS",
     "Session",
     "Sniffed",
     "UpstreamProxy",
@@ -136,8 +138,20 @@ class Session(Protocol):
         """
 
     @property
-    def tls(self) -> object | None:
-        """The TLS interception state; always None until TLS interception exists (issue 13)."""
+    def tls(self) -> InterceptedTLS | None:
+        """What tproxy's TLS interception did with the session (`tls = "intercept"` rules):
+        the two TLS connections' versions, ciphers and ALPN, the upstream's certificate; None
+        for a session not intercepted (no such rule, not TLS, passed through).
+
+        In `session_start` it is set, with both connections still None, when the policy's rule
+        intercepts the session (and its name is not passed through for now, after a client
+        refused our certificate or an upstream asked for a client certificate): claim the
+        session then to see its plaintext. (A verdict an addon returns keeps the rule's
+        interception, but for `reset()`.) In the byte hooks of an intercepted session both
+        handshakes are done (`tls.intercepted`) and the hooks see the plaintext, never a TLS
+        record; in `session_end`, whatever was negotiated, or why a handshake failed. A claimed
+        TLS session that is not intercepted shows its hooks the encrypted bytes.
+        """
 
     @property
     def bytes_up(self) -> int:
@@ -204,6 +218,50 @@ class Session(Protocol):
         """End the session at once, claimed or not: a TCP reset to both sides, what is queued
         dropped (close reason `addon_reset`); in `session_start`, a `reset()` verdict that wins
         over any other addon's verdict. Does nothing once the session has ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiatedTLS:
+    """What one of an intercepted session's two TLS connections negotiated.
+
+    Args:
+        version: "TLSv1.3" or "TLSv1.2".
+        cipher: the cipher suite's OpenSSL name ("TLS_AES_256_GCM_SHA384").
+        alpn: the application protocol chosen ("h2", "http/1.1"); None without ALPN. Both
+            connections carry the same: the client is offered what the upstream chose.
+    """
+
+    version: str
+    cipher: str
+    alpn: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptedTLS:
+    """`session.tls`: an intercepted session's TLS.
+
+    Args:
+        client: the client's connection with tproxy (None until its handshake is done).
+        upstream: tproxy's connection with the upstream (None until its handshake is done).
+        upstream_subject: the upstream certificate's subject (RFC 4514); None without one.
+        upstream_issuer: its issuer.
+        upstream_verified: the upstream's certificate was verified (False where the rule says
+            `upstream_verify = false`).
+        failure: why a handshake (or the TLS after it) failed, as the close event's leg
+            `error` says it; None when nothing failed.
+    """
+
+    client: NegotiatedTLS | None
+    upstream: NegotiatedTLS | None
+    upstream_subject: str | None
+    upstream_issuer: str | None
+    upstream_verified: bool
+    failure: str | None
+
+    @property
+    def intercepted(self) -> bool:
+        """Both handshakes were done: the session was (or is being) decrypted."""
+        return self.client is not None and self.upstream is not None
 
 
 @dataclass(frozen=True, slots=True)

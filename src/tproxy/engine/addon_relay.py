@@ -411,6 +411,11 @@ class AddonRelay(Relay):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return self._spawn(coro)
 
+    @property
+    def tls_outcome(self) -> None:
+        """Not intercepted: the addons see the bytes as they cross."""
+        return None
+
     def other(self, pump: AddonPump) -> AddonPump:
         return self.down if pump is self.up else self.up
 

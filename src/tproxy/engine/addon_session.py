@@ -27,9 +27,9 @@ import asyncio
 import inspect
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from tproxy.addons.api import Address
+from tproxy.addons.api import Address, InterceptedTLS, NegotiatedTLS
 from tproxy.addons.api import Verdict as AddonVerdict
 from tproxy.policy.decide import Verdict
 from tproxy.sniffers.printable import to_printable
@@ -37,8 +37,9 @@ from tproxy.sniffers.printable import to_printable
 if TYPE_CHECKING:
     from tproxy.addons.loader import Addons
     from tproxy.core.session import SessionRecord
-    from tproxy.engine.addon_relay import AddonRelay
+    from tproxy.engine.tls_relay import TLSOutcome
     from tproxy.sniffers.classify import Sniffed
+    from tproxy.tls.legs import TLSInfo
 
 ADDON_HOOK_TIMEOUT_S: Final = 10.0
 """How long an `async def` hook may take before its session is reset (`addon_error`)."""
@@ -49,6 +50,30 @@ policy (with one, the policy's `sniff_timeout_s`)."""
 
 MAX_ERROR_CHARS: Final = 300
 """The longest a hook's exception is in the log (`Type: message`, escaped to printable ASCII)."""
+
+
+class Pushable(Protocol):
+    def push(self, data: bytes) -> None:
+        """Queue `data` for this direction's sink, after what is queued."""
+
+
+class ClaimedRelay(Protocol):
+    """The relay of a claimed session, as its `AddonSession` drives it: the addon relay
+    (`engine.addon_relay`), or the TLS relay of an intercepted one (`engine.tls_relay`)."""
+
+    @property
+    def up(self) -> Pushable: ...
+
+    @property
+    def down(self) -> Pushable: ...
+
+    @property
+    def tls_outcome(self) -> TLSOutcome | None:
+        """An intercepted session's TLS so far (None: not intercepted)."""
+
+    def addon_close(self) -> None: ...
+
+    def addon_reset(self) -> None: ...
 
 
 class AddonSession:
@@ -69,8 +94,7 @@ class AddonSession:
 
     __slots__ = (
         "_ended", "_on_reset", "_record", "_relay", "_state", "_to_client", "_to_upstream",
-        "action", "claimers",
-        "reason", "reset_asked", "rule", "starting",
+        "action", "claimers", "intercepting", "reason", "reset_asked", "rule", "starting",
     )  # fmt: skip
 
     def __init__(
@@ -92,9 +116,10 @@ class AddonSession:
         # is made per session that no addon uses: the garbage collector's work is per object).
         self.claimers: list[str] | tuple[()] = ()
         self.reset_asked = False  # reset() in session_start: a reset verdict
+        self.intercepting = False  # the policy's rule intercepts its TLS (`tls` before any)
         self._to_client: list[bytes] | None = None  # sent before relaying, made when sent
         self._to_upstream: list[bytes] | None = None
-        self._relay: AddonRelay | None = None
+        self._relay: ClaimedRelay | None = None
         self._ended = False
 
     @property
@@ -121,8 +146,12 @@ class AddonSession:
         return self._record.sniffed
 
     @property
-    def tls(self) -> object | None:
-        return None
+    def tls(self) -> InterceptedTLS | None:
+        relay = self._relay
+        outcome = relay.tls_outcome if relay is not None else self._record.tls
+        if outcome is None:
+            return _NOT_YET if self.intercepting else None
+        return intercepted_tls(outcome)
 
     @property
     def bytes_up(self) -> int:
@@ -184,8 +213,9 @@ class AddonSession:
                 self.reset_asked = True
             self._on_reset()  # the engine's session resets it now, unless in a plain hook
 
-    def attach(self, relay: AddonRelay) -> tuple[list[bytes], list[bytes]]:
-        """The addon relay starts: what was sent before it, (to the upstream, to the client)."""
+    def attach(self, relay: ClaimedRelay) -> tuple[list[bytes], list[bytes]]:
+        """The relay starts taking the addons' sending: what was sent before it, (to the
+        upstream, to the client)."""
         self._relay = relay
         queued = self._to_upstream or [], self._to_client or []
         self._to_upstream = self._to_client = None
@@ -203,6 +233,27 @@ class AddonSession:
 
 def _nothing() -> None:
     pass
+
+
+_NOT_YET: Final = InterceptedTLS(None, None, None, None, upstream_verified=False, failure=None)
+"""`tls` of a session to be intercepted, before its handshakes."""
+
+
+def _negotiated(info: TLSInfo | None) -> NegotiatedTLS | None:
+    return None if info is None else NegotiatedTLS(info.version, info.cipher, info.alpn)
+
+
+def intercepted_tls(outcome: TLSOutcome) -> InterceptedTLS:
+    """`session.tls`, from what the TLS relay says of the session (made when a hook asks)."""
+    upstream, failure = outcome.upstream, outcome.failure
+    return InterceptedTLS(
+        client=_negotiated(outcome.client),
+        upstream=_negotiated(upstream),
+        upstream_subject=None if upstream is None else upstream.peer_subject,
+        upstream_issuer=None if upstream is None else upstream.peer_issuer,
+        upstream_verified=outcome.upstream_verify and upstream is not None and upstream.verified,
+        failure=None if failure is None else failure.detail,
+    )
 
 
 def _address(endpoint: str) -> Address:

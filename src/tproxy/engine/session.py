@@ -480,6 +480,10 @@ class Session:
         record.action, record.rule = verdict.action.value, verdict.rule
         run.session = AddonSession(record, verdict.rule, verdict.action.value,
                                    on_reset=self._reset_by_addon)  # fmt: skip
+        if verdict.tls is not None and verdict.intercepts:
+            # Known before the hooks (`session.tls`), so they can claim its plaintext.
+            self._tls = self._intercepting(verdict, sniffed, deciding, now)
+            run.session.intercepting = self._tls is not None
         hooks = run.addons.session_start
         for index, hook in enumerate(hooks):
             if hook.is_async:  # the rest run in a task; this session waits for it, alone
@@ -647,7 +651,7 @@ class Session:
             deciding.handshake = self._proxy_handshake(verdict, deciding, facts)
             if deciding.handshake is None:
                 return
-        if verdict.tls is not None and verdict.intercepts:
+        if verdict.tls is not None and verdict.intercepts and self._tls is None:
             self._tls = self._intercepting(verdict, sniffed, deciding, now)
         self._deciding = deciding if (deciding.held or deciding.handshake) else None
         self._connect(target, spoof_ip, now)
@@ -876,20 +880,21 @@ class Session:
         if self._capture is not None:
             self._recording = self._open_recording(self._capture)
         tls, interception = self._tls, ctx.interception
+        run, claimed = self._addons, _claimed(self._addons)
+        if claimed is not None:
+            record.addons = list(claimed.claimers)
         if tls is not None and interception is not None:
-            if _claimed(self._addons) is not None:  # not honoured yet: said, so nobody is misled
-                ctx.log.emit(Notice(f"session {record.id}: intercepted: the addons' claim is "
-                                    "not honoured (addons do not see plaintext yet)"))  # fmt: skip
+            # Claimed: the addons' hooks see the plaintext (`record.relay` "addon").
             tls_relay = TLSRelay(ctx.poller, self._client_sock, upstream, record, hello=tls.hello,
                                  held=pending_up, destination=tls.destination,
                                  interception=interception, upstream_verify=tls.upstream_verify,
                                  on_end=self._relay_ended, on_error=self.fail, spawn=ctx.spawn,
-                                 recording=self._recording,
-                                 pending_down=pending_down)  # fmt: skip
+                                 recording=self._recording, pending_down=pending_down,
+                                 session=claimed, addons=() if run is None else run.addons.addons,
+                                 on_addon_error=self._addon_failed)  # fmt: skip
             self._relay = tls_relay
             tls_relay.start()  # the upstream's handshake starts; it may end the session
             return
-        run, claimed = self._addons, _claimed(self._addons)
         if run is not None and claimed is not None:
             relay = AddonRelay(ctx.poller, self._client_sock, upstream, record,
                                session=claimed, addons=run.addons.addons,
@@ -897,7 +902,6 @@ class Session:
                                on_addon_error=self._addon_failed, spawn=ctx.spawn,
                                tap=self._sniffer, pending_up=pending_up,
                                pending_down=pending_down, recording=self._recording)  # fmt: skip
-            record.addons = list(claimed.claimers)
             self._relay = relay
             relay.start()  # the first hooks may run, and end the session
             return

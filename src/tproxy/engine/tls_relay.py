@@ -56,6 +56,19 @@ while the queue toward its source (the other direction's, where the source leg's
 holds at most `ANSWER_LIMIT_BYTES`; one read is at most `COPY_CHUNK_BYTES` of ciphertext. So a
 session holds at most about one chunk of plaintext per direction, as the copy relay does.
 
+Addons: a session the addons claimed (`session`) runs each direction's plaintext through their
+byte hooks (`engine.addon_chain`, as the addon relay does with bytes): what a hook returns goes
+to the sink's leg; an `async def` hook holds only its direction (the source is not read
+meanwhile); a clean end of the source's stream (close_notify, or a bare FIN) first runs the eof
+hooks, whose bytes go before our close_notify (or the bare FIN). The addons' session is
+attached once the upstream's handshake is done (what `session_start` sent goes first, as the
+client's leg starts); `send_to_*` encrypts toward that peer (`push`); `close()` (only once
+relaying) drains both ways, sends our close_notify and a FIN to both peers and reads and drops
+until both have sent their FIN (`addon_close`); `reset()` resets both (`addon_reset`); a hook's
+error stops the relay (`on_addon_error`: the session resets with `addon_error`). The memory
+bound is the one above: what the hooks send is queued ciphertext like the rest. Unlike the
+addon relay, a sink's reset resets both at once (the lifecycle's matrix, no exception).
+
 Plaintext is counted as the session's bytes (`bytes_up` and `bytes_down`: what the client's and
 the upstream's applications sent, handed to the other leg), never the TLS records around it.
 Everything runs as poller callbacks; nothing here awaits (the relay's drain after a reset does,
@@ -64,6 +77,7 @@ as for every relay).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import enum
@@ -75,12 +89,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tproxy.core.endpoint import IPAddress
 from tproxy.core.lifecycle import Direction, End
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
+from tproxy.engine.addon_chain import AddonChain, chain_of
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
 from tproxy.engine.relay import Relay, Spawn
@@ -101,6 +116,14 @@ from tproxy.tls.legs import (
     open_upstream_leg,
 )
 from tproxy.tls.names import NameRejected, UpstreamCertFacts
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from tproxy.addons.loader import Addon, Hook
+    from tproxy.engine.addon_session import AddonSession
+
+    OnAddonError = Callable[[Hook, BaseException], None]
 
 HELD_LIMIT_BYTES: Final = 64 * 1024
 """What the client may send while the upstream handshakes (the rest of its ClientHello, early
@@ -210,8 +233,8 @@ class _Way:
     the relay decides everything."""
 
     __slots__ = (
-        "direction", "dst", "ended", "ending", "queue", "queued", "reading", "relay", "src",
-        "stopped", "writing",
+        "chain", "direction", "dst", "ended", "ending", "eof_ran", "eof_wanted", "lingering",
+        "queue", "queued", "reading", "relay", "src", "stopped", "writing",
     )  # fmt: skip
 
     def __init__(
@@ -228,11 +251,30 @@ class _Way:
         self.ending: End | None = None  # how it ends, once its queue is written
         self.ended = False  # reported to the relay
         self.stopped = False
+        # A claimed session's: the addons' hooks for this way's plaintext (`engine.addon_chain`).
+        self.chain: AddonChain | None = None
+        # The source's stream ended cleanly and waits for the eof hooks: whether the sink is
+        # then sent our close_notify (None: no such wait); `eof_ran`: the eof hooks have run.
+        self.eof_wanted: bool | None = None
+        self.eof_ran = False
+        self.lingering = False  # after the addon's close(): read and drop until the FIN
 
     def enqueue(self, data: bytes) -> None:
         if data and not self.ended and not self.stopped:
             self.queue.append(data)
             self.queued += len(data)
+
+    def push(self, data: bytes) -> None:
+        """An addon's `send_to_upstream` (up) or `send_to_client` (down)."""
+        self.relay.push(self, data)
+
+    def emit(self, plaintext: bytes) -> None:
+        """What the chain's hooks returned: on to the sink's TLS."""
+        self.relay.pass_on(self, plaintext)
+
+    def chain_done(self) -> None:
+        """The chain's task ended: carry on (its end, if it was the eof hooks)."""
+        self.relay.chain_done(self)
 
     def on_readable(self) -> None:
         try:
@@ -265,6 +307,8 @@ class _Way:
     def stop(self) -> None:
         """Stop moving bytes; afterwards the way touches neither socket and calls nobody."""
         self.stopped = True
+        if self.chain is not None:
+            self.chain.stop()
         self.arm_reader(False)
         self.arm_writer(False)
         self.queue.clear()
@@ -288,12 +332,19 @@ class TLSRelay(Relay):
             (a captured session; the hook point for anything that wants the plaintext).
         pending_down: bytes of the upstream's read before the relay (a `via` proxy's answer
             came with them): the upstream's first ciphertext.
+        session: the addons' session, when addons claimed it: their byte hooks then see the
+            plaintext (`record.relay` is "addon"), and they may send, close and reset
+            (`push`, `addon_close`, `addon_reset`); attached once the upstream's handshake is
+            done.
+        addons: the session's addons (their claiming ones' hooks are the chains).
+        on_addon_error: called when a hook failed (the relay has stopped; the owner resets).
     """
 
     __slots__ = (
-        "_early_down", "_failed_side", "_failure", "_held", "_hello", "_interception",
-        "_leaf_dropped", "_pending_down", "_plaintext", "_verify", "client_leg", "destination",
-        "handshake_deadline_at", "phase", "upstream_leg",
+        "_closed", "_early_down", "_failed_side", "_failure", "_held", "_hello",
+        "_interception", "_leaf_dropped", "_on_addon_error", "_pending_down", "_plaintext",
+        "_verify", "client_leg", "closing", "destination", "handshake_deadline_at", "phase",
+        "session", "upstream_leg",
     )  # fmt: skip
 
     up: _Way
@@ -316,10 +367,17 @@ class TLSRelay(Relay):
         spawn: Spawn,
         recording: Recording | None = None,
         pending_down: bytes = b"",
+        session: AddonSession | None = None,
+        addons: tuple[Addon, ...] = (),
+        on_addon_error: OnAddonError | None = None,
     ) -> None:
         self._setup(poller, client, upstream, record, on_end=on_end, on_error=on_error,
                     spawn=spawn, recording=recording)  # fmt: skip
-        record.relay = "tls"
+        record.relay = "tls" if session is None else "addon"
+        self.session = session
+        self._on_addon_error = on_addon_error
+        self.closing = False  # the addon called close(): drain, close_notify and FIN, linger
+        self._closed = False  # past the close's close_notify: nothing more can be sent
         self._hello = hello
         self._held = held
         self._interception = interception
@@ -337,10 +395,27 @@ class TLSRelay(Relay):
         self.upstream_leg: UpstreamLeg | None = None
         self.up = _Way(self, client, upstream, Direction.UP)
         self.down = _Way(self, upstream, client, Direction.DOWN)
+        if session is not None:
+            for way in (self.up, self.down):
+                steps = chain_of(addons, session.claimers, up=way is self.up)
+                way.chain = AddonChain(self, session, steps, way.emit, way.chain_done)
 
     @property
     def poller(self) -> Poller:
         return self._poller
+
+    @property
+    def over(self) -> bool:
+        """Ended, or past the addon's close: hooks' results are dropped, sending raises."""
+        return self._done or self._closed
+
+    @property
+    def tls_outcome(self) -> TLSOutcome:
+        """What the addons' `session.tls` is made from while the session relays."""
+        return self.outcome
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._spawn(coro)
 
     # --- what the owner calls -------------------------------------------------------------------
 
@@ -396,6 +471,64 @@ class TLSRelay(Relay):
         self.handshake_deadline_at = None
         super().stop()
 
+    # --- what the claiming addons call ----------------------------------------------------------
+
+    def push(self, way: _Way, data: bytes) -> None:
+        """An addon's `send_to_*` toward the way's sink: encrypted after what is queued."""
+        if self.over:
+            raise RuntimeError("the session has ended")
+        if way.stopped:  # its sink has reset: what is sent to it is lost, as it would be
+            return
+        sink_leg = self._sink_leg(way)
+        if way.ending is not None or sink_leg is None or not sink_leg.can_send:
+            side = "upstream" if way is self.up else "client"
+            raise RuntimeError(f"the {side}'s TLS has been closed: nothing more can go to it")
+        self.pass_on(way, data)
+        if way.queue:
+            way.arm_writer(True)
+
+    def hook_failed(self, hook: Hook, exc: BaseException) -> None:
+        """A hook raised or returned nonsense: stop, and let the owner reset the session."""
+        if self._done:
+            return
+        self.stop()
+        assert self._on_addon_error is not None
+        self._on_addon_error(hook, exc)
+
+    def addon_reset(self) -> None:
+        """The addon's `session.reset()`: both sides reset at once, what is queued dropped."""
+        if not self._done:
+            self._abort_both(CloseReason.ADDON_RESET, from_client=False)
+
+    def addon_close(self) -> None:
+        """The addon's `session.close()`: read no more; once everything read is through the
+        chains and written, our close_notify and a FIN both ways, then read and drop until
+        both peers have sent their FIN (`addon_close`)."""
+        if self._done or self.closing:
+            return
+        if self.phase is not TLSPhase.RELAYING:
+            raise RuntimeError("close(): the client's TLS handshake is not done yet; reset() "
+                               "ends the session")  # fmt: skip
+        self.closing = True
+        self._record.half_closed_at = time.monotonic()  # the linger is bounded as a half-close
+        # Settled on the next round of the loop: the hook that called close() may still be
+        # returning bytes to send.
+        asyncio.get_running_loop().call_soon(self._settle_safely)
+
+    def chain_done(self, way: _Way) -> None:
+        """A way's chain finished a task: the source's end it waited with, then settle."""
+        if way.eof_wanted is not None:
+            self._run_eof(way)
+        if not self._done:
+            self.settle()
+
+    def _settle_safely(self) -> None:
+        try:
+            if not self._done:
+                self.settle()
+        except Exception as exc:
+            self.pump_failed(exc)
+
     # --- reading --------------------------------------------------------------------------------
 
     def _source_leg(self, way: _Way) -> TLSLeg | None:
@@ -412,6 +545,9 @@ class TLSRelay(Relay):
 
     def source_readable(self, way: _Way) -> None:
         """Read the source until it is empty, a read is short, or the way must wait."""
+        if way.lingering:
+            self._linger(way)
+            return
         while way.reading and not self._done:
             try:
                 data = os.read(way.src, COPY_CHUNK_BYTES)
@@ -460,9 +596,8 @@ class TLSRelay(Relay):
         plaintext = leg.receive_eof()
         if plaintext:
             self._deliver(way, plaintext)
-        if way.ending is None:
-            # A FIN without close_notify: the sink gets a bare FIN, the same truncation.
-            way.ending = End.EOF
+        # A FIN without close_notify: the sink gets a bare FIN, the same truncation.
+        self._source_done(way, notify=False)
 
     def _after_receive(self, way: _Way, leg: TLSLeg, plaintext: bytes) -> None:
         """After the source's leg took bytes (or its EOF): its answer back to the source, the
@@ -507,19 +642,53 @@ class TLSRelay(Relay):
         """If the source's peer has closed its TLS: close_notify ends the way as EOF, once our
         own close_notify is written to the sink; without it (truncated), as a bare FIN."""
         leg = self._source_leg(way)
-        if leg is None or not leg.peer_closed or way.ending is not None:
+        if leg is None or not leg.peer_closed:
             return
-        if leg.truncated:
-            way.ending = End.EOF  # no close_notify of ours: the sink sees what the source did
+        # Truncated: no close_notify of ours, the sink sees what the source did.
+        self._source_done(way, notify=not leg.truncated)
+
+    def _source_done(self, way: _Way, *, notify: bool) -> None:
+        """The source's stream ended cleanly: after the claiming addons' eof hooks (if any),
+        the way ends as EOF -- its FIN passed on once its queue is written -- after our
+        close_notify to the sink when `notify`."""
+        if way.ending is not None or way.eof_wanted is not None:
             return
+        if way.chain is None:
+            self._end_way(way, notify)
+            return
+        way.eof_wanted = notify
+        self._run_eof(way)
+
+    def _run_eof(self, way: _Way) -> None:
+        """The eof hooks, once the chain is free; then the way's end."""
+        chain = way.chain
+        assert chain is not None and way.eof_wanted is not None
+        if chain.busy:
+            return  # a chunk is still in it: `chain_done` comes back here
+        if not way.eof_ran:
+            way.eof_ran = True
+            chain.run(None)
+            if chain.busy or self._done:
+                return
+        notify, way.eof_wanted = way.eof_wanted, None
+        self._end_way(way, notify)
+
+    def _end_way(self, way: _Way, notify: bool) -> None:
         way.ending = End.EOF  # then the FIN (`Relay.pump_ended`)
         sink_leg = self._sink_leg(way)
-        if sink_leg is not None:
+        if notify and sink_leg is not None:
             sink_leg.close()
             way.enqueue(sink_leg.data_to_send())
 
     def _deliver(self, way: _Way, plaintext: bytes) -> None:
-        """Plaintext from the source's leg: to the hook, then to the sink's leg."""
+        """Plaintext from the source's leg: through the addons' chain when claimed, on."""
+        if way.chain is None:
+            self.pass_on(way, plaintext)
+        else:
+            way.chain.run(plaintext)  # its output comes back through `pass_on`
+
+    def pass_on(self, way: _Way, plaintext: bytes) -> None:
+        """Plaintext for the sink: to the recording, then to the sink's leg."""
         sink_leg = self._sink_leg(way)
         if sink_leg is None or not sink_leg.can_send:
             return  # (the sink leg failed or closed: the way is ending already)
@@ -567,9 +736,15 @@ class TLSRelay(Relay):
         )
         self.phase = TLSPhase.CLIENT_HANDSHAKE
         self.handshake_deadline_at = time.monotonic() + interception.handshake_timeout_s
-        early, self._early_down = self._early_down, []
-        for plaintext in early:  # kept by the leg until its handshake is done
-            self._deliver(self.down, plaintext)
+        if self.session is not None:  # what session_start sent goes first
+            to_upstream, to_client = self.session.attach(self)
+            for data in to_upstream:
+                self.pass_on(self.up, data)
+            for data in to_client:
+                self.pass_on(self.down, data)
+        early, self._early_down = b"".join(self._early_down), []
+        if early:  # kept by the leg until its handshake is done
+            self._deliver(self.down, early)
         held, self._held = self._held, b""
         self._after_receive(self.up, leg, leg.receive(held))
 
@@ -578,14 +753,17 @@ class TLSRelay(Relay):
         if self._done:
             return
         self._failure, self._failed_side = failure, side
+        self._abort_both(_REASONS[failure.reason], from_client=side == "client")
+
+    def _abort_both(self, reason: CloseReason, *, from_client: bool) -> None:
         self.stop()
         if self._recording is not None:
-            self._recording.ended(from_client=side == "client", reset=True)
+            self._recording.ended(from_client=from_client, reset=True)
         for sock in (self._client, self._upstream):
             if sock.fileno() >= 0:
                 self._poller.forget(sock.fileno())
             abort_socket(sock)
-        self._on_end(_REASONS[failure.reason])
+        self._on_end(reason)
 
     # --- writing, and what the ways may do next -------------------------------------------------
 
@@ -602,22 +780,79 @@ class TLSRelay(Relay):
                 way.ended = True
                 way.arm_reader(False)
                 self.pump_ended(way.direction, way.ending)
+        if self.closing and not self._done:
+            self._close_step()
         for way in (self.up, self.down):
             if self._done:
                 return
             way.arm_reader(self._may_read(way))
 
     def _may_read(self, way: _Way) -> bool:
-        if way.ending is not None or way.ended or way.stopped:
+        if way.lingering:
+            return True
+        if way.ending is not None or way.ended or way.stopped or self.closing:
             return False
         phase = self.phase
         if phase is TLSPhase.RELAYING:
+            chain = way.chain
+            if chain is not None and (chain.busy or way.eof_wanted is not None):
+                return False
             return not way.queue and self._other(way).queued <= ANSWER_LIMIT_BYTES
         if phase is TLSPhase.UPSTREAM_HANDSHAKE:
             return way is self.down or len(self._held) < HELD_LIMIT_BYTES
         if phase is TLSPhase.CLIENT_HANDSHAKE:
             return way is self.up  # the upstream waits: what it sends now would pile up
         return False
+
+    def _close_step(self) -> None:
+        """After the addon's close(), from `settle`: once both ways are drained (nothing in a
+        chain, nothing queued), our close_notify to both peers; once that is written, a FIN
+        both ways and the linger; once both peers' FINs are read, the end (`addon_close`)."""
+        ways = [way for way in (self.up, self.down) if not way.ended]
+        if any(way.queue or (way.chain is not None and way.chain.busy) for way in ways):
+            return
+        if not self._closed:
+            self._closed = True
+            for way in ways:
+                sink_leg = self._sink_leg(way)
+                if sink_leg is not None:
+                    sink_leg.close()
+                    way.enqueue(sink_leg.data_to_send())
+                if way.queue and not self._flush(way):
+                    return  # the sink is full: settled again once it is writable
+            if self._done:
+                return
+        if any(way.queue for way in ways) or any(way.lingering for way in ways):
+            return
+        for way in ways:
+            sink = self._upstream if way is self.up else self._client
+            if sink is not self._shut:
+                self._shutdown_write(sink)
+                if self._recording is not None:
+                    self._recording.ended(from_client=way is self.up, reset=False)
+            way.lingering = True
+        self._lingered()
+
+    def _linger(self, way: _Way) -> None:
+        """Read and drop what the source still sends, until its FIN (or reset)."""
+        while True:
+            try:
+                data = os.read(way.src, COPY_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""  # a reset after our FIN: the peer is gone all the same
+            if not data:
+                way.lingering = False
+                way.ended = True
+                way.arm_reader(False)
+                self._lingered()
+                return
+
+    def _lingered(self) -> None:
+        if not self._done and self.up.ended and self.down.ended:
+            self._done = True
+            self._on_end(CloseReason.ADDON_CLOSE)
 
     def _flush(self, way: _Way) -> bool:
         """Write the way's queue to its sink; False if the sink pushed back (or is gone)."""
