@@ -1,0 +1,1 @@
+"""Running tproxy as a service: systemd's notify protocol (`notify`)."""
