@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
             "198.18.0.0/15 and 2001:db8::/32, apply the rules and run the proxy in the router "
             "with a small policy, send real traffic (HTTP and HTTPS with curl, one request the "
             "policy resets by name, checksummed transfers, IPv4 and IPv6), show the session log "
-            "and tear everything down. Needs root."
+            "and tear everything down. --intercept shows TLS interception instead. Needs root."
         ),
     )
     lab.add_argument(
