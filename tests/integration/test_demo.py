@@ -131,8 +131,8 @@ def test_the_intercept_demo_intercepts_one_request_and_passes_a_pinned_name_thro
     # 1. curl trusting our CA: the page, over a certificate our CA issued for the name.
     fetched = _section(out, "curl --http1.1 --cacert /tmp/")
     assert "status 200: hello from the server; it saw you as 198.18.1.2" in fetched, fetched
-    assert "issuer:  CN=tproxy interception CA (" in fetched, fetched
-    assert 'subjectAltName: host "www.example.test" matched' in fetched, fetched
+    assert re.search(r"issuer: +CN=tproxy interception CA \(", fetched), fetched
+    assert re.search(r'subjectAltName: +host "www.example.test" matched', fetched), fetched
     intercepted = _close_line(out, 'sni="www.example.test"')
     assert "closed (closed)" in intercepted and ", TLS intercepted, " in intercepted
 
@@ -142,7 +142,7 @@ def test_the_intercept_demo_intercepts_one_request_and_passes_a_pinned_name_thro
     assert "pinned.example.test passes through for 3600 s: client_rejected" in refused, refused
     passed = _section(out, "the same again, https://pinned.example.test/")
     assert "status 200: hello from the server" in passed, passed
-    assert "issuer:  CN=tproxy lab upstream CA" in passed, passed
+    assert re.search(r"issuer: +CN=tproxy lab upstream CA$", passed, re.MULTILINE), passed
     pinned = [line for line in out.splitlines()
               if " closed (" in line and 'sni="pinned.example.test"' in line]  # fmt: skip
     assert len(pinned) == 2, pinned

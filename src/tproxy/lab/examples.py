@@ -42,6 +42,6 @@ def example_addon(name: str) -> Path:
             if installed.is_file():
                 return installed
     raise ExampleNotFoundError(
-        f"the example addon {name} is neither in {in_tree.parent} (a source tree) nor installed "
-        f"with the package ({INSTALLED_DIR}): run the demo from a clone (scripts/demo)"
+        f"the example addon {name} is neither in a source tree's examples/ nor installed with "
+        f"the package ({INSTALLED_DIR}): run the demo from a clone (sudo scripts/demo)"
     )

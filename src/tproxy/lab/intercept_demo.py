@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tproxy.lab.demo import _BRIDGE_DIAGRAM, _DIAGRAM, _say, _step
+from tproxy.lab.demo import BRIDGE_DIAGRAM, ROUTED_DIAGRAM, say, step
 from tproxy.lab.examples import example_addon
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import TLS_NAME, TLS_PORT, UPSTREAM_CA_NAME, start_issued_tls_nginx
@@ -63,31 +63,31 @@ def run_intercept_demo(keep_going: bool = False, bridge: bool = False) -> int:
     the exit status (a LabError says which checks failed)."""
     checks: dict[str, bool] = {}
     with Lab(bridge=bridge) as lab:
-        _step("three network namespaces" + (", a Linux bridge in the middle" if bridge else ""))
-        diagram = _BRIDGE_DIAGRAM if bridge else _DIAGRAM
-        _say(diagram.format(client=lab.client.netns, router=lab.router.netns,
+        step("three network namespaces" + (", a Linux bridge in the middle" if bridge else ""))
+        diagram = BRIDGE_DIAGRAM if bridge else ROUTED_DIAGRAM
+        say(diagram.format(client=lab.client.netns, router=lab.router.netns,
                             server=lab.server.netns))  # fmt: skip
         apply = ["rules", "apply", "--ports", str(TLS_PORT)]
         if bridge:
             apply += ["--bridge", lab.BRIDGE]
-        _step(f"{lab.router.role}: tproxy {' '.join(apply)}")
+        step(f"{lab.router.role}: tproxy {' '.join(apply)}")
         applied = lab.run(lab.router, [sys.executable, "-m", "tproxy", *apply])
-        _say(applied.stdout.decode().rstrip())
+        say(applied.stdout.decode().rstrip())
 
-        _step(f"server: nginx with TLS on port {TLS_PORT}, its certificate for {TLS_NAME} and "
+        step(f"server: nginx with TLS on port {TLS_PORT}, its certificate for {TLS_NAME} and "
               f"{PINNED_NAME} issued by a throw-away \"{UPSTREAM_CA_NAME}\"")  # fmt: skip
         pki = start_issued_tls_nginx(lab, lab.server, [TLS_NAME, PINNED_NAME])
-        _say(f"  {pki.ca_cert}: the upstream CA, standing in for the public CAs a real router\n"
+        say(f"  {pki.ca_cert}: the upstream CA, standing in for the public CAs a real router\n"
              "  trusts; tproxy verifies the server against it (--upstream-ca)")  # fmt: skip
 
         workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-intercept-"))
         lab.cleanup_paths.append(workdir)
         ca_dir = workdir / "ca"
-        _step(f"{lab.router.role}: tproxy ca create {ca_dir}   (a throw-away interception CA: "
+        step(f"{lab.router.role}: tproxy ca create {ca_dir}   (a throw-away interception CA: "
               "its key is deleted with the lab)")  # fmt: skip
         created = lab.run(lab.router, [sys.executable, "-m", "tproxy", "ca", "create",
                                        str(ca_dir)])  # fmt: skip
-        _say("\n".join(f"  {line}" for line in created.stdout.decode().splitlines()))
+        say("\n".join(f"  {line}" for line in created.stdout.decode().splitlines()))
         our_ca = ca_dir / CERT_FILE
 
         policy = workdir / "policy.toml"
@@ -96,18 +96,18 @@ def run_intercept_demo(keep_going: bool = False, bridge: bool = False) -> int:
         addon_log = workdir / "http.log"
         args = ["--spoof-source", "--ca", str(ca_dir), "--upstream-ca", str(pki.ca_cert),
                 "--policy", str(policy), "--addon", str(addon)]  # fmt: skip
-        _step(f"{lab.router.role}: TPROXY_HTTP_LOG={addon_log} tproxy run {' '.join(args)}")
-        _say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
-        _say(f"  {addon.name}: the example addon logging each HTTP/1 request line and status")
+        step(f"{lab.router.role}: TPROXY_HTTP_LOG={addon_log} tproxy run {' '.join(args)}")
+        say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
+        say(f"  {addon.name}: the example addon logging each HTTP/1 request line and status")
         proxy = ProxyProcess(lab, lab.router, args, wrapper=["env", f"TPROXY_HTTP_LOG={addon_log}"])
         listening = proxy.wait_listening()
-        _say(f"listening on {', '.join(listening['listen'])} (each worker says so)")
+        say(f"listening on {', '.join(listening['listen'])} (each worker says so)")
 
         address = lab.server.ipv4
-        _step(f"client: curl --http1.1 --cacert {our_ca} --resolve {TLS_NAME}:{TLS_PORT}:{address} "
+        step(f"client: curl --http1.1 --cacert {our_ca} --resolve {TLS_NAME}:{TLS_PORT}:{address} "
               f"https://{TLS_NAME}/")  # fmt: skip
         fetched = _curl(lab, TLS_NAME, our_ca)
-        _say(fetched.summary())
+        say(fetched.summary())
         close = _close_of(proxy, TLS_NAME, lambda e: True)
         checks[f"curl trusting our CA got 200 from {TLS_NAME}"] = fetched.status == "200"
         checks[f"the certificate curl was shown was issued by our CA ({OUR_CA_NAME})"] = (
@@ -120,18 +120,18 @@ def run_intercept_demo(keep_going: bool = False, bridge: bool = False) -> int:
             close.get("tls_intercepted") is True and close.get("reason") == "closed"
         )
         line = _addon_logged_request_line(addon_log, None if close is None else close["session"])
-        _say(f"the addon logged: {line}" if line else
+        say(f"the addon logged: {line}" if line else
              f"the addon logged NOTHING for this session in {addon_log}")  # fmt: skip
         checks[f'{ADDON} logged the plaintext request line "GET / HTTP/1.1" 200'] = bool(line)
 
-        _step(f"client: curl --http1.1 --cacert {pki.ca_cert.name} https://{PINNED_NAME}/   "
+        step(f"client: curl --http1.1 --cacert {pki.ca_cert.name} https://{PINNED_NAME}/   "
               "(trusts only the real CA: it \"pins\" it)")  # fmt: skip
         refused = _curl(lab, PINNED_NAME, pki.ca_cert)
-        _say(refused.summary())
+        say(refused.summary())
         first = _close_of(proxy, PINNED_NAME, lambda e: True)
         rejected = None if first is None else (first.get("client_tls") or {}).get("rejected")
         if first is not None:
-            _say(f"tproxy: {first.get('reason')}, the client refused our certificate ({rejected})")
+            say(f"tproxy: {first.get('reason')}, the client refused our certificate ({rejected})")
         checks[f"the pinning client refused our certificate for {PINNED_NAME}"] = (
             refused.status != "200" and first is not None
             and first.get("reason") == "client_tls_failed" and bool(rejected)
@@ -140,11 +140,11 @@ def run_intercept_demo(keep_going: bool = False, bridge: bool = False) -> int:
             lambda e: e.get("event") == "notice" and "passes through" in e.get("message", ""),
             "the passthrough notice", timeout_s=ADDON_WAIT_S,
         )  # fmt: skip
-        _say(f"tproxy: {notices[0]['message']}")
+        say(f"tproxy: {notices[0]['message']}")
 
-        _step(f"client: the same again, https://{PINNED_NAME}/")
+        step(f"client: the same again, https://{PINNED_NAME}/")
         passed = _curl(lab, PINNED_NAME, pki.ca_cert)
-        _say(passed.summary())
+        say(passed.summary())
         second = _close_of(proxy, PINNED_NAME, lambda e: e.get("passthrough") is not None)
         checks[f"the second connection to {PINNED_NAME} got 200 over the real certificate "
                f"(issuer {UPSTREAM_CA_NAME})"] = (
@@ -155,35 +155,35 @@ def run_intercept_demo(keep_going: bool = False, bridge: bool = False) -> int:
             and not second.get("tls_intercepted")
         )  # fmt: skip
 
-        _step("the proxy's session log")
+        step("the proxy's session log")
         for record in proxy.snapshot():
             event = parse_json_event(record)
             if event is not None:
-                _say(f"  {event.text()}")
-        _step(f"the addon's log ({addon_log})")
+                say(f"  {event.text()}")
+        step(f"the addon's log ({addon_log})")
         logged = addon_log.read_text() if addon_log.exists() else ""
-        _say("\n".join(f"  {text}" for text in logged.splitlines()) or "  (empty)")
+        say("\n".join(f"  {text}" for text in logged.splitlines()) or "  (empty)")
 
         if keep_going:
-            _step("the lab stays up until Ctrl-C; try for example:")
+            step("the lab stays up until Ctrl-C; try for example:")
             curl = f"ip netns exec {lab.client.netns} curl -v --resolve {TLS_NAME}:443:{address}"
-            _say(f"  {curl} --cacert {our_ca} https://{TLS_NAME}/")
-            _say(f"  ip netns exec {lab.router.netns} tproxy ca show {ca_dir}")
-            _say(f"  cat {addon_log}")
+            say(f"  {curl} --cacert {our_ca} https://{TLS_NAME}/")
+            say(f"  ip netns exec {lab.router.netns} tproxy ca show {ca_dir}")
+            say(f"  cat {addon_log}")
             try:
                 while proxy.proc.poll() is None:
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 pass
         proxy.stop()
-        _step("tearing down: namespaces, processes, rules and both throw-away CAs go with the lab")
+        step("tearing down: namespaces, processes, rules and both throw-away CAs go with the lab")
     failed = [what for what, seen in checks.items() if not seen]
-    _say("")
+    say("")
     for what, seen in checks.items():
-        _say(f"{'ok  ' if seen else 'FAIL'}  {what}")
+        say(f"{'ok  ' if seen else 'FAIL'}  {what}")
     if failed:
         raise LabError(f"the interception demo did not show what it should: {'; '.join(failed)}")
-    _say(f"\nall checks passed: {TLS_NAME} was intercepted under our CA and the addon read its "
+    say(f"\nall checks passed: {TLS_NAME} was intercepted under our CA and the addon read its "
          f"plaintext; the pinning client's second connection to {PINNED_NAME} passed through "
          "untouched")  # fmt: skip
     return 0
@@ -206,8 +206,9 @@ class _Fetched:
     def summary(self) -> str:
         if self.status != "200":
             return f"  {self.error or 'no answer'}"
-        lines = [f"  status 200: {self.body}", f"  certificate subject: {self.subject}",
-                 f"  issuer:  {self.issuer}", f"  subjectAltName: {self.san}"]  # fmt: skip
+        shown = {"subject": self.subject, "issuer": self.issuer, "subjectAltName": self.san}
+        lines = [f"  status 200: {self.body}", "  the certificate curl was shown:"]
+        lines += [f"    {label + ':':<16}{value}" for label, value in shown.items()]
         return "\n".join(lines)
 
 
@@ -233,7 +234,7 @@ def _close_of(proxy: ProxyProcess, sni: str, also: Callable[[Event], bool]) -> E
     try:
         return proxy.wait_for(wanted, f"the session to {sni} to close")[-1]
     except LabError as exc:
-        _say(f"  MISSING: {exc}")
+        say(f"  MISSING: {exc}")
         return None
 
 
