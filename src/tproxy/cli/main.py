@@ -61,6 +61,7 @@ from tproxy.engine.supervisor import close_all, run_workers
 from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.interception.sockopts import SocketSetupError
 from tproxy.lab.demo import run_demo
+from tproxy.lab.intercept_demo import run_intercept_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
             "198.18.0.0/15 and 2001:db8::/32, apply the rules and run the proxy in the router "
             "with a small policy, send real traffic (HTTP and HTTPS with curl, one request the "
             "policy resets by name, checksummed transfers, IPv4 and IPv6), show the session log "
-            "and tear everything down. Needs root."
+            "and tear everything down. --intercept shows TLS interception instead. Needs root."
         ),
     )
     lab.add_argument(
@@ -453,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the bridge variant: client and server in one subnet, tproxy on a Linux bridge "
         "between them (tproxy rules apply --bridge)",
+    )
+    lab.add_argument(
+        "--intercept",
+        action="store_true",
+        help="the TLS interception demo instead: a throw-away CA (tproxy ca create), one HTTPS "
+        "request intercepted (curl trusting that CA; the example addon http_log.py logs its "
+        "plaintext request line) and a pinned name passed through untouched",
     )
     return parser
 
@@ -852,7 +860,8 @@ def ca_lines(
 
 
 def _lab(args: argparse.Namespace) -> int:
+    demo = run_intercept_demo if args.intercept else run_demo
     try:
-        return run_demo(keep_going=args.keep_going, bridge=args.bridge)
+        return demo(keep_going=args.keep_going, bridge=args.bridge)
     except LabError as exc:
         return _fail(str(exc))

@@ -53,22 +53,22 @@ sni_or_host = ["*.ads.example"]
 action = "reset"
 """
 
-_DIAGRAM = """\
+ROUTED_DIAGRAM = """\
   client ({client})            router ({router})              server ({server})
   198.18.1.2  2001:db8:1::2 ── 198.18.1.1 | 198.18.2.1 ── 198.18.2.2  2001:db8:2::2
                                nftables TPROXY -> tproxy :1800"""
-_BRIDGE_DIAGRAM = """\
+BRIDGE_DIAGRAM = """\
   client ({client})        bridge ({router})                   server ({server})
   198.18.3.2  2001:db8:3::2 ── br0 (198.18.3.1, 2001:db8:3::1) ── 198.18.3.3  2001:db8:3::3
                         one subnet; nft's bridge family lifts TCP off br0 -> TPROXY -> :1800"""
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, flush=True)
 
 
-def _step(text: str) -> None:
-    _say(f"\n== {text}")
+def step(text: str) -> None:
+    say(f"\n== {text}")
 
 
 def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
@@ -79,20 +79,20 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
     ok = True
     with Lab(bridge=bridge) as lab:
         if bridge:
-            _step("three network namespaces: one subnet, a Linux bridge in the middle")
-            diagram = _BRIDGE_DIAGRAM
+            step("three network namespaces: one subnet, a Linux bridge in the middle")
+            diagram = BRIDGE_DIAGRAM
         else:
-            _step("three network namespaces, wired as a routed path")
-            diagram = _DIAGRAM
-        _say(diagram.format(client=lab.client.netns, router=lab.router.netns,
+            step("three network namespaces, wired as a routed path")
+            diagram = ROUTED_DIAGRAM
+        say(diagram.format(client=lab.client.netns, router=lab.router.netns,
                             server=lab.server.netns))  # fmt: skip
 
         apply = ["rules", "apply", "--ports", f"{HTTP_PORT},{TLS_PORT},{PEER_PORT}"]
         if bridge:
             apply += ["--bridge", lab.BRIDGE]
-        _step(f"{lab.router.role}: tproxy {' '.join(apply)}")
+        step(f"{lab.router.role}: tproxy {' '.join(apply)}")
         applied = lab.run(lab.router, [sys.executable, "-m", "tproxy", *apply])
-        _say(applied.stdout.decode().rstrip())
+        say(applied.stdout.decode().rstrip())
 
         workdir = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-policy-"))
         lab.cleanup_paths.append(workdir)
@@ -100,15 +100,15 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
         policy.write_text(POLICY)
         captures = workdir / "captures"
         captures.mkdir(mode=0o700)
-        _step(f"{lab.router.role}: tproxy run --spoof-source --policy {policy} --capture-dir "
+        step(f"{lab.router.role}: tproxy run --spoof-source --policy {policy} --capture-dir "
               f"{captures}")  # fmt: skip
-        _say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
+        say("\n".join(f"  {line}".rstrip() for line in POLICY.splitlines()))
         proxy = ProxyProcess(lab, lab.router, ["--spoof-source", "--policy", str(policy),
                                                "--capture-dir", str(captures)])  # fmt: skip
         listening = proxy.wait_listening()
-        _say(f"listening on {', '.join(listening['listen'])}")
+        say(f"listening on {', '.join(listening['listen'])}")
 
-        _step(f"server: nginx on port {HTTP_PORT}, openssl s_server on {TLS_PORT} (a throw-away "
+        step(f"server: nginx on port {HTTP_PORT}, openssl s_server on {TLS_PORT} (a throw-away "
               f"certificate for {TLS_NAME}), a checksum server on {PEER_PORT}")  # fmt: skip
         start_nginx(lab, lab.server)
         start_tls_server(lab, lab.server)
@@ -117,38 +117,38 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
         for family in (4, 6):
             server = lab.server.endpoint(HTTP_PORT, family)
             url = f"http://{server}/"
-            _step(f"client: curl -H 'Host: {TLS_NAME}' {url}")
+            step(f"client: curl -H 'Host: {TLS_NAME}' {url}")
             argv = ["curl", "-sS", "--max-time", "10", "-H", f"Host: {TLS_NAME}", url]
             result = lab.run(lab.client, argv, check=False)
             body = result.stdout.decode(errors="replace").strip()
-            _say(body or result.stderr.decode(errors="replace").strip())
+            say(body or result.stderr.decode(errors="replace").strip())
             client_ip = str(lab.client.ipv4 if family == 4 else lab.client.ipv6)
             ok &= result.returncode == 0 and body.endswith(client_ip)
 
         resolve = f":{TLS_PORT}:{lab.server.ipv4}"
-        _step(f"client: curl -k --resolve {TLS_NAME}{resolve} https://{TLS_NAME}/")
+        step(f"client: curl -k --resolve {TLS_NAME}{resolve} https://{TLS_NAME}/")
         result = _curl_https(lab, TLS_NAME, resolve)
         answer = result.stdout.decode(errors="replace").split()
         if result.returncode == 0 and answer[:1] == ["200"]:
-            _say("status 200 over TLS (-k: the server's certificate is a throw-away one)")
+            say("status 200 over TLS (-k: the server's certificate is a throw-away one)")
         else:
-            _say(result.stderr.decode(errors="replace").strip() or f"answered {answer}")
+            say(result.stderr.decode(errors="replace").strip() or f"answered {answer}")
             ok = False
 
-        _step(f"client: curl -k --resolve {AD_NAME}{resolve} https://{AD_NAME}/")
+        step(f"client: curl -k --resolve {AD_NAME}{resolve} https://{AD_NAME}/")
         result = _curl_https(lab, AD_NAME, resolve)
         error = result.stderr.decode(errors="replace").strip()
         if result.returncode != 0 and "reset" in error.lower():
-            _say(f"{error}\n-> reset by rule {RESET_RULE}, as the policy says: the proxy read "
+            say(f"{error}\n-> reset by rule {RESET_RULE}, as the policy says: the proxy read "
                  f"{AD_NAME} in the ClientHello, nothing connected to the server")  # fmt: skip
         else:
-            _say(f"NOT RESET ({result.returncode}): {error or 'the request went through'}")
+            say(f"NOT RESET ({result.returncode}): {error or 'the request went through'}")
             ok = False
 
         for family in (4, 6):
             peer = lab.server.endpoint(PEER_PORT, family)
             for direction in ("upload", "download"):
-                _step(f"client: {direction} 64 MiB to {peer}, sha256 compared end to end")
+                step(f"client: {direction} 64 MiB to {peer}, sha256 compared end to end")
                 started = time.monotonic()
                 result = lab.run(lab.client, [sys.executable, "-m", "tproxy.lab.peers", direction,
                                               str(peer), "--bytes", str(TRANSFER_BYTES)],
@@ -161,27 +161,27 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
                 intact = bool(verdict.get("intact"))
                 seen = verdict.get("server", {}).get("peer")
                 extra = f", the server saw {seen}" if seen else ""
-                _say(f"{'intact' if intact else 'CORRUPTED OR FAILED'} in {elapsed:.2f} s{extra}")
+                say(f"{'intact' if intact else 'CORRUPTED OR FAILED'} in {elapsed:.2f} s{extra}")
                 ok &= intact
 
-        _step("the proxy's session log: sni= alpn= and host= are what each client's first bytes "
+        step("the proxy's session log: sni= alpn= and host= are what each client's first bytes "
               "said, rule \"...\" what decided")  # fmt: skip
         closes = proxy.wait_for(lambda e: e.get("event") == "session_close", "sessions to close",
                                 count=8)  # fmt: skip
         for record in proxy.snapshot():
             event = parse_json_event(record)
             if event is not None:
-                _say(f"  {event.text()}")
+                say(f"  {event.text()}")
         ok &= _sessions_as_expected(closes)
         ok &= _show_a_capture(closes)
 
         if keep_going:
-            _step("the lab stays up until Ctrl-C; try for example:")
-            _say(f"  ip netns exec {lab.client.netns} curl http://{lab.server.ipv4}/")
-            _say(f"  ip netns exec {lab.client.netns} curl -k --resolve {AD_NAME}{resolve} "
+            step("the lab stays up until Ctrl-C; try for example:")
+            say(f"  ip netns exec {lab.client.netns} curl http://{lab.server.ipv4}/")
+            say(f"  ip netns exec {lab.client.netns} curl -k --resolve {AD_NAME}{resolve} "
                  f"https://{AD_NAME}/")  # fmt: skip
-            _say(f"  kill -HUP {proxy.proc.pid}   # after editing {policy}")
-            _say(f"  ip netns exec {lab.router.netns} tproxy doctor")
+            say(f"  kill -HUP {proxy.proc.pid}   # after editing {policy}")
+            say(f"  ip netns exec {lab.router.netns} tproxy doctor")
             try:
                 while proxy.proc.poll() is None:
                     time.sleep(0.5)
@@ -189,8 +189,8 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
                 pass
 
         proxy.stop()
-        _step("tearing down: namespaces, processes and rules go with the lab")
-    _say("\nall checks passed: the server saw the client's own address, bytes arrived intact, "
+        step("tearing down: namespaces, processes and rules go with the lab")
+    say("\nall checks passed: the server saw the client's own address, bytes arrived intact, "
          f"the log names each site, the policy reset {AD_NAME} and captured plain HTTP"
          if ok else "\nSOME CHECKS FAILED (see above)")  # fmt: skip
     if not ok:
@@ -201,21 +201,21 @@ def run_demo(keep_going: bool = False, bridge: bool = False) -> int:
 def _show_a_capture(closes: list[dict[str, Any]]) -> bool:
     """The HTTP sessions' capture files exist; tshark (when installed) follows the first."""
     paths = [Path(c["capture"]) for c in closes if c.get("capture")]
-    _step(f"captures by rule {CAPTURE_RULE}: what Wireshark opens, with the original addresses")
+    step(f"captures by rule {CAPTURE_RULE}: what Wireshark opens, with the original addresses")
     for path in paths:
-        _say(f"  {path} ({path.stat().st_size if path.exists() else 'MISSING'} bytes)")
+        say(f"  {path} ({path.stat().st_size if path.exists() else 'MISSING'} bytes)")
     if len(paths) != 2 or not all(path.exists() for path in paths):
-        _say(f"MISSING: two capture files by rule {CAPTURE_RULE}")
+        say(f"MISSING: two capture files by rule {CAPTURE_RULE}")
         return False
     tshark = shutil.which("tshark")
     if tshark is None:
-        _say("  (install tshark to read them here: apt install tshark)")
+        say("  (install tshark to read them here: apt install tshark)")
         return True
-    _say(f"  tshark -r {paths[0].name} -q -z follow,tcp,ascii,0")
+    say(f"  tshark -r {paths[0].name} -q -z follow,tcp,ascii,0")
     result = subprocess.run([tshark, "-r", str(paths[0]), "-q", "-z", "follow,tcp,ascii,0"],
                             capture_output=True, text=True, check=False)  # fmt: skip
     shown = [line for line in result.stdout.splitlines() if line.strip()][:12]
-    _say("\n".join(f"    {line}" for line in shown))
+    say("\n".join(f"    {line}" for line in shown))
     return result.returncode == 0 and any(line.startswith("GET / HTTP/1.1") for line in shown)
 
 
@@ -244,5 +244,5 @@ def _sessions_as_expected(closes: list[dict[str, Any]]) -> bool:
     }  # fmt: skip
     for what, seen in checks.items():
         if not seen:
-            _say(f"MISSING from the session log: {what}")
+            say(f"MISSING from the session log: {what}")
     return all(checks.values())
