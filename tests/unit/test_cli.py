@@ -9,6 +9,9 @@ sysctls there. What the rules actions print and do is tested in namespaces of th
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -146,3 +149,16 @@ def test_a_policy_that_cannot_be_loaded_stops_the_start_in_one_line(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert message.format(path=path) in err, err
+
+
+def test_output_into_a_pipe_whose_reader_left_ends_quietly(tmp_path: Path) -> None:
+    """`tproxy ca show DIR | head -1`: the reader exits early; no traceback, status 0."""
+    assert main(["ca", "create", str(tmp_path / "ca")]) == 0
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone before anything is written
+    done = subprocess.run(
+        [sys.executable, "-m", "tproxy", "ca", "show", str(tmp_path / "ca")],
+        stdout=writer, stderr=subprocess.PIPE, check=False,
+    )  # fmt: skip
+    os.close(writer)
+    assert (done.returncode, done.stderr) == (0, b"")

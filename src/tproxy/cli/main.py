@@ -483,6 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _lab(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tproxy ca show DIR | head`: the reader had enough
+        # Python would complain again flushing stdout at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
 
 
 def _fail(message: str) -> int:

@@ -277,9 +277,8 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            "'tproxy policy check'; SIGHUP re-reads it (default: allow everything)"),
     option("addon_files", PATHS, key="addon", metavar="FILE",
            example=["/etc/tproxy/addons/log_requests.py"],
-           help="an addon: a Python file whose functions named after the hooks see the "
-           "sessions (see tproxy.addons; in progress: session_start and session_end are called, "
-           "the byte hooks not yet); "
+           help="an addon: a Python file whose functions named after the hooks see, decide "
+           "and change the sessions (see tproxy.addons.api and examples/); "
            "repeatable, run in the order given; check one with 'tproxy addon check'; SIGHUP "
            "re-reads them (default: none)"),
     option("capture_dir", PATH, metavar="DIR", example="/var/lib/tproxy/captures",
