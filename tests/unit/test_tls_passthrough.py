@@ -63,6 +63,25 @@ def test_what_another_worker_learned_merges_for_what_was_left_of_its_time() -> N
     assert len(memory) == 0
 
 
+def test_the_listener_hears_what_is_remembered_not_what_is_merged() -> None:
+    heard: list[tuple[str, PassthroughReason, float]] = []
+    memory = PassthroughMemory(ttl_s=10, on_remember=lambda *entry: heard.append(entry))
+    memory.remember("a", CLIENT_CERT, now=3)
+    memory.merge("b", "client_rejected", 5, now=3)  # learned elsewhere: not passed back
+    memory.merge("a", "upstream_wants_client_cert", 9, now=4)
+    assert heard == [("a", CLIENT_CERT, 10)]
+    assert memory.lookup("b", 7.9) is REJECTED
+
+
+def test_merged_entries_are_bounded_like_remembered_ones() -> None:
+    memory = PassthroughMemory(ttl_s=10, capacity=3)
+    for i in range(100):
+        memory.merge(f"k{i}", "client_rejected", 1000, now=0)  # no more than ttl_s either
+    assert len(memory) == 3
+    assert [key for key, _, _ in memory.snapshot(now=0)] == ["k97", "k98", "k99"]
+    assert memory.lookup("k99", 9.9) is REJECTED and memory.lookup("k98", 10) is None
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         PassthroughMemory(ttl_s=0)

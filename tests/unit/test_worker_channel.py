@@ -1,5 +1,7 @@
 """The worker's end of the channel: a heartbeat at once, requests answered by their handler,
-junk and unknown commands answered or logged, never raised."""
+junk and unknown commands answered or logged, never raised; passthrough entries remembered go
+out, those learned elsewhere come in without going out again, and a full channel drops them
+with a notice."""
 
 from __future__ import annotations
 
@@ -7,15 +9,20 @@ import asyncio
 import io
 import os
 import socket
+import time
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+
 from tproxy.core.config import LogFormat
 from tproxy.core.session import SessionRecord
-from tproxy.core.worker_protocol import Heartbeat, Reply, Request, decode, encode
+from tproxy.core.worker_protocol import Heartbeat, Learned, Reply, Request, decode, encode
+from tproxy.engine import worker_channel
 from tproxy.engine.session import SessionContext
 from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.observability.eventlog import EventLog
+from tproxy.tls.passthrough import PassthroughMemory, PassthroughReason
 
 
 def _context(stream: io.StringIO) -> SessionContext:
@@ -29,7 +36,7 @@ def _context(stream: io.StringIO) -> SessionContext:
     ]
     sessions = [SimpleNamespace(record=r) for r in records]
     ctx = SimpleNamespace(sessions=sessions, active=2, opened=9, closed_bytes_up=100,
-                          closed_bytes_down=200,
+                          closed_bytes_down=200, passthrough=PassthroughMemory(ttl_s=60),
                           log=EventLog(LogFormat.JSON, stream))  # fmt: skip
     return cast(SessionContext, ctx)
 
@@ -63,6 +70,72 @@ def test_heartbeat_listing_and_errors() -> None:
             supervisor_end.send(encode(Request(2, "launch")))
             assert await _receive(supervisor_end) == Reply(2, 3, error="unknown command 'launch'")
             assert "ignored a malformed message" in stream.getvalue()
+        finally:
+            channel.close()
+            supervisor_end.close()
+
+    asyncio.run(scenario())
+
+
+def test_passthrough_entries_go_out_when_remembered_and_come_in_without_an_echo() -> None:
+    async def scenario() -> None:
+        supervisor_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        supervisor_end.setblocking(False)
+        ctx = _context(io.StringIO())
+        memory = ctx.passthrough
+        channel = WorkerChannel(worker_end, worker=2)
+        channel.start(asyncio.get_running_loop(), ctx)
+        try:
+            assert isinstance(await _receive(supervisor_end), Heartbeat)
+            memory.remember("pinned.test", PassthroughReason.UPSTREAM_WANTS_CLIENT_CERT, 0.0)
+            assert await _receive(supervisor_end) == Learned(
+                (("pinned.test", "upstream_wants_client_cert", 60.0),)
+            )
+            # Another worker's entries: merged for the time they have left, not sent back.
+            learned = (("198.18.1.9 a.test", "client_rejected", 30.0),
+                       ("b.test", "a newer worker's reason", 9.0))  # fmt: skip
+            supervisor_end.send(encode(Learned(learned)))
+            supervisor_end.send(encode(Request(1, "sessions")))  # answered after the merge
+            while isinstance(answer := await _receive(supervisor_end), Heartbeat):
+                pass
+            assert isinstance(answer, Reply)  # and no Learned before it: no echo
+            now = time.monotonic()
+            assert len(memory) == 2  # pinned.test and a.test
+            assert memory.lookup("198.18.1.9 a.test", now) is PassthroughReason.CLIENT_REJECTED
+            assert memory.lookup("198.18.1.9 a.test", now + 31) is None
+            assert memory.lookup("b.test", now) is None
+        finally:
+            channel.close()
+            supervisor_end.close()
+        assert memory.on_remember is None  # the channel is gone: nobody to tell
+
+    asyncio.run(scenario())
+
+
+def test_a_full_channel_drops_learned_entries_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_channel, "HEARTBEAT_INTERVAL_S", 0.01)
+
+    async def scenario() -> None:
+        supervisor_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = io.StringIO()
+        ctx = _context(stream)
+        channel = WorkerChannel(worker_end, worker=1)
+        channel.start(asyncio.get_running_loop(), ctx)
+        try:
+            for i in range(2000):  # the supervisor reads nothing: remembering never blocks
+                ctx.passthrough.remember(f"n{i}.test", PassthroughReason.CLIENT_REJECTED, 0.0)
+            dropped = channel.learned_drops.total
+            assert 0 < dropped < 2000
+            for _ in range(100):
+                if "not shared" in stream.getvalue():
+                    break
+                await asyncio.sleep(0.01)
+            notices = [line for line in stream.getvalue().splitlines() if "not shared" in line]
+            assert len(notices) == 1, notices  # one notice, not one a drop
+            assert f"{dropped} passthrough entries learned here" in notices[0]
         finally:
             channel.close()
             supervisor_end.close()

@@ -11,6 +11,11 @@ Messages:
   also proves the worker's event loop turns: a worker silent for `STALL_AFTER_S` is reported.
 * `Request` (supervisor -> worker): a command by name with arguments and an id.
 * `Reply` (worker -> supervisor): the id, and a result object or an error.
+* `Learned` (both ways): TLS passthrough entries, each (key, reason, seconds left). A worker
+  sends each entry its memory remembers; the supervisor merges it into its own copy and passes
+  it on to every other worker, and sends a worker it starts its whole copy, `LEARNED_BATCH`
+  entries a message (`tls.passthrough`). Seconds left, not a deadline: monotonic clocks are
+  per process.
 
 `decode` accepts only well-formed messages and raises `MessageError` on anything else: a reader
 never crashes on bytes it did not expect (a fuzz test feeds it random bytes).
@@ -19,6 +24,8 @@ never crashes on bytes it did not expect (a fuzz test feeds it random bytes).
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +38,15 @@ REPLY_TIMEOUT_S = 2.0
 # twice net.core.wmem_max (about 416 KiB by default). The largest message, a listing of 1,000
 # sessions, stays under 160 KiB; a message too large to send is logged by the sender.
 MAX_MESSAGE_BYTES = 1 << 20
+# A `learned` message carries at most this many entries: a snapshot of a full passthrough memory
+# (10,000 entries) goes as 40 messages of some 25 KiB (100 KiB with 300-character keys).
+LEARNED_BATCH = 256
+# A passthrough key is a name as sniffed (cut at 255 characters), a destination, or a client
+# address and either: far shorter than this. A reason is a word.
+MAX_KEY_CHARS = 1024
+MAX_REASON_CHARS = 64
+# A channel too full to take a message drops it; the drops are reported at most this often.
+DROPS_REPORT_EVERY_S = 10.0
 
 
 class MessageError(ValueError):
@@ -73,12 +89,33 @@ class Reply:
     error: str = ""
 
 
-Message = Heartbeat | Request | Reply
+LearnedEntry = tuple[str, str, float]
+"""A passthrough entry on the wire: key, reason, seconds left (`PassthroughMemory.snapshot`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """TLS passthrough entries: remembered by the worker that sends them, or (from the
+    supervisor) by another worker; each to be `merge`d for the seconds it has left."""
+
+    entries: tuple[LearnedEntry, ...]
+
+
+def learned_batches(entries: Sequence[LearnedEntry]) -> list[Learned]:
+    """`entries` as messages of at most `LEARNED_BATCH` entries each (none for none)."""
+    return [
+        Learned(tuple(entries[i : i + LEARNED_BATCH]))
+        for i in range(0, len(entries), LEARNED_BATCH)
+    ]
+
+
+Message = Heartbeat | Request | Reply | Learned
 
 _INT_FIELDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("worker", "pid", "active", "opened", "bytes_up", "bytes_down"),
     "request": ("id",),
     "reply": ("id", "worker"),
+    "learned": (),
 }
 
 
@@ -97,6 +134,8 @@ def encode(message: Message) -> bytes:
     elif isinstance(message, Request):
         body = {"type": "request", "id": message.id, "command": message.command,
                 "args": message.args}  # fmt: skip
+    elif isinstance(message, Learned):
+        body = {"type": "learned", "entries": [list(entry) for entry in message.entries]}
     else:
         body = {"type": "reply", "id": message.id, "worker": message.worker,
                 "result": message.result, "error": message.error}  # fmt: skip
@@ -135,10 +174,60 @@ def decode(data: bytes) -> Message:
         if not isinstance(command, str) or not isinstance(args, dict):
             raise MessageError("request: command must be a string and args an object")
         return Request(body["id"], command, args)
+    if kind == "learned":
+        return Learned(_learned_entries(body.get("entries")))
     result, error = body.get("result", {}), body.get("error", "")
     if not isinstance(result, dict) or not isinstance(error, str):
         raise MessageError("reply: result must be an object and error a string")
     return Reply(body["id"], body["worker"], result, error)
+
+
+def _learned_entries(entries: Any) -> tuple[LearnedEntry, ...]:
+    if not isinstance(entries, list) or len(entries) > LEARNED_BATCH:
+        raise MessageError(f"learned: entries must be a list of at most {LEARNED_BATCH}")
+    parsed = []
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise MessageError("learned: each entry must be [key, reason, seconds left]")
+        key, reason, left_s = entry
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS:
+            raise MessageError(f"learned: a key must be a string of 1 to {MAX_KEY_CHARS}")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+            raise MessageError(f"learned: a reason must be a string of at most {MAX_REASON_CHARS}")
+        if (
+            not isinstance(left_s, int | float)
+            or isinstance(left_s, bool)
+            or not math.isfinite(left_s)  # json reads Infinity and NaN
+            or left_s < 0
+        ):
+            raise MessageError("learned: seconds left must be a non-negative number")
+        parsed.append((key, reason, left_s))
+    return tuple(parsed)
+
+
+class Drops:
+    """Messages a full channel could not take: counted, and reported at most once every
+    `every_s` (a flood makes one notice a while, not one a message).
+
+    `add(count)` for each drop, `due(now)` on a timer: how many to report now (0: nothing).
+    """
+
+    def __init__(self, every_s: float = DROPS_REPORT_EVERY_S) -> None:
+        self._every_s = every_s
+        self._unreported = 0
+        self._next_report_at = -math.inf
+        self.total = 0
+
+    def add(self, count: int = 1) -> None:
+        self._unreported += count
+        self.total += count
+
+    def due(self, now: float) -> int:
+        if not self._unreported or now < self._next_report_at:
+            return 0
+        count, self._unreported = self._unreported, 0
+        self._next_report_at = now + self._every_s
+        return count
 
 
 # --- the supervisor's bookkeeping ------------------------------------------------------------

@@ -194,7 +194,9 @@ class SessionContext:
     # TLS interception (`--ca`): the worker's forger and contexts; None without a CA.
     interception: Interception | None = None
     # The names (or destinations) intercepted sessions pass through for a while: a client that
-    # rejected our certificate, an upstream that wants a client certificate (this worker's).
+    # rejected our certificate, an upstream that wants a client certificate. Shared with every
+    # worker through the supervisor (`engine.worker_channel`), which keeps this object's
+    # listener: it must stay the same object for the worker's life.
     passthrough: PassthroughMemory = field(default_factory=PassthroughMemory)
     # Counters since this process started (the supervisor's heartbeats carry them).
     opened: int = 0

@@ -5,7 +5,7 @@ created by the supervisor *before* it forks and listened on in worker order: the
 reuseport group's sockets in an array in the order they joined it (at listen()), and a classic
 BPF program attached to the group (SO_ATTACH_REUSEPORT_CBPF) returns an index into that array.
 Ours hashes the client's source address, so all connections of one client reach one worker and
-per-client state (limits, a TLS passthrough memory) can live in that worker alone.
+per-client state (limits, say) can live in that worker alone.
 
 In theory a reuseport program sees the packet from its payload on; in practice `SKF_NET_OFF`
 makes loads relative to the network header, which is where the addresses are, both when TCP

@@ -26,6 +26,13 @@ their counters every second; a worker silent for `STALL_AFTER_S` is reported onc
 and so is its recovery. `Supervisor.ask` sends a request to every worker and collects the
 replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` event).
 
+TLS passthrough, shared: a worker sends each entry its memory remembers (`Learned`); the
+supervisor merges it into a copy of its own (a `PassthroughMemory`, bounded alike, expired on its
+tick) and passes it on to every other worker; a worker it starts (or restarts after a crash) gets
+the whole copy first. Bounded: what a worker's channel cannot take at once waits in its outbox
+(the snapshot of a full memory is larger than a channel's buffer), at most `OUTBOX_BYTES`; past
+that it is dropped and counted, one notice every `DROPS_REPORT_EVERY_S`.
+
 The loop is plain `selectors`, not asyncio (forking from inside an event loop is asking for
 trouble): signals arrive as bytes through `signal.set_wakeup_fd`, next to the channels.
 docs/life-of-a-connection.md ("State across workers") has the whole design, with what happens
@@ -41,8 +48,9 @@ import signal
 import socket
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -50,17 +58,21 @@ from tproxy.core.worker_protocol import (
     MAX_MESSAGE_BYTES,
     REPLY_TIMEOUT_S,
     STALL_AFTER_S,
+    Drops,
     Gathering,
     Heartbeat,
+    Learned,
     MessageError,
     Reply,
     Request,
     Watchdog,
     decode,
     encode,
+    learned_batches,
 )
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice, SessionsListed
+from tproxy.tls.passthrough import PassthroughMemory
 
 _STOP = (signal.SIGTERM, signal.SIGINT)
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
@@ -70,6 +82,9 @@ RESTART_PAUSE_S = 1.0
 # The supervisor's loop wakes up at least this often (watchdog, reply deadlines, restarts).
 TICK_S = 0.25
 CHANNEL_BUFFER_BYTES = 1 << 20
+# What may wait for one worker's channel to take it (learned passthrough entries): a snapshot
+# of a full memory is 1-3.5 MiB (10,000 entries of 100-350 bytes), more than a channel's buffer.
+OUTBOX_BYTES = 4 << 20
 
 WorkerMain = Callable[[int, socket.socket], int]
 """Runs in the child as worker `worker_id` with its end of the channel; returns its exit status.
@@ -78,12 +93,57 @@ It must install its own signal handling (the child starts with the default dispo
 ListingDone = Callable[[Gathering], None]
 
 
+class Outbox:
+    """What waits for a worker's channel: the messages its buffer could not take yet, in
+    order, at most `limit_bytes` of them."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit_bytes = limit_bytes
+        self._bytes = 0
+        self._queue: deque[bytes] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def send(self, sock: socket.socket, data: bytes) -> bool:
+        """Send `data` after what already waits, or keep it to send later; False: dropped (the
+        outbox is full)."""
+        if self._queue or not _sent(sock, data):
+            if self._bytes + len(data) > self._limit_bytes:
+                return False
+            self._queue.append(data)
+            self._bytes += len(data)
+        return True
+
+    def flush(self, sock: socket.socket) -> None:
+        """Send what waits, until the channel takes no more."""
+        while self._queue and _sent(sock, self._queue[0]):
+            self._bytes -= len(self._queue.popleft())
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._bytes = 0
+
+
+def _sent(sock: socket.socket, data: bytes) -> bool:
+    """Whether the channel took `data` at once (a dying worker's takes everything: its
+    reap follows)."""
+    try:
+        sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        pass
+    return True
+
+
 @dataclass(slots=True)
 class _Worker:
     id: int
     pid: int
     started_at: float
     channel: socket.socket | None
+    outbox: Outbox = field(default_factory=lambda: Outbox(OUTBOX_BYTES))
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
@@ -128,6 +188,9 @@ class Supervisor:
         self._watchdog = Watchdog(stall_after_s)
         self._gatherings: list[tuple[Gathering, ListingDone]] = []
         self._next_request_id = 1
+        # Every worker's learned passthrough entries (what a worker started later gets first).
+        self._passthrough = PassthroughMemory()
+        self._learned_drops = Drops()
         self._stopping = False
         self._worst = 0
         self._selector = selectors.DefaultSelector()
@@ -202,6 +265,7 @@ class Supervisor:
             if gathering.done(now):
                 self._gatherings.remove(entry)
                 done(gathering)
+        self._share_now(now)
         if self._on_tick is not None and not self._stopping:
             self._on_tick(now)  # its exceptions: logged by run(), like the loop's own
 
@@ -261,6 +325,42 @@ class Supervisor:
             if isinstance(message, Reply):
                 for gathering, _ in self._gatherings:
                     gathering.add(message)
+            elif isinstance(message, Learned):
+                self._learned(worker, message, data, now)
+
+    # --- passthrough sharing -------------------------------------------------------------
+
+    def _learned(self, sender: _Worker, message: Learned, data: bytes, now: float) -> None:
+        """Keep what `sender` learned, and pass it on to every other worker."""
+        for key, reason, left_s in message.entries:
+            self._passthrough.merge(key, reason, left_s, now)
+        for worker in self._workers.values():
+            if worker is sender or worker.channel is None:
+                continue
+            if not worker.outbox.send(worker.channel, data):
+                self._learned_drops.add(len(message.entries))
+
+    def _welcome(self, worker: _Worker, now: float) -> None:
+        """A worker just started: everything learned so far, before anything else."""
+        assert worker.channel is not None
+        for batch in learned_batches(self._passthrough.snapshot(now)):
+            if not worker.outbox.send(worker.channel, encode(batch)):
+                self._learned_drops.add(len(batch.entries))
+
+    def _share_now(self, now: float) -> None:
+        """On every round: send what waits, forget what expired, report what was dropped."""
+        for worker in self._workers.values():
+            if worker.outbox and worker.channel is not None:
+                worker.outbox.flush(worker.channel)
+        self._passthrough.expire(now)
+        dropped = self._learned_drops.due(now)
+        if dropped:
+            self._log.emit(
+                Notice(
+                    f"{dropped} learned TLS passthrough entries were not passed on to a worker "
+                    "whose channel was full (stalled?): it learns those names for itself"
+                )
+            )
 
     def _reap(self) -> None:
         for pid, status in _reap():
@@ -311,11 +411,18 @@ class Supervisor:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         child_end.close()
-        parent_end.setblocking(False)
-        worker = _Worker(worker_id, pid, time.monotonic(), parent_end)
+        self._adopt(worker_id, pid, parent_end)
+
+    def _adopt(self, worker_id: int, pid: int, channel: socket.socket) -> _Worker:
+        """The parent's part of starting a worker: watch it and its channel, and send it every
+        passthrough entry learned so far (before anything else)."""
+        channel.setblocking(False)
+        worker = _Worker(worker_id, pid, time.monotonic(), channel)
         self._workers[pid] = worker
-        self._selector.register(parent_end, selectors.EVENT_READ, worker)
+        self._selector.register(channel, selectors.EVENT_READ, worker)
         self._watchdog.started(worker_id, worker.started_at)
+        self._welcome(worker, worker.started_at)
+        return worker
 
     def _become_worker(self) -> None:
         """In the child: drop everything of the supervisor's (its signal handling, its
@@ -327,6 +434,7 @@ class Supervisor:
         self._selector.close()
 
     def _close_channel(self, worker: _Worker) -> None:
+        worker.outbox.clear()
         if worker.channel is not None:
             self._selector.unregister(worker.channel)
             worker.channel.close()

@@ -1,12 +1,20 @@
-"""A worker's end of its channel with the supervisor: heartbeats out, requests in, replies out.
+"""A worker's end of its channel with the supervisor: heartbeats out, requests in, replies out,
+and the TLS passthrough memory shared both ways.
 
 The channel lives on the worker's event loop as one reader and one timer: a heartbeat with the
 worker's counters every `HEARTBEAT_INTERVAL_S` (and one at once, when serving starts), and each
 request answered by the handler registered for its command in `HANDLERS`. A new command (kill,
 metrics, readiness) is one function and one entry there.
 
+Passthrough sharing: while the channel runs it is the worker's `PassthroughMemory.on_remember`,
+so each entry this worker remembers goes to the supervisor as a `Learned` message, which passes
+it on to the other workers; a `Learned` that arrives (another worker's entries, or the
+supervisor's whole copy when this worker starts) is `merge`d, which tells no one (no echo).
+
 Nothing here may stop the worker: a message that cannot be sent at once (the supervisor is not
-reading) is dropped, a malformed request is answered with an error. When the supervisor goes
+reading) is dropped (a learned entry dropped so is counted, and said in a notice at most every
+`DROPS_REPORT_EVERY_S`: the other workers learn that name for themselves, at the cost of one
+more failed session each), a malformed request is answered with an error. When the supervisor goes
 away (the channel reads EOF) the worker stops as if told to: it sends itself SIGTERM, drains and
 exits, rather than serve on unsupervised.
 """
@@ -18,13 +26,16 @@ import errno
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tproxy.core.worker_protocol import (
     HEARTBEAT_INTERVAL_S,
     MAX_MESSAGE_BYTES,
+    Drops,
     Heartbeat,
+    Learned,
     MessageError,
     Reply,
     Request,
@@ -33,6 +44,7 @@ from tproxy.core.worker_protocol import (
 )
 from tproxy.engine.session import SessionContext
 from tproxy.observability.events import Notice
+from tproxy.tls.passthrough import PassthroughReason
 
 # A listing names at most this many sessions (and says when it stopped short).
 LISTING_LIMIT = 1000
@@ -81,15 +93,21 @@ class WorkerChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.dropped = 0
+        # Learned passthrough entries the supervisor could not take (counted in `dropped` too).
+        self.learned_drops = Drops()
 
     def start(self, loop: asyncio.AbstractEventLoop, ctx: SessionContext) -> None:
-        """Serving has started: beat now and every second, answer requests."""
+        """Serving has started: beat now and every second, answer requests, share what the
+        passthrough memory remembers."""
         self._loop, self._ctx = loop, ctx
+        ctx.passthrough.on_remember = self._remembered
         loop.add_reader(self._sock.fileno(), self._on_readable)
         self._beat()
 
     def close(self) -> None:
         """The worker is done: no more heartbeats (the supervisor reaps it next)."""
+        if self._ctx is not None:
+            self._ctx.passthrough.on_remember = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -100,19 +118,36 @@ class WorkerChannel:
     def _beat(self) -> None:
         assert self._loop is not None and self._ctx is not None
         self._send(encode(heartbeat_of(self._ctx, self._worker, self._pid)))
+        dropped = self.learned_drops.due(time.monotonic())
+        if dropped:
+            self._ctx.log.emit(
+                Notice(
+                    f"supervisor channel full: {dropped} passthrough entries learned here were "
+                    "not shared with the other workers"
+                )
+            )
         self._timer = self._loop.call_later(HEARTBEAT_INTERVAL_S, self._beat)
 
-    def _send(self, data: bytes) -> None:
+    def _remembered(self, key: str, reason: PassthroughReason, left_s: float) -> None:
+        """The passthrough memory's listener: tell the supervisor (never raises)."""
+        if not self._send(encode(Learned(((key, reason.value, left_s),)))):
+            self.learned_drops.add()
+
+    def _send(self, data: bytes) -> bool:
+        """Send `data` if the channel takes it at once; whether it did."""
         try:
             self._sock.send(data)
         except BlockingIOError:
             self.dropped += 1  # the supervisor is not reading: it learns we live next time
+            return False
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE and self._ctx is not None:  # a bug of ours: say so
                 self._ctx.log.emit(
                     Notice(f"supervisor channel: a {len(data)}-byte message is too large to send")
                 )
             # Otherwise the supervisor is gone: EOF on the reader says so.
+            return False
+        return True
 
     def _on_readable(self) -> None:
         while True:
@@ -133,6 +168,11 @@ class WorkerChannel:
             message = decode(data)
         except MessageError as exc:
             self._ctx.log.emit(Notice(f"supervisor channel: ignored a malformed message ({exc})"))
+            return
+        if isinstance(message, Learned):
+            memory, now = self._ctx.passthrough, time.monotonic()
+            for key, reason, left_s in message.entries:
+                memory.merge(key, reason, left_s, now)
             return
         if not isinstance(message, Request):
             return

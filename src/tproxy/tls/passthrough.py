@@ -18,8 +18,13 @@ tls_passthrough example and sslsplit's `-P`. The key is the SNI when the client 
 name the forged certificate was for), the destination `ip:port` otherwise (`passthrough_key`).
 
 Bounded: at most `capacity` entries, the least recently *remembered* dropped first (an entry
-looked up stays where it is: a lookup does not extend its life either). One per worker for now;
-nothing is shared between workers yet.
+looked up stays where it is: a lookup does not extend its life either).
+
+Shared by every worker: each worker has its own memory, and what one remembers reaches the others
+through the supervisor (`engine.worker_channel` sets `on_remember`, which `remember` calls and
+`merge` does not, so an entry passed on is never passed back; the supervisor keeps a copy of its
+own for a worker started later: `core.worker_protocol.Learned`). Entries travel with the time
+they have left, not a deadline: each process's monotonic clock is its own.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tproxy.tls.legs import TLSFailure, client_rejected_certificate
 
 DEFAULT_TTL_S = 3600.0
 DEFAULT_CAPACITY = 10_000
-"""About 100 bytes per entry: 1 MiB per worker when full."""
+"""About 100 bytes per entry: 1 MiB per worker, and as much in the supervisor, when full."""
 
 
 class PassthroughReason(enum.StrEnum):
@@ -85,30 +91,46 @@ def reason_to_remember(
     return None
 
 
+Learner = Callable[[str, PassthroughReason, float], None]
+"""Told of each key this process `remember`s: (key, reason, seconds left)."""
+
+
 class PassthroughMemory:
     """Keys passed through until their time is up: at most `capacity`, each for `ttl_s`.
 
     Args:
         ttl_s: how long a key is remembered after its last failure.
         capacity: how many keys are kept (the oldest remembered are dropped first).
+        on_remember: called by `remember` (not by `merge`) with the key, the reason and
+            `ttl_s`, once the key is remembered: how the other workers hear of it. It must not
+            raise (what it raises reaches `remember`'s caller).
     """
 
-    def __init__(self, ttl_s: float = DEFAULT_TTL_S, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(
+        self,
+        ttl_s: float = DEFAULT_TTL_S,
+        capacity: int = DEFAULT_CAPACITY,
+        on_remember: Learner | None = None,
+    ) -> None:
         if ttl_s <= 0 or capacity <= 0:
             raise ValueError("ttl_s and capacity must be positive")
         self.ttl_s = ttl_s
         self.capacity = capacity
+        self.on_remember = on_remember
         self._entries: OrderedDict[str, Remembered] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def remember(self, key: str, reason: PassthroughReason, now: float) -> None:
-        """Pass `key` through until `now + ttl_s` (a key remembered again starts over)."""
+        """Pass `key` through until `now + ttl_s` (a key remembered again starts over), and
+        tell `on_remember`."""
         self._entries.pop(key, None)
         self._entries[key] = Remembered(reason, now + self.ttl_s)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+        if self.on_remember is not None:
+            self.on_remember(key, reason, self.ttl_s)
 
     def lookup(self, key: str, now: float) -> PassthroughReason | None:
         """Why `key` is passed through at `now`, or None (an expired entry is forgotten)."""
@@ -139,8 +161,8 @@ class PassthroughMemory:
         return gone
 
     def snapshot(self, now: float) -> list[tuple[str, str, float]]:
-        """The live entries as (key, reason, seconds left), oldest first: what another worker
-        would `merge` (see the report of issue 13 step 3a: the worker channel can carry it)."""
+        """The live entries as (key, reason, seconds left), oldest first: what another process
+        `merge`s (the supervisor's copy, for a worker that starts after they were learned)."""
         return [
             (key, entry.reason.value, entry.until - now)
             for key, entry in self._entries.items()
@@ -149,7 +171,8 @@ class PassthroughMemory:
 
     def merge(self, key: str, reason: str, left_s: float, now: float) -> None:
         """Take an entry learned elsewhere (another worker): remembered for what was left of
-        its time (at most `ttl_s`). An unknown reason is ignored (a newer worker's)."""
+        its time (at most `ttl_s`), without telling `on_remember`. An unknown reason is
+        ignored (a newer worker's)."""
         try:
             known = PassthroughReason(reason)
         except ValueError:
