@@ -37,6 +37,7 @@ from tproxy.lab.topology import Lab, wait_until
 PEERS = Path(__file__).with_name("tls_peers.py")
 MUTE_PORT = 8443  # accepts, reads, never answers
 TLS12_PORT = 9443  # the echo server again, TLS 1.2 at most (renegotiation is TLS 1.2's)
+S_SERVER_PORT = 9444  # for a test's own openssl s_server
 HANDSHAKE_TIMEOUT_S = 2.0  # --tls-handshake-timeout
 SNIFF_TIMEOUT_S = 1.0  # the policy's sniff_timeout_s
 SERVER_HANDSHAKE_TIMEOUT_S = 4.0  # the echo server gives up on a handshake after this
@@ -122,7 +123,8 @@ class _World:
         self.lab = lab
         self.folder = folder = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-bad-"))
         lab.cleanup_paths.append(folder)
-        key, cert = folder / "server.key", folder / "server.crt"
+        self.key = key = folder / "server.key"
+        self.cert = cert = folder / "server.crt"
         lab.run(lab.server, ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                              "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
                              "-out", str(cert), "-days", "1", "-subj", f"/CN={TLS_NAME}",
@@ -132,7 +134,7 @@ class _World:
         self.echo = _Server(lab, folder, TLS_PORT, "echo", *tls)
         self.echo12 = _Server(lab, folder, TLS12_PORT, "echo", *tls, "--max-tls", "1.2")
         self.mute = _Server(lab, folder, MUTE_PORT, "mute")
-        apply_rules(lab, "--ports", f"{TLS_PORT},{MUTE_PORT},{TLS12_PORT}")
+        apply_rules(lab, "--ports", f"{TLS_PORT},{MUTE_PORT},{TLS12_PORT},{S_SERVER_PORT}")
         tproxy_cli(lab, lab.router, "ca", "create", str(folder / "ca"))
         self.ca = folder / "ca" / "ca.crt"
         policy = folder / "policy.toml"
@@ -536,4 +538,96 @@ def test_tls13_key_updates_are_harmless_and_the_session_goes_on(
     assert source is not None
     upstream = world.echo.end_of(source)
     assert (upstream["hellos"], upstream["echoed"], upstream["end"]) == (1, sent, "close_notify")
+    bystanders.finish()
+
+
+def _big_hello(extra_bytes: int) -> bytes:
+    """Python's ClientHello for TLS_NAME with an unknown extension of `extra_bytes` zeros put
+    first, its handshake message cut into records of 2^14 bytes (what a client with a huge
+    hello sends)."""
+    handshake = _real_hello()[5:]  # one record: strip its header
+    body = handshake[4:]
+    pos = 34  # legacy_version, random
+    pos += 1 + body[pos]  # session id
+    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + body[pos]  # compression methods
+    extensions = _extension(0x7777, bytes(extra_bytes)) + body[pos + 2 :]
+    body = body[:pos] + _u16(len(extensions)) + extensions
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    records = [handshake[at : at + (1 << 14)] for at in range(0, len(handshake), 1 << 14)]
+    return b"".join(b"\x16\x03\x01" + _u16(len(r)) + r for r in records)
+
+
+def test_a_hello_over_16_kib_is_not_intercepted_and_relayed_untouched(
+    world: _World, bystanders: _Bystanders
+) -> None:
+    """A ClientHello of 17.5 KB (over two records), then FIN: more than the sniffer holds, so
+    `unknown` (README: "over 16 KiB"), not intercepted: the real server gets the very bytes
+    and answers with its own ServerHello, which reaches the client."""
+    hello = _big_hello(17_000)
+    assert len(hello) > 16 * 1024
+    client = world.raw(hello, "fin")
+    bystanders.meanwhile()
+    seen = world.raw_result(client)
+    assert seen["end"] == "eof" and seen["records"][:1] == [22], seen  # the server's hello
+    close = world.close_of(seen["local"])
+    assert (close["proto"], close["sni"], close["tls_intercepted"], close["reason"]) == (
+        "unknown", None, None, "closed"), close  # fmt: skip
+    assert close["bytes_up"] == len(hello), close
+    source = world.upstream_source(close["session"])
+    assert source is not None
+    upstream = world.echo.end_of(source)
+    assert (upstream["raw_in"], upstream["raw_sha256"]) == (len(hello), _sha256(hello)), upstream
+    assert upstream["hellos"] == 1, upstream  # the server's TLS read it as a ClientHello
+    bystanders.finish()
+
+
+def test_an_alert_instead_of_a_hello_is_relayed_untouched(
+    world: _World, bystanders: _Bystanders
+) -> None:
+    """A fatal alert record (handshake_failure) as the client's first bytes: not a ClientHello
+    (`unknown`), relayed untouched; the server's TLS fails on it and closes, and so the
+    session closes."""
+    alert = b"\x15\x03\x03\x00\x02\x02\x28"
+    client = world.raw(alert, "wait")
+    bystanders.meanwhile()
+    seen = world.raw_result(client)
+    assert seen["end"] == "eof", seen
+    close = world.close_of(seen["local"])
+    assert (close["proto"], close["tls_intercepted"], close["reason"], close["bytes_up"]) == (
+        "unknown", None, "closed", len(alert)), close  # fmt: skip
+    source = world.upstream_source(close["session"])
+    assert source is not None
+    upstream = world.echo.end_of(source)
+    assert (upstream["raw_sha256"], upstream["end"]) == (_sha256(alert), "tls_error"), upstream
+    bystanders.finish()
+
+
+def test_a_renegotiation_the_upstream_asks_for_is_refused_and_ends_only_that_session(
+    world: _World, bystanders: _Bystanders
+) -> None:
+    """openssl s_server -tls1_2 as the upstream sends a HelloRequest (`r`) mid-session: our
+    upstream leg refuses it (a no_renegotiation warning alert), which the server's OpenSSL
+    takes as fatal (handshake_failure): the session ends as the upstream's reset, and the
+    client (s_client, TLS 1.3 with us) never sees a renegotiation, only its connection reset."""
+    argv = ["openssl", "s_server", "-accept", str(S_SERVER_PORT), "-cert", str(world.cert),
+            "-key", str(world.key), "-tls1_2"]  # fmt: skip
+    s_server = _Lines(world.lab.start(world.lab.server, argv, stdout=subprocess.PIPE,
+                                      stdin=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    wait_listening(world.lab, world.lab.server, S_SERVER_PORT, "openssl s_server")
+    s_client = _s_client(world, S_SERVER_PORT, "-tls1_3")
+    s_client.wait_for("Verify return code: 0")
+    s_client.write("from the client\n")
+    s_server.wait_for("from the client")
+    s_server.write("r\n")
+    s_server.wait_for("no renegotiation")
+    bystanders.meanwhile()
+    assert s_client.proc.wait(20) != 0, s_client.seen
+    close = world.proxy.wait_for(lambda e: e.get("event") == "session_close"
+                                 and e.get("dst", "").endswith(f":{S_SERVER_PORT}"),
+                                 "the session's close")[0]  # fmt: skip
+    assert (close["reason"], close["tls_intercepted"]) == ("upstream_reset", True), close
+    assert close["upstream_tls"]["version"] == "TLSv1.2", close
+    assert "HANDSHAKE_FAILURE" in close["upstream_tls"]["error"], close
+    assert close["client_tls"]["error"] is None, close
     bystanders.finish()
