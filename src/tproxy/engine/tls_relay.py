@@ -596,6 +596,12 @@ class TLSRelay(Relay):
         plaintext = leg.receive_eof()
         if plaintext:
             self._deliver(way, plaintext)
+        if reset:
+            # Not the end of the source's stream: no eof hook (as the addon relay). Reported as
+            # its end once the queue is written; `pump_ended` finds the reset behind it.
+            if way.ending is None:
+                way.ending = End.EOF
+            return
         # A FIN without close_notify: the sink gets a bare FIN, the same truncation.
         self._source_done(way, notify=False)
 
@@ -622,6 +628,8 @@ class TLSRelay(Relay):
             self.handshake_deadline_at = None
             if plaintext:
                 self._deliver(way, plaintext)
+                if self._done:  # a hook reset the session (or failed)
+                    return
             # The upstream's close_notify may have come with its last flight.
             for each in (self.up, self.down):
                 self._source_closed(each)
