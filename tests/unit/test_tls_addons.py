@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
+from typing import Any
 
 import pytest
 
@@ -30,8 +32,9 @@ from tests.unit.test_tls_relay import (
 )
 from tproxy.addons import api
 from tproxy.addons.loader import Addon
+from tproxy.engine import tls_relay
 from tproxy.engine.pump import COPY_CHUNK_BYTES
-from tproxy.engine.tls_relay import Interception
+from tproxy.engine.tls_relay import Interception, TLSRelay
 from tproxy.interception.sockopts import abort_socket
 
 
@@ -514,5 +517,50 @@ def test_a_hook_that_resets_on_the_first_flight_is_the_last_hook_called(
             await asyncio.gather(client_flight(), run.upstream.handshake())
             assert await run.reason() == "addon_reset"
         assert called == ["client_data"]
+
+    _run(scenario)
+
+
+class _UpstreamFullOnce:
+    """`os` for the TLS relay: the first write to the upstream after the addon's close() finds
+    its socket full (EAGAIN), as a peer that reads slowly leaves it."""
+
+    def __init__(self, relay: TLSRelay) -> None:
+        self.relay = relay
+        self.pushed_back = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd == self.relay.up.dst and self.relay.closing and not self.pushed_back:
+            self.pushed_back = True
+            raise BlockingIOError
+        return os.write(fd, data)
+
+
+def test_close_sends_close_notify_to_both_peers_when_one_socket_is_full(
+    pki: PKI, interception: Interception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def up(session: api.Session, data: bytes) -> bytes:
+        session.close()
+        return b""
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server,
+            addons=(_addon("quit.py", client_data=up),),
+        ) as run:  # fmt: skip
+            await run.handshakes()
+            full = _UpstreamFullOnce(run.relay)
+            monkeypatch.setattr(tls_relay, "os", full)
+            await run.client.send(b"QUIT\n")
+            assert await run.upstream.read() == (b"", "close_notify")
+            assert full.pushed_back
+            assert await run.client.read() == (b"", "close_notify")
+            run.upstream.sock.shutdown(socket.SHUT_WR)
+            run.client.sock.shutdown(socket.SHUT_WR)
+            assert await run.reason() == "addon_close"
 
     _run(scenario)

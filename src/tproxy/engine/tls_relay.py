@@ -821,15 +821,16 @@ class TLSRelay(Relay):
             return
         if not self._closed:
             self._closed = True
-            for way in ways:
+            for way in ways:  # both close_notify made before either is written
                 sink_leg = self._sink_leg(way)
                 if sink_leg is not None:
                     sink_leg.close()
                     way.enqueue(sink_leg.data_to_send())
-                if way.queue and not self._flush(way):
-                    return  # the sink is full: settled again once it is writable
-            if self._done:
-                return
+            for way in ways:
+                if way.queue:
+                    self._flush(way)  # a sink that is full: settled again once it is writable
+                if self._done:
+                    return
         if any(way.queue for way in ways) or any(way.lingering for way in ways):
             return
         for way in ways:
