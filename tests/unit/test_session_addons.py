@@ -714,7 +714,7 @@ def _client_hello(sni: str) -> bytes:
     return outgoing.read()
 
 
-def test_an_addon_reset_of_an_intercepted_name_passed_through_for_now_says_no_passthrough() -> None:
+def test_an_addon_reset_of_a_name_passed_through_says_no_passthrough() -> None:
     # The close event's `passthrough` is why a session was relayed encrypted, untouched: a
     # session an addon reset was not relayed at all (as when the policy resets it).
     seen: list[api.InterceptedTLS | None] = []
