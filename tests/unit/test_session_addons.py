@@ -7,8 +7,10 @@ closed meanwhile cancels it, and `session_end` sees the byte counts and the reas
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvloop
@@ -32,9 +34,11 @@ from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_session import AddonSession, engine_verdict, hook_error
 from tproxy.engine.session import Phase, Session
+from tproxy.engine.tls_relay import Interception
 from tproxy.interception.sockopts import abort_socket
 from tproxy.policy.decide import Verdict
 from tproxy.policy.model import Action, TLSMode
+from tproxy.tls.passthrough import PassthroughReason
 
 HookFn = Callable[..., Any]
 
@@ -698,3 +702,41 @@ def test_a_task_that_will_not_stop_does_not_keep_the_process_from_exiting(
     loop = uvloop.new_event_loop()
     cli_main.run_to_the_end(loop, main())
     assert loop.is_closed() and ran == ["cancelled"]
+
+
+def _client_hello(sni: str) -> bytes:
+    """A TLS client's first flight, with `sni`."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_an_addon_reset_of_a_name_passed_through_says_no_passthrough() -> None:
+    # The close event's `passthrough` is why a session was relayed encrypted, untouched: a
+    # session an addon reset was not relayed at all (as when the policy resets it).
+    seen: list[api.InterceptedTLS | None] = []
+
+    def start(session: api.Session) -> api.Verdict:
+        seen.append(session.tls)
+        return api.reset()
+
+    policy = _config('[[rule]]\nname = "inspect"\nsni = ["*.example.test"]\naction = "allow"\n'
+                     'tls = "intercept"\nupstream_verify = false')  # fmt: skip
+
+    async def scenario(h: PolicyHarness) -> None:
+        # Only looked at for being there: the session never reaches the TLS relay.
+        h.ctx.interception = cast(Interception, object())
+        h.ctx.passthrough.remember("www.example.test", PassthroughReason.UPSTREAM_WANTS_CLIENT_CERT,
+                                   time.monotonic())  # fmt: skip
+        h.session.start()
+        h.client.send(_client_hello("www.example.test"))
+        await _reset_seen(h)
+        close = h.events()[-1]
+        assert (close["reason"], close["rule"]) == ("policy_reset", "addon:reset.py")
+        assert close["passthrough"] is None
+        assert seen == [None]  # not intercepted: passed through for now
+
+    _run(scenario, _with(_addon("reset.py", session_start=start), base=policy))

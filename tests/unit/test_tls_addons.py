@@ -8,7 +8,11 @@ its session, `session.tls` says what was negotiated, and the memory bound holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import ssl
+from typing import Any
 
 import pytest
 
@@ -28,8 +32,9 @@ from tests.unit.test_tls_relay import (
 )
 from tproxy.addons import api
 from tproxy.addons.loader import Addon
+from tproxy.engine import tls_relay
 from tproxy.engine.pump import COPY_CHUNK_BYTES
-from tproxy.engine.tls_relay import Interception
+from tproxy.engine.tls_relay import Interception, TLSRelay
 from tproxy.interception.sockopts import abort_socket
 
 
@@ -430,5 +435,132 @@ def test_a_client_reset_mid_stream_resets_the_upstream_of_a_claimed_session(
             abort_socket(run.client.sock)
             assert await run.upstream.read() == (b"", "reset")
             assert await run.reason() == "client_reset"
+
+    _run(scenario)
+
+
+# --- review findings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_client_reset_runs_no_eof_hook_and_sends_nothing_after_it(
+    pki: PKI, interception: Interception, is_async: bool
+) -> None:
+    # A reset is not the end of the client's stream: as the addon relay does, no eof hook (its
+    # bytes would reach the upstream as if the client had finished).
+    called: list[str] = []
+
+    def flush(session: api.Session) -> bytes:
+        called.append("client_eof")
+        return b"as if the client had finished"
+
+    async def flush_later(session: api.Session) -> bytes:
+        return flush(session)
+
+    addon = _addon("eof.py", client_eof=flush_later if is_async else flush)
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server, addons=(addon,)
+        ) as run:
+            await run.handshakes()
+            await run.client.send(REQUEST)
+            assert await run.upstream.read_exactly(len(REQUEST)) == REQUEST
+            abort_socket(run.client.sock)
+            assert await run.upstream.read() == (b"", "reset")
+            assert await run.reason() == "client_reset"
+        assert called == []
+
+    _run(scenario)
+
+
+def test_a_hook_that_resets_on_the_first_flight_is_the_last_hook_called(
+    pki: PKI, interception: Interception
+) -> None:
+    # The client's Finished, its request and its close_notify in one flight: the client_data
+    # hook resets the session; the eof hook of a session reset is not called.
+    called: list[str] = []
+
+    def up(session: api.Session, data: bytes) -> bytes:
+        called.append("client_data")
+        session.reset()
+        return data
+
+    def eof(session: api.Session) -> bytes:
+        called.append("client_eof")
+        return b""
+
+    addon = _addon("reset.py", client_data=up, client_eof=eof)
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server, addons=(addon,)
+        ) as run:
+            client = run.client
+
+            async def client_flight() -> None:
+                while True:  # the handshake, but for the last flight (kept in the BIO)
+                    try:
+                        client.obj.do_handshake()
+                    except ssl.SSLWantReadError:
+                        await client.flush()
+                        await client._fill()
+                        continue
+                    break
+                client.obj.write(REQUEST)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    client.obj.unwrap()
+                await client.flush()  # Finished, the request and close_notify: one write
+
+            await asyncio.gather(client_flight(), run.upstream.handshake())
+            assert await run.reason() == "addon_reset"
+        assert called == ["client_data"]
+
+    _run(scenario)
+
+
+class _UpstreamFullOnce:
+    """`os` for the TLS relay: the first write to the upstream after the addon's close() finds
+    its socket full (EAGAIN), as a peer that reads slowly leaves it."""
+
+    def __init__(self, relay: TLSRelay) -> None:
+        self.relay = relay
+        self.pushed_back = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd == self.relay.up.dst and self.relay.closing and not self.pushed_back:
+            self.pushed_back = True
+            raise BlockingIOError
+        return os.write(fd, data)
+
+
+def test_close_sends_close_notify_to_both_peers_when_one_socket_is_full(
+    pki: PKI, interception: Interception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def up(session: api.Session, data: bytes) -> bytes:
+        session.close()
+        return b""
+
+    async def scenario() -> None:
+        server = server_context(pki.upstream_pem)
+        async with intercepting(
+            interception, _client_context(pki.ours), server,
+            addons=(_addon("quit.py", client_data=up),),
+        ) as run:  # fmt: skip
+            await run.handshakes()
+            full = _UpstreamFullOnce(run.relay)
+            monkeypatch.setattr(tls_relay, "os", full)
+            await run.client.send(b"QUIT\n")
+            assert await run.upstream.read() == (b"", "close_notify")
+            assert full.pushed_back
+            assert await run.client.read() == (b"", "close_notify")
+            run.upstream.sock.shutdown(socket.SHUT_WR)
+            run.client.sock.shutdown(socket.SHUT_WR)
+            assert await run.reason() == "addon_close"
 
     _run(scenario)

@@ -114,7 +114,10 @@ class AddonChain:
 
     def run(self, data: bytes | None) -> None:
         """Pass `data` (None: the source's end) through the chain: at once for plain hooks; in a
-        task when some hook is an `async def` (`busy` until it ends, then `done()`)."""
+        task when some hook is an `async def` (`busy` until it ends, then `done()`). Nothing
+        once stopped."""
+        if self.stopped:
+            return
         if self.has_async:
             self.busy = True
             task = self._task = self._host.spawn(self._in_task(data))

@@ -632,6 +632,9 @@ class Session:
         self._capture = config if verdict.capture or config.capture_all else None
         action = verdict.action
         if action is Action.RESET:
+            # Nothing is relayed: neither intercepted nor passed through (`_decided` looked the
+            # interception up for the addons' `session.tls`).
+            self._tls = record.passthrough = None
             self.close(CloseReason.POLICY_RESET)
             return
         target = deciding.dst_addr

@@ -596,6 +596,12 @@ class TLSRelay(Relay):
         plaintext = leg.receive_eof()
         if plaintext:
             self._deliver(way, plaintext)
+        if reset:
+            # Not the end of the source's stream: no eof hook (as the addon relay). Reported as
+            # its end once the queue is written; `pump_ended` finds the reset behind it.
+            if way.ending is None:
+                way.ending = End.EOF
+            return
         # A FIN without close_notify: the sink gets a bare FIN, the same truncation.
         self._source_done(way, notify=False)
 
@@ -622,6 +628,8 @@ class TLSRelay(Relay):
             self.handshake_deadline_at = None
             if plaintext:
                 self._deliver(way, plaintext)
+                if self._done:  # a hook reset the session (or failed)
+                    return
             # The upstream's close_notify may have come with its last flight.
             for each in (self.up, self.down):
                 self._source_closed(each)
@@ -813,15 +821,16 @@ class TLSRelay(Relay):
             return
         if not self._closed:
             self._closed = True
-            for way in ways:
+            for way in ways:  # both close_notify made before either is written
                 sink_leg = self._sink_leg(way)
                 if sink_leg is not None:
                     sink_leg.close()
                     way.enqueue(sink_leg.data_to_send())
-                if way.queue and not self._flush(way):
-                    return  # the sink is full: settled again once it is writable
-            if self._done:
-                return
+            for way in ways:
+                if way.queue:
+                    self._flush(way)  # a sink that is full: settled again once it is writable
+                if self._done:
+                    return
         if any(way.queue for way in ways) or any(way.lingering for way in ways):
             return
         for way in ways:
