@@ -93,6 +93,15 @@ from tproxy.rules.model import (
 )
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
+from tproxy.service.notify import Notifier, NotifyError, watchdog_interval_s
+from tproxy.service.units import (
+    DEFAULT_USER,
+    PROXY_UNIT,
+    RULES_UNIT,
+    UnitOptions,
+    listens_below_1024,
+    render_units,
+)
 from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
 from tproxy.tls.contexts import check_upstream_ca, open_keylog
 
@@ -462,6 +471,45 @@ def build_parser() -> argparse.ArgumentParser:
         "request intercepted (curl trusting that CA; the example addon http_log.py logs its "
         "plaintext request line) and a pinned name passed through untouched",
     )
+    unit = commands.add_parser(
+        "service-unit",
+        help="print systemd units for the rules and the proxy, filled in with the options given",
+        description=(
+            f"Print (or --write) two systemd units: {RULES_UNIT}, a oneshot that applies the "
+            "rules and keeps them while the proxy restarts or is stopped, and "
+            f"{PROXY_UNIT}, the proxy (Type=notify, watchdog, reload by SIGHUP), as --user "
+            "with only the capabilities it needs and systemd's sandboxing. The options are "
+            "checked as 'tproxy rules apply' and 'tproxy run' would check them. Example: "
+            "tproxy service-unit --rules '--ports 80,443' -- --spoof-source --config "
+            "/etc/tproxy/tproxy.toml"
+        ),
+    )
+    unit.add_argument(
+        "--rules",
+        metavar="OPTIONS",
+        required=True,
+        help="'tproxy rules apply' options, one quoted string (e.g. '--ports 80,443 --local')",
+    )
+    who = unit.add_mutually_exclusive_group()
+    who.add_argument(
+        "--user",
+        metavar="NAME",
+        default=DEFAULT_USER,
+        help=f"the user the proxy runs as (default: {DEFAULT_USER}; create it with "
+        "'useradd --system --no-create-home --shell /usr/sbin/nologin NAME')",
+    )
+    who.add_argument("--as-root", action="store_true", help="run the proxy as root (not advised)")
+    unit.add_argument(
+        "--write",
+        metavar="DIR",
+        help="write the two files into DIR (e.g. /etc/systemd/system) instead of printing them",
+    )
+    unit.add_argument(
+        "run_args",
+        metavar="-- RUN OPTIONS",
+        nargs=argparse.REMAINDER,
+        help="'tproxy run' options, after --",
+    )
     return parser
 
 
@@ -480,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _addon(args)
         if args.command == "ca":
             return _ca(args)
+        if args.command == "service-unit":
+            return _service_unit(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -489,6 +539,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
+
+
+def _service_unit(args: argparse.Namespace) -> int:
+    """Check the options as the two commands would, then print or write both units."""
+    run_args = list(args.run_args)
+    if run_args[:1] == ["--"]:
+        run_args = run_args[1:]
+    try:
+        rules_args = shlex.split(args.rules)
+    except ValueError as exc:
+        return _fail(f"--rules: {exc}")
+    parser = build_parser()
+    rules = parser.parse_args(["rules", "apply", *rules_args])  # exits 2 on a bad option
+    run = parser.parse_args(["run", *run_args])
+    try:
+        config = _unit_config(run.config, cli_overrides(run))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    mismatch = _rules_against_proxy(rules, config)
+    if mismatch is not None:
+        return _fail(mismatch)
+    writable = [config.capture_dir] if config.capture_dir else []
+    if config.keylog is not None:
+        writable.append(str(Path(config.keylog).parent))
+    options = UnitOptions(
+        command=(sys.executable, "-m", "tproxy"),
+        rules_args=tuple(rules_args),
+        run_args=tuple(run_args),
+        user=None if args.as_root else args.user,
+        bind_service=listens_below_1024([(str(e.ip), e.port) for e in config.listen]),
+        writable=tuple(writable),
+        drain_timeout_s=config.drain_timeout_s,
+    )
+    units = render_units(options)
+    if args.write is None:
+        for name, text in units.items():
+            sys.stdout.write(f"# --- {name}\n{text}\n")
+        return 0
+    for name, text in units.items():
+        path = Path(args.write) / name
+        try:
+            path.write_text(text)
+        except OSError as exc:
+            return _fail(f"cannot write {path}: {exc.strerror}")
+        print(f"wrote {path}")
+    print(f"then: systemctl daemon-reload && systemctl enable --now {PROXY_UNIT}")
+    return 0
+
+
+def _unit_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
+    """The proxy's configuration as far as the units need it: the file (if any) and the
+    command line, checked as `tproxy run` checks them, without loading the policy, the CA or
+    the addons (the units may be made before those are in place)."""
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = parse_config_file(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return build_config(file_values, overrides)
+
+
+def _rules_against_proxy(rules: argparse.Namespace, config: ProxyConfig) -> str | None:
+    """Why the rules would not deliver to this proxy (None when they would): the port, the
+    mode and the mark must be the same on both sides."""
+    port = rules.proxy_port or DEFAULT_PROXY_PORT
+    if all(endpoint.port != port for endpoint in config.listen):
+        listening = ", ".join(str(endpoint) for endpoint in config.listen)
+        return (f"the rules divert to port {port} but the proxy listens on {listening}: give "
+                "'--proxy-port' to --rules or '--listen' to the proxy")  # fmt: skip
+    if InterceptMode(rules.mode) is not config.mode:
+        return (f"the rules are in {rules.mode} mode but the proxy in {config.mode.value} mode: "
+                "give the same --mode to both")  # fmt: skip
+    if rules.mark is not None and rules.mark != config.mark:
+        return (f"the rules exempt mark {rules.mark:#x} but the proxy marks its connections "
+                f"{config.mark:#x}: give the same --mark to both")  # fmt: skip
+    return None
 
 
 def _fail(message: str) -> int:
@@ -547,6 +676,11 @@ def _run(args: argparse.Namespace) -> int:
     workers = args.workers or os.cpu_count() or 1
     if workers > MAX_WORKER:  # the session id has room for this many
         return _fail(f"--workers {workers} is more than tproxy runs ({MAX_WORKER} at most)")
+    try:  # systemd's notify socket and watchdog (`Type=notify`), when it gave them
+        notifier = Notifier.from_env()
+        watchdog_every_s = watchdog_interval_s(os.environ, os.getpid())
+    except NotifyError as exc:
+        return _fail(str(exc))
     try:
         per_worker = _open_worker_listeners(config, workers)
     except StartupError as exc:
@@ -580,7 +714,7 @@ def _run(args: argparse.Namespace) -> int:
         run_to_the_end(factory(), server.serve())
         return 0
 
-    if workers == 1:
+    if workers == 1 and not notifier.enabled:  # (under systemd, a supervisor tells it how it is)
         return worker_main(None)
     supervisor_log = EventLog(config.log_format, worker=0)
 
@@ -606,7 +740,9 @@ def _run(args: argparse.Namespace) -> int:
             for notice in pruner.run(current[0]):
                 supervisor_log.emit(Notice(notice))
 
-    code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick)
+    code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick,
+                       notifier=notifier, watchdog_every_s=watchdog_every_s)  # fmt: skip
+    notifier.close()
     close_all(everyone)
     return code
 

@@ -281,6 +281,14 @@ class Watchdog:
             return Recovered(worker, now - last)
         return None
 
+    def answering(self, now: float, workers: int) -> bool:
+        """Whether `workers` workers are running and every one was heard from within the stall
+        limit (a dead one is forgotten; a stopped or stuck one falls silent)."""
+        heard = self._last_heard_at
+        return len(heard) >= workers and all(
+            now - last < self._stall_after_s for last in heard.values()
+        )
+
     def check(self, now: float) -> list[Stalled]:
         """Workers silent for too long that were not reported yet."""
         found = []

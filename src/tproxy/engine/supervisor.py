@@ -72,6 +72,8 @@ from tproxy.core.worker_protocol import (
 )
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice, SessionsListed
+from tproxy.service.notify import Notifier
+from tproxy.service.readiness import ServiceNotes
 from tproxy.tls.passthrough import PassthroughMemory
 
 _STOP = (signal.SIGTERM, signal.SIGINT)
@@ -164,6 +166,9 @@ class Supervisor:
         on_tick: housekeeping done once for all workers, called with the monotonic time on
             every round of the loop (at least every `TICK_S`) until the first stop signal; it
             keeps its own schedule (pruning the capture directory: `capture.prune`).
+        notifier: systemd's notify socket (`service.notify`), told READY=1, WATCHDOG=1,
+            STATUS= and STOPPING=1 as `service.readiness` decides.
+        watchdog_every_s: how often systemd wants WATCHDOG=1 (None: no watchdog).
     """
 
     def __init__(
@@ -176,8 +181,12 @@ class Supervisor:
         stall_after_s: float = STALL_AFTER_S,
         on_reload: Callable[[], None] | None = None,
         on_tick: Callable[[float], None] | None = None,
+        notifier: Notifier | None = None,
+        watchdog_every_s: float | None = None,
     ) -> None:
         self._count = count
+        self._notifier = notifier
+        self._notes = ServiceNotes(count, watchdog_every_s)
         self._on_reload = on_reload
         self._on_tick = on_tick
         self._worker_main = worker_main
@@ -266,6 +275,8 @@ class Supervisor:
                 self._gatherings.remove(entry)
                 done(gathering)
         self._share_now(now)
+        self._notify(self._notes.tick(now, self._watchdog.latest,
+                                      self._watchdog.answering(now, self._count)))  # fmt: skip
         if self._on_tick is not None and not self._stopping:
             self._on_tick(now)  # its exceptions: logged by run(), like the loop's own
 
@@ -286,6 +297,7 @@ class Supervisor:
                 self._log.emit(Notice(f"{name}: stopping {self._count} workers"))
                 close_all(self._listeners)
                 self._restart_at.clear()
+                self._notify(self._notes.stop(time.monotonic(), self._watchdog.latest))
             self._stopping = True
             self._tell(signum)
         elif signum == signal.SIGHUP:
@@ -327,6 +339,10 @@ class Supervisor:
                     gathering.add(message)
             elif isinstance(message, Learned):
                 self._learned(worker, message, data, now)
+
+    def _notify(self, datagram: bytes) -> None:
+        if datagram and self._notifier is not None:
+            self._notifier.send(datagram)  # never raises; a failure is counted there
 
     # --- passthrough sharing -------------------------------------------------------------
 
@@ -432,6 +448,10 @@ class Supervisor:
             if worker.channel is not None:
                 worker.channel.close()
         self._selector.close()
+        if self._notifier is not None:  # systemd hears the supervisor only (NotifyAccess=main)
+            self._notifier.close()
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)
 
     def _close_channel(self, worker: _Worker) -> None:
         worker.outbox.clear()
@@ -504,12 +524,15 @@ def run_workers(
     on_reload: Callable[[], None] | None = None,
     *,
     on_tick: Callable[[float], None] | None = None,
+    notifier: Notifier | None = None,
+    watchdog_every_s: float | None = None,
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
     the exit status (the worst of the workers' after a stop). See `Supervisor`."""
     return Supervisor(
-        count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick
-    ).run()
+        count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick,
+        notifier=notifier, watchdog_every_s=watchdog_every_s,
+    ).run()  # fmt: skip
 
 
 def _reap() -> list[tuple[int, int]]:

@@ -1,0 +1,97 @@
+"""The systemd units (`tproxy service-unit`): the rules in a oneshot that stays after the proxy
+stops, the proxy Type=notify with a watchdog, unprivileged with only CAP_NET_ADMIN (and
+CAP_NET_BIND_SERVICE below port 1024), sandboxed, writable only where it writes; the options
+are checked as the two commands check them, and rules that would not reach the proxy are
+refused; `systemd-analyze verify` accepts what is printed; the files in contrib/systemd/ are
+these units."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tproxy.cli.main import main
+from tproxy.service.units import PROXY_UNIT, RULES_UNIT, UnitOptions, render_units
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
+# What contrib/systemd/ holds: the units for a typical router, tproxy installed in /usr/local.
+CONTRIB_OPTIONS = UnitOptions(
+    command=("/usr/local/bin/tproxy",),
+    rules_args=("--ports", "80,443"),
+    run_args=("--spoof-source", "--config", "/etc/tproxy/tproxy.toml"),
+)
+
+
+def _lines(text: str) -> set[str]:
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_the_rules_stay_when_the_proxy_stops_and_the_proxy_notifies() -> None:
+    units = render_units(CONTRIB_OPTIONS)
+    rules, proxy = _lines(units[RULES_UNIT]), _lines(units[PROXY_UNIT])
+    assert {"Type=oneshot", "RemainAfterExit=yes",
+            "ExecStart=/usr/local/bin/tproxy rules apply --ports 80,443",
+            "ExecStop=/usr/local/bin/tproxy rules remove"} <= rules  # fmt: skip
+    assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=30",
+            "ExecReload=/bin/kill -HUP $MAINPID", f"Wants={RULES_UNIT} network-online.target",
+            "User=tproxy", "AmbientCapabilities=CAP_NET_ADMIN",
+            "CapabilityBoundingSet=CAP_NET_ADMIN", "NoNewPrivileges=yes",
+            "ProtectSystem=strict"} <= proxy  # fmt: skip
+    # Not bound to the rules: stopping or restarting the proxy leaves them.
+    assert not any(line.startswith(("BindsTo=", "PartOf=", "Requires=")) for line in proxy)
+
+
+def test_a_listener_below_1024_gets_cap_net_bind_service_and_written_paths_are_writable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keylog = tmp_path / "keys" / "keys.log"
+    assert main(["service-unit", "--rules", "--ports 443 --proxy-port 443", "--",
+                 "--listen", "0.0.0.0:443", "--capture-dir", "/var/lib/tproxy/captures",
+                 "--ca", "/etc/tproxy/ca", "--keylog", str(keylog)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in printed
+    assert "ReadWritePaths=/var/lib/tproxy/captures" in printed
+    assert f"ReadWritePaths={keylog.parent}" in printed
+
+
+@pytest.mark.parametrize(
+    ("rules", "run", "why"),
+    [
+        ("--ports 80", ["--listen", "0.0.0.0:1900"], "the rules divert to port 1800"),
+        ("--ports 80 --mode redirect", [], "the rules are in redirect mode"),
+        ("--ports 80 --mark 0x5", [], "the rules exempt mark 0x5"),
+    ],
+)
+def test_rules_that_would_not_reach_the_proxy_are_refused(
+    rules: str, run: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["service-unit", "--rules", rules, "--", *run]) == 1
+    assert why in capsys.readouterr().err
+
+
+def test_a_bad_option_is_refused_as_the_command_would_refuse_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["service-unit", "--rules", "--ports eighty"])
+    assert exit_.value.code == 2
+    assert "--ports" in capsys.readouterr().err
+
+
+def test_written_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    assert main(["service-unit", "--rules", "--ports 80,443", "--write", str(tmp_path),
+                 "--", "--spoof-source"]) == 0  # fmt: skip
+    files = [str(tmp_path / RULES_UNIT), str(tmp_path / PROXY_UNIT)]
+    done = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
+def test_the_units_in_contrib_are_what_service_unit_makes() -> None:
+    for name, text in render_units(CONTRIB_OPTIONS).items():
+        assert (CONTRIB / name).read_text() == text, f"regenerate contrib/systemd/{name}"
