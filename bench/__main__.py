@@ -51,6 +51,7 @@ from bench.modes import (
     Mode,
     cpus,
     render_haproxy_cfg,
+    rss_bytes,
 )
 from bench.report import (
     ADDON_CONTEXT,
@@ -246,6 +247,9 @@ def _measure_https(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[fl
         failed += int(found["failed"])
         print(f"  tls_keepalive: {found['rate']:.0f} requests/s, proxy CPU "
               f"{into['tls_cpu_per_request'][-1]:.1f} µs/request", flush=True)  # fmt: skip
+    # The same reading as the idle-memory test's (VmRSS of every process of the proxy), once
+    # several thousand sessions have come and gone: what the proxy holds after the tests.
+    into["tls_rss"].append(rss_bytes(mode.pids()) / (1 << 20))
     if failed:
         print(f"  {failed} HTTPS requests failed", file=sys.stderr, flush=True)
     return failed
@@ -447,7 +451,8 @@ def write_results(
         "`Connection: close` over HTTPS, 32 connections (new intercepted connections/s, and the "
         "proxy's CPU over them: µs per connection), and wrk keep-alive over HTTPS, 32 "
         "connections (requests/s, and the proxy's CPU per request), each for the run's "
-        "measurement time, the CPU read from /proc as for the other modes. HTTPS requests wrk "
+        "measurement time, the CPU read from /proc as for the other modes; then the RSS of all "
+        "the proxy's processes (VmRSS, as the idle-memory test reads it). HTTPS requests wrk "
         f"counted as failed (status or socket errors), per round: {failed or 'none'}.",
         "",
         f"## Targets (issue 4), for the splice relay: {summary}",

@@ -44,6 +44,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "tls_cpu_per_conn": ("proxy CPU per HTTPS connection (Connection: close)", "µs", False),
     "tls_keepalive_rps": ("HTTPS requests/s on 32 keep-alive connections", "req/s", True),
     "tls_cpu_per_request": ("proxy CPU per HTTPS request (keep-alive)", "µs", False),
+    "tls_rss": ("proxy RSS after the HTTPS tests (all its processes)", "MiB", False),
 }
 
 # mode -> what it is; the order is the columns' order and the first round's order.
@@ -203,12 +204,13 @@ INTERCEPT_TARGETS = [
 ]
 
 # Issue 13's rows without a target: the two proxies' CPU per intercepted connection and per
-# request, and what interception adds to the same HTTPS relayed encrypted under the same rule
-# (per connection: the two handshakes, a forged leaf from the cache, the TLS relay of one
-# request; per keep-alive request: decrypting and re-encrypting it and its response).
+# request and their memory, and what interception adds to the same HTTPS relayed encrypted under
+# the same rule (per connection: the two handshakes, a forged leaf from the cache, the TLS relay
+# of one request; per keep-alive request: decrypting and re-encrypting it and its response).
 INTERCEPT_CONTEXT = [
     Comparison("tls_cpu_per_conn", "tproxy-intercept", "mitmproxy"),
     Comparison("tls_cpu_per_request", "tproxy-intercept", "mitmproxy"),
+    Comparison("tls_rss", "tproxy-intercept", "mitmproxy"),
     Comparison("tls_cpu_per_conn", "tproxy-intercept", "tproxy-tls-passthrough", Kind.DIFFERENCE),
     Comparison(
         "tls_cpu_per_request", "tproxy-intercept", "tproxy-tls-passthrough", Kind.DIFFERENCE

@@ -65,6 +65,8 @@ def _measures(mode: str, metric: str) -> bool:
         return CONN_RATE in spec.tests and spec.proxy != "routing"
     if metric in ("tls_conn_rate", "tls_cpu_per_conn"):
         return TLS_CONN_RATE in spec.tests
+    if metric == "tls_rss":
+        return bool(spec.tls)
     if metric in ("tls_keepalive_rps", "tls_cpu_per_request"):
         return TLS_KEEPALIVE in spec.tests
     return (LATENCY if metric.startswith("latency") else metric) in spec.tests

@@ -332,9 +332,11 @@ def test_the_interception_rows_without_a_target() -> None:
 
 def test_https_rates_and_cpu_show_whole_numbers_in_the_mode_table() -> None:
     samples = {"mitmproxy": {"tls_keepalive_rps": [729.4, 731.0],
-                             "tls_cpu_per_request": [881.7, 870.2]}}  # fmt: skip
+                             "tls_cpu_per_request": [881.7, 870.2],
+                             "tls_rss": [95.5, 96.25]}}  # fmt: skip
     lines = render_modes(samples)
     assert lines[2:] == [
         "| HTTPS requests/s on 32 keep-alive connections (req/s) | 730 (729 to 731) |",
         "| proxy CPU per HTTPS request (keep-alive) (µs) | 876 (870 to 882) |",
+        "| proxy RSS after the HTTPS tests (all its processes) (MiB) | 95.88 (95.50 to 96.25) |",
     ]
