@@ -1,4 +1,5 @@
-"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy, interleaved, with spreads.
+"""`python -m bench` (as root): tproxy vs plain routing vs HAProxy (and, intercepting HTTPS, vs
+mitmproxy), interleaved, with spreads.
 
 Builds the namespace lab, then for each round runs every mode once, in an order that rotates from
 round to round (A B C D, B C D A, ...), so that the machine's noise falls on all of them alike;
@@ -13,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,11 +27,15 @@ from bench.measure import (
     HTTP_PORT,
     IPERF_PORT,
     PEER_PORT,
+    TLS_PORT,
+    check_https,
     connection_rate,
     idle_rss_per_session,
     iperf3,
+    keepalive_rate,
     latency,
 )
+from bench.mitm import ensure_mitmdump, mitmproxy_version, venv_dir
 from bench.modes import (
     BULK,
     CONN_RATE,
@@ -38,9 +44,14 @@ from bench.modes import (
     LATENCY,
     SPECS,
     STREAM1,
+    TLS_CONN_RATE,
+    TLS_KEEPALIVE,
+    TLS_NAME,
+    Interception,
     Mode,
     cpus,
     render_haproxy_cfg,
+    rss_bytes,
 )
 from bench.report import (
     ADDON_CONTEXT,
@@ -48,6 +59,8 @@ from bench.report import (
     CAPTURE_CONTEXT,
     CAPTURE_TARGETS,
     CONTEXT,
+    INTERCEPT_CONTEXT,
+    INTERCEPT_TARGETS,
     MODES,
     POLICY_TARGETS,
     TARGETS,
@@ -60,7 +73,12 @@ from bench.report import (
     rotated,
     tally,
 )
-from tproxy.lab.services import start_iperf_server, start_nginx, start_peer_server
+from tproxy.lab.services import (
+    start_iperf_server,
+    start_nginx,
+    start_peer_server,
+    start_tls_nginx,
+)
 from tproxy.lab.topology import Lab
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -90,10 +108,28 @@ class Run:
     log_lines: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     captured_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     relays: dict[str, list[Relays]] = field(default_factory=lambda: defaultdict(list))
+    # HTTPS requests wrk counted as failed (a status other than 2xx/3xx, socket errors), per
+    # round, per interception mode: all 0 in a sound run
+    failed_requests: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _interception(lab: Lab, modes: list[str]) -> Interception | None:
+    """For the interception modes: nginx with TLS for `TLS_NAME` in the server namespace, one
+    CA (`tproxy ca create`) for both proxies, and mitmproxy's own environment if needed."""
+    if not any(SPECS[name].tls for name in modes):
+        return None
+    mitmdump = ensure_mitmdump() if any(SPECS[n].proxy == "mitmproxy" for n in modes) else None
+    upstream_ca = start_tls_nginx(lab, lab.server, TLS_PORT, name=TLS_NAME)
+    folder = Path(tempfile.mkdtemp(prefix=f"tproxy-bench-{lab.run_id}-ca-"))
+    lab.cleanup_paths.append(folder)
+    _tproxy(lab, "ca", "create", str(folder / "ca"))
+    return Interception(folder / "ca", upstream_ca, mitmdump)
 
 
 def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Run:
     result = Run(threads=cpus())
+    if any(SPECS[name].proxy == "mitmproxy" for name in modes):
+        ensure_mitmdump()  # before the lab: installing it once takes a while
     with Lab() as lab:
         for host in (lab.client, lab.router):
             lab.sysctl(host, "net.ipv4.ip_local_port_range", "1024 65000")
@@ -109,7 +145,8 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
         start_nginx(lab, lab.server, HTTP_PORT)
         start_iperf_server(lab, lab.server, IPERF_PORT)
         start_peer_server(lab, lab.server, PEER_PORT)
-        ports = f"{HTTP_PORT},{IPERF_PORT},{PEER_PORT}"
+        interception = _interception(lab, modes)
+        ports = f"{HTTP_PORT},{TLS_PORT},{IPERF_PORT},{PEER_PORT}"
         for round_no in range(1, rounds + 1):
             order = rotated(modes, round_no)
             result.orders.append(order)
@@ -119,12 +156,17 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
                 began = time.monotonic()
                 if name == "routing":
                     _tproxy(lab, "rules", "remove")
+                elif SPECS[name].proxy == "mitmproxy":  # NAT: its transparent mode's way
+                    _tproxy(lab, "rules", "apply", "--ports", ports, "--mode", "redirect")
                 else:
                     _tproxy(lab, "rules", "apply", "--ports", ports, "--when-down", "pass")
-                mode = Mode(lab, name, result.threads)
+                mode = Mode(lab, name, result.threads, interception)
                 mode.start()
                 try:
-                    _measure_round(lab, mode, seconds, idle_sessions, result.samples[name])
+                    failed = _measure_round(lab, mode, seconds, idle_sessions,
+                                            result.samples[name])  # fmt: skip
+                    if mode.spec.tls:
+                        result.failed_requests[name].append(failed)
                     if mode.log_path is not None:
                         result.log_lines[name].append(mode.log_lines())
                     if mode.spec.capture:
@@ -140,7 +182,8 @@ def run(rounds: int, seconds: float, idle_sessions: int, modes: list[str]) -> Ru
 
 def _measure_round(
     lab: Lab, mode: Mode, seconds: float, idle_sessions: int, into: dict[str, list[float]]
-) -> None:
+) -> int:
+    """Run the mode's tests into `into`; returns the HTTPS requests that failed (0 without)."""
     tests = mode.spec.tests
     if BULK in tests or STREAM1 in tests:
         cpu_s = moved = 0.0
@@ -179,13 +222,46 @@ def _measure_round(
         rss = idle_rss_per_session(lab, mode, count)
         into["idle_rss"].append(rss)
         print(f"  idle RSS: {rss:.2f} KiB/session at {count}", flush=True)
+    return _measure_https(lab, mode, seconds, into) if mode.spec.tls else 0
+
+
+def _measure_https(lab: Lab, mode: Mode, seconds: float, into: dict[str, list[float]]) -> int:
+    """The interception modes' tests, after one request by curl that proves whose certificate
+    the client got (it also puts the forged leaf in the proxy's cache)."""
+    assert mode.interception is not None
+    tests, failed = mode.spec.tests, 0
+    intercepting = mode.spec.tls == "intercept"
+    check_https(lab, mode.interception.ca_dir / "ca.crt" if intercepting
+                else mode.interception.upstream_ca)  # fmt: skip
+    if TLS_CONN_RATE in tests:
+        found = connection_rate(lab, mode, seconds, https=True)
+        into["tls_conn_rate"].append(found["rate"])
+        into["tls_cpu_per_conn"].append(found["cpu_s"] / max(found["requests"], 1) * 1e6)
+        failed += int(found["failed"])
+        print(f"  tls_conn_rate: {found['rate']:.0f}/s, proxy CPU "
+              f"{into['tls_cpu_per_conn'][-1]:.0f} µs/connection", flush=True)  # fmt: skip
+    if TLS_KEEPALIVE in tests:
+        found = keepalive_rate(lab, mode, seconds)
+        into["tls_keepalive_rps"].append(found["rate"])
+        into["tls_cpu_per_request"].append(found["cpu_s"] / max(found["requests"], 1) * 1e6)
+        failed += int(found["failed"])
+        print(f"  tls_keepalive: {found['rate']:.0f} requests/s, proxy CPU "
+              f"{into['tls_cpu_per_request'][-1]:.1f} µs/request", flush=True)  # fmt: skip
+    # The same reading as the idle-memory test's (VmRSS of every process of the proxy), once
+    # several thousand sessions have come and gone: what the proxy holds after the tests.
+    into["tls_rss"].append(rss_bytes(mode.pids()) / (1 << 20))
+    if failed:
+        print(f"  {failed} HTTPS requests failed", file=sys.stderr, flush=True)
+    return failed
 
 
 def _tests_of(name: str) -> str:
     spec = SPECS[name]
     names = {BULK: "iperf3 + CPU/GiB", STREAM1: "iperf3 1 stream + CPU/GiB",
              CONN_RATE: "conn/s" if spec.proxy == "routing" else "conn/s + CPU/conn",
-             LATENCY: "latency", IDLE_RSS: "idle RSS"}  # fmt: skip
+             LATENCY: "latency", IDLE_RSS: "idle RSS",
+             TLS_CONN_RATE: "HTTPS conn/s + CPU/conn",
+             TLS_KEEPALIVE: "HTTPS keep-alive req/s + CPU/request"}  # fmt: skip
     return ", ".join(names[t] for t in names if t in spec.tests)
 
 
@@ -214,6 +290,12 @@ def write_results(
     policy_summary = _verdicts(samples, POLICY_TARGETS)
     capture_summary = _verdicts(samples, CAPTURE_TARGETS)
     addon_summary = _verdicts(samples, ADDON_TARGETS)
+    intercept_summary = _verdicts(samples, INTERCEPT_TARGETS)
+    mitmproxy = mitmproxy_version(venv_dir() / "bin" / "mitmdump") if "mitmproxy" in samples else ""
+    failed = "; ".join(
+        f"{name} {', '.join(str(n) for n in counts)}"
+        for name, counts in result.failed_requests.items()
+    )
     captured = "; ".join(
         f"{name} {', '.join(f'{n / GIB:.2f}' for n in sizes)} GiB"
         for name, sizes in result.captured_bytes.items()
@@ -233,7 +315,8 @@ def write_results(
         "anything. Python "
         f"{platform.python_version()}; {_version(['haproxy', '-v'])}; "
         f"{_version(['nginx', '-v'])}; {_version(['iperf3', '--version'])}; "
-        f"{_version(['wrk', '--version'])}.",
+        f"{_version(['wrk', '--version'])}"
+        + (f"; {mitmproxy} (its own environment, `bench/mitm.py`)." if mitmproxy else "."),
         "",
         f"Load on the machine (`uptime`) before: {load[0]}; after: {load[1]}; 1-minute "
         "load average at the start of each round: "
@@ -335,6 +418,43 @@ def write_results(
         "addons). Which relay carried each mode's sessions is read from its session log's close "
         "events (`relay`, `spliced_bytes`) once each round has stopped the proxy, below.",
         "",
+        "**TLS interception** (issue 13): `tproxy-intercept` is tproxy-splice with `--policy` "
+        'of one rule, `sni = ["*.bench.test"]` with `tls = "intercept"`, `--ca` of a CA made by '
+        "`tproxy ca create` for this run and `--upstream-ca` of the web server's certificate; "
+        "`mitmproxy` is mitmproxy's mitmdump (installed by pip into an environment of the "
+        "benchmark's own, never the project's) in transparent mode on the same port, behind "
+        "tproxy's own rules in REDIRECT mode (`tproxy rules apply --mode redirect`: NAT, the "
+        "original destination from conntrack, the upstream connection from the router's "
+        "address), with the same CA (its `mitmproxy-ca.pem`: key and certificate) and the same "
+        "upstream CA (`ssl_verify_upstream_trusted_ca`), and `-q` (no log: tproxy writes its "
+        "session log, so this favours mitmproxy); it runs one event loop in one process, tproxy "
+        f"{result.threads} workers. Both forge a leaf per name with one key (tproxy's made at "
+        "start, mitmproxy's its CA's) and cache it, so after the first connection a handshake "
+        "costs no key generation and no signature on a certificate; each round's first "
+        "request, by curl trusting only the CA, proves whose certificate the client got and "
+        "fills the cache. `tproxy-tls-passthrough` is the same rule with `tls = "
+        '"passthrough"`: the same HTTPS, sniffed and relayed encrypted by splice; intercepting '
+        "minus passing through is what interception adds (the two handshakes, the cached leaf, "
+        "the relay through TLS). The server is nginx with TLS in the server namespace "
+        "(`start_tls_nginx`: a self-signed P-256 certificate for www.bench.test; nginx 1.22 "
+        "speaks TLS 1.2 at most, so the upstream leg is TLS 1.2, ECDHE-ECDSA, and the client "
+        "leg, wrk's OpenSSL to the proxy, TLS 1.3). wrk requests `https://www.bench.test/`, "
+        "which it sends as the SNI and the Host header, and `bench/https.lua` connects it to "
+        "the server's address (the lab has no DNS). wrk verifies no certificate, and it "
+        "resumes each connection's TLS session on the next one (OpenSSL keeps it across "
+        "`SSL_clear`): 99% of its ClientHellos to either proxy offer a TLS 1.3 pre-shared key, "
+        "which both accept (checked with `openssl s_client -sess_in` and a capture), so the "
+        "client leg is an ECDHE handshake without a certificate or signature, as a returning "
+        "client's is; the upstream leg is a full TLS 1.2 handshake on every connection with "
+        "either proxy (neither resumes toward the server: a certificate in every upstream "
+        "handshake of the capture). Tests: wrk "
+        "`Connection: close` over HTTPS, 32 connections (new intercepted connections/s, and the "
+        "proxy's CPU over them: µs per connection), and wrk keep-alive over HTTPS, 32 "
+        "connections (requests/s, and the proxy's CPU per request), each for the run's "
+        "measurement time, the CPU read from /proc as for the other modes; then the RSS of all "
+        "the proxy's processes (VmRSS, as the idle-memory test reads it). HTTPS requests wrk "
+        f"counted as failed (status or socket errors), per round: {failed or 'none'}.",
+        "",
         f"## Targets (issue 4), for the splice relay: {summary}",
         "",
         *render_comparisons(samples, TARGETS),
@@ -359,6 +479,15 @@ def write_results(
         "no target)",
         "",
         *render_comparisons(samples, ADDON_CONTEXT),
+        "",
+        f"## Targets (issue 13), TLS interception against mitmproxy: {intercept_summary}",
+        "",
+        *render_comparisons(samples, INTERCEPT_TARGETS),
+        "",
+        "## TLS interception: CPU against mitmproxy, and against passing the same HTTPS through "
+        "(issue 13, no target)",
+        "",
+        *render_comparisons(samples, INTERCEPT_CONTEXT),
         "",
         "## Which relay carried the sessions (the session log's close events)",
         "",
@@ -400,7 +529,8 @@ def main() -> int:
         default=",".join(MODES),
         help="comma-separated subset of the modes, run in this order in the first round "
         f"(default: all of them: {', '.join(MODES)}); e.g. issue 12's rows alone: "
-        "--modes tproxy-splice,tproxy-copy,tproxy-addon,tproxy-addon-identity",
+        "--modes tproxy-splice,tproxy-copy,tproxy-addon,tproxy-addon-identity; issue 13's: "
+        "--modes tproxy-intercept,tproxy-tls-passthrough,mitmproxy",
     )
     parser.add_argument(
         "--results",

@@ -5,15 +5,16 @@ tproxy steers each client address to one worker (`tproxy.engine.steering`), so a
 with a single address would exercise a single tproxy worker while HAProxy used every thread (and
 10,000 idle sessions from one address would not fit in one worker's share of the descriptor
 limit): the benchmark gives the client namespace 64 more addresses and source-NATs each new
-connection to the web server's and the peer server's ports to the next of them (`numgen inc`),
-in every mode alike (plain routing too), so each mode sees many clients, as a router does.
+connection to the web server's ports (HTTP and HTTPS) and the peer server's to the next of them
+(`numgen inc`), in every mode alike (plain routing too), so each mode sees many clients, as a
+router does.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from tproxy.lab.services import HTTP_PORT, PEER_PORT
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT
 from tproxy.lab.topology import Lab
 
 CLIENTS = 64
@@ -34,14 +35,14 @@ def add_clients(lab: Lab) -> None:
 
 
 def snat(lab: Lab, on: bool) -> None:
-    """Source-NAT every new connection of the client to the web or peer server to the next of
-    the 64 addresses."""
+    """Source-NAT every new connection of the client to the web server (HTTP, HTTPS) or the peer
+    server to the next of the 64 addresses."""
     lab.run(lab.client, ["nft", "delete table inet bench_snat"], check=False)
     if not on:
         return
     v4 = ", ".join(f"{i} : {a}" for i, a in enumerate(client_addresses(4)))
     v6 = ", ".join(f"{i} : {a}" for i, a in enumerate(client_addresses(6)))
-    ports = f"{HTTP_PORT}, {PEER_PORT}"
+    ports = f"{HTTP_PORT}, {TLS_PORT}, {PEER_PORT}"
     script = f"""table inet bench_snat {{
   chain post {{
     type nat hook postrouting priority 100;

@@ -1,7 +1,8 @@
-"""Set up and tear down each mode in the router namespace: routing, HAProxy, tproxy.
+"""Set up and tear down each mode in the router namespace: routing, HAProxy, tproxy, mitmproxy.
 
 Every proxy gets the same number of threads or workers, set explicitly: one per CPU this process
-may run on (`os.sched_getaffinity(0)`), HAProxy's `nbthread` and tproxy's `--workers` alike.
+may run on (`os.sched_getaffinity(0)`), HAProxy's `nbthread` and tproxy's `--workers` alike
+(mitmproxy has no such setting: it runs one event loop, in one process).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.mitm import render_mitmdump_argv, render_mitmproxy_ca
 from bench.policy import render_policy
 from bench.report import Relays
 from tproxy.lab.services import wait_listening
@@ -23,6 +25,10 @@ from tproxy.lab.topology import Lab, stop_process, wait_until
 
 PROXY_PORT = 1800
 ADDONS_DIR = Path(__file__).parent / "addons"
+
+# The interception modes' server name: the web server's certificate is for it, wrk and curl ask
+# for it (SNI and Host), and the policy intercepts `*.bench.test`.
+TLS_NAME = "www.bench.test"
 
 # Idle sessions held through HAProxy for the RSS test. Under the 20,000-descriptor hard limit
 # HAProxy 2.6 sets its own maxconn to 7,988 with splice (2 descriptors per session, plus
@@ -36,11 +42,15 @@ HAPROXY_IDLE_SESSIONS = 7500
 # session; STREAM1 is the one-stream half of BULK alone (each way, with the CPU per GiB).
 BULK, CONN_RATE, LATENCY, IDLE_RSS = "bulk", "conn_rate", "latency", "idle_rss"
 STREAM1 = "stream1"
+# HTTPS to nginx through the proxy (issue 13): new connections/s with `Connection: close` (with
+# the proxy's CPU per connection), and requests/s on keep-alive connections (with its CPU per
+# request).
+TLS_CONN_RATE, TLS_KEEPALIVE = "tls_conn_rate", "tls_keepalive"
 
 
 @dataclass(frozen=True)
 class ModeSpec:
-    proxy: str  # "routing", "haproxy" or "tproxy"
+    proxy: str  # "routing", "haproxy", "tproxy" or "mitmproxy"
     tests: frozenset[str]
     splice: str = ""  # HAProxy: "forced" or "auto"; tproxy: its --relay
     log: bool = False  # the session log written to a file (else none, or /dev/null for tproxy)
@@ -51,9 +61,14 @@ class ModeSpec:
     # tproxy: `--addon` of bench/addons/NAME.py ("unclaimed": claims nothing; "identity": claims
     # every session and passes its bytes on unchanged)
     addon: str = ""
+    # tproxy: `--policy` with one rule on `sni = ["*.bench.test"]` that says this `tls`
+    # ("intercept": with `--ca` and `--upstream-ca`; "passthrough": relayed encrypted)
+    tls: str = ""
 
 
 _ALL = frozenset({BULK, CONN_RATE, LATENCY, IDLE_RSS})
+
+_TLS = frozenset({TLS_CONN_RATE, TLS_KEEPALIVE})
 
 # Logging costs per connection, not per byte: a bulk test opens one connection and the latency
 # test four, so only the connection-rate test is run both with and without logs. splice-auto
@@ -88,6 +103,14 @@ SPECS: dict[str, ModeSpec] = {
     ),
     "tproxy-splice-nolog": ModeSpec("tproxy", frozenset({CONN_RATE}), "splice"),
     "tproxy-copy": ModeSpec("tproxy", frozenset({BULK, CONN_RATE, LATENCY}), "copy", log=True),
+    # Issue 13: HTTPS intercepted by tproxy (its own CA, the server's certificate verified), the
+    # same HTTPS relayed encrypted under the same rule with `tls = "passthrough"` (what
+    # interception adds, per connection and per request), and mitmproxy intercepting it in
+    # transparent mode behind tproxy's own rules in REDIRECT mode, with the same CA and the same
+    # upstream CA. mitmproxy writes no log (`-q`), which favours it.
+    "tproxy-intercept": ModeSpec("tproxy", _TLS, "splice", log=True, tls="intercept"),
+    "tproxy-tls-passthrough": ModeSpec("tproxy", _TLS, "splice", log=True, tls="passthrough"),
+    "mitmproxy": ModeSpec("mitmproxy", _TLS, tls="intercept"),
 }
 
 
@@ -126,16 +149,47 @@ def render_haproxy_cfg(threads: int, splice: str, log: bool, port: int = PROXY_P
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Interception:
+    """What the interception modes share in a run: one CA (`tproxy ca create`: `ca.crt`,
+    `ca.key`) for tproxy and mitmproxy alike, the web server's self-signed certificate (both
+    proxies verify the upstream against it), and mitmproxy's `mitmdump` (None without the
+    mitmproxy mode)."""
+
+    ca_dir: Path
+    upstream_ca: Path
+    mitmdump: Path | None = None
+
+
+def render_tls_policy(tls: str) -> str:
+    """The policy of the interception modes: HTTPS to `*.bench.test` gets `tls` ("intercept"
+    or "passthrough"); nothing else is matched (default allow)."""
+    return f"""[[rule]]
+name = "bench-https"
+sni = ["*.bench.test"]
+action = "allow"
+tls = "{tls}"
+"""
+
+
 def render_tproxy_argv(
-    spec: ModeSpec, workers: int, policy: Path | None = None, captures: Path | None = None
+    spec: ModeSpec,
+    workers: int,
+    policy: Path | None = None,
+    captures: Path | None = None,
+    interception: Interception | None = None,
 ) -> list[str]:
-    """The command line of a tproxy mode: `policy` is its policy file (with `spec.policy`),
-    `captures` its capture directory (with `spec.capture`)."""
+    """The command line of a tproxy mode: `policy` is its policy file (with `spec.policy` or
+    `spec.tls`), `captures` its capture directory (with `spec.capture`), `interception` its CA
+    and upstream CA (with `spec.tls == "intercept"`)."""
     argv = [sys.executable, "-m", "tproxy", "run", "--log-format", "json", "--spoof-source",
             "--relay", spec.splice, "--workers", str(workers)]  # fmt: skip
-    if spec.policy:
+    if spec.policy or spec.tls:
         assert policy is not None
         argv += ["--policy", str(policy)]
+    if spec.tls == "intercept":
+        assert interception is not None
+        argv += ["--ca", str(interception.ca_dir), "--upstream-ca", str(interception.upstream_ca)]
     if spec.capture:
         assert captures is not None
         argv += ["--capture-dir", str(captures), "--capture-max-bytes", "1T"]
@@ -149,14 +203,18 @@ def render_tproxy_argv(
 class Mode:
     """A running mode: `pids()` are the processes whose CPU and memory count as the proxy's."""
 
-    def __init__(self, lab: Lab, name: str, threads: int) -> None:
+    def __init__(
+        self, lab: Lab, name: str, threads: int, interception: Interception | None = None
+    ) -> None:
         self.lab = lab
         self.name = name
         self.spec = SPECS[name]
         self.threads = threads
+        self.interception = interception
         self.log_path: Path | None = None
         self._tproxy: subprocess.Popen[Any] | None = None
         self._haproxy: subprocess.Popen[Any] | None = None
+        self._mitmdump: subprocess.Popen[Any] | None = None
         self._captures: Path | None = None
 
     def start(self) -> None:
@@ -177,6 +235,9 @@ class Mode:
                     self._haproxy = self.lab.start(self.lab.router, argv, stdout=out)
             wait_listening(self.lab, self.lab.router, PROXY_PORT, "haproxy")
             return
+        if self.spec.proxy == "mitmproxy":
+            self._start_mitmdump(workdir)
+            return
         # The session log goes to a file, as in a deployment: a reader parsing it in the
         # benchmark's own process would compete with the proxy for the same cores. tproxy cannot
         # turn its session log off, so "no log" sends it to /dev/null: the lines are still
@@ -185,10 +246,15 @@ class Mode:
         if self.spec.policy:
             policy = workdir / "policy.toml"
             policy.write_text(render_policy(capture=self.spec.capture == "rules"))
+        elif self.spec.tls:
+            policy = workdir / "policy.toml"
+            policy.write_text(render_tls_policy(self.spec.tls))
         if self.spec.capture:
             self._captures = workdir / "captures"
             self._captures.mkdir(mode=0o700)
-        argv = render_tproxy_argv(self.spec, self.threads, policy, self._captures)
+        argv = render_tproxy_argv(
+            self.spec, self.threads, policy, self._captures, self.interception
+        )
         if self.log_path is None:
             self._tproxy = self.lab.start(self.lab.router, argv)
             pid = self._tproxy.pid
@@ -199,6 +265,25 @@ class Mode:
                 self._tproxy = self.lab.start(self.lab.router, argv, stdout=out)
             wait_until(lambda: log.read_text().count('"event":"listening"') >= self.threads, 10,
                        "the workers to listen")  # fmt: skip
+
+    def _start_mitmdump(self, workdir: Path) -> None:
+        """mitmdump in transparent mode on the proxy port, its configuration directory holding
+        the run's CA (the caller applied tproxy's rules in REDIRECT mode)."""
+        assert self.interception is not None and self.interception.mitmdump is not None
+        confdir = workdir / "mitmproxy"
+        confdir.mkdir(mode=0o700)
+        ca = self.interception.ca_dir
+        pem = confdir / "mitmproxy-ca.pem"
+        pem.touch(mode=0o600)
+        pem.write_bytes(render_mitmproxy_ca((ca / "ca.key").read_bytes(),
+                                            (ca / "ca.crt").read_bytes()))  # fmt: skip
+        argv = render_mitmdump_argv(
+            self.interception.mitmdump, confdir, self.interception.upstream_ca, PROXY_PORT
+        )
+        with (workdir / "mitmdump.out").open("wb") as out:
+            self._mitmdump = self.lab.start(self.lab.router, argv, stdout=out, stderr=out)
+        # Importing mitmproxy takes a few seconds on this machine.
+        wait_listening(self.lab, self.lab.router, PROXY_PORT, "mitmdump", timeout_s=30)
 
     def log_lines(self) -> int:
         """Lines in the session log so far (0 without one): proof that the proxy logged."""
@@ -224,6 +309,8 @@ class Mode:
             return [self._haproxy.pid]
         if self._tproxy is not None:
             return [self._tproxy.pid, *children(self._tproxy.pid)]
+        if self._mitmdump is not None:  # one process (`ip netns exec` execs it): any children
+            return [self._mitmdump.pid, *children(self._mitmdump.pid)]
         return []
 
     def stop(self) -> None:
@@ -235,6 +322,10 @@ class Mode:
             stop_process(self._tproxy, timeout_s=40)
             self.lab.forget(self._tproxy)
             self._tproxy = None
+        if self._mitmdump is not None:
+            stop_process(self._mitmdump)
+            self.lab.forget(self._mitmdump)
+            self._mitmdump = None
         if self._captures is not None:  # gigabytes each round: give the disk back at once
             shutil.rmtree(self._captures, ignore_errors=True)
             self._captures = None

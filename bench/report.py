@@ -40,6 +40,11 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "cpu_per_gib": ("proxy CPU per GiB relayed", "CPU s/GiB", False),
     "cpu_per_conn": ("proxy CPU per connection (HTTP, Connection: close)", "µs", False),
     "idle_rss": ("user-space RSS per idle session", "KiB", False),
+    "tls_conn_rate": ("new HTTPS connections/s (Connection: close)", "conn/s", True),
+    "tls_cpu_per_conn": ("proxy CPU per HTTPS connection (Connection: close)", "µs", False),
+    "tls_keepalive_rps": ("HTTPS requests/s on 32 keep-alive connections", "req/s", True),
+    "tls_cpu_per_request": ("proxy CPU per HTTPS request (keep-alive)", "µs", False),
+    "tls_rss": ("proxy RSS after the HTTPS tests (all its processes)", "MiB", False),
 }
 
 # mode -> what it is; the order is the columns' order and the first round's order.
@@ -62,6 +67,12 @@ MODES: dict[str, str] = {
     "claimed, `client_data` and `server_data` return each chunk unchanged",
     "tproxy-splice-nolog": "tproxy, splice relay, session log to /dev/null",
     "tproxy-copy": "tproxy, copy relay, JSON session log to a file",
+    "tproxy-intercept": 'tproxy-splice with `--policy`: `tls = "intercept"` for '
+    "`*.bench.test`, `--ca` and `--upstream-ca` (HTTPS decrypted and re-encrypted)",
+    "tproxy-tls-passthrough": 'tproxy-splice with `--policy`: `tls = "passthrough"` for '
+    "`*.bench.test` (the same HTTPS sniffed and relayed encrypted)",
+    "mitmproxy": "mitmproxy's mitmdump in transparent mode (REDIRECT rules), the same CA and "
+    "upstream CA, `-q` (no log)",
 }
 
 Samples = Mapping[str, Mapping[str, Sequence[float]]]  # mode -> metric -> one sample per round
@@ -186,6 +197,28 @@ ADDON_CONTEXT = [
     Comparison("cpu_per_gib", "tproxy-addon-identity", "tproxy-copy", Kind.DIFFERENCE),
 ]
 
+# The benchmark targets of issue 13: intercepting HTTPS at ten times mitmproxy's rates.
+INTERCEPT_TARGETS = [
+    Comparison("tls_conn_rate", "tproxy-intercept", "mitmproxy", bound=10.0),
+    Comparison("tls_keepalive_rps", "tproxy-intercept", "mitmproxy", bound=10.0),
+]
+
+# Issue 13's rows without a target: the two proxies' CPU per intercepted connection and per
+# request and their memory, and what interception adds to the same HTTPS relayed encrypted under
+# the same rule (per connection: the two handshakes, a forged leaf from the cache, the TLS relay
+# of one request; per keep-alive request: decrypting and re-encrypting it and its response).
+INTERCEPT_CONTEXT = [
+    Comparison("tls_cpu_per_conn", "tproxy-intercept", "mitmproxy"),
+    Comparison("tls_cpu_per_request", "tproxy-intercept", "mitmproxy"),
+    Comparison("tls_rss", "tproxy-intercept", "mitmproxy"),
+    Comparison("tls_cpu_per_conn", "tproxy-intercept", "tproxy-tls-passthrough", Kind.DIFFERENCE),
+    Comparison(
+        "tls_cpu_per_request", "tproxy-intercept", "tproxy-tls-passthrough", Kind.DIFFERENCE
+    ),
+    Comparison("tls_conn_rate", "tproxy-intercept", "tproxy-tls-passthrough"),
+    Comparison("tls_keepalive_rps", "tproxy-intercept", "tproxy-tls-passthrough"),
+]
+
 # Context without a target: what logging and splice-auto cost each proxy, and the rest.
 CONTEXT = [
     Comparison("conn_rate", "haproxy-nolog", "haproxy"),
@@ -306,7 +339,7 @@ def _digits(metric: str, kind: Kind) -> int:
         return 3
     if metric == "cpu_per_conn":  # a few µs, against a 10 µs bound
         return 1
-    return 0 if METRICS[metric][1] in ("conn/s", "µs") else 2
+    return 0 if METRICS[metric][1] in ("conn/s", "req/s", "µs") else 2
 
 
 def _fmt(value: float, digits: int) -> str:

@@ -3,21 +3,29 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from bench.clients import client_addresses
-from bench.measure import HTTP_PORT, wrk_url
+from bench.measure import HTTP_PORT, HTTPS_SCRIPT, TLS_PORT, parse_wrk, render_wrk_argv, wrk_url
+from bench.mitm import ensure_mitmdump, render_mitmdump_argv, render_mitmproxy_ca, venv_dir
 from bench.modes import (
     BULK,
     CONN_RATE,
     LATENCY,
     SPECS,
     STREAM1,
+    TLS_CONN_RATE,
+    TLS_KEEPALIVE,
+    TLS_NAME,
+    Interception,
     addon_path,
     cpus,
     render_haproxy_cfg,
+    render_tls_policy,
     render_tproxy_argv,
 )
 from bench.policy import NAME_RULES, RULES, render_policy
@@ -27,6 +35,8 @@ from bench.report import (
     CAPTURE_CONTEXT,
     CAPTURE_TARGETS,
     CONTEXT,
+    INTERCEPT_CONTEXT,
+    INTERCEPT_TARGETS,
     MODES,
     POLICY_TARGETS,
     TARGETS,
@@ -36,9 +46,10 @@ from tproxy.addons.loader import load_addon_file
 from tproxy.lab.topology import Lab
 from tproxy.policy.decide import SessionFacts, SniffedFacts, decide
 from tproxy.policy.matcher import Matcher, Waiting, address_of
-from tproxy.policy.model import Action, parse_policy
+from tproxy.policy.model import Action, TLSMode, parse_policy
 from tproxy.sniffers.facts import HttpRequest
 from tproxy.sniffers.http import sniff_http
+from tproxy.tls.ca import create_ca
 
 
 def _measures(mode: str, metric: str) -> bool:
@@ -52,13 +63,20 @@ def _measures(mode: str, metric: str) -> bool:
         return BULK in spec.tests
     if metric == "cpu_per_conn":
         return CONN_RATE in spec.tests and spec.proxy != "routing"
+    if metric in ("tls_conn_rate", "tls_cpu_per_conn"):
+        return TLS_CONN_RATE in spec.tests
+    if metric == "tls_rss":
+        return bool(spec.tls)
+    if metric in ("tls_keepalive_rps", "tls_cpu_per_request"):
+        return TLS_KEEPALIVE in spec.tests
     return (LATENCY if metric.startswith("latency") else metric) in spec.tests
 
 
 def test_every_mode_has_a_spec_and_every_comparison_is_measured_on_both_sides() -> None:
     assert set(SPECS) == set(MODES)
     for comparison in [*TARGETS, *POLICY_TARGETS, *CAPTURE_TARGETS, *CAPTURE_CONTEXT,
-                       *ADDON_TARGETS, *ADDON_CONTEXT, *CONTEXT]:  # fmt: skip
+                       *ADDON_TARGETS, *ADDON_CONTEXT, *INTERCEPT_TARGETS, *INTERCEPT_CONTEXT,
+                       *CONTEXT]:  # fmt: skip
         assert _measures(comparison.subject, comparison.metric), comparison
         if comparison.versus is not None:
             assert _measures(comparison.versus, comparison.metric), comparison
@@ -223,3 +241,105 @@ def test_haproxy_threads_splice_and_logging_are_explicit() -> None:
     assert "    option splice-auto\n" in quiet
     assert "log" not in quiet
     assert "splice-request" not in quiet
+
+
+def test_the_interception_modes_run_the_two_https_tests_and_differ_only_in_what_they_are() -> None:
+    intercept, passthrough = SPECS["tproxy-intercept"], SPECS["tproxy-tls-passthrough"]
+    mitmproxy = SPECS["mitmproxy"]
+    for spec in (intercept, passthrough, mitmproxy):
+        assert spec.tests == {TLS_CONN_RATE, TLS_KEEPALIVE}
+    # tproxy as tproxy-splice runs, plus the rule: intercepting or passing the same HTTPS.
+    splice = SPECS["tproxy-splice"]
+    assert dataclasses.replace(intercept, tls="", tests=splice.tests) == splice
+    assert dataclasses.replace(intercept, tls="passthrough") == passthrough
+    assert (mitmproxy.proxy, mitmproxy.tls, mitmproxy.log) == ("mitmproxy", "intercept", False)
+    # No other mode speaks HTTPS: the full run's other rows are unchanged.
+    assert {name for name, spec in SPECS.items() if spec.tls} == {
+        "tproxy-intercept", "tproxy-tls-passthrough", "mitmproxy"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("tls", ["intercept", "passthrough"])
+def test_the_interception_policy_gives_the_bench_name_its_tls_and_allows_the_rest(
+    tls: str,
+) -> None:
+    policy = parse_policy(render_tls_policy(tls))
+    (rule,) = policy.rules
+    assert (rule.action, rule.tls) == (Action.ALLOW, TLSMode(tls))
+    client, server = ipaddress.ip_address(client_addresses(4)[0]), Lab().server.ipv4
+    facts = SessionFacts(client, server, TLS_PORT, SniffedFacts("tls", TLS_NAME, None))
+    verdict = decide(policy, facts)
+    assert (verdict.action, verdict.rule) == (Action.ALLOW, "bench-https")
+    other = SessionFacts(client, server, TLS_PORT, SniffedFacts("tls", "www.example.test", None))
+    assert decide(policy, other).rule is None
+
+
+def test_the_interception_modes_command_lines() -> None:
+    tls = Interception(Path("/ca"), Path("/server.crt"), Path("/venv/bin/mitmdump"))
+    base = render_tproxy_argv(SPECS["tproxy-splice"], 2)
+    intercept = render_tproxy_argv(SPECS["tproxy-intercept"], 2, Path("/p.toml"), None, tls)
+    assert intercept == [*base, "--policy", "/p.toml", "--ca", "/ca", "--upstream-ca",
+                         "/server.crt"]  # fmt: skip
+    passthrough = render_tproxy_argv(SPECS["tproxy-tls-passthrough"], 2, Path("/p.toml"))
+    assert passthrough == [*base, "--policy", "/p.toml"]
+    mitmdump = render_mitmdump_argv(Path("/venv/bin/mitmdump"), Path("/conf"), Path("/s.crt"), 1800)
+    assert mitmdump == [
+        "/venv/bin/mitmdump", "--mode", "transparent", "--listen-port", "1800",
+        "--set", "confdir=/conf", "--set", "ssl_verify_upstream_trusted_ca=/s.crt", "-q",
+    ]  # fmt: skip
+
+
+def test_mitmproxys_ca_file_is_the_tproxy_cas_key_then_certificate(tmp_path: Path) -> None:
+    ca = create_ca(tmp_path / "ca", hostname="bench")
+    key, cert = (tmp_path / "ca" / "ca.key").read_bytes(), (tmp_path / "ca" / "ca.crt").read_bytes()
+    pem = render_mitmproxy_ca(key, cert)
+    assert pem.startswith(key.rstrip()) and pem.endswith(cert.rstrip() + b"\n")
+    # One file holding a private key and the certificate that goes with it (as mitmproxy reads
+    # it, and as ssl's load_cert_chain checks it).
+    (tmp_path / "mitmproxy-ca.pem").write_bytes(pem)
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tmp_path / "mitmproxy-ca.pem")
+    assert ca.cert_pem == cert
+
+
+def test_mitmproxy_lives_in_the_benchmarks_own_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert venv_dir() == tmp_path / "tproxy-bench" / "mitmproxy"
+    assert not venv_dir().is_relative_to(Path(sys.prefix))
+    # Installed once: an environment that has mitmdump is used as it is.
+    mitmdump = venv_dir() / "bin" / "mitmdump"
+    mitmdump.parent.mkdir(parents=True)
+    mitmdump.touch()
+    assert ensure_mitmdump() == mitmdump
+
+
+def test_wrk_asks_for_the_bench_name_over_https_and_connects_to_the_server() -> None:
+    lab = Lab()
+    plain = render_wrk_argv(lab, ["-c", "32"], 4)
+    assert plain == ["wrk", "-t1", "-d", "4s", "-c", "32", wrk_url(lab)]
+    https = render_wrk_argv(lab, ["-c", "32"], 4, https=True)
+    assert https == ["env", f"WRK_CONNECT_TO={lab.server.ipv4}", "wrk", "-t1", "-d", "4s",
+                     "-c", "32", "-s", str(HTTPS_SCRIPT), f"https://{TLS_NAME}/"]  # fmt: skip
+    # The script replaces wrk's name lookup with the address from the environment.
+    script = HTTPS_SCRIPT.read_text()
+    assert "function wrk.resolve(host, service)" in script
+    assert 'wrk.lookup(os.getenv("WRK_CONNECT_TO"), service)' in script
+    assert TLS_NAME.endswith(".bench.test")
+
+
+_WRK_OUT = """Running 4s test @ https://www.bench.test/
+  1 threads and 32 connections
+  2974 requests in 4.01s, 554.72KB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 2
+Requests/sec:    741.78
+Transfer/sec:    138.36KB
+"""
+
+
+def test_wrk_output_gives_the_rate_the_requests_and_the_failures() -> None:
+    assert parse_wrk(_WRK_OUT) == {"rate": 741.78, "requests": 2974, "failed": 6}
+    clean = "\n".join(line for line in _WRK_OUT.splitlines() if "errors" not in line
+                      and "Non-2xx" not in line)  # fmt: skip
+    assert parse_wrk(clean)["failed"] == 0

@@ -4,6 +4,8 @@ import pytest
 from bench.report import (
     ADDON_CONTEXT,
     ADDON_TARGETS,
+    INTERCEPT_CONTEXT,
+    INTERCEPT_TARGETS,
     MODES,
     POLICY_TARGETS,
     TARGETS,
@@ -283,3 +285,58 @@ def test_relays_count_close_events_and_the_share_of_bytes_spliced() -> None:
         "spliced) |"
     )
     assert lines[3] == "| tproxy-copy | n/a |"
+
+
+def test_the_interception_targets_are_ten_times_mitmproxys_rates_in_every_round() -> None:
+    assert [(t.metric, t.subject, t.versus, t.kind, t.bound) for t in INTERCEPT_TARGETS] == [
+        ("tls_conn_rate", "tproxy-intercept", "mitmproxy", Kind.RATIO, 10.0),
+        ("tls_keepalive_rps", "tproxy-intercept", "mitmproxy", Kind.RATIO, 10.0),
+    ]
+    samples = {
+        "tproxy-intercept": {"tls_conn_rate": [600.0, 560.0, 620.0],
+                             "tls_keepalive_rps": [17000.0, 16000.0, 18000.0]},
+        "mitmproxy": {"tls_conn_rate": [150.0, 140.0, 40.0],
+                      "tls_keepalive_rps": [700.0, 800.0, 720.0]},
+    }  # fmt: skip
+    rows = render_comparisons(samples, INTERCEPT_TARGETS)
+    assert rows[2] == (
+        "| new HTTPS connections/s (Connection: close): tproxy-intercept / mitmproxy | 4.000, "
+        "4.000, 15.500 | 4.000 (4.000 to 15.500) | ≥ 10× | **inconclusive** |"
+    )
+    assert rows[3].endswith("| ≥ 10× | **met** |")
+    samples["mitmproxy"]["tls_conn_rate"] = [150.0, 140.0, 150.0]
+    assert tally(samples, INTERCEPT_TARGETS) == {
+        Verdict.MET: 1, Verdict.MISSED: 1, Verdict.INCONCLUSIVE: 0, Verdict.NO_DATA: 0
+    }  # fmt: skip
+
+
+def test_the_interception_rows_without_a_target() -> None:
+    for row in INTERCEPT_CONTEXT:
+        assert row.bound is None and row.subject == "tproxy-intercept"
+        assert row.versus in ("mitmproxy", "tproxy-tls-passthrough")
+    # What interception adds to the same HTTPS passed through, per connection and per request.
+    added = [r for r in INTERCEPT_CONTEXT if r.kind is Kind.DIFFERENCE]
+    assert [(r.metric, r.versus) for r in added] == [
+        ("tls_cpu_per_conn", "tproxy-tls-passthrough"),
+        ("tls_cpu_per_request", "tproxy-tls-passthrough"),
+    ]
+    samples = {
+        "tproxy-intercept": {"tls_cpu_per_conn": [1032.4, 1010.0]},
+        "tproxy-tls-passthrough": {"tls_cpu_per_conn": [296.0, 300.2]},
+    }
+    assert render_comparisons(samples, added[:1])[2] == (
+        "| proxy CPU per HTTPS connection (Connection: close): tproxy-intercept minus "
+        "tproxy-tls-passthrough | 736, 710 | 723 (710 to 736) | — | — |"
+    )
+
+
+def test_https_rates_and_cpu_show_whole_numbers_in_the_mode_table() -> None:
+    samples = {"mitmproxy": {"tls_keepalive_rps": [729.4, 731.0],
+                             "tls_cpu_per_request": [881.7, 870.2],
+                             "tls_rss": [95.5, 96.25]}}  # fmt: skip
+    lines = render_modes(samples)
+    assert lines[2:] == [
+        "| HTTPS requests/s on 32 keep-alive connections (req/s) | 730 (729 to 731) |",
+        "| proxy CPU per HTTPS request (keep-alive) (µs) | 876 (870 to 882) |",
+        "| proxy RSS after the HTTPS tests (all its processes) (MiB) | 95.88 (95.50 to 96.25) |",
+    ]
