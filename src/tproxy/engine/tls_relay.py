@@ -27,6 +27,11 @@ legs. Three phases:
    ciphertext for the sink socket. Whatever the source's leg answers (a TLS 1.3 KeyUpdate, an
    alert) is queued toward the source, on the other direction's queue.
 
+Resumption: the upstream leg offers the session an earlier leg to the same place left
+(`tls.resumption`: the same name, address, port, verify flag and ALPN list), and leaves its own
+once it has one (TLS 1.2 at once; a TLS 1.3 ticket in the first reads after the handshake); an
+upstream handshake that fails forgets it.
+
 Each handshake must end within `handshake_timeout_s`: `handshake_deadline_at` (monotonic) says
 until when, for the server's sweep, which calls `handshake_deadline_passed()` after it.
 
@@ -114,8 +119,10 @@ from tproxy.tls.legs import (
     client_rejected_certificate,
     open_client_leg,
     open_upstream_leg,
+    verify_name,
 )
 from tproxy.tls.names import NameRejected, UpstreamCertFacts
+from tproxy.tls.resumption import ResumeKey
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -343,8 +350,8 @@ class TLSRelay(Relay):
     __slots__ = (
         "_closed", "_early_down", "_failed_side", "_failure", "_held", "_hello",
         "_interception", "_leaf_dropped", "_on_addon_error", "_pending_down", "_plaintext",
-        "_verify", "client_leg", "closing", "destination", "handshake_deadline_at", "phase",
-        "session", "upstream_leg",
+        "_resume_key", "_resume_tries", "_verify", "client_leg", "closing", "destination",
+        "handshake_deadline_at", "phase", "session", "upstream_leg",
     )  # fmt: skip
 
     up: _Way
@@ -377,6 +384,10 @@ class TLSRelay(Relay):
         self.session = session
         self._on_addon_error = on_addon_error
         self.closing = False  # the addon called close(): drain, close_notify and FIN, linger
+        # Where the upstream leg's session is kept for the next leg to the same place (None:
+        # kept already, or nothing to keep), and how many more reads may bring its ticket.
+        self._resume_key: ResumeKey | None = None
+        self._resume_tries = 0
         self._closed = False  # past the close's close_notify: nothing more can be sent
         self._hello = hello
         self._held = held
@@ -422,16 +433,21 @@ class TLSRelay(Relay):
     def start(self) -> None:
         """Send our ClientHello to the upstream. Takes the client's poller registration over (a
         session that sniffed leaves its own). May end the session at once (`on_end`)."""
-        interception = self._interception
-        context = interception.upstreams.get(self._verify, usable_alpn(self._hello.alpn))
+        upstreams = self._interception.upstreams
+        alpn = usable_alpn(self._hello.alpn)
+        context = upstreams.get(self._verify, alpn)
+        key = self._resume_key = _resume_key(self._hello.sni, self.destination,
+                                             self._record.dst, self._verify, alpn)  # fmt: skip
+        session = None if key is None else upstreams.sessions.get(key)
         leg = open_upstream_leg(context, self._hello.sni, self.destination,
-                                established_context=interception.upstreams.established)  # fmt: skip
+                                established_context=upstreams.established,
+                                session=session)  # fmt: skip
         self.up.arm_reader(True)  # the session's registration, if any, is ours now
         if isinstance(leg, TLSFailure):
             self._handshake_failed(leg, "upstream")
             return
         self.upstream_leg = leg
-        self.handshake_deadline_at = time.monotonic() + interception.handshake_timeout_s
+        self.handshake_deadline_at = time.monotonic() + self._interception.handshake_timeout_s
         self.up.enqueue(leg.data_to_send())
         self.settle()
         pending, self._pending_down = self._pending_down, b""
@@ -609,6 +625,8 @@ class TLSRelay(Relay):
         """After the source's leg took bytes (or its EOF): its answer back to the source, the
         handshake's progress, the plaintext on, the source's close_notify or failure."""
         self._other(way).enqueue(leg.data_to_send())
+        if self._resume_key is not None and leg is self.upstream_leg and leg.handshake_done:
+            self._keep_session(leg)
         failure = leg.failure
         if failure is not None and (failure.in_handshake or self.phase is not TLSPhase.RELAYING):
             self._handshake_failed(failure, leg.side)
@@ -756,10 +774,26 @@ class TLSRelay(Relay):
         held, self._held = self._held, b""
         self._after_receive(self.up, leg, leg.receive(held))
 
+    def _keep_session(self, leg: UpstreamLeg) -> None:
+        """Keep the upstream's session for the next leg to the same place, once it has one (a
+        TLS 1.3 ticket comes after the handshake: looked for in the next few reads)."""
+        session = leg.session_to_resume()
+        key = self._resume_key
+        assert key is not None
+        if session is not None:
+            self._interception.upstreams.sessions.put(key, session)
+        elif self._resume_tries < _RESUME_TRIES:
+            self._resume_tries += 1
+            return
+        self._resume_key = None
+
     def _handshake_failed(self, failure: TLSFailure, side: str) -> None:
         """A handshake failed (or timed out): reset both sides, end with the leg's reason."""
         if self._done:
             return
+        if side == "upstream" and self._resume_key is not None:  # (a session that fails goes)
+            self._interception.upstreams.sessions.forget(self._resume_key)
+            self._resume_key = None
         self._failure, self._failed_side = failure, side
         self._abort_both(_REASONS[failure.reason], from_client=side == "client")
 
@@ -903,6 +937,22 @@ class TLSRelay(Relay):
         way.arm_reader(False)
         way.arm_writer(False)
         self.pump_ended(way.direction, End.SINK_RESET)
+
+
+_RESUME_TRIES: Final = 4
+"""Reads of the upstream after its handshake in which a TLS 1.3 ticket is looked for."""
+
+
+def _resume_key(
+    sni: str | None, destination: IPAddress | str, dst: str, verify: bool, alpn: tuple[str, ...]
+) -> ResumeKey | None:
+    """What the upstream's session is kept by (`tls.resumption`); None when nothing is (a name
+    that cannot be sent, an endpoint without a port)."""
+    name = verify_name(sni, destination)
+    _, _, port = dst.rpartition(":")
+    if isinstance(name, TLSFailure) or not port.isdigit():
+        return None
+    return (name, str(destination), int(port), verify, alpn)
 
 
 def _ip_or_none(destination: IPAddress | str) -> IPAddress | None:

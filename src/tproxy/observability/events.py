@@ -327,6 +327,7 @@ def _leg(info: TLSInfo | None, error: str | None) -> dict[str, Any] | None:
         "version": None if info is None else info.version,
         "cipher": None if info is None else info.cipher,
         "alpn": None if info is None else info.alpn,
+        "resumed": None if info is None else info.resumed,
         "error": error,
     }
 

@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tproxy.core.options import ConfigError
 from tproxy.tls.forge import ForgedLeaf
 from tproxy.tls.legs import ObservedSSLObject, observe_handshake
+from tproxy.tls.resumption import UpstreamSessions
 
 UPSTREAM_ALPN = ("h2", "http/1.1", "http/1.0")
 """The ALPN protocols an upstream is offered, those of them the client offered (`usable_alpn`).
@@ -175,6 +176,8 @@ class UpstreamContexts:
         self.cafile = cafile
         self.keylog = keylog
         self._cache = _LRU(capacity)
+        # Sessions to resume (`resumption`): they belong to these contexts, and go with them.
+        self.sessions: UpstreamSessions[ssl.SSLSession] = UpstreamSessions()
         self.established = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.established.check_hostname = False
         self.established.verify_mode = ssl.CERT_NONE

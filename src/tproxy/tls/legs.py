@@ -501,8 +501,40 @@ class UpstreamLeg(TLSLeg):
     Never without verification (`upstream_verify = false`): the upstream then proved nothing.
     """
 
-    __slots__ = ()
+    __slots__ = ("_handshake_context",)
     side = "upstream"
+
+    def __init__(
+        self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+        established_context: ssl.SSLContext | None,
+    ) -> None:  # fmt: skip
+        super().__init__(obj, incoming, outgoing, established_context)
+        self._handshake_context = obj.context
+
+    def session_to_resume(self) -> ssl.SSLSession | None:
+        """The session a later leg to the same place may offer (`tls.resumption`): once the
+        handshake is done and the server gave something to resume with (a TLS 1.2 session id
+        or ticket at once, a TLS 1.3 ticket once it arrived); None otherwise, and after a
+        failure. It is fetched as belonging to the handshake's context, which a later leg is
+        made from (`ssl` refuses a session of another context)."""
+        obj = self._obj
+        if self.state is not LegState.ESTABLISHED and self.state is not LegState.CLOSED:
+            return None
+        if self.failure is not None or self.truncated:
+            return None
+        moved = obj.context is not self._handshake_context
+        try:
+            if moved:
+                obj.context = self._handshake_context
+            session = obj.session
+        except (OSError, ValueError):
+            return None
+        finally:
+            if moved and self._established_context is not None:
+                obj.context = self._established_context
+        if session is None or not (session.has_ticket or session.id):
+            return None
+        return session
 
     def _classify(
         self, exc: BaseException | None, detail: str, alert: str | None, eof: bool
@@ -588,6 +620,7 @@ def open_upstream_leg(
     destination: IPAddress | str,
     *,
     established_context: ssl.SSLContext | None = None,
+    session: ssl.SSLSession | None = None,
 ) -> UpstreamLeg | TLSFailure:
     """Start our TLS connection to the upstream: `data_to_send()` then holds our ClientHello.
 
@@ -597,6 +630,8 @@ def open_upstream_leg(
         destination: the original destination's IP: verified when there is no SNI.
         established_context: `UpstreamContexts.established`, where the connection moves once
             its handshake is done (None: it stays on `context`).
+        session: a session of an earlier leg to the same place, to resume (`tls.resumption`);
+            one `ssl` refuses (made on another context) is not offered.
 
     Returns:
         The leg, or the failure when the SNI cannot be sent (not a host name).
@@ -606,7 +641,15 @@ def open_upstream_leg(
         return name
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     try:
-        obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=name)
+        try:
+            obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=name,
+                                   session=session)  # fmt: skip
+        except ValueError:
+            if session is None:
+                raise
+            # "Session refers to a different SSLContext": the context was made again since.
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=name)
     except (OSError, ValueError, UnicodeError) as exc:
         return TLSFailure("upstream_tls_failed", bounded(f"cannot start TLS for {name}: {exc}"))
     leg = UpstreamLeg(obj, incoming, outgoing, established_context)
