@@ -5,19 +5,25 @@ worker is stopped (SIGSTOP) and resumes when it continues; STOPPING=1 comes on S
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.conftest import apply_rules, curl
+from tests.integration.conftest import apply_rules, curl, start_proxy
 from tests.integration.test_workers import _children
 from tproxy.core.worker_protocol import STALL_AFTER_S
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, start_nginx
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, start_nginx, start_peer_server
 from tproxy.lab.topology import Lab
+from tproxy.service.units import PROXY_UNIT, UnitOptions, render_units
 
+MIB = 1 << 20
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2: tproxy feeds it every second
 
 
@@ -85,3 +91,32 @@ def test_ready_watchdog_only_while_every_worker_answers_and_stopping(lab: Lab) -
         assert proxy.proc.wait(timeout=30) == 0
     finally:
         notify.close()
+
+
+def test_systemctl_stop_as_the_unit_says_drains_live_sessions(lab: Lab) -> None:
+    """`systemctl stop` sends KillSignal= as the unit's KillMode= says: to the main process only
+    (mixed), or to every process of the unit (control-group, systemd's default), where each
+    worker would get SIGTERM twice (from systemd, and passed on by the supervisor) and cut
+    every session at once. Stopped as the unit says, a live upload finishes intact."""
+    unit = render_units(UnitOptions(command=("/usr/local/bin/tproxy",), rules_args=()))
+    kill_mode = dict(
+        line.split("=", 1) for line in unit[PROXY_UNIT].splitlines() if line.startswith("Kill")
+    ).get("KillMode", "control-group")
+    start_peer_server(lab, lab.server, PEER_PORT)
+    apply_rules(lab, "--ports", str(PEER_PORT))
+    proxy = start_proxy(lab, "--workers", "2")
+    proxy.wait_for(lambda e: e.get("event") == "listening", "every worker", count=2)
+    peer = str(lab.server.endpoint(PEER_PORT, 4))
+    argv = [sys.executable, "-m", "tproxy.lab.peers", "upload", peer,
+            "--bytes", str(8 * MIB), "--rate", str(8_000_000)]  # about 1 s  # fmt: skip
+    upload = lab.start(lab.client, argv, stdout=subprocess.PIPE)
+    proxy.wait_for(lambda e: e.get("event") == "upstream_connected", "the upload's session")
+    if kill_mode == "control-group":  # every process; how close together depends on the
+        for worker in _children(proxy.proc.pid):  # scheduler: apart, as they may well arrive
+            os.kill(worker, signal.SIGTERM)
+        time.sleep(0.2)
+    proxy.signal(signal.SIGTERM)
+    out, _ = upload.communicate(timeout=60)
+    assert json.loads(out)["intact"], (kill_mode, out)
+    assert proxy.proc.wait(10) == 0
+    assert [e["reason"] for e in proxy.named("session_close")] == ["closed"], kill_mode

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tproxy.cli.main import main
-from tproxy.service.units import PROXY_UNIT, RULES_UNIT, UnitOptions, render_units
+from tproxy.service.units import PROXY_UNIT, RULES_UNIT, UnitOptions, quote, render_units
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
 # What contrib/systemd/ holds: the units for a typical router, tproxy installed in /usr/local.
@@ -95,3 +95,81 @@ def test_written_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_the_units_in_contrib_are_what_service_unit_makes() -> None:
     for name, text in render_units(CONTRIB_OPTIONS).items():
         assert (CONTRIB / name).read_text() == text, f"regenerate contrib/systemd/{name}"
+
+
+def test_systemd_stops_the_supervisor_only_and_nftables_takes_the_rules_along() -> None:
+    """KillMode=mixed: under systemd's default (control-group) every worker gets SIGTERM from
+    systemd and again from the supervisor, and a second one cuts every session at once
+    (tests/integration/test_service.py stops the proxy as the unit says). nftables.service
+    flushes the whole ruleset when it stops, restarts or reloads: the rules go and come back
+    with it."""
+    units = render_units(CONTRIB_OPTIONS)
+    rules, proxy = _lines(units[RULES_UNIT]), _lines(units[PROXY_UNIT])
+    assert {"KillMode=mixed", "KillSignal=SIGTERM"} <= proxy
+    assert {"PartOf=nftables.service", "ReloadPropagatedFrom=nftables.service",
+            "After=network-pre.target nftables.service",
+            "ExecReload=/usr/local/bin/tproxy rules apply --ports 80,443"} <= rules  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arg", "item"),
+    [
+        ("--spoof-source", "--spoof-source"),
+        ("/etc/tproxy/$site.toml", "/etc/tproxy/$$site.toml"),  # systemd expands $site
+        ("/srv/my keys/k.log", '"/srv/my keys/k.log"'),
+        ("it's", '"it\'s"'),  # a quote only around a whole item: not shlex's 'it'"'"'s'
+        ("a\\b", '"a\\\\b"'),  # C escapes work inside quotes too
+        ('say "hi"', '"say \\"hi\\""'),
+        ("100%", "100%%"),
+        (";", "\\;"),
+        ("", '""'),
+    ],
+)
+def test_command_line_items_are_quoted_as_systemd_reads_them(arg: str, item: str) -> None:
+    assert quote(arg) == item
+
+
+def test_a_control_character_cannot_be_put_in_a_unit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="control character"):
+        quote("a\nExecStartPre=/bin/sh")
+    assert main(["service-unit", "--rules", "--ports 80", "--", "--ca", "/etc/tproxy/ca",
+                 "--keylog", "/var/log/a\nb/k.log"]) == 1  # fmt: skip
+    assert "a control character cannot be put in a unit file" in capsys.readouterr().err
+
+
+def test_awkward_arguments_pass_systemd_analyze_verify_without_a_warning(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    folder = tmp_path / "my keys\\x $HOME %n"
+    folder.mkdir()
+    keylog = str(folder / "k's.log")
+    assert main(["service-unit", "--rules", "--ports=80,443", "--write", str(tmp_path),
+                 "--", "--keylog", keylog, "--ca", "/etc/tproxy/ca"]) == 0  # fmt: skip
+    proxy = (tmp_path / PROXY_UNIT).read_text()
+    assert f'--keylog "{tmp_path}/my keys\\\\x $$HOME %%n/k\'s.log"' in proxy
+    assert f'ReadWritePaths="{tmp_path}/my keys\\\\x $HOME %%n"' in proxy
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / PROXY_UNIT)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
+def test_relative_paths_are_refused_as_systemd_runs_the_proxy_in_root(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["service-unit", "--rules", "--ports 80", "--", "--ca", "ca"]) == 1
+    assert "give absolute paths (systemd runs the proxy in /): ca" in capsys.readouterr().err
+
+
+def test_a_writable_path_that_does_not_exist_is_named_and_homes_stay_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "captures"
+    assert main(["service-unit", "--rules", "--ports 80", "--", "--capture-dir",
+                 str(missing)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist: systemd will not start the proxy" in err
+    assert f"chown tproxy {missing}" in err
+    options = UnitOptions(command=("/home/me/.venv/bin/python", "-m", "tproxy"),
+                          rules_args=("--ports", "80"))  # fmt: skip
+    assert "ProtectHome=read-only" in _lines(render_units(options)[PROXY_UNIT])
+    assert "ProtectHome=yes" in _lines(render_units(CONTRIB_OPTIONS)[PROXY_UNIT])

@@ -101,6 +101,7 @@ from tproxy.service.units import (
     UnitOptions,
     listens_below_1024,
     render_units,
+    under_homes,
 )
 from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
 from tproxy.tls.contexts import check_upstream_ca, open_keylog
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_rules_value_joined(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "run":
             return _run(args)
@@ -541,6 +542,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _rules_value_joined(argv: Sequence[str]) -> list[str]:
+    """`service-unit --rules --ports=80` as `--rules=--ports=80`: argparse takes a value that
+    starts with `-` and has no space for an option of its own, and would say --rules has none."""
+    args = list(argv)
+    if args[:1] != ["service-unit"]:
+        return args
+    end = args.index("--") if "--" in args else len(args)
+    for i in range(1, end - 1):
+        if args[i] == "--rules":
+            return [*args[:i], f"--rules={args[i + 1]}", *args[i + 2 :]]
+    return args
+
+
 def _service_unit(args: argparse.Namespace) -> int:
     """Check the options as the two commands would, then print or write both units."""
     run_args = list(args.run_args)
@@ -560,9 +574,31 @@ def _service_unit(args: argparse.Namespace) -> int:
     mismatch = _rules_against_proxy(rules, config)
     if mismatch is not None:
         return _fail(mismatch)
+    read = (run.config, config.policy, *config.addon_files, config.ca_dir, config.upstream_ca)
+    readable = [path for path in read if path is not None]
     writable = [config.capture_dir] if config.capture_dir else []
     if config.keylog is not None:
         writable.append(str(Path(config.keylog).parent))
+    relative = [path for path in (*readable, *writable) if not Path(path).is_absolute()]
+    if relative:  # systemd starts the proxy in /, not here
+        return _fail(f"give absolute paths (systemd runs the proxy in /): {', '.join(relative)}")
+    for folder in writable:
+        if not Path(folder).is_dir():
+            made = f"mkdir -p {shlex.quote(folder)}"
+            if not args.as_root:
+                made += f" && chown {shlex.quote(args.user)} {shlex.quote(folder)}"
+            sys.stderr.write(
+                f"tproxy: warning: {folder} does not exist: systemd will not start the proxy "
+                f"(ReadWritePaths=) until it does, writable by its user ({made})\n"
+            )
+    interpreter = os.path.realpath(sys.executable)
+    hidden = [path for path in (interpreter, *readable, *writable) if under_homes(path)]
+    if hidden:
+        sys.stderr.write(
+            f"tproxy: warning: under /home, /root or /run/user: {', '.join(hidden)}: the unit "
+            "says ProtectHome=read-only instead of yes, and the proxy's user must be able to "
+            "reach them (better: install tproxy and its files elsewhere)\n"
+        )
     options = UnitOptions(
         command=(sys.executable, "-m", "tproxy"),
         rules_args=tuple(rules_args),
@@ -571,8 +607,12 @@ def _service_unit(args: argparse.Namespace) -> int:
         bind_service=listens_below_1024([(str(e.ip), e.port) for e in config.listen]),
         writable=tuple(writable),
         drain_timeout_s=config.drain_timeout_s,
+        readable=tuple({interpreter, *readable}),
     )
-    units = render_units(options)
+    try:
+        units = render_units(options)
+    except ValueError as exc:
+        return _fail(str(exc))
     if args.write is None:
         for name, text in units.items():
             sys.stdout.write(f"# --- {name}\n{text}\n")

@@ -19,7 +19,6 @@ Two units, because the rules and the proxy must live apart:
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -45,6 +44,8 @@ class UnitOptions:
         writable: paths the proxy writes besides the journal (the capture directory, the key
             log's directory): everything else is read-only to it.
         drain_timeout_s: `--drain-timeout`, for how long systemd waits for a stop.
+        readable: paths the proxy reads (its interpreter, configuration, CA, policy, addons):
+            one under /home, /root or /run/user makes the unit say `ProtectHome=read-only`.
     """
 
     command: tuple[str, ...]
@@ -54,12 +55,44 @@ class UnitOptions:
     bind_service: bool = False
     writable: tuple[str, ...] = field(default=())
     drain_timeout_s: float = 30.0
+    readable: tuple[str, ...] = field(default=())
+
+
+_HOMES: Final = ("/home", "/root", "/run/user")
+"""What `ProtectHome=yes` hides from the service."""
+
+
+def quote(arg: str, *, command_line: bool = True) -> str:
+    """`arg` as one item of a systemd setting (systemd.syntax(7) "Quoting"; not the shell's:
+    systemd takes a quote only around a whole item, so shlex.quote's `'a'"'"'b'` is not one,
+    and C escapes work inside quotes too). `%` is a specifier there (`%%`); on a command line
+    `$` expands a variable, even quoted (`$$`), and a lone `;` separates commands (`\\;`).
+
+    Raises:
+        ValueError: a control character (a unit file is lines of text).
+    """
+    if any(ord(c) < 0x20 or c == "\x7f" for c in arg):
+        raise ValueError(f"{arg!r}: a control character cannot be put in a unit file")
+    text = arg.replace("%", "%%")
+    if command_line:
+        text = text.replace("$", "$$")
+        if arg == ";":
+            return "\\;"
+    if arg and not any(c in arg for c in " \t\"'\\"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _exec(options: UnitOptions, *args: str) -> str:
-    """A command line as systemd reads it (its quoting is close enough to the shell's for the
-    arguments tproxy takes; `%` is systemd's specifier character and is doubled)."""
-    return " ".join(shlex.quote(a).replace("%", "%%") for a in (*options.command, *args))
+    """A command line as systemd reads it (`quote` for each item; the program itself is never
+    expanded)."""
+    program, *rest = (*options.command, *args)
+    return " ".join((quote(program, command_line=False), *(quote(a) for a in rest)))
+
+
+def under_homes(path: str) -> bool:
+    """Whether `ProtectHome=yes` hides `path`."""
+    return any(path == home or path.startswith(home + "/") for home in _HOMES)
 
 
 def rules_unit(options: UnitOptions) -> str:
@@ -76,11 +109,16 @@ Documentation=man:nft(8) man:ip-rule(8)
 After=network-pre.target nftables.service
 Before=network.target {PROXY_UNIT}
 Wants=network-pre.target
+# nftables.service flushes the whole ruleset when it stops, restarts or reloads (Debian's
+# /etc/nftables.conf starts with `flush ruleset`): apply ours again after it.
+PartOf=nftables.service
+ReloadPropagatedFrom=nftables.service
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
 ExecStart={apply}
+ExecReload={apply}
 ExecStop={remove}
 
 [Install]
@@ -95,7 +133,11 @@ def proxy_unit(options: UnitOptions) -> str:
         who = "# Runs as root (no --user given): consider a user of its own, see the README.\n"
     else:
         who = f"User={options.user}\nGroup={options.user}\n"
-    writable = "".join(f"ReadWritePaths={path}\n" for path in options.writable)
+    writable = "".join(
+        f"ReadWritePaths={quote(path, command_line=False)}\n" for path in options.writable
+    )
+    paths = (*options.command, *options.readable, *options.writable)
+    homes = any(under_homes(path) for path in paths)
     stop_s = int(options.drain_timeout_s) + 15
     return f"""\
 # tproxy, the transparent proxy: Type=notify (ready once every listener is bound and the
@@ -112,6 +154,9 @@ NotifyAccess=main
 ExecStart={run}
 ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM drains: live sessions may finish for --drain-timeout, then the rest are reset.
+# To the supervisor only (mixed): it passes it on to the workers, and a worker that got a
+# second SIGTERM straight from systemd (control-group) would cut every session at once.
+KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec={stop_s}
 WatchdogSec={WATCHDOG_S}
@@ -122,7 +167,7 @@ LimitNOFILE=65536
 CapabilityBoundingSet={caps}
 NoNewPrivileges=yes
 ProtectSystem=strict
-{writable}ProtectHome=yes
+{writable}ProtectHome={"read-only" if homes else "yes"}
 PrivateTmp=yes
 PrivateDevices=yes
 ProtectKernelTunables=yes
