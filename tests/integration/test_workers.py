@@ -31,7 +31,8 @@ def _one_client_per_worker(lab: Lab, family: int, workers: int) -> dict[int, IPA
     """An extra client address for each worker, added to the client namespace."""
     chosen: dict[int, IPAddress] = {}
     for i in range(16, 256):
-        text = f"198.18.1.{i}" if family == 4 else f"2001:db8:1::{i:x}"
+        # (IPv6 clients are steered by /64: one /64 each)
+        text = f"198.18.1.{i}" if family == 4 else f"2001:db8:1:{i:x}::2"
         ip = ipaddress.ip_address(text)
         chosen.setdefault(worker_for(ip, workers), ip)
         if len(chosen) == workers:

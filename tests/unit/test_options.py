@@ -97,6 +97,16 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     ),
     "upstream_ca": (["--upstream-ca", "b.pem"], 'upstream_ca = "b.pem"', "b.pem"),
     "keylog": (["--keylog", "k.log"], 'keylog = "k.log"', "k.log"),
+    "max_connections_per_client": (
+        ["--max-connections-per-client", "50"],
+        "max_connections_per_client = 50",
+        50,
+    ),
+    "new_connections_per_client": (
+        ["--new-connections-per-client", "600/min"],
+        'new_connections_per_client = "10/s"',
+        10.0,
+    ),
 }
 
 
@@ -201,7 +211,8 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
         f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
         "half_closed_timeout, idle_timeout, keylog, listen, log_format, loop, mark, "
-        "max_connections, mode, policy, relay, spoof_source, tls_handshake_timeout, upstream_ca)"
+        "max_connections, max_connections_per_client, mode, new_connections_per_client, policy, "
+        "relay, spoof_source, tls_handshake_timeout, upstream_ca)"
     )
 
 

@@ -28,10 +28,19 @@ def test_ipv4_program_loads_the_source_address_from_the_network_header() -> None
     assert program[-1] == (BPF_RET_A, 0, 0, 0)
 
 
-def test_ipv6_program_folds_all_four_words_of_the_source_address() -> None:
+def test_ipv6_program_folds_the_two_words_of_the_source_addresss_64_prefix() -> None:
     program = render_steering_program(socket.AF_INET6, 2)
     loads = [k - (SKF_NET_OFF & 0xFFFFFFFF) for code, _, _, k in program if code == BPF_LD_W_ABS]
-    assert loads == [8, 12, 16, 20]
+    assert loads == [8, 12]
+
+
+def test_every_address_of_an_ipv6_64_goes_to_one_worker() -> None:
+    """A host rotating through privacy addresses inside its /64 is one client."""
+    workers = {
+        worker_for(ipaddress.ip_address(f"2001:db8:1:0:{i:x}:{i * 7:x}::{i:x}"), 4)
+        for i in range(256)
+    }
+    assert len(workers) == 1
 
 
 def test_no_workers_is_refused() -> None:
@@ -45,8 +54,8 @@ def test_a_subnet_of_clients_spreads_over_every_worker(workers: int) -> None:
     counts = Counter(worker_for(ip, workers) for ip in net)
     assert set(counts) == set(range(1, workers + 1))
     assert max(counts.values()) <= 1.5 * 256 / workers
-    counts6 = Counter(
-        worker_for(ipaddress.ip_address(f"2001:db8:1::{i:x}"), workers) for i in range(256)
+    counts6 = Counter(  # a /56 of /64s (the clients of a site)
+        worker_for(ipaddress.ip_address(f"2001:db8:1:{i:x}::2"), workers) for i in range(256)
     )
     assert set(counts6) == set(range(1, workers + 1))
 

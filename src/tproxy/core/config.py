@@ -14,6 +14,8 @@ and a test keeps it and the README's equal to it):
     half_closed_timeout = 60
     drain_timeout = 30
     max_connections = 5000
+    max_connections_per_client = 200
+    new_connections_per_client = "50/s"
     relay = "splice"
     loop = "uvloop"
     log_format = "json"
@@ -52,6 +54,7 @@ from tproxy.core.options import (
     PATH,
     PATHS,
     POSITIVE_INT,
+    RATE,
     SECONDS,
     SWITCH,
     OptionSpec,
@@ -153,6 +156,10 @@ class ProxyConfig:
         half_closed_timeout_s: a session with one direction finished and no byte for this long
             is cut.
         max_connections: live sessions at most; None means derived from the open-file limit.
+        max_connections_per_client: live sessions of one client at most (an IPv4 address, an
+            IPv6 /64: `engine.client_limits`); None: no limit.
+        new_connections_per_client: new connections per second one client may open (a token
+            bucket holding a second's worth); None: no limit.
         drain_timeout_s: on SIGTERM/SIGINT, how long live sessions may take to finish.
         log_format: text for humans, JSON (one object per line) for machines.
         relay: splice (zero-copy, the default) or copy (through Python).
@@ -193,6 +200,8 @@ class ProxyConfig:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     half_closed_timeout_s: float = DEFAULT_HALF_CLOSED_TIMEOUT_S
     max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    new_connections_per_client: float | None = None
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     log_format: LogFormat = LogFormat.TEXT
     relay: RelayKind = RelayKind.SPLICE
@@ -259,6 +268,14 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     option("max_connections", POSITIVE_INT, metavar="N", example=5000,
            help="live sessions at most; new connections beyond it are reset at once (default: "
            f"derived from the open-file limit, (limit - {RESERVED_DESCRIPTORS}) / 2)"),
+    option("max_connections_per_client", POSITIVE_INT, metavar="N", example=200,
+           help="live sessions of one client at most (an IPv4 address, or an IPv6 /64 so that "
+           "rotating privacy addresses do not escape it); beyond it its new connections are "
+           "reset at once, and a notice names the busiest refused clients (default: none)"),
+    option("new_connections_per_client", RATE, metavar="RATE", example=50.0,
+           help="new connections one client may open, e.g. 20/s or 600/min (a token bucket "
+           "holding one second's worth, at least one); beyond it they are reset at once "
+           "(default: none)"),
     option("workers", POSITIVE_INT, file=False, metavar="N", reloadable=False,
            help="worker processes, each client address always served by the same one; "
            "supervised and restarted if they die (default: the number of CPUs; 1 runs without "

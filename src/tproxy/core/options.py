@@ -16,6 +16,7 @@ key for its messages) and the command-line text (`from_text`). Nested tables fit
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -290,6 +291,36 @@ def _seconds_from_file(key: str, value: Any) -> float:
 
 SECONDS = ValueType(_seconds_from_file, parse_seconds, lambda v: f"{v:g}")
 """A duration in seconds, above 0 (a whole number or not)."""
+
+
+_RATE_TEXT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|sec|second|min|minute)")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0}
+
+
+def parse_rate(text: str) -> float:
+    """A rate, per second: "20/s", "600/min" (a plain number is per second); above 0."""
+    stripped = text.strip()
+    match = _RATE_TEXT.fullmatch(stripped)
+    try:
+        value = float(match[1]) / _RATE_UNITS[match[2]] if match else float(stripped)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:  # (NaN fails this too)
+        raise ConfigError(f"invalid rate {text!r}: expected e.g. 20/s or 600/min")
+    return value
+
+
+def _rate_from_file(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f'{key} must be a rate such as "20/s" or "600/min"')
+    try:
+        return parse_rate(str(value))
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+RATE = ValueType(_rate_from_file, parse_rate, lambda v: f'"{v:g}/s"')
+"""A rate per second, above 0: "20/s", "600/min", or a number (per second)."""
 
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -38,6 +38,7 @@ from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.options import ConfigError
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session_id import SessionIds
+from tproxy.engine.client_limits import busiest, client_key, limits_for, refusal_detail
 from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.poller import Poller
 from tproxy.engine.pump import splice_works
@@ -76,6 +77,8 @@ ACCEPT_BACKOFF_S = 0.1
 # How often timeouts are checked, at most: a session is cut within this much after its timeout
 # (and within a quarter of the shortest timeout, for short ones).
 SWEEP_INTERVAL_S = 1.0
+REFUSED_CLIENTS_KEPT = 1024
+"""Clients a per-client limit refused, counted by name between two notices (the rest in sum)."""
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ConfigLoader = Callable[[], ProxyConfig]
@@ -160,6 +163,9 @@ class ProxyServer:
         self._accept_paused = False
         # Connections reset at accept since the last sweep: reason -> [count, detail].
         self._refused: dict[str, list[Any]] = {}
+        # Of those, the per-client limits' by client (at most `REFUSED_CLIENTS_KEPT` named).
+        self._refused_clients: dict[str, int] = {}
+        self._refused_others = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading = asyncio.Lock()
         # Without a supervisor this process prunes the capture directory; with one, the
@@ -174,6 +180,8 @@ class ProxyServer:
         """Per-process set-up: descriptor limit, connection limit, the reserve, splice probe."""
         self._nofile = raise_nofile_limit()
         self._max_connections = self._limit_for(self.config)
+        self._ctx.client_limits = limits_for(self.config.max_connections_per_client,
+                                             self.config.new_connections_per_client)  # fmt: skip
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._splice_works = splice_works()
         config = self.config
@@ -349,6 +357,9 @@ class ProxyServer:
             except (OSError, ssl.SSLError) as exc:  # --upstream-ca edited since it was checked
                 say(Notice(f"reload: keeping the running TLS interception: --upstream-ca: {exc}"))
         self._max_connections = self._limit_for(new)
+        self._ctx.client_limits = limits_for(new.max_connections_per_client,
+                                             new.new_connections_per_client,
+                                             self._ctx.client_limits)  # fmt: skip
         say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
 
     async def _sweep_timeouts(self) -> None:
@@ -445,10 +456,35 @@ class ProxyServer:
             counted[0] += 1
             counted[1] = why  # the latest words (the limit may have been reloaded)
 
+    def _refuse_client(self, sock: socket.socket, reason: str, key: str) -> None:
+        """A per-client limit refused `key`'s new connection: counted with the others, and by
+        client for the notice that names the busiest."""
+        limits = self._ctx.client_limits
+        assert limits is not None
+        self._refuse(sock, reason, refusal_detail(reason, limits))
+        clients = self._refused_clients
+        if key in clients:
+            clients[key] += 1
+        elif len(clients) < REFUSED_CLIENTS_KEPT:
+            clients[key] = 1
+        else:
+            self._refused_others += 1
+
     def _flush_refusals(self) -> None:
         for reason, (count, why) in self._refused.items():
             self._log.emit(ConnectionsRefused(count, reason, why))
         self._refused.clear()
+        clients = self._refused_clients
+        if clients:
+            total = sum(clients.values()) + self._refused_others
+            self._log.emit(
+                Notice(
+                    f"per-client limits reset {total} new connections since the last notice; "
+                    f"the busiest clients: {busiest(clients)}"
+                )
+            )
+            clients.clear()
+            self._refused_others = 0
 
     def _accept_batch(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -469,12 +505,22 @@ class ProxyServer:
                 why = f"max connections ({self._max_connections}) reached"
                 self._refuse(sock, "max_connections", why)
                 continue
+            key = None
+            limits = self._ctx.client_limits
+            if limits is not None:
+                key = client_key(addr[0])
+                over = limits.admit(key, time.monotonic())
+                if over is not None:
+                    self._refuse_client(sock, over, key)
+                    continue
             try:
                 prepare_client_socket(sock)
-                Session(self._ctx, sock, addr).start()
             except OSError:
                 abort_socket(sock)  # reset before we got to it
+                if limits is not None and key is not None:
+                    limits.release(key)
                 continue
+            Session(self._ctx, sock, addr, key).start()  # (never raises: its own boundary)
 
     def _reset_one_waiting(self, listener: socket.socket) -> bool:
         """Out of descriptors: free the reserve, accept one waiting connection, reset it."""

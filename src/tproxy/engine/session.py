@@ -72,6 +72,7 @@ from tproxy.engine.addon_session import (
     has_hooks,
     hook_error,
 )
+from tproxy.engine.client_limits import ClientLimits
 from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.pipes import PipePool
 from tproxy.engine.poller import Poller
@@ -198,6 +199,9 @@ class SessionContext:
     # worker through the supervisor (`engine.worker_channel`), which keeps this object's
     # listener: it must stay the same object for the worker's life.
     passthrough: PassthroughMemory = field(default_factory=PassthroughMemory)
+    # The per-client limits (`--max-connections-per-client`, `--new-connections-per-client`):
+    # None without them.
+    client_limits: ClientLimits | None = None
     # Counters since this process started (the supervisor's heartbeats carry them).
     opened: int = 0
     closed_bytes_up: int = 0
@@ -279,6 +283,7 @@ class Session:
         "_client_sock",
         "_ctx",
         "_deciding",
+        "_limit_key",
         "_recording",
         "_relay",
         "_sniffer",
@@ -290,11 +295,14 @@ class Session:
     )
 
     def __init__(
-        self, ctx: SessionContext, client_sock: socket.socket, client_addr: tuple[Any, ...]
-    ) -> None:
+        self, ctx: SessionContext, client_sock: socket.socket, client_addr: tuple[Any, ...],
+        limit_key: str | None = None,
+    ) -> None:  # fmt: skip
         self._ctx = ctx
         self._client_sock = client_sock
         self._client_addr = client_addr
+        # Its client's key in `ctx.client_limits` (admitted there): released at the close.
+        self._limit_key = limit_key
         self._upstream: socket.socket | None = None
         self._relay: Relay | None = None
         self._sniffer: FirstBytes | None = None
@@ -1035,6 +1043,10 @@ class Session:
             return
         self._stop_connecting()
         self.phase = Phase.CLOSED
+        if self._limit_key is not None:
+            if self._ctx.client_limits is not None:
+                self._ctx.client_limits.release(self._limit_key)
+            self._limit_key = None
         if self._deciding is not None and self._deciding.sniff_wait is not None:
             self._ctx.sniff_deadlines.cancel(self._deciding.sniff_wait)
         self._deciding = None

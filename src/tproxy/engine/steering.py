@@ -5,7 +5,8 @@ created by the supervisor *before* it forks and listened on in worker order: the
 reuseport group's sockets in an array in the order they joined it (at listen()), and a classic
 BPF program attached to the group (SO_ATTACH_REUSEPORT_CBPF) returns an index into that array.
 Ours hashes the client's source address, so all connections of one client reach one worker and
-per-client state (limits, say) can live in that worker alone.
+per-client state (the per-client limits) can live in that worker alone. An IPv6 client is its
+/64 prefix: a host rotating through privacy addresses stays on one worker.
 
 In theory a reuseport program sees the packet from its payload on; in practice `SKF_NET_OFF`
 makes loads relative to the network header, which is where the addresses are, both when TCP
@@ -56,8 +57,9 @@ BPF_RET_A = 0x06 | 0x10  # BPF_RET | BPF_A
 # Fibonacci hashing: consecutive addresses (a subnet of clients) spread over the workers.
 _GOLDEN = 0x9E3779B1
 _SHIFT = 16
-# Where the source address sits in the IP header, as 32-bit words.
-_SOURCE_WORDS = {socket.AF_INET: (12,), socket.AF_INET6: (8, 12, 16, 20)}
+# Where the source address sits in the IP header, as 32-bit words: IPv4's one; IPv6's first two,
+# its /64 prefix, so that the addresses a host rotates through (privacy addresses) are one client.
+_SOURCE_WORDS = {socket.AF_INET: (12,), socket.AF_INET6: (8, 12)}
 
 Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
 
@@ -65,7 +67,8 @@ Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
 def render_steering_program(family: socket.AddressFamily, workers: int) -> list[Instruction]:
     """The classic BPF program that maps a client's source address to a worker index.
 
-    A = the source address (IPv6: its four words XORed), A = (A * golden) >> 16, A %= workers.
+    A = the source address (IPv6: the two words of its /64 prefix XORed),
+    A = (A * golden) >> 16, A %= workers.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -89,7 +92,7 @@ def render_steering_program(family: socket.AddressFamily, workers: int) -> list[
 def worker_for(client: IPAddress, workers: int) -> int:
     """Which worker (1 to `workers`) the steering program sends `client` to: the program's
     arithmetic in Python, for tests, listings and the operator."""
-    packed = client.packed
+    packed = client.packed[:8]  # IPv6: the /64 prefix
     value = 0
     for i in range(0, len(packed), 4):
         value ^= int.from_bytes(packed[i : i + 4], "big")

@@ -212,9 +212,14 @@ class Lab:
 
     def add_client_address(self, ip: IPAddress) -> None:
         """One more address on the client (many clients behind one interface), known to the
-        router without address resolution. Routed lab only."""
+        router without address resolution. Routed lab only. An IPv6 address outside the
+        client's /64 (another client, as tproxy keys IPv6 clients by /64) gets a host route on
+        the router."""
         plen, extra = (64, ["nodad"]) if ip.version == 6 else (24, [])
         c, r = self.client.netns, self.router.netns
+        if ip.version == 6 and ip not in ipaddress.ip_network(f"{self.client.ipv6}/64", False):
+            plen = 128
+            self._sh(["ip", "-n", r, "-6", "route", "replace", f"{ip}/128", "dev", "to-client"])
         self._sh(["ip", "-n", c, "addr", "add", f"{ip}/{plen}", "dev", "eth0", *extra])
         link = json.loads(self._out(["ip", "-j", "-n", c, "link", "show", "dev", "eth0"]))
         self._sh(["ip", "-n", r, "neigh", "replace", str(ip), "lladdr", link[0]["address"],
