@@ -97,6 +97,7 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     ),
     "upstream_ca": (["--upstream-ca", "b.pem"], 'upstream_ca = "b.pem"', "b.pem"),
     "keylog": (["--keylog", "k.log"], 'keylog = "k.log"', "k.log"),
+    "control": (["--control", "c.sock"], 'control = "c.sock"', "c.sock"),
     "max_connections_per_client": (
         ["--max-connections-per-client", "50"],
         "max_connections_per_client = 50",
@@ -121,7 +122,7 @@ def _from_file(text: str) -> ProxyConfig:
 def test_the_options_with_a_file_key_are_exactly_the_config_fields() -> None:
     assert {f.name for f in fields(ProxyConfig)} - DERIVED_FIELDS == {s.name for s in FILE_OPTIONS}
     cli_only = {s.flag for s in RUN_OPTIONS if s.file_key is None}
-    assert cli_only == {"--config", "--workers"}
+    assert cli_only == {"--config", "--workers", "--takeover"}
     assert set(SAMPLES) == {s.name for s in FILE_OPTIONS}, "every option needs a sample"
 
 
@@ -209,7 +210,7 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
         parse_config_file(f"{key} = 1")
     assert str(raised.value) == (
         f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
-        "capture_max_bytes, capture_max_total, connect_timeout, drain_timeout, "
+        "capture_max_bytes, capture_max_total, connect_timeout, control, drain_timeout, "
         "half_closed_timeout, idle_timeout, keylog, listen, log_format, loop, mark, "
         "max_connections, max_connections_per_client, mode, new_connections_per_client, policy, "
         "relay, spoof_source, tls_handshake_timeout, upstream_ca)"
@@ -328,6 +329,7 @@ def test_a_reload_applies_or_names_every_option(name: str) -> None:
         "loop",
         "ca",
         "keylog",
+        "control",
     }
 
 

@@ -55,9 +55,18 @@ from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
+from tproxy.engine.control import (
+    ControlError,
+    default_control_path,
+    finish_takeover,
+    open_control_socket,
+    take_over,
+)
 from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
+from tproxy.engine.takeover import adopt
+from tproxy.engine.takeover import handover as takeover_handover
 from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.interception.sockopts import SocketSetupError
 from tproxy.lab.demo import run_demo
@@ -721,9 +730,27 @@ def _run(args: argparse.Namespace) -> int:
         watchdog_every_s = watchdog_interval_s(os.environ, os.getpid())
     except NotifyError as exc:
         return _fail(str(exc))
+    supervised = workers > 1 or notifier.enabled or args.takeover
+    control_path = config.control or default_control_path()
+    successor: socket.socket | None = None  # --takeover: the connection to the running proxy
+    control: tuple[socket.socket, str] | None = None
+    no_control: str | None = None  # why there is none (said once serving)
     try:
-        per_worker = _open_worker_listeners(config, workers)
-    except StartupError as exc:
+        if args.takeover:
+            successor, reply, fds = take_over(control_path)
+            per_worker = adopt(reply, fds, config.listen, workers)
+        else:
+            if supervised:
+                control, no_control = _control_socket(
+                    control_path, explicit=config.control is not None
+                )
+            per_worker = _open_worker_listeners(config, workers)
+    except (ControlError, StartupError) as exc:
+        if successor is not None:
+            successor.close()
+        if control is not None:
+            control[0].close()
+            os.unlink(control[1])
         return _fail(str(exc))
     everyone = list({id(s): s for own in per_worker for s in own}.values())
     # The configuration a worker starts with: a worker restarted after a SIGHUP is forked from a
@@ -734,6 +761,8 @@ def _run(args: argparse.Namespace) -> int:
         config = current[0]
         own = per_worker[(worker_id or 1) - 1]
         close_all([s for s in everyone if s not in own])  # other workers' sockets
+        if successor is not None:  # the supervisor's, to the proxy it takes over from
+            successor.close()
         log = EventLog(config.log_format, worker=worker_id)
         channel = None
         if worker_id is not None and channel_sock is not None:
@@ -754,9 +783,11 @@ def _run(args: argparse.Namespace) -> int:
         run_to_the_end(factory(), server.serve())
         return 0
 
-    if workers == 1 and not notifier.enabled:  # (under systemd, a supervisor tells it how it is)
+    if not supervised:  # (under systemd, or taking over, a supervisor is needed)
         return worker_main(None)
     supervisor_log = EventLog(config.log_format, worker=0)
+    if no_control is not None:
+        supervisor_log.emit(Notice(no_control))
 
     def on_reload() -> None:
         """The supervisor's part of SIGHUP: its own log's format, what a restarted worker starts
@@ -780,11 +811,40 @@ def _run(args: argparse.Namespace) -> int:
             for notice in pruner.run(current[0]):
                 supervisor_log.emit(Notice(notice))
 
+    def on_serving() -> tuple[socket.socket, str] | None:
+        """Every worker serves: a takeover's old proxy may drain now, and its control socket's
+        path is ours."""
+        if successor is None:
+            return None
+        return finish_takeover(successor, control_path), control_path
+
+    def handover() -> tuple[dict[str, Any], list[int]]:
+        return takeover_handover(config.listen, per_worker)
+
     code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick,
-                       notifier=notifier, watchdog_every_s=watchdog_every_s)  # fmt: skip
+                       notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
+                       handover=handover, on_serving=on_serving)  # fmt: skip
     notifier.close()
     close_all(everyone)
     return code
+
+
+def _control_socket(
+    path: str, *, explicit: bool
+) -> tuple[tuple[socket.socket, str] | None, str | None]:
+    """The supervisor's control socket, or why there is none: without `--control`, a default
+    path this user cannot use (not root: /run/tproxy) means none, said once serving (a notice);
+    with `--control`, that is an error.
+
+    Raises:
+        ControlError: another tproxy answers at `path`, or `--control PATH` cannot be used.
+    """
+    try:
+        return (open_control_socket(path), path), None
+    except ControlError as exc:
+        if explicit or "another tproxy" in str(exc):
+            raise
+        return None, f"no control socket ({exc}): give --control PATH for one"
 
 
 # Several workers: each its own listening socket, each client address steered to one worker

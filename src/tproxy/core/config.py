@@ -16,6 +16,7 @@ and a test keeps it and the README's equal to it):
     max_connections = 5000
     max_connections_per_client = 200
     new_connections_per_client = "50/s"
+    control = "/run/tproxy/tproxy.sock"
     relay = "splice"
     loop = "uvloop"
     log_format = "json"
@@ -32,8 +33,8 @@ and a test keeps it and the README's equal to it):
     keylog = "/var/lib/tproxy/keys.log"
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
-overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop`, `ca` and
-`keylog` change only on restart (`reload_config`).
+overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop`, `ca`,
+`keylog` and `control` change only on restart (`reload_config`).
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class ProxyConfig:
             against, instead of the system's trust store; checked when loaded.
         keylog: a file the intercepted sessions' secrets are appended to, both legs, in the NSS
             key log format (`tls.contexts.open_keylog`); None: none. Fixed at start.
+        control: the control socket's path (`engine.control`); None: the default for this
+            network namespace. Fixed at start.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -219,6 +222,7 @@ class ProxyConfig:
     tls_handshake_timeout_s: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_S
     upstream_ca: str | None = None
     keylog: str | None = None
+    control: str | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -276,6 +280,14 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="new connections one client may open, e.g. 20/s or 600/min (a token bucket "
            "holding one second's worth, at least one); beyond it they are reset at once "
            "(default: none)"),
+    option("control", PATH, metavar="PATH", reloadable=False, example="/run/tproxy/tproxy.sock",
+           help="the control socket (0600; what --takeover and other tproxy commands talk to), "
+           "when a supervisor runs (default: /run/tproxy/tproxy-net<N>.sock, N naming this "
+           "network namespace)"),
+    option("takeover", SWITCH, file=False, reloadable=False,
+           help="replace the tproxy running in this network namespace without refusing a "
+           "connection: take its listening sockets over its control socket, serve, then let it "
+           "drain (its live sessions finish there); same --listen and --workers"),
     option("workers", POSITIVE_INT, file=False, metavar="N", reloadable=False,
            help="worker processes, each client address always served by the same one; "
            "supervised and restarted if they die (default: the number of CPUs; 1 runs without "

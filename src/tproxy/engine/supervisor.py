@@ -70,6 +70,7 @@ from tproxy.core.worker_protocol import (
     encode,
     learned_batches,
 )
+from tproxy.engine.control import ControlError, ControlServer, Handover
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice, SessionsListed
 from tproxy.service.notify import Notifier
@@ -169,6 +170,11 @@ class Supervisor:
         notifier: systemd's notify socket (`service.notify`), told READY=1, WATCHDOG=1,
             STATUS= and STOPPING=1 as `service.readiness` decides.
         watchdog_every_s: how often systemd wants WATCHDOG=1 (None: no watchdog).
+        control: the control socket's listening socket and path (`engine.control`), served
+            from the start; None: none yet.
+        handover: what a `takeover` request gets (`engine.takeover.handover`).
+        on_serving: called once, when every worker serves; may return the control socket to
+            serve from then on (a takeover's new process gets its path only then).
     """
 
     def __init__(
@@ -183,8 +189,16 @@ class Supervisor:
         on_tick: Callable[[float], None] | None = None,
         notifier: Notifier | None = None,
         watchdog_every_s: float | None = None,
+        control: tuple[socket.socket, str] | None = None,
+        handover: Handover | None = None,
+        on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
     ) -> None:
         self._count = count
+        self._control_sock = control
+        self._control: ControlServer | None = None
+        self._handover = handover
+        self._on_serving = on_serving
+        self._served = False
         self._notifier = notifier
         self._notes = ServiceNotes(count, watchdog_every_s)
         self._on_reload = on_reload
@@ -216,6 +230,8 @@ class Supervisor:
     def run(self) -> int:
         """Run the workers until every one has stopped after a stop signal; the exit status."""
         self._install_signals()
+        if self._control_sock is not None:
+            self._serve_control(*self._control_sock)
         try:
             for worker_id in range(1, self._count + 1):
                 self._start(worker_id)
@@ -227,9 +243,25 @@ class Supervisor:
                         Notice(f"supervisor error, carrying on: {type(exc).__name__}: {exc}")
                     )
         finally:
+            if self._control is not None:
+                self._control.close()
             self._restore_signals()
             self._selector.close()
         return self._worst
+
+    def _serve_control(self, sock: socket.socket, path: str) -> None:
+        self._control = ControlServer(
+            sock, path, self._watch, handover=self._handover,
+            on_drain=lambda: self._stop("takeover"),
+            on_notice=lambda text: self._log.emit(Notice(text)),
+        )  # fmt: skip
+
+    def _watch(self, sock: socket.socket, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+        else:
+            self._selector.register(sock, selectors.EVENT_READ, callback)
 
     def ask(self, command: str, args: dict[str, Any], done: ListingDone) -> None:
         """Send `command` to every live worker; call `done` with the replies once all answered or
@@ -253,8 +285,10 @@ class Supervisor:
         for key, _ in self._selector.select(TICK_S):
             if key.data is None:
                 self._on_signals()
-            else:
+            elif isinstance(key.data, _Worker):
                 self._on_channel(key.data)
+            else:
+                key.data()  # the control socket's
         self._reap()
         now = time.monotonic()
         if not self._stopping:
@@ -277,6 +311,9 @@ class Supervisor:
         self._share_now(now)
         self._notify(self._notes.tick(now, self._watchdog.latest,
                                       self._watchdog.answering(now, self._count)))  # fmt: skip
+        if self._notes.ready and not self._served:
+            self._served = True
+            self._now_serving()
         if self._on_tick is not None and not self._stopping:
             self._on_tick(now)  # its exceptions: logged by run(), like the loop's own
 
@@ -292,20 +329,36 @@ class Supervisor:
 
     def _on_signal(self, signum: int) -> None:
         if signum in _STOP:
-            if not self._stopping:
-                name = signal.Signals(signum).name
-                self._log.emit(Notice(f"{name}: stopping {self._count} workers"))
-                close_all(self._listeners)
-                self._restart_at.clear()
-                self._notify(self._notes.stop(time.monotonic(), self._watchdog.latest))
-            self._stopping = True
-            self._tell(signum)
+            self._stop(signal.Signals(signum).name, signum)
         elif signum == signal.SIGHUP:
             if self._on_reload is not None:
                 self._on_reload()  # before the workers: a worker forked after it starts as reloaded
             self._tell(signal.SIGHUP)
         elif signum == signal.SIGUSR1:
             self.ask("sessions", {}, self._log_listing)
+
+    def _stop(self, why: str, signum: int = signal.SIGTERM) -> None:
+        """A stop signal (or a takeover's new process serving): close our copies of the
+        listening sockets, tell the workers (a second signal cuts their drain)."""
+        if not self._stopping:
+            self._log.emit(Notice(f"{why}: stopping {self._count} workers"))
+            close_all(self._listeners)
+            self._restart_at.clear()
+            self._notify(self._notes.stop(time.monotonic(), self._watchdog.latest))
+        self._stopping = True
+        self._tell(signum)
+
+    def _now_serving(self) -> None:
+        """Every worker serves: a takeover's new process takes the control socket's path now."""
+        if self._on_serving is None:
+            return
+        try:
+            control = self._on_serving()
+        except ControlError as exc:
+            self._log.emit(Notice(str(exc)))
+            return
+        if control is not None:
+            self._serve_control(*control)
 
     def _on_channel(self, worker: _Worker) -> None:
         channel = worker.channel
@@ -448,6 +501,8 @@ class Supervisor:
             if worker.channel is not None:
                 worker.channel.close()
         self._selector.close()
+        if self._control is not None:
+            self._control.drop()
         if self._notifier is not None:  # systemd hears the supervisor only (NotifyAccess=main)
             self._notifier.close()
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
@@ -526,12 +581,16 @@ def run_workers(
     on_tick: Callable[[float], None] | None = None,
     notifier: Notifier | None = None,
     watchdog_every_s: float | None = None,
+    control: tuple[socket.socket, str] | None = None,
+    handover: Handover | None = None,
+    on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
     the exit status (the worst of the workers' after a stop). See `Supervisor`."""
     return Supervisor(
         count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick,
-        notifier=notifier, watchdog_every_s=watchdog_every_s,
+        notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
+        handover=handover, on_serving=on_serving,
     ).run()  # fmt: skip
 
 
