@@ -94,6 +94,7 @@ from tproxy.rules.model import (
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.service.notify import Notifier, NotifyError, watchdog_interval_s
+from tproxy.service.privileges import PrivilegeError, drop_privileges, plan_start, resolve_user
 from tproxy.service.units import (
     DEFAULT_USER,
     PROXY_UNIT,
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in RUN_OPTIONS:
         if spec.flag is not None:
             _add_option(run, spec)
+    run.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind the listeners, then run every process as NAME with only "
+        "CAP_NET_ADMIN (before any addon, policy, CA or key log file is read)",
+    )
 
     rules = commands.add_parser(
         "rules",
@@ -655,24 +662,30 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
     return config
 
 
-def _run(args: argparse.Namespace) -> int:
-    overrides = cli_overrides(args)
-    try:
-        config = _load_config(args.config, overrides)
-    except ConfigError as exc:
-        return _fail(str(exc))
+def _checked_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
+    """Everything `tproxy run` loads and checks before it serves: the file, the policy, the
+    addons, the capture directory, the CA and the key log; raises ConfigError (one sentence).
+    With --user this runs as that user, so a file it cannot read stops the start here."""
+    config = _load_config(path, overrides)
     if config.ca_dir is not None:
         try:
             load_ca(config.ca_dir)  # checked once here: a broken CA stops the start, one line
         except CAError as exc:
-            return _fail(f"--ca: {exc}")
+            raise ConfigError(f"--ca: {exc}") from None
     if config.keylog is not None:  # checked (and created 0600) once here; each worker opens it
-        try:
-            os.close(open_keylog(config.keylog)[0])
-        except ConfigError as exc:
-            return _fail(str(exc))
-    reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
-    reload = partial(_load_config, args.config, overrides) if reloadable else None
+        os.close(open_keylog(config.keylog)[0])
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = cli_overrides(args)
+    try:
+        user = resolve_user(args.user) if args.user is not None else None
+        plan = plan_start(os.geteuid(), user)
+        # The file and the command line, checked, nothing loaded yet: what binding needs.
+        config = _unit_config(args.config, overrides)
+    except (PrivilegeError, ConfigError) as exc:
+        return _fail(str(exc))
     workers = args.workers or os.cpu_count() or 1
     if workers > MAX_WORKER:  # the session id has room for this many
         return _fail(f"--workers {workers} is more than tproxy runs ({MAX_WORKER} at most)")
@@ -681,10 +694,33 @@ def _run(args: argparse.Namespace) -> int:
         watchdog_every_s = watchdog_interval_s(os.environ, os.getpid())
     except NotifyError as exc:
         return _fail(str(exc))
-    try:
-        per_worker = _open_worker_listeners(config, workers)
-    except StartupError as exc:
+    per_worker = None
+    if plan.drop:  # bind as root (transparent, below 1024), then nothing else runs as root
+        assert user is not None
+        try:
+            per_worker = _open_worker_listeners(config, workers)
+            drop_privileges(user)
+        except (StartupError, PrivilegeError) as exc:
+            return _fail(str(exc))
+    try:  # the policy, addons, capture directory, CA and key log: as --user when given
+        config = _checked_config(args.config, overrides)
+    except ConfigError as exc:
         return _fail(str(exc))
+    reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
+    reload = partial(_load_config, args.config, overrides) if reloadable else None
+    if per_worker is None:
+        try:
+            per_worker = _open_worker_listeners(config, workers)
+        except StartupError as exc:
+            return _fail(str(exc))
+    supervised = workers > 1 or notifier.enabled
+    start_log = EventLog(config.log_format, worker=0 if supervised else None)
+    if plan.notice is not None:
+        start_log.emit(Notice(plan.notice))
+    if plan.drop:
+        assert user is not None
+        start_log.emit(Notice(f"running as {user.name} (uid {user.uid}, gid {user.gid}) with "
+                              "CAP_NET_ADMIN only"))  # fmt: skip
     everyone = list({id(s): s for own in per_worker for s in own}.values())
     # The configuration a worker starts with: a worker restarted after a SIGHUP is forked from a
     # supervisor that has reloaded too, so it starts with what its siblings run.
