@@ -161,7 +161,9 @@ def test_user_that_does_not_exist_is_one_line_and_binds_nothing(lab: Lab) -> Non
     ]
     listening = lab.run(lab.router, ["ss", "-Htln"], check=False).stdout.decode()
     assert ":1800" not in listening
-    _tproxy(lab, ["--workers", "1"]).stop()  # the port is free
+    proxy = ProxyProcess(lab, lab.router, ["--workers", "1"])
+    proxy.wait_listening()  # the port is free
+    assert proxy.stop() == 0
 
 
 def test_as_root_without_user_a_notice_once(lab: Lab) -> None:

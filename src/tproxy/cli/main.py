@@ -94,7 +94,13 @@ from tproxy.rules.model import (
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.service.notify import Notifier, NotifyError, watchdog_interval_s
-from tproxy.service.privileges import PrivilegeError, drop_privileges, plan_start, resolve_user
+from tproxy.service.privileges import (
+    PrivilegeError,
+    check_can_mark,
+    drop_privileges,
+    plan_start,
+    resolve_user,
+)
 from tproxy.service.units import (
     DEFAULT_USER,
     PROXY_UNIT,
@@ -713,6 +719,10 @@ def _run(args: argparse.Namespace) -> int:
             per_worker = _open_worker_listeners(config, workers)
         except StartupError as exc:
             return _fail(str(exc))
+    try:
+        check_can_mark(config.mark)
+    except PrivilegeError as exc:
+        return _fail(str(exc))
     supervised = workers > 1 or notifier.enabled
     start_log = EventLog(config.log_format, worker=0 if supervised else None)
     if plan.notice is not None:

@@ -37,9 +37,12 @@ import ctypes.util
 import grp
 import os
 import pwd
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from tproxy.interception.sockopts import SO_MARK
 
 # linux/capability.h
 CAP_SETPCAP = 8
@@ -160,6 +163,20 @@ def plan_start(euid: int, user: RunAs | None) -> StartPlan:
         raise PrivilegeError(f"--user {user.name} needs tproxy started as root (it runs as uid "
                              f"{euid}; without --user it keeps what it was given)")  # fmt: skip
     return StartPlan(drop=True)
+
+
+def check_can_mark(mark: int) -> None:
+    """Raise PrivilegeError unless this process may put `mark` on a socket (SO_MARK needs
+    CAP_NET_ADMIN): every upstream socket carries it, so without it every session would fail;
+    in tproxy mode the transparent listener already said so, in redirect mode only this does."""
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise PrivilegeError(
+            f"cannot mark upstream sockets (SO_MARK {mark:#x}, which the rules exempt): "
+            f"{exc.strerror} (needs CAP_NET_ADMIN)"
+        ) from None
 
 
 def bounding_drops(last_cap: int, keep: frozenset[int]) -> list[int]:
