@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -41,6 +42,7 @@ from tproxy.core.config import (
     ProxyConfig,
     build_config,
     check_interception,
+    max_connections_for,
     parse_config_file,
     reload_from,
 )
@@ -55,6 +57,7 @@ from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
+from tproxy.engine.pipes import apply_pipe_budget
 from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
@@ -95,9 +98,12 @@ from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.service.notify import Notifier, NotifyError, watchdog_interval_s
 from tproxy.service.privileges import (
+    CAP_SYS_ADMIN,
+    CAP_SYS_RESOURCE,
     PrivilegeError,
     check_can_mark,
     drop_privileges,
+    has_capability,
     plan_start,
     resolve_user,
 )
@@ -352,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help=f"the policy-routing table (default: the installed rules', else "
         f"{DEFAULT_ROUTE_TABLE})",
+    )
+    doctor.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="the proxy's --max-connections, to check the per-user pipe budget against "
+        "(default: what 'tproxy run' derives from this shell's open-file limit)",
     )
     doctor.add_argument("--json", action="store_true",
                         help="one JSON object: {ok, expected, checks: [{check, status, detail, "
@@ -731,6 +744,11 @@ def _run(args: argparse.Namespace) -> int:
         assert user is not None
         start_log.emit(Notice(f"running as {user.name} (uid {user.uid}, gid {user.gid}) with "
                               "CAP_NET_ADMIN only"))  # fmt: skip
+    # As a user (not root), every pipe of every worker counts against one per-user budget.
+    exempt = has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
+    pipes_notice = apply_pipe_budget(workers, limited=not exempt)
+    if pipes_notice is not None:
+        start_log.emit(Notice(pipes_notice))
     everyone = list({id(s): s for own in per_worker for s in own}.values())
     # The configuration a worker starts with: a worker restarted after a SIGHUP is forked from a
     # supervisor that has reloaded too, so it starts with what its siblings run.
@@ -970,6 +988,7 @@ def _doctor(args: argparse.Namespace) -> int:
         divert_mark=args.divert_mark or installed.divert_mark or DEFAULT_DIVERT_MARK,
         route_table=args.table or installed.route_table or DEFAULT_ROUTE_TABLE,
         bridge=args.bridge or installed.bridge,
+        max_connections=args.max_connections or _default_max_connections(),
     )
     findings = evaluate(gather(expected, listing), expected)
     ok = passed(findings)
@@ -982,6 +1001,7 @@ def _doctor(args: argparse.Namespace) -> int:
                 "divert_mark": expected.divert_mark,
                 "route_table": expected.route_table,
                 "bridge": expected.bridge,
+                "max_connections": expected.max_connections,
             },
             # What the installed rules exempt and block (empty and false without rules).
             "installed": {
@@ -994,6 +1014,13 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print("\n".join(render_text(findings)))
     return 0 if ok else 1
+
+
+def _default_max_connections() -> int:
+    """What `tproxy run` takes without --max-connections: from the open-file limit it raises
+    its soft limit to (the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max_connections_for(soft if hard == resource.RLIM_INFINITY else hard)
 
 
 def _ca(args: argparse.Namespace) -> int:
