@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import apply_rules, client_json, curl
+from tproxy.engine.pipes import pages_for_full_size, read_pipe_budget_pages
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT
 from tproxy.lab.topology import Lab, wait_until
@@ -130,6 +131,11 @@ def test_user_nobody_every_process_has_net_admin_only(served_lab: Lab, shared_di
         _assert_nobody_with_net_admin_only(pid)
     assert len(_notices(proxy, "running as nobody (uid 65534")) == 1
     assert _notices(proxy, "running as root") == []
+    # The pipes are sized for the user's pipe budget, and it says so once when that shrinks them.
+    page = os.sysconf("SC_PAGE_SIZE")
+    budget = read_pipe_budget_pages()
+    shrunk = 0 < budget < pages_for_full_size(os.cpu_count() or 1, page)
+    assert len(_notices(proxy, "this user's pipe budget")) == (1 if shrunk else 0)
 
     # A worker the supervisor restarts is the user's too, and serves.
     listening = len(proxy.named("listening"))
@@ -171,6 +177,7 @@ def test_as_root_without_user_a_notice_once(lab: Lab) -> None:
     assert _notices(proxy, "running as root: consider --user NAME") != []
     assert proxy.stop() == 0
     assert len(_notices(proxy, "running as root")) == 1
+    assert _notices(proxy, "pipe budget") == []  # root is exempt
 
 
 # --- unprivileged: a user holding CAP_NET_ADMIN only ----------------------------------------------
@@ -215,7 +222,7 @@ def test_unprivileged_listener_below_1024_needs_net_bind_service(served_lab: Lab
     refused = _run(lab, UNPRIVILEGED, *listen)
     assert refused.returncode == 1
     assert len(refused.stderr.decode().splitlines()) == 1, refused.stderr
-    assert "800" in refused.stderr.decode()
+    assert "cannot listen on 0.0.0.0:800: Permission denied" in refused.stderr.decode()
     proxy = _tproxy(lab, listen, wrapper=_as_nobody("net_admin", "net_bind_service"))
     for family in (4, 6):
         _spoofed_http(lab, family)
