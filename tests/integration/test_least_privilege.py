@@ -8,19 +8,21 @@ port below 1024) and every tproxy process shows the user and exactly the capabil
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import apply_rules, client_json, curl
+from tests.integration.conftest import apply_rules, client_json, curl, tproxy_cli
 from tproxy.engine.pipes import pages_for_full_size, read_pipe_budget_pages
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT
+from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_NAME, TLS_PORT, start_tls_server
 from tproxy.lab.topology import Lab, wait_until
 from tproxy.service.privileges import CAP_NET_ADMIN, capability_mask, parse_status_capabilities
 
@@ -40,6 +42,27 @@ def _as_nobody(*caps: str) -> list[str]:
 
 
 UNPRIVILEGED = _as_nobody("net_admin")
+
+
+def _readable_by_nobody(path: str) -> bool:
+    argv = [*_as_nobody(), "test", "-r", path, "-a", "-x", path]
+    return subprocess.run(argv, check=False).returncode == 0
+
+
+def _python_nobody_reads() -> list[str]:
+    """A wrapper that runs `python -m tproxy ARGS` with an interpreter whose library nobody
+    can read, for `--user nobody` (the tests' own may live under root's home, 0700: then the
+    system's Python of the same version, with this environment's packages)."""
+    if _readable_by_nobody(os.path.dirname(os.__file__)):
+        return []
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.path.exists(system) or not _readable_by_nobody(sysconfig.get_paths()["purelib"]):
+        pytest.skip(f"no Python that uid {NOBODY} can read (this one is {sys.executable})")
+    launch = (
+        f"import runpy, site, sys; site.addsitedir({sysconfig.get_paths()['purelib']!r}); "
+        "sys.argv = ['tproxy', *sys.argv[4:]]; runpy.run_module('tproxy', run_name='__main__')"
+    )  # argv: -c, the tests' python, -m, tproxy, ARGS
+    return [system, "-S", "-c", launch]  # -S: not the system's own packages
 
 
 def _tproxy(lab: Lab, args: Sequence[str], wrapper: Sequence[str] = ()) -> ProxyProcess:
@@ -96,9 +119,7 @@ def shared_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
 
 
 def _notices(proxy: ProxyProcess, text: str) -> list[str]:
@@ -121,7 +142,8 @@ def test_user_nobody_every_process_has_net_admin_only(served_lab: Lab, shared_di
         "    pass\n"
     )
     addon.chmod(0o644)
-    proxy = _tproxy(lab, ["--user", "nobody", "--spoof-source", "--addon", str(addon)])
+    proxy = _tproxy(lab, ["--user", "nobody", "--spoof-source", "--addon", str(addon)],
+                    wrapper=_python_nobody_reads())  # fmt: skip
     for family in (4, 6):
         _spoofed_http(lab, family)
         _intact(lab, family)
@@ -151,7 +173,7 @@ def test_user_a_file_the_user_cannot_read_stops_the_start(lab: Lab, shared_dir: 
     policy = shared_dir / "policy.toml"
     policy.write_text('default = "allow"\n')
     policy.chmod(0o600)  # root's: nobody cannot read it
-    result = _run(lab, [], "--user", "nobody", "--policy", str(policy))
+    result = _run(lab, _python_nobody_reads(), "--user", "nobody", "--policy", str(policy))
     assert result.returncode == 1
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and "Permission denied" in lines[0], lines
@@ -172,12 +194,69 @@ def test_user_that_does_not_exist_is_one_line_and_binds_nothing(lab: Lab) -> Non
     assert proxy.stop() == 0
 
 
+def test_user_who_cannot_read_the_python_stops_the_start(lab: Lab) -> None:
+    """A Python under root's home (0700): the user could not import a module needed late."""
+    stdlib = os.path.dirname(os.__file__)
+    if _readable_by_nobody(stdlib):
+        pytest.skip(f"uid {NOBODY} can read this Python's library ({stdlib})")
+    result = _run(lab, [], "--user", "nobody")
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"tproxy: error: --user nobody cannot read {stdlib}, where tproxy imports from as it "
+        "runs: install tproxy (and its Python) where that user can read it"
+    ]
+
+
 def test_as_root_without_user_a_notice_once(lab: Lab) -> None:
     proxy = _tproxy(lab, [])
     assert _notices(proxy, "running as root: consider --user NAME") != []
     assert proxy.stop() == 0
     assert len(_notices(proxy, "running as root")) == 1
     assert _notices(proxy, "pipe budget") == []  # root is exempt
+
+
+def test_user_tls_interception_reads_the_ca_as_the_user(lab: Lab, shared_dir: Path) -> None:
+    server_cert = start_tls_server(lab, lab.server)
+    upstream_ca = shared_dir / "upstream.crt"
+    shutil.copy(server_cert, upstream_ca)
+    upstream_ca.chmod(0o644)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    ca = shared_dir / "ca"
+    tproxy_cli(lab, lab.router, "ca", "create", str(ca))  # root's: 0700, key 0600
+    policy = shared_dir / "policy.toml"
+    policy.write_text(f'[[rule]]\nname = "inspect"\nsni = ["{TLS_NAME}"]\naction = "allow"\n'
+                      'tls = "intercept"\n')  # fmt: skip
+    policy.chmod(0o644)
+    keys = shared_dir / "keys"
+    keys.mkdir(mode=0o700)
+    os.chown(keys, NOBODY, NOBODY)
+    args = ["--user", "nobody", "--ca", str(ca), "--policy", str(policy), "--upstream-ca",
+            str(upstream_ca), "--keylog", str(keys / "keys.log")]  # fmt: skip
+
+    # The CA key is root's: the start stops with one line, as the user would meet it.
+    python = _python_nobody_reads()
+    refused = _run(lab, python, *args)
+    assert refused.returncode == 1
+    lines = refused.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tproxy: error: --ca: "), lines
+
+    for path in (ca, *ca.iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    proxy = _tproxy(lab, args, wrapper=python)
+    address = lab.server.ipv4
+    done = lab.run(lab.client, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--max-time", "10", "--cacert", str(ca / "ca.crt"), "--resolve",
+                                f"{TLS_NAME}:{TLS_PORT}:{address}",
+                                f"https://{TLS_NAME}:{TLS_PORT}/"], check=False)  # fmt: skip
+    assert done.stdout.decode() == "200", (done.stderr, proxy.snapshot()[-3:])
+    close = proxy.wait_for(lambda e: e.get("event") == "session_close", "the close")[0]
+    assert close["tls_intercepted"] is True, close
+    keylog = keys / "keys.log"  # created by the user, 0600
+    assert (keylog.stat().st_uid, keylog.stat().st_mode & 0o777) == (NOBODY, 0o600)
+    assert keylog.read_text().strip()
+    for pid in _processes(proxy):
+        _assert_nobody_with_net_admin_only(pid)
+    assert proxy.stop() == 0
 
 
 # --- unprivileged: a user holding CAP_NET_ADMIN only ----------------------------------------------

@@ -102,6 +102,8 @@ from tproxy.service.privileges import (
     CAP_SYS_RESOURCE,
     PrivilegeError,
     check_can_mark,
+    check_code_readable,
+    code_directories,
     drop_privileges,
     has_capability,
     plan_start,
@@ -718,7 +720,9 @@ def _run(args: argparse.Namespace) -> int:
         assert user is not None
         try:
             per_worker = _open_worker_listeners(config, workers)
+            imported_from = code_directories()
             drop_privileges(user)
+            check_code_readable(user, imported_from)
         except (StartupError, PrivilegeError) as exc:
             return _fail(str(exc))
     try:  # the policy, addons, capture directory, CA and key log: as --user when given

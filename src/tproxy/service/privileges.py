@@ -42,6 +42,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cryptography
+import uvloop
+
+import tproxy
 from tproxy.interception.sockopts import SO_MARK
 
 # linux/capability.h
@@ -177,6 +181,25 @@ def check_can_mark(mark: int) -> None:
             f"cannot mark upstream sockets (SO_MARK {mark:#x}, which the rules exempt): "
             f"{exc.strerror} (needs CAP_NET_ADMIN)"
         ) from None
+
+
+def code_directories() -> list[str]:
+    """Where this process imports from as it runs (Python's library, tproxy, its dependencies):
+    a module imported late (`encodings.idna` at the first TLS name) is read from there."""
+    found = [os.path.dirname(os.__file__)]
+    for module in (tproxy, uvloop, cryptography):
+        found.append(os.path.dirname(os.path.dirname(module.__file__ or "")))
+    return list(dict.fromkeys(found))
+
+
+def check_code_readable(user: RunAs, directories: Iterable[str]) -> None:
+    """After the switch: raise PrivilegeError unless the user can read `directories` (a Python
+    under root's home, say), so that a late import fails the start, not a session."""
+    for directory in directories:
+        if directory and not os.access(directory, os.R_OK | os.X_OK):
+            raise PrivilegeError(f"--user {user.name} cannot read {directory}, where tproxy "
+                                 "imports from as it runs: install tproxy (and its Python) "
+                                 "where that user can read it")  # fmt: skip
 
 
 def bounding_drops(last_cap: int, keep: frozenset[int]) -> list[int]:
