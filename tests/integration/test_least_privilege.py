@@ -166,6 +166,11 @@ def test_user_nobody_every_process_has_net_admin_only(served_lab: Lab, shared_di
     for pid in _processes(proxy):
         _assert_nobody_with_net_admin_only(pid)
     _spoofed_http(lab, 4)
+
+    # A reload loads the addon again, as the user (as root it would raise, and be kept as is).
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for(lambda e: "reloaded the configuration in" in e.get("message", ""), "reload")
+    assert not proxy.find(lambda e: "an addon loaded as root" in str(e))
     assert proxy.stop() == 0
 
 

@@ -105,6 +105,15 @@ def test_a_hard_limit_below_the_need_is_named_in_the_fix() -> None:
     assert "fs.pipe-user-pages-hard=160000" in finding.fix
 
 
-def test_unknown_budget_or_connections_is_skipped() -> None:
+def test_unknown_budget_is_skipped() -> None:
     assert _check(None, None) is Status.SKIP
-    assert _check(16384, 0, max_connections=None) is Status.SKIP
+
+
+def test_without_max_connections_it_says_what_the_budget_covers() -> None:
+    facts = dataclasses.replace(FACTS, pipe_budget=PipeBudget(16384, 0, PAGE))
+    finding = check_pipe_budget(facts, dataclasses.replace(ROUTER, max_connections=None))
+    assert finding.status is Status.OK
+    assert "up to 512 sessions splice both ways" in finding.detail
+    facts = dataclasses.replace(FACTS, pipe_budget=PipeBudget(16384, 3200, PAGE))
+    finding = check_pipe_budget(facts, dataclasses.replace(ROUTER, max_connections=None))
+    assert "up to 100 sessions" in finding.detail

@@ -10,7 +10,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import resource
 import shlex
 import shutil
 import socket
@@ -42,7 +41,6 @@ from tproxy.core.config import (
     ProxyConfig,
     build_config,
     check_interception,
-    max_connections_for,
     parse_config_file,
     reload_from,
 )
@@ -365,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=_positive_int,
         metavar="N",
-        help="the proxy's --max-connections, to check the per-user pipe budget against "
-        "(default: what 'tproxy run' derives from this shell's open-file limit)",
+        help="the proxy's --max-connections: warn when the per-user pipe budget "
+        "(fs.pipe-user-pages-soft) is too small for that many sessions, as a user (not root)",
     )
     doctor.add_argument("--json", action="store_true",
                         help="one JSON object: {ok, expected, checks: [{check, status, detail, "
@@ -992,7 +990,7 @@ def _doctor(args: argparse.Namespace) -> int:
         divert_mark=args.divert_mark or installed.divert_mark or DEFAULT_DIVERT_MARK,
         route_table=args.table or installed.route_table or DEFAULT_ROUTE_TABLE,
         bridge=args.bridge or installed.bridge,
-        max_connections=args.max_connections or _default_max_connections(),
+        max_connections=args.max_connections,
     )
     findings = evaluate(gather(expected, listing), expected)
     ok = passed(findings)
@@ -1018,13 +1016,6 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         print("\n".join(render_text(findings)))
     return 0 if ok else 1
-
-
-def _default_max_connections() -> int:
-    """What `tproxy run` takes without --max-connections: from the open-file limit it raises
-    its soft limit to (the hard one)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max_connections_for(soft if hard == resource.RLIM_INFINITY else hard)
 
 
 def _ca(args: argparse.Namespace) -> int:

@@ -471,14 +471,20 @@ def check_pipe_budget(facts: Facts, expected: Expected) -> Finding:
     budget = facts.pipe_budget
     if budget is None or budget.soft_pages is None:
         return Finding(check, Status.SKIP, "fs.pipe-user-pages-soft could not be read")
-    if expected.max_connections is None:
-        return Finding(check, Status.SKIP, "not checked: the proxy's max connections unknown")
     soft, hard = budget.soft_pages, budget.hard_pages or 0
-    count = expected.max_connections
-    need = pipe_pages_needed(count)
     mib = soft * budget.page_bytes >> 20
     if soft == 0 and hard == 0:
         return Finding(check, Status.OK, "fs.pipe-user-pages-soft = 0: no per-user pipe limit")
+    if expected.max_connections is None:  # say what it covers; --max-connections to judge it
+        covers = min(x for x in (soft, hard) if x > 0) // pipe_pages_needed(1)
+        detail = (
+            f"fs.pipe-user-pages-soft = {soft} pages ({mib} MiB): run as a user (not root), up "
+            f"to {covers} sessions splice both ways at once with default-size pipes (doctor "
+            "--max-connections N checks N)"
+        )
+        return Finding(check, Status.OK, detail)
+    count = expected.max_connections
+    need = pipe_pages_needed(count)
     short_soft = 0 < soft < need
     short_hard = 0 < hard < need
     if not short_soft and not short_hard:
