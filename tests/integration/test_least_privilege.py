@@ -7,6 +7,7 @@ port below 1024) and every tproxy process shows the user and exactly the capabil
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import apply_rules, client_json, curl, tproxy_cli
+from tproxy.diagnostics.checks import pipe_pages_needed
 from tproxy.engine.pipes import pages_for_full_size, read_pipe_budget_pages
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_NAME, TLS_PORT, start_tls_server
@@ -325,3 +327,18 @@ def test_unprivileged_without_net_admin_is_one_line(lab: Lab, mode: str) -> None
 def _run(lab: Lab, wrapper: Sequence[str], *args: str) -> subprocess.CompletedProcess[bytes]:
     argv = [*wrapper, sys.executable, "-m", "tproxy", "run", *args]
     return lab.run(lab.router, argv, 20, check=False)
+
+
+def test_doctor_says_when_the_pipe_budget_is_too_small(lab: Lab) -> None:
+    budget = read_pipe_budget_pages()
+    if budget == 0:
+        pytest.skip("fs.pipe-user-pages-soft = 0: no budget here")
+    covered = budget // pipe_pages_needed(1)
+    for count, status in ((covered, "ok"), (covered + 1, "warn")):
+        report = json.loads(tproxy_cli(lab, lab.router, "doctor", "--json", "--max-connections",
+                                       str(count), check=False))  # fmt: skip
+        check = next(c for c in report["checks"] if c["check"] == "pipe-budget")
+        assert check["status"] == status, check
+        if status == "warn":
+            need = pipe_pages_needed(count)
+            assert check["fix"].startswith(f"sysctl -w fs.pipe-user-pages-soft={need} "), check
