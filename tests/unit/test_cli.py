@@ -71,11 +71,12 @@ def test_bad_input_is_one_line_and_status_2(
 # The options each command's help must explain; `run`'s are its option table.
 MAIN_OPTIONS = {
     (): ["--version", "run", "rules", "doctor", "lab"],
-    ("run",): [spec.flag for spec in RUN_OPTIONS if spec.flag is not None],
+    ("run",): [*(spec.flag for spec in RUN_OPTIONS if spec.flag is not None), "--user"],
     ("rules", "apply"): ["--ports", "--proxy-port", "--mark", "--divert-mark", "--table",
                          "--rule-priority", "--when-down", "--mode", "--local", "--bridge",
                          "--exclude", "--block-quic", "--dry-run"],
-    ("doctor",): ["--mode", "--bridge", "--proxy-port", "--divert-mark", "--table", "--json"],
+    ("doctor",): ["--mode", "--bridge", "--proxy-port", "--divert-mark", "--table",
+                  "--max-connections", "--json"],
     ("lab",): ["--keep-going", "--bridge"],
 }  # fmt: skip
 
@@ -111,7 +112,8 @@ def test_help_explains_the_options(
     assert out.startswith(f"usage: {' '.join(['tproxy', *command])} ")
     texts = _help_texts(command)
     if command == ("run",):
-        texts = {spec.flag: spec.help for spec in RUN_OPTIONS if spec.flag is not None}
+        own = {spec.flag: spec.help for spec in RUN_OPTIONS if spec.flag is not None}
+        texts = {**own, "--user": texts["--user"]}
     for option in MAIN_OPTIONS[command]:
         assert len(texts.get(option, "")) > 10, f"{option} has no help text"
         assert _squashed(f"{option}") in _squashed(out), f"--help does not name {option}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -15,7 +16,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -62,6 +63,7 @@ from tproxy.engine.control import (
     open_control_socket,
     take_over,
 )
+from tproxy.engine.pipes import apply_pipe_budget
 from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
@@ -103,6 +105,18 @@ from tproxy.rules.model import (
 from tproxy.rules.plan import RulesApplyError
 from tproxy.rules.render import settings_of
 from tproxy.service.notify import Notifier, NotifyError, watchdog_interval_s
+from tproxy.service.privileges import (
+    CAP_SYS_ADMIN,
+    CAP_SYS_RESOURCE,
+    PrivilegeError,
+    check_can_mark,
+    check_code_readable,
+    code_directories,
+    drop_privileges,
+    has_capability,
+    plan_start,
+    resolve_user,
+)
 from tproxy.service.units import (
     DEFAULT_USER,
     PROXY_UNIT,
@@ -194,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in RUN_OPTIONS:
         if spec.flag is not None:
             _add_option(run, spec)
+    run.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind the listeners, then run every process as NAME with only "
+        "CAP_NET_ADMIN (before any addon, policy, CA or key log file is read)",
+    )
 
     rules = commands.add_parser(
         "rules",
@@ -349,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help=f"the policy-routing table (default: the installed rules', else "
         f"{DEFAULT_ROUTE_TABLE})",
+    )
+    doctor.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="the proxy's --max-connections: warn when the per-user pipe budget "
+        "(fs.pipe-user-pages-soft) is too small for that many sessions, as a user (not root)",
     )
     doctor.add_argument("--json", action="store_true",
                         help="one JSON object: {ok, expected, checks: [{check, status, detail, "
@@ -704,24 +731,30 @@ def _load_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
     return config
 
 
-def _run(args: argparse.Namespace) -> int:
-    overrides = cli_overrides(args)
-    try:
-        config = _load_config(args.config, overrides)
-    except ConfigError as exc:
-        return _fail(str(exc))
+def _checked_config(path: str | None, overrides: dict[str, Any]) -> ProxyConfig:
+    """Everything `tproxy run` loads and checks before it serves: the file, the policy, the
+    addons, the capture directory, the CA and the key log; raises ConfigError (one sentence).
+    With --user this runs as that user, so a file it cannot read stops the start here."""
+    config = _load_config(path, overrides)
     if config.ca_dir is not None:
         try:
             load_ca(config.ca_dir)  # checked once here: a broken CA stops the start, one line
         except CAError as exc:
-            return _fail(f"--ca: {exc}")
+            raise ConfigError(f"--ca: {exc}") from None
     if config.keylog is not None:  # checked (and created 0600) once here; each worker opens it
-        try:
-            os.close(open_keylog(config.keylog)[0])
-        except ConfigError as exc:
-            return _fail(str(exc))
-    reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
-    reload = partial(_load_config, args.config, overrides) if reloadable else None
+        os.close(open_keylog(config.keylog)[0])
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = cli_overrides(args)
+    try:
+        user = resolve_user(args.user) if args.user is not None else None
+        plan = plan_start(os.geteuid(), user)
+        # The file and the command line, checked, nothing loaded yet: what binding needs.
+        config = _unit_config(args.config, overrides)
+    except (PrivilegeError, ConfigError) as exc:
+        return _fail(str(exc))
     workers = args.workers or os.cpu_count() or 1
     if workers > MAX_WORKER:  # the session id has room for this many
         return _fail(f"--workers {workers} is more than tproxy runs ({MAX_WORKER} at most)")
@@ -732,26 +765,51 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     supervised = workers > 1 or notifier.enabled or args.takeover
     control_path = config.control or default_control_path()
-    successor: socket.socket | None = None  # --takeover: the connection to the running proxy
-    control: tuple[socket.socket, str] | None = None
-    no_control: str | None = None  # why there is none (said once serving)
-    try:
-        if args.takeover:
-            successor, reply, fds = take_over(control_path)
-            per_worker = adopt(reply, fds, config.listen, workers)
-        else:
-            if supervised:
-                control, no_control = _control_socket(
-                    control_path, explicit=config.control is not None
-                )
-            per_worker = _open_worker_listeners(config, workers)
-    except (ControlError, StartupError) as exc:
-        if successor is not None:
-            successor.close()
-        if control is not None:
-            control[0].close()
-            os.unlink(control[1])
+    bound: _Bound | None = None
+    if plan.drop:  # bind as root (transparent, below 1024), then nothing else runs as root
+        assert user is not None
+        try:
+            bound = _bind(args.takeover, config, workers, supervised, control_path)
+            imported_from = code_directories()
+            drop_privileges(user)
+            check_code_readable(user, imported_from)
+        except (ControlError, StartupError, PrivilegeError) as exc:
+            if bound is not None:
+                bound.abandon()
+            return _fail(str(exc))
+    try:  # the policy, addons, capture directory, CA and key log: as --user when given
+        config = _checked_config(args.config, overrides)
+    except ConfigError as exc:
+        if bound is not None:
+            bound.abandon()
         return _fail(str(exc))
+    reloadable = args.config is not None or config.policy is not None or bool(config.addon_files)
+    reload = partial(_load_config, args.config, overrides) if reloadable else None
+    if bound is None:
+        try:
+            bound = _bind(args.takeover, config, workers, supervised, control_path)
+        except (ControlError, StartupError) as exc:
+            return _fail(str(exc))
+    try:
+        check_can_mark(config.mark)
+    except PrivilegeError as exc:
+        bound.abandon()
+        return _fail(str(exc))
+    per_worker, control, successor = bound.per_worker, bound.control, bound.successor
+    start_log = EventLog(config.log_format, worker=0 if supervised else None)
+    if plan.notice is not None:
+        start_log.emit(Notice(plan.notice))
+    if plan.drop:
+        assert user is not None
+        start_log.emit(Notice(f"running as {user.name} (uid {user.uid}, gid {user.gid}) with "
+                              "CAP_NET_ADMIN only"))  # fmt: skip
+    # As a user (not root), every pipe of every worker counts against one per-user budget.
+    exempt = has_capability(CAP_SYS_RESOURCE) or has_capability(CAP_SYS_ADMIN)
+    pipes_notice = apply_pipe_budget(workers, limited=not exempt)
+    if pipes_notice is not None:
+        start_log.emit(Notice(pipes_notice))
+    if bound.no_control is not None:
+        start_log.emit(Notice(bound.no_control))
     everyone = list({id(s): s for own in per_worker for s in own}.values())
     # The configuration a worker starts with: a worker restarted after a SIGHUP is forked from a
     # supervisor that has reloaded too, so it starts with what its siblings run.
@@ -786,8 +844,6 @@ def _run(args: argparse.Namespace) -> int:
     if not supervised:  # (under systemd, or taking over, a supervisor is needed)
         return worker_main(None)
     supervisor_log = EventLog(config.log_format, worker=0)
-    if no_control is not None:
-        supervisor_log.emit(Notice(no_control))
 
     def on_reload() -> None:
         """The supervisor's part of SIGHUP: its own log's format, what a restarted worker starts
@@ -827,6 +883,56 @@ def _run(args: argparse.Namespace) -> int:
     notifier.close()
     close_all(everyone)
     return code
+
+
+@dataclass
+class _Bound:
+    """What `tproxy run` holds once it may serve: each worker's listening sockets, the control
+    socket (or why there is none), and with `--takeover` the connection to the running proxy."""
+
+    per_worker: list[list[socket.socket]]
+    control: tuple[socket.socket, str] | None = None
+    no_control: str | None = None
+    successor: socket.socket | None = None
+
+    def abandon(self) -> None:
+        """The start failed after binding: let go of everything (the running proxy, if taking
+        over, goes on serving)."""
+        for sock in {id(s): s for own in self.per_worker for s in own}.values():
+            sock.close()
+        if self.successor is not None:
+            self.successor.close()
+        if self.control is not None:
+            self.control[0].close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.control[1])
+
+
+def _bind(
+    takeover: bool, config: ProxyConfig, workers: int, supervised: bool, control_path: str
+) -> _Bound:
+    """The listening sockets, taken over from the running proxy (`--takeover`) or bound, and
+    the control socket (first: a running proxy is named before the port is found taken).
+
+    Raises:
+        ControlError, StartupError: one line for the user; nothing stays open.
+    """
+    if takeover:
+        successor, reply, fds = take_over(control_path)
+        try:
+            return _Bound(adopt(reply, fds, config.listen, workers), successor=successor)
+        except ControlError:
+            successor.close()
+            raise
+    control, no_control = (None, None)
+    if supervised:
+        control, no_control = _control_socket(control_path, explicit=config.control is not None)
+    try:
+        per_worker = _open_worker_listeners(config, workers)
+    except StartupError:
+        _Bound([], control).abandon()
+        raise
+    return _Bound(per_worker, control, no_control)
 
 
 def _control_socket(
@@ -1024,6 +1130,7 @@ def _doctor(args: argparse.Namespace) -> int:
         divert_mark=args.divert_mark or installed.divert_mark or DEFAULT_DIVERT_MARK,
         route_table=args.table or installed.route_table or DEFAULT_ROUTE_TABLE,
         bridge=args.bridge or installed.bridge,
+        max_connections=args.max_connections,
     )
     findings = evaluate(gather(expected, listing), expected)
     ok = passed(findings)
@@ -1036,6 +1143,7 @@ def _doctor(args: argparse.Namespace) -> int:
                 "divert_mark": expected.divert_mark,
                 "route_table": expected.route_table,
                 "bridge": expected.bridge,
+                "max_connections": expected.max_connections,
             },
             # What the installed rules exempt and block (empty and false without rules).
             "installed": {

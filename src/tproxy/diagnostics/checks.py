@@ -51,6 +51,8 @@ class Expected:
     divert_mark: int
     route_table: int
     bridge: str | None = None
+    # The proxy's --max-connections (None: not known, the pipe budget is not checked).
+    max_connections: int | None = None
 
     @property
     def router(self) -> bool:
@@ -63,6 +65,15 @@ class BridgeFacts:
     mac: str
     ipv4: tuple[str, ...]
     ports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipeBudget:
+    """fs.pipe-user-pages-soft and -hard (None: unreadable; 0: no limit) and the page size."""
+
+    soft_pages: int | None
+    hard_pages: int | None
+    page_bytes: int
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Facts:
     listening: frozenset[int]  # TCP ports something listens on
     diverted_ports: str = ""  # the divert_ports set's elements, as nft prints them
     notes: tuple[str, ...] = field(default_factory=tuple)
+    pipe_budget: PipeBudget | None = None
 
 
 def _sysctl(facts: Facts, name: str) -> str | None:
@@ -441,6 +453,58 @@ def check_listener(facts: Facts, expected: Expected) -> Finding:
     )  # fmt: skip
 
 
+# The kernel's default pipe: 16 pages (include/linux/pipe_fs_i.h: PIPE_DEF_BUFFERS).
+PIPE_DEF_BUFFERS = 16
+
+
+def pipe_pages_needed(max_connections: int) -> int:
+    """The pipe budget at which every session may splice both ways at once through pipes of
+    the kernel's default size (a direction holds a pipe only while its bytes are in flight)."""
+    return 2 * max_connections * PIPE_DEF_BUFFERS
+
+
+def check_pipe_budget(facts: Facts, expected: Expected) -> Finding:
+    """Run as a user (not root), every splice pipe of the proxy counts against one per-user
+    budget; past it new pipes get 2 pages (still spliced, more slowly), past the hard limit
+    none (copied instead). Root, or CAP_SYS_RESOURCE, is not limited."""
+    check = "pipe-budget"
+    budget = facts.pipe_budget
+    if budget is None or budget.soft_pages is None:
+        return Finding(check, Status.SKIP, "fs.pipe-user-pages-soft could not be read")
+    soft, hard = budget.soft_pages, budget.hard_pages or 0
+    mib = soft * budget.page_bytes >> 20
+    if soft == 0 and hard == 0:
+        return Finding(check, Status.OK, "fs.pipe-user-pages-soft = 0: no per-user pipe limit")
+    if expected.max_connections is None:  # say what it covers; --max-connections to judge it
+        covers = min(x for x in (soft, hard) if x > 0) // pipe_pages_needed(1)
+        detail = (
+            f"fs.pipe-user-pages-soft = {soft} pages ({mib} MiB): run as a user (not root), up "
+            f"to {covers} sessions splice both ways at once with default-size pipes (doctor "
+            "--max-connections N checks N)"
+        )
+        return Finding(check, Status.OK, detail)
+    count = expected.max_connections
+    need = pipe_pages_needed(count)
+    short_soft = 0 < soft < need
+    short_hard = 0 < hard < need
+    if not short_soft and not short_hard:
+        return Finding(check, Status.OK, f"fs.pipe-user-pages-soft = {soft} pages ({mib} MiB): "
+                       f"enough for {count} sessions splicing both ways at once")  # fmt: skip
+    detail = (
+        f"fs.pipe-user-pages-soft = {soft} pages ({mib} MiB), fs.pipe-user-pages-hard = {hard}: "
+        f"a proxy run as a user (--user, systemd's User=; root is exempt) with {count} max "
+        f"connections needs {need} pages for all of them to splice both ways at once"
+    )
+    if short_soft:
+        detail += "; past the soft limit each new pipe gets 8 KiB (spliced, more slowly)"
+    if short_hard:
+        detail += "; past the hard limit no pipe at all (those bytes are copied)"
+    fix = f"sysctl -w fs.pipe-user-pages-soft={need}"
+    if short_hard:
+        fix += f" fs.pipe-user-pages-hard={need}"
+    return Finding(check, Status.WARN, detail, fix + " (and persist it in /etc/sysctl.d/)")
+
+
 def evaluate(facts: Facts, expected: Expected) -> list[Finding]:
     """Every check, in the order an operator would fix them."""
     return [
@@ -456,6 +520,7 @@ def evaluate(facts: Facts, expected: Expected) -> list[Finding]:
         check_rules(facts, expected),
         *check_policy(facts),
         check_listener(facts, expected),
+        check_pipe_budget(facts, expected),
     ]
 
 

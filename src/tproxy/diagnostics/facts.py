@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
-from tproxy.diagnostics.checks import BridgeFacts, Expected, Facts
+from tproxy.diagnostics.checks import BridgeFacts, Expected, Facts, PipeBudget
 from tproxy.interception.sockopts import IP_TRANSPARENT
 from tproxy.rules.apply import (
     Runner,
@@ -112,6 +112,19 @@ def _diverted_ports(listing: str | None) -> str:
     return " ".join(match.group(1).split()) if match else ""
 
 
+def _pages(name: str) -> int | None:
+    value = read_sysctl(name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def pipe_budget() -> PipeBudget:
+    return PipeBudget(_pages("fs.pipe-user-pages-soft"), _pages("fs.pipe-user-pages-hard"),
+                      os.sysconf("SC_PAGE_SIZE"))  # fmt: skip
+
+
 def gather(expected: Expected, table: str | None, runner: Runner = run_command) -> Facts:
     """Everything `checks.evaluate` looks at, read from the current network namespace.
 
@@ -155,4 +168,5 @@ def gather(expected: Expected, table: str | None, runner: Runner = run_command) 
         bridge=bridge,
         listening=frozenset(listening),
         diverted_ports=_diverted_ports(table),
+        pipe_budget=pipe_budget(),
     )

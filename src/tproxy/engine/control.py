@@ -145,7 +145,8 @@ def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int
     if fds:
         sent = socket.send_fds(sock, [data], list(fds))
         data = data[sent:]
-    sock.sendall(data)
+    if data:  # (even an empty send fails once the peer has gone)
+        sock.sendall(data)
 
 
 def receive_with_fds(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -350,6 +351,10 @@ def finish_takeover(conn: socket.socket, path: str) -> socket.socket:
         conn.close()
     if reply is None or not reply.get("ok"):
         raise ControlError("takeover: the running tproxy did not acknowledge the drain")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except OSError as exc:
+        why = f"takeover done, but no control socket: {path}: {exc.strerror}"
+        raise ControlError(why) from None
     return open_control_socket(path)
