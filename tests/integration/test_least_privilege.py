@@ -7,19 +7,22 @@ port below 1024) and every tproxy process shows the user and exactly the capabil
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+import tproxy
 from tests.integration.conftest import apply_rules, client_json, curl, tproxy_cli
 from tproxy.diagnostics.checks import pipe_pages_needed
 from tproxy.engine.pipes import pages_for_full_size, read_pipe_budget_pages
@@ -43,28 +46,64 @@ def _as_nobody(*caps: str) -> list[str]:
     return [*wrapper, "--"]
 
 
-UNPRIVILEGED = _as_nobody("net_admin")
-
-
 def _readable_by_nobody(path: str) -> bool:
     argv = [*_as_nobody(), "test", "-r", path, "-a", "-x", path]
     return subprocess.run(argv, check=False).returncode == 0
 
 
+_STAGED: list[str] = []  # the readable copy, made once per test session
+
+
+def _staged_code() -> str:
+    """A copy of tproxy and its runtime dependencies in a directory every user may read (the
+    checkout may be under a 0700 directory: root's home, mkdtemp's), made once; removed at
+    exit."""
+    if _STAGED:
+        return _STAGED[0]
+    staged = Path(tempfile.mkdtemp(prefix="tproxy-nobody-code-"))
+    atexit.register(shutil.rmtree, staged, True)
+    shutil.copytree(Path(tproxy.__file__).parent, staged / "tproxy",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    todo, seen = ["uvloop", "httptools", "cryptography"], set()
+    while todo:  # the closure of the runtime dependencies, each distribution's files
+        name = re.split(r"[ ;<>=!~\[]", todo.pop())[0].lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = metadata.distribution(name)
+        for file in dist.files or ():
+            source = Path(str(dist.locate_file(file)))
+            target = staged / file
+            if source.is_file() and ".." not in file.parts:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        todo += [r for r in dist.requires or () if "extra ==" not in r]
+    for path in (staged, *staged.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    _STAGED.append(str(staged))
+    return str(staged)
+
+
 def _python_nobody_reads() -> list[str]:
-    """A wrapper that runs `python -m tproxy ARGS` with an interpreter whose library nobody
-    can read, for `--user nobody` (the tests' own may live under root's home, 0700: then the
-    system's Python of the same version, with this environment's packages)."""
-    if _readable_by_nobody(os.path.dirname(os.__file__)):
+    """A wrapper that runs `python -m tproxy ARGS` with an interpreter and code that uid 65534
+    can read: the tests' own when it can, else the system's Python of the same version (`-S`:
+    not the system's packages) with a readable copy of tproxy and its dependencies."""
+    package = os.path.dirname(os.path.dirname(__file__))  # (a path inside the checkout)
+    if _readable_by_nobody(os.path.dirname(os.__file__)) and _readable_by_nobody(package):
         return []
     system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    if not os.path.exists(system) or not _readable_by_nobody(sysconfig.get_paths()["purelib"]):
-        pytest.skip(f"no Python that uid {NOBODY} can read (this one is {sys.executable})")
+    if not os.path.exists(system):
+        pytest.fail(f"uid {NOBODY} cannot read {sys.executable}, and there is no {system}")
     launch = (
-        f"import runpy, site, sys; site.addsitedir({sysconfig.get_paths()['purelib']!r}); "
+        f"import runpy, sys; sys.path.insert(0, {_staged_code()!r}); "
         "sys.argv = ['tproxy', *sys.argv[4:]]; runpy.run_module('tproxy', run_name='__main__')"
     )  # argv: -c, the tests' python, -m, tproxy, ARGS
-    return [system, "-S", "-c", launch]  # -S: not the system's own packages
+    return [system, "-S", "-c", launch]
+
+
+def _unprivileged(*caps: str) -> list[str]:
+    """setpriv as `_as_nobody(*caps)`, then a Python that uid 65534 can run tproxy with."""
+    return [*_as_nobody(*caps), *_python_nobody_reads()]
 
 
 def _tproxy(lab: Lab, args: Sequence[str], wrapper: Sequence[str] = ()) -> ProxyProcess:
@@ -272,7 +311,7 @@ def test_user_tls_interception_reads_the_ca_as_the_user(lab: Lab, shared_dir: Pa
 def test_unprivileged_spoofing_ipv4_and_ipv6_with_workers(served_lab: Lab) -> None:
     lab = served_lab
     apply_rules(lab, "--ports", f"{HTTP_PORT},{PEER_PORT}")
-    proxy = _tproxy(lab, ["--spoof-source"], wrapper=UNPRIVILEGED)
+    proxy = _tproxy(lab, ["--spoof-source"], wrapper=_unprivileged("net_admin"))
     for family in (4, 6):
         _spoofed_http(lab, family)
         _intact(lab, family)
@@ -293,7 +332,7 @@ def _assert_nobody_with_net_admin_only_inherited(pid: int) -> None:
 def test_unprivileged_redirect_mode(served_lab: Lab) -> None:
     lab = served_lab
     apply_rules(lab, "--ports", f"{HTTP_PORT},{PEER_PORT}", "--mode", "redirect")
-    proxy = _tproxy(lab, ["--mode", "redirect"], wrapper=UNPRIVILEGED)
+    proxy = _tproxy(lab, ["--mode", "redirect"], wrapper=_unprivileged("net_admin"))
     for family in (4, 6):
         code, _ = curl(lab, f"http://{lab.server.endpoint(HTTP_PORT, family)}/")
         assert code == 200
@@ -305,11 +344,11 @@ def test_unprivileged_listener_below_1024_needs_net_bind_service(served_lab: Lab
     lab = served_lab
     apply_rules(lab, "--ports", str(HTTP_PORT), "--proxy-port", "800")
     listen = ["--listen", "0.0.0.0:800", "--listen", "[::]:800", "--spoof-source"]
-    refused = _run(lab, UNPRIVILEGED, *listen)
+    refused = _run(lab, _unprivileged("net_admin"), *listen)
     assert refused.returncode == 1
     assert len(refused.stderr.decode().splitlines()) == 1, refused.stderr
     assert "cannot listen on 0.0.0.0:800: Permission denied" in refused.stderr.decode()
-    proxy = _tproxy(lab, listen, wrapper=_as_nobody("net_admin", "net_bind_service"))
+    proxy = _tproxy(lab, listen, wrapper=_unprivileged("net_admin", "net_bind_service"))
     for family in (4, 6):
         _spoofed_http(lab, family)
     assert proxy.stop() == 0
@@ -317,7 +356,7 @@ def test_unprivileged_listener_below_1024_needs_net_bind_service(served_lab: Lab
 
 @pytest.mark.parametrize("mode", ["tproxy", "redirect"])
 def test_unprivileged_without_net_admin_is_one_line(lab: Lab, mode: str) -> None:
-    result = _run(lab, _as_nobody(), "--mode", mode, "--workers", "2")
+    result = _run(lab, _unprivileged(), "--mode", mode, "--workers", "2")
     assert result.returncode == 1
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1, lines
