@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -213,6 +214,25 @@ def test_user_nobody_every_process_has_net_admin_only(served_lab: Lab, shared_di
     proxy.wait_for(lambda e: "reloaded the configuration in" in e.get("message", ""), "reload")
     assert not proxy.find(lambda e: "an addon loaded as root" in str(e))
     assert proxy.stop() == 0
+
+
+def test_user_takeover_leaves_the_new_one_answering_on_the_control_socket(lab: Lab) -> None:
+    """With --user the new process serves as the user when it takes the control socket's path
+    over (root's directory, /run/tproxy): it must still answer there, so that a second proxy
+    is refused and it can be taken over in turn."""
+    python = _python_nobody_reads()
+    old = _tproxy(lab, ["--user", "nobody"], wrapper=python)
+    new = _tproxy(lab, ["--user", "nobody", "--takeover"], wrapper=python)
+    try:
+        wait_until(lambda: old.proc.poll() is not None, 60, "the old tproxy to drain and exit")
+        assert old.proc.returncode == 0, old.stderr_text()
+        time.sleep(0.5)
+        assert _notices(new, "control socket") == []
+        again = _run(lab, [])
+        assert again.returncode == 1, again
+        assert "another tproxy is running" in again.stderr.decode(), again.stderr
+    finally:
+        new.stop()
 
 
 def test_user_a_file_the_user_cannot_read_stops_the_start(lab: Lab, shared_dir: Path) -> None:

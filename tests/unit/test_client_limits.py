@@ -79,7 +79,7 @@ def test_a_flood_of_addresses_keeps_memory_bounded_and_live_clients_counted() ->
         key = f"flood{i}"
         limits.admit(key, 0.0)
         limits.release(key)
-    assert len(limits) <= 1000
+    assert len(limits) <= 1000 + 50  # the idle ones remembered, and the busy ones
     assert all(limits.admit(f"live{i}", 1.0) == PER_CLIENT_LIVE for i in range(50))
 
 
@@ -107,3 +107,14 @@ def test_the_busiest_clients_come_first_and_the_rest_are_counted() -> None:
         "2001:db8:1::/64 100, 198.18.1.8 8, 198.18.1.7 7, 198.18.1.6 6, 198.18.1.5 5 "
         "(and 4 more clients)"
     )
+
+
+def test_past_capacity_with_every_remembered_client_busy_a_new_client_is_still_counted() -> None:
+    limits = ClientLimits(max_live=1, rate=None, capacity=4)
+    for i in range(4):  # as many clients with a live session as idle ones are remembered
+        assert limits.admit(f"busy{i}", 0.0) is None
+    assert limits.admit("new", 0.0) is None
+    assert limits.live("new") == 1  # counted: not forgotten the moment it came
+    assert limits.admit("new", 0.0) == PER_CLIENT_LIVE
+    limits.release("new")
+    assert limits.admit("new", 0.0) is None

@@ -94,10 +94,12 @@ def test_a_takeover_hands_over_the_same_sockets_and_drains_when_told(tmp_path: P
                            handover=lambda: handover(endpoints, per_worker),
                            on_drain=loop.drained.set, on_notice=loop.notices.append)  # fmt: skip
     got: dict[str, object] = {}
+    inode = os.stat(path).st_ino
 
     def new_process() -> None:
-        conn, reply, fds = take_over(path)
+        conn, control, reply, fds = take_over(path)
         got["adopted"] = adopt(reply, fds, endpoints, 2)
+        got["control"] = control
         got["conn"] = conn
 
     thread = threading.Thread(target=new_process)
@@ -116,16 +118,28 @@ def test_a_takeover_hands_over_the_same_sockets_and_drains_when_told(tmp_path: P
     accepted.close()
     client.close()
     assert not loop.drained.is_set()  # not before the new one serves
-    conn = got["conn"]
-    assert isinstance(conn, socket.socket)
+    conn, control = got["conn"], got["control"]
+    assert isinstance(conn, socket.socket) and isinstance(control, socket.socket)
     result: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: result.update(sock=finish_takeover(conn, path)))
+    thread = threading.Thread(target=lambda: result.update(sock=finish_takeover(conn, control)))
     thread.start()
     loop.run_until(loop.drained.is_set)
     thread.join()
-    server.close()  # the old one's end: the path is the new one's now
     new_control = result["sock"]
-    assert isinstance(new_control, socket.socket) and os.path.exists(path)
+    assert isinstance(new_control, socket.socket)
+    # The path answers through the new one's socket from now on, without being unlinked and
+    # bound again (a process that has dropped root could not in /run/tproxy): the old one no
+    # longer accepts there.
+    asking = socket.socket(socket.AF_UNIX)
+    asking.connect(path)
+    loop.run_until(lambda: True)
+    new_control.setblocking(True)
+    new_control.settimeout(2)
+    accepted, _ = new_control.accept()
+    accepted.close()
+    asking.close()
+    server.close()  # the old one's end: the path is the new one's now
+    assert os.stat(path).st_ino == inode
     new_control.close()
     for own in adopted:
         for sock in own:
@@ -145,9 +159,10 @@ def test_an_abandoned_takeover_drains_nothing(tmp_path: Path) -> None:
     got: list[socket.socket] = []
 
     def new_process_that_dies() -> None:
-        conn, _, fds = take_over(path)
+        conn, control, _, fds = take_over(path)
         for fd in fds:
             os.close(fd)
+        control.close()
         conn.close()
         got.append(conn)
 

@@ -15,6 +15,7 @@ import uvloop
 from tproxy.core.config import LogFormat, ProxyConfig
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session_id import SessionIds, decode
+from tproxy.engine.client_limits import ClientLimits
 from tproxy.engine.poller import Poller
 from tproxy.engine.session import Phase, Session, SessionContext
 from tproxy.interception.self_connect import SelfConnectGuard
@@ -165,6 +166,30 @@ def test_an_error_in_a_callback_fails_only_this_session_with_one_close() -> None
             assert events[-2]["error"] == "RuntimeError: boom"
             assert events[-1]["reason"] == "error" and h.ctx.active == 0
             assert session.phase is Phase.CLOSED
+        finally:
+            h.close()
+
+    _run(scenario)
+
+
+def test_a_session_releases_its_client_where_it_was_admitted_across_reloads() -> None:
+    """Per-client limits turned off and on again by reloads: a session admitted before releases
+    into the limits that admitted it, not into the new ones (whose count it is not in)."""
+
+    async def scenario() -> None:
+        h = Harness(ProxyConfig())
+        try:
+            before = ClientLimits(max_live=1, rate=None)
+            h.ctx.client_limits = before
+            assert before.admit("198.18.0.9", 0.0) is None
+            session = Session(h.ctx, h.session._client_sock, ("198.18.0.9", 1), "198.18.0.9")
+            h.ctx.client_limits = None  # a reload turns them off...
+            after = ClientLimits(max_live=1, rate=None)
+            h.ctx.client_limits = after  # ...and another on: a new count
+            assert after.admit("198.18.0.9", 0.0) is None
+            session.close(CloseReason.ERROR)
+            assert after.live("198.18.0.9") == 1  # the newer session still counts
+            assert after.admit("198.18.0.9", 0.0) is not None
         finally:
             h.close()
 

@@ -796,6 +796,7 @@ def _run(args: argparse.Namespace) -> int:
         bound.abandon()
         return _fail(str(exc))
     per_worker, control, successor = bound.per_worker, bound.control, bound.successor
+    their_control = bound.their_control
     start_log = EventLog(config.log_format, worker=0 if supervised else None)
     if plan.notice is not None:
         start_log.emit(Notice(plan.notice))
@@ -821,6 +822,8 @@ def _run(args: argparse.Namespace) -> int:
         close_all([s for s in everyone if s not in own])  # other workers' sockets
         if successor is not None:  # the supervisor's, to the proxy it takes over from
             successor.close()
+        if their_control is not None:  # the supervisor's to serve once that one drains
+            their_control.close()
         log = EventLog(config.log_format, worker=worker_id)
         channel = None
         if worker_id is not None and channel_sock is not None:
@@ -870,9 +873,9 @@ def _run(args: argparse.Namespace) -> int:
     def on_serving() -> tuple[socket.socket, str] | None:
         """Every worker serves: a takeover's old proxy may drain now, and its control socket's
         path is ours."""
-        if successor is None:
+        if successor is None or their_control is None:
             return None
-        return finish_takeover(successor, control_path), control_path
+        return finish_takeover(successor, their_control), control_path
 
     def handover() -> tuple[dict[str, Any], list[int]]:
         return takeover_handover(config.listen, per_worker)
@@ -888,12 +891,14 @@ def _run(args: argparse.Namespace) -> int:
 @dataclass
 class _Bound:
     """What `tproxy run` holds once it may serve: each worker's listening sockets, the control
-    socket (or why there is none), and with `--takeover` the connection to the running proxy."""
+    socket (or why there is none), and with `--takeover` the connection to the running proxy
+    and its control socket (served once it drains)."""
 
     per_worker: list[list[socket.socket]]
     control: tuple[socket.socket, str] | None = None
     no_control: str | None = None
     successor: socket.socket | None = None
+    their_control: socket.socket | None = None
 
     def abandon(self) -> None:
         """The start failed after binding: let go of everything (the running proxy, if taking
@@ -902,6 +907,8 @@ class _Bound:
             sock.close()
         if self.successor is not None:
             self.successor.close()
+        if self.their_control is not None:
+            self.their_control.close()
         if self.control is not None:
             self.control[0].close()
             with contextlib.suppress(OSError):
@@ -918,12 +925,14 @@ def _bind(
         ControlError, StartupError: one line for the user; nothing stays open.
     """
     if takeover:
-        successor, reply, fds = take_over(control_path)
+        successor, their_control, reply, fds = take_over(control_path)
         try:
-            return _Bound(adopt(reply, fds, config.listen, workers), successor=successor)
+            per_worker = adopt(reply, fds, config.listen, workers)
         except ControlError:
             successor.close()
+            their_control.close()
             raise
+        return _Bound(per_worker, successor=successor, their_control=their_control)
     control, no_control = (None, None)
     if supervised:
         control, no_control = _control_socket(control_path, explicit=config.control is not None)

@@ -13,7 +13,9 @@ counts: the limits are exact across workers without sharing anything.
 
 Bounded under a flood of spoofed or rotating addresses: a client is kept while it has live
 sessions (those are bounded by `--max-connections`) and, idle, only among the `capacity` most
-recently seen; forgetting an idle client refills its bucket, which is all a flood can win.
+recently seen; forgetting an idle client refills its bucket, which is all a flood can win. The
+clients with live sessions are kept apart from the idle ones, so forgetting costs one step
+however many clients are busy, and a new client is never forgotten before it is counted.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class ClientLimits:
         capacity: idle clients remembered at most.
     """
 
-    __slots__ = ("_clients", "capacity", "max_live", "rate")
+    __slots__ = ("_busy", "_idle", "capacity", "max_live", "rate")
 
     def __init__(
         self, max_live: int | None, rate: float | None, capacity: int = DEFAULT_CAPACITY
@@ -67,11 +69,13 @@ class ClientLimits:
         self.max_live = max_live
         self.rate = rate
         self.capacity = capacity
-        # Least recently seen first; clients with live sessions are never dropped.
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        # Clients with live sessions (never forgotten), and the idle ones, least recently seen
+        # first (at most `capacity`).
+        self._busy: dict[str, _Client] = {}
+        self._idle: OrderedDict[str, _Client] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._busy) + len(self._idle)
 
     @property
     def burst(self) -> float:
@@ -84,13 +88,21 @@ class ClientLimits:
     def admit(self, key: str, now: float) -> str | None:
         """A new connection from client `key`: None when it may go on (then it counts as live
         until `release`), else the limit it is over (`PER_CLIENT_LIVE`, `PER_CLIENT_RATE`)."""
-        clients = self._clients
-        client = clients.get(key)
+        client = self._busy.get(key)
         if client is None:
-            client = clients[key] = _Client(math.inf, now)  # a full bucket, whatever the rate
+            # Idle (taken out: it goes back as the most recently seen) or new, with a full
+            # bucket whatever the rate.
+            client = self._idle.pop(key, None) or _Client(math.inf, now)
+        over = self._over(client, now)
+        if over is None:
+            client.live += 1
+            self._busy[key] = client
+        elif not client.live:
+            self._idle[key] = client
             self._bound()
-        else:
-            clients.move_to_end(key)
+        return over
+
+    def _over(self, client: _Client, now: float) -> str | None:
         if self.max_live is not None and client.live >= self.max_live:
             return PER_CLIENT_LIVE
         if self.rate is not None:
@@ -100,32 +112,28 @@ class ClientLimits:
                 client.tokens = tokens
                 return PER_CLIENT_RATE
             client.tokens = tokens - 1.0
-        client.live += 1
         return None
 
     def release(self, key: str) -> None:
         """A session `admit` let in has ended."""
-        client = self._clients.get(key)
-        if client is not None and client.live > 0:
-            client.live -= 1
+        client = self._busy.get(key)
+        if client is None:
+            return
+        client.live -= 1
+        if not client.live:
+            del self._busy[key]
+            self._idle[key] = client
+            self._bound()
 
     def live(self, key: str) -> int:
-        client = self._clients.get(key)
+        client = self._busy.get(key)
         return 0 if client is None else client.live
 
     def _bound(self) -> None:
-        """Forget the least recently seen idle clients past `capacity`; a client with live
-        sessions met on the way goes to the back (it is in use), so each call costs a few
-        steps (past `capacity` only while more clients than that have live sessions)."""
-        clients = self._clients
-        steps = len(clients)
-        while len(clients) > self.capacity and steps > 0:
-            steps -= 1
-            key = next(iter(clients))
-            if clients[key].live:
-                clients.move_to_end(key)
-            else:
-                del clients[key]
+        """Forget the least recently seen idle clients past `capacity`."""
+        idle = self._idle
+        while len(idle) > self.capacity:
+            idle.popitem(last=False)
 
 
 def limits_for(

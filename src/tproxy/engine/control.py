@@ -14,11 +14,14 @@ commands:
 
 * `takeover` (`tproxy run --takeover`, a seamless restart): the reply holds every listening
   socket (each endpoint's, one per worker, in the order of the reuseport group: the steering
-  keeps its clients on the same worker index) with the endpoints and the worker count. The
-  connection stays open; the new process sends `{"command": "drain"}` on it once all its
-  workers serve, and then the old one drains and exits as on SIGTERM -- its live sessions finish
-  there. If the new process goes away before that (it failed to start), the old one keeps
-  serving, as if nothing had happened. The listening sockets never close in between: no
+  keeps its clients on the same worker index) with the endpoints and the worker count, and last
+  the control socket itself. The connection stays open; the new process sends
+  `{"command": "drain"}` on it once all its workers serve, and then the old one stops answering
+  on the control socket (the new one answers there from then on: the same socket, so the path
+  is never unlinked and bound again, which a process that has dropped root could not do in
+  /run/tproxy), and drains and exits as on SIGTERM -- its live sessions finish there. If the
+  new process goes away before that (it failed to start), the old one keeps serving, as if
+  nothing had happened. The listening sockets never close in between: no
   connection attempt is refused or reset.
 
 Everything here is blocking I/O with short timeouts on one local connection at a time, run from
@@ -268,7 +271,7 @@ class ControlServer:
             send_message(conn, {"ok": False, "error": why})
             return False
         reply, fds = self._handover()
-        send_message(conn, reply, fds)
+        send_message(conn, reply, [*fds, self._sock.fileno()])  # the control socket last
         self._successor = conn
         conn.settimeout(IO_TIMEOUT_S)
         self._watch(conn, self._on_successor)
@@ -293,6 +296,7 @@ class ControlServer:
             send_message(conn, {"ok": True})
         self.handed_over = True
         self._end_successor()
+        self._stop_listening()  # the new one answers on it now
         self._on_notice("takeover: the new tproxy serves; draining this one")
         self._on_drain()
 
@@ -308,22 +312,28 @@ class ControlServer:
             self._successor.close()
         self._sock.close()
 
+    def _stop_listening(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._watch(self._sock, None)
+            self._sock.close()
+
     def close(self) -> None:
         """Stop listening; unlink the path unless it is the new process's now."""
         self._end_successor()
-        self._watch(self._sock, None)
-        self._sock.close()
+        self._stop_listening()
         if not self.handed_over:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
 
 
-def take_over(path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
+def take_over(path: str) -> tuple[socket.socket, socket.socket, dict[str, Any], list[int]]:
     """The new process's half: ask the running proxy at `path` for its listening sockets; the
-    connection (kept for `finish_takeover`), its reply and the descriptors.
+    connection (kept for `finish_takeover`), the running proxy's control socket (for
+    `finish_takeover` too: not to be served before), its reply and the listening sockets'
+    descriptors (for `takeover.adopt`).
 
     Raises:
-        ControlError: nobody answers, or the answer is not one.
+        ControlError: nobody answers, it refused, or the answer is not one.
     """
     conn = connect(path)
     try:
@@ -332,29 +342,43 @@ def take_over(path: str) -> tuple[socket.socket, dict[str, Any], list[int]]:
     except (ControlError, OSError) as exc:
         conn.close()
         raise ControlError(f"takeover: {exc}") from None
-    return conn, message, fds
+    try:
+        if not message.get("ok"):
+            raise ControlError(f"the running tproxy refused: {message.get('error', '?')}")
+        if not fds:
+            raise ControlError("the running tproxy sent no control socket")
+        control = socket.socket(fileno=fds.pop())
+        if control.family != socket.AF_UNIX or not control.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            control.close()
+            raise ControlError("what came as the control socket is not a listening one")
+    except (ControlError, OSError) as exc:
+        _close(fds)
+        conn.close()
+        raise ControlError(f"takeover: {exc}") from None
+    return conn, control, message, fds
 
 
-def finish_takeover(conn: socket.socket, path: str) -> socket.socket:
-    """The new process serves: tell the old one to drain, then listen on the control socket's
-    path in its place (the old one's socket stops answering there).
+def finish_takeover(conn: socket.socket, control: socket.socket) -> socket.socket:
+    """The new process serves: tell the old one to drain; then `control`, the control socket
+    `take_over` brought, is this one's to serve (the old one stops answering on it). Nothing is
+    unlinked or bound: the path keeps answering throughout, also for a process that has dropped
+    root and could not replace a file in /run/tproxy.
 
     Raises:
-        ControlError: the old one did not acknowledge, or the socket cannot be made.
+        ControlError: the old one did not acknowledge (`control` is closed then).
     """
     try:
         send_message(conn, {"command": "drain"})
         reply = read_message(conn)
-    except OSError as exc:
-        raise ControlError(f"takeover: {exc.strerror or exc}") from None
+    except (ControlError, OSError) as exc:
+        control.close()
+        raise ControlError(f"takeover: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         conn.close()
     if reply is None or not reply.get("ok"):
+        control.close()
         raise ControlError("takeover: the running tproxy did not acknowledge the drain")
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    except OSError as exc:
-        why = f"takeover done, but no control socket: {path}: {exc.strerror}"
-        raise ControlError(why) from None
-    return open_control_socket(path)
+    control.setblocking(False)
+    return control

@@ -284,6 +284,7 @@ class Session:
         "_ctx",
         "_deciding",
         "_limit_key",
+        "_limits",
         "_recording",
         "_relay",
         "_sniffer",
@@ -301,8 +302,10 @@ class Session:
         self._ctx = ctx
         self._client_sock = client_sock
         self._client_addr = client_addr
-        # Its client's key in `ctx.client_limits` (admitted there): released at the close.
+        # Its client's key in `ctx.client_limits` (admitted there): released at the close, into
+        # those limits even if a reload has turned them off and on again since (new counts).
         self._limit_key = limit_key
+        self._limits = ctx.client_limits if limit_key is not None else None
         self._upstream: socket.socket | None = None
         self._relay: Relay | None = None
         self._sniffer: FirstBytes | None = None
@@ -1043,10 +1046,9 @@ class Session:
             return
         self._stop_connecting()
         self.phase = Phase.CLOSED
-        if self._limit_key is not None:
-            if self._ctx.client_limits is not None:
-                self._ctx.client_limits.release(self._limit_key)
-            self._limit_key = None
+        if self._limits is not None and self._limit_key is not None:
+            self._limits.release(self._limit_key)
+        self._limits = self._limit_key = None
         if self._deciding is not None and self._deciding.sniff_wait is not None:
             self._ctx.sniff_deadlines.cancel(self._deciding.sniff_wait)
         self._deciding = None

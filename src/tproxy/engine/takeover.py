@@ -71,10 +71,12 @@ def adopt(
                 raise ControlError(f"what came for {endpoint} is not a listening socket")
             sock.setblocking(False)
             per_worker[index % workers].append(sock)
-    except BaseException:
+    except BaseException as exc:
         for sock in adopted:
             sock.close()
         for fd in fds[len(adopted) :]:
             os.close(fd)
+        if isinstance(exc, OSError):  # (not a socket at all)
+            raise ControlError(f"what came as a listening socket is not one: {exc}") from None
         raise
     return per_worker
