@@ -204,7 +204,8 @@ def connect(path: str) -> socket.socket:
         sock.close()
         raise ControlError(
             f"no tproxy answers on the control socket {path} ({exc.strerror or exc}); give "
-            "--control PATH if it runs with another"
+            "--control PATH if it runs with another (one run with --workers 1 outside systemd "
+            "has none: it cannot be taken over)"
         ) from None
     return sock
 
@@ -270,7 +271,11 @@ class ControlServer:
             why = "a takeover is already going on" if self._successor else "not possible now"
             send_message(conn, {"ok": False, "error": why})
             return False
-        reply, fds = self._handover()
+        try:
+            reply, fds = self._handover()
+        except ControlError as exc:  # (stopping: the listening sockets are closed already)
+            send_message(conn, {"ok": False, "error": str(exc)})
+            return False
         send_message(conn, reply, [*fds, self._sock.fileno()])  # the control socket last
         self._successor = conn
         conn.settimeout(IO_TIMEOUT_S)

@@ -251,10 +251,17 @@ class Supervisor:
 
     def _serve_control(self, sock: socket.socket, path: str) -> None:
         self._control = ControlServer(
-            sock, path, self._watch, handover=self._handover,
+            sock, path, self._watch,
+            handover=None if self._handover is None else self._handover_unless_stopping,
             on_drain=lambda: self._stop("takeover"),
             on_notice=lambda text: self._log.emit(Notice(text)),
         )  # fmt: skip
+
+    def _handover_unless_stopping(self) -> tuple[dict[str, Any], list[int]]:
+        if self._stopping:
+            raise ControlError("it is stopping: start the new one plainly once it has")
+        assert self._handover is not None
+        return self._handover()
 
     def _watch(self, sock: socket.socket, callback: Callable[[], None] | None) -> None:
         if callback is None:
