@@ -1,0 +1,332 @@
+"""Pure: the pinned A/B's variants and comparisons, the order of its runs, each pair's difference,
+the checks that a run measured what it says, the verdicts and RESULTS-pinned.md (no I/O).
+
+Theory of operation. The full benchmark's CPU per connection moves by about ±7 µs from round to
+round on a shared 2-core VM, so a bound of 5 or 10 µs on a difference between two modes stays
+"inconclusive" there. The pinned A/B takes the noise out where it comes from: the load generator
+(wrk) runs on one CPU and the proxy, alone, on the other, so the proxy's CPU time is not spent
+waiting behind wrk and nginx or interleaved with them on the same core; there is no lab (a network
+namespace with loopback only: no veth, no NAT, no nftables); and each comparison is a series of
+pairs, its two variants measured back to back, the first of each pair alternating (A B, B A,
+A B, ...) so that a drift over the run (the machine's other load rising) adds to one variant in
+half the pairs and to the other in the other half. A pair's figure is the difference B - A of the
+proxy's CPU per connection, within the pair; the verdict is the full benchmark's rule applied to
+the pairs instead of rounds (`bench.report.verdict`): **met** only when every pair clears the
+bound, **MISSED** only when every pair falls short, **inconclusive** otherwise.
+
+A pair counts only when both of its runs are valid (`problems`): wrk saw no socket error and no
+bad status, completed enough requests, and the proxy's own session log shows it relayed them
+(a close event per connection, by splice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.report import Verdict, spread, verdict
+
+# variant -> what it is (each is `tproxy run --workers 1 --relay splice --spoof-source`, JSON
+# session log to a file, uvloop, plus what is said here).
+VARIANTS: dict[str, str] = {
+    "base": "splice relay, no policy, no addon",
+    "policy": "base with `--policy`: the 50 rules of `bench/policy.py`, the last 5 on names "
+    "(every connection sniffed)",
+    "addon-unclaimed": "base with `--addon bench/addons/unclaimed.py` (`session_start` returns "
+    "None and claims nothing, `session_end` does nothing)",
+    "capture-configured": "policy with `--capture-dir` and `capture = true` on its redirect "
+    "rules (no connection captured)",
+}
+
+
+@dataclass(frozen=True)
+class PinnedComparison:
+    """One target: variant `b` costs at most `bound_us` of proxy CPU per connection more than
+    variant `a`."""
+
+    name: str  # what `--comparisons` calls it
+    issue: int
+    a: str
+    b: str
+    bound_us: float
+    what: str
+
+    def describe(self) -> str:
+        return f"proxy CPU per connection: {self.b} minus {self.a} (issue {self.issue})"
+
+
+COMPARISONS: tuple[PinnedComparison, ...] = (
+    PinnedComparison("addon", 12, "base", "addon-unclaimed", 5.0, "an addon that claims nothing"),
+    PinnedComparison("policy", 10, "base", "policy", 10.0, "a 50-rule policy, names last"),
+    PinnedComparison("capture", 11, "policy", "capture-configured", 5.0, "capture, unmatched"),
+)
+BY_NAME = {c.name: c for c in COMPARISONS}
+
+
+def pair_order(a: str, b: str, pairs: int) -> list[tuple[str, str]]:
+    """The order of each pair's two runs: A B, B A, A B, ... (the first alternates)."""
+    return [(a, b) if i % 2 == 0 else (b, a) for i in range(pairs)]
+
+
+@dataclass
+class Run:
+    """One measurement of one variant: wrk's figures and the proxy's, and what its log says."""
+
+    comparison: str
+    pair: int  # 1-based
+    variant: str
+    load: float  # the 1-minute load average when it started
+    requests: int  # completed by wrk in the measured run (one connection each)
+    rate: float  # wrk's requests/s
+    cpu_s: float  # the proxy's user + system CPU during the measured run
+    socket_errors: int = 0  # wrk's connect, read, write and timeout errors
+    bad_status: int = 0  # wrk's non-2xx/3xx responses
+    warmup_requests: int = 0  # completed in the warm-up run before it (not measured)
+    closes: dict[str, int] = field(default_factory=dict)  # the log's close events by relay
+
+    @property
+    def cpu_per_conn_us(self) -> float:
+        return self.cpu_s / self.requests * 1e6 if self.requests else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Run:
+        return cls(**data)
+
+
+def problems(run: Run, *, min_requests: int, connections: int) -> list[str]:
+    """Why `run` does not count (nothing when it does).
+
+    Every completed request was a connection that the proxy must have logged as closed, relayed
+    by splice. Besides those, each of the two wrk runs (warm-up, measured) opens one connection
+    to check the address before it starts, and leaves up to `connections` cut at its end
+    (closed by the proxy as a reset, or before it relayed: relay null), and no more."""
+    found = []
+    extra = 2 * (connections + 1)
+    if run.socket_errors:
+        found.append(f"wrk: {run.socket_errors} socket errors")
+    if run.bad_status:
+        found.append(f"wrk: {run.bad_status} non-2xx/3xx responses")
+    if run.requests < min_requests:
+        found.append(f"{run.requests} requests, fewer than {min_requests}")
+    completed = run.requests + run.warmup_requests
+    spliced = run.closes.get("splice", 0)
+    others = sum(n for relay, n in run.closes.items() if relay != "splice")
+    if spliced < completed:
+        found.append(f"{spliced} close events relayed by splice for {completed} requests")
+    if others > extra:
+        found.append(f"{others} close events not relayed by splice")
+    if spliced + others > completed + extra:
+        found.append(f"{spliced + others} close events for {completed} requests")
+    return found
+
+
+def differences(
+    runs: Sequence[Run], comparison: PinnedComparison, *, min_requests: int, connections: int
+) -> dict[int, float]:
+    """Per valid pair (both runs valid), B - A of the proxy's CPU per connection in µs."""
+    by_pair: dict[int, dict[str, Run]] = {}
+    for run in runs:
+        if run.comparison == comparison.name:
+            by_pair.setdefault(run.pair, {})[run.variant] = run
+    found = {}
+    for pair, runs_of in sorted(by_pair.items()):
+        a, b = runs_of.get(comparison.a), runs_of.get(comparison.b)
+        if a is None or b is None:
+            continue
+        if problems(a, min_requests=min_requests, connections=connections) or problems(
+            b, min_requests=min_requests, connections=connections
+        ):
+            continue
+        found[pair] = b.cpu_per_conn_us - a.cpu_per_conn_us
+    return found
+
+
+def judge(values: Sequence[float], bound_us: float) -> Verdict:
+    """The full benchmark's rule, on pairs: lower is better, every pair must clear the bound."""
+    return verdict(values, bound_us, higher_is_better=False)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def render_spread(values: Sequence[float]) -> str:
+    found = spread(values)
+    if found is None:
+        return "n/a"
+    return f"{_fmt(found.median)} ({_fmt(found.low)} to {_fmt(found.high)})"
+
+
+@dataclass
+class PinnedRun:
+    """What a pinned run measured, and the conditions it ran under."""
+
+    runs: list[Run]
+    comparisons: list[str]  # names, in the order run
+    pairs: int
+    seconds: float
+    warmup_s: float
+    connections: int
+    min_requests: int
+    pinned: bool  # wrk on one CPU, the proxy on another
+    load_cpu: int | None
+    proxy_cpu: int | None
+    facts: dict[str, str] = field(default_factory=dict)  # machine, versions, load, dates
+
+    def comparisons_run(self) -> list[PinnedComparison]:
+        return [BY_NAME[name] for name in self.comparisons]
+
+    def differences(self, comparison: PinnedComparison) -> dict[int, float]:
+        return differences(self.runs, comparison, min_requests=self.min_requests,
+                           connections=self.connections)  # fmt: skip
+
+    def problems(self, run: Run) -> list[str]:
+        return problems(run, min_requests=self.min_requests, connections=self.connections)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["runs"] = [run.to_json() for run in self.runs]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PinnedRun:
+        return cls(**{**data, "runs": [Run.from_json(r) for r in data["runs"]]})
+
+
+def render_targets(run: PinnedRun) -> list[str]:
+    """Markdown: per comparison, each pair's B - A, the median and spread, bound and verdict."""
+    lines = [
+        "| comparison | per pair (µs) | median (min-max) | target | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison in run.comparisons_run():
+        found = run.differences(comparison)
+        values = list(found.values())
+        per_pair = ", ".join(_fmt(v) for v in values) or "n/a"
+        lost = run.pairs - len(values)
+        if lost:
+            per_pair += f" ({lost} of {run.pairs} pairs invalid, left out)"
+        shown = judge(values, comparison.bound_us).value
+        lines.append(
+            f"| {comparison.describe()} | {per_pair} | {render_spread(values)} | "
+            f"≤ {comparison.bound_us:g} µs | **{shown}** |"
+        )
+    return lines
+
+
+def tally(run: PinnedRun) -> str:
+    """`2 met, 1 inconclusive`."""
+    counts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
+    for comparison in run.comparisons_run():
+        counts[judge(list(run.differences(comparison).values()), comparison.bound_us)] += 1
+    return ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+
+
+def _closes(run: Run) -> str:
+    return ", ".join(f"{relay} {n:,}" for relay, n in sorted(run.closes.items())) or "none"
+
+
+def render_runs(run: PinnedRun) -> list[str]:
+    """Markdown: every run in the order it ran, with the checks' findings."""
+    lines = [
+        "| comparison | pair | variant | load | requests | conn/s | proxy CPU s | µs/conn | "
+        "close events by relay (with warm-up) | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in run.runs:
+        found = run.problems(r)
+        valid = "yes" if not found else "NO: " + "; ".join(found)
+        lines.append(
+            f"| {r.comparison} | {r.pair} | {r.variant} | {r.load:.2f} | {r.requests:,} | "
+            f"{r.rate:.0f} | {r.cpu_s:.2f} | {_fmt(r.cpu_per_conn_us)} | {_closes(r)} | {valid} |"
+        )
+    return lines
+
+
+def render_variants(run: PinnedRun) -> list[str]:
+    """Markdown: each variant's own CPU per connection and rate over its valid runs."""
+    lines = ["| variant | what | proxy CPU per connection (µs) | conn/s | runs |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for variant, what in VARIANTS.items():
+        runs = [r for r in run.runs if r.variant == variant and not run.problems(r)]
+        if not any(r.variant == variant for r in run.runs):
+            continue
+        rates = spread([r.rate for r in runs])
+        rate = (
+            "n/a" if rates is None else f"{rates.median:.0f} ({rates.low:.0f} to {rates.high:.0f})"
+        )
+        lines.append(f"| {variant} | {what} | {render_spread([r.cpu_per_conn_us for r in runs])} "
+                     f"| {rate} | {len(runs)} |")  # fmt: skip
+    return lines
+
+
+def render_method(run: PinnedRun) -> str:
+    """One paragraph: how the pairs were measured (for RESULTS-pinned.md and RESULTS.md)."""
+    if run.pinned:
+        where = (f"wrk on CPU {run.load_cpu}, the proxy alone on CPU {run.proxy_cpu} "
+                 "(`sched_setaffinity`), nginx unpinned")  # fmt: skip
+    else:
+        where = "unpinned: this process may run on fewer than 2 CPUs"
+    return (
+        "In a network namespace of its own with loopback only (`unshare -n`): nginx on "
+        "127.0.0.1:80 with the full benchmark's small response, and `tproxy run --workers 1 "
+        "--relay splice --spoof-source --log-format json --loop uvloop --listen "
+        "127.0.0.1:1800` (JSON session log to a file), run through the CLI's own code with one "
+        "change, its sessions' original destination fixed at 127.0.0.1:80 "
+        "(`bench/pinned_engine.py`), so wrk connects to :1800 and nothing diverts; "
+        f"{where}. Each run starts the proxy afresh, warms it up with {run.warmup_s:g} s of wrk "
+        f"(not measured), then runs wrk `-t1 -c{run.connections} -H 'Connection: close'` for "
+        f"{run.seconds:g} s; the proxy's CPU per connection is its user + system CPU (from "
+        "/proc/PID/stat) during that run divided by the requests wrk completed, one per "
+        "connection. Each comparison is "
+        f"{run.pairs} pairs of runs, the two variants back to back, the first of each pair "
+        "alternating (A B, B A, ...), the comparisons' pairs interleaved (pair 1 of each, pair "
+        "2 of each, ...); a pair's figure is B - A within it. A run is valid when wrk had no "
+        f"socket error and no bad status, completed at least {run.min_requests:,} requests, and "
+        "the session log has a close event relayed by splice for each request completed; a pair "
+        "counts when both its runs are valid. **met** only when every pair's difference is "
+        "within the bound, **MISSED** only when every pair's exceeds it, **inconclusive** "
+        "otherwise."
+    )
+
+
+def render_results(run: PinnedRun) -> str:
+    """RESULTS-pinned.md."""
+    facts = run.facts
+    lines = [
+        "# Pinned A/B results",
+        "",
+        f"Run on {facts.get('started', '?')} in {facts.get('elapsed', '?')}: "
+        f"`{facts.get('argv', 'python -m bench.pinned')}`.",
+        "",
+        f"Machine: {facts.get('machine', '?')}. {facts.get('versions', '')}",
+        "",
+        f"Load on the machine (`uptime`) before: {facts.get('load_before', '?')}; after: "
+        f"{facts.get('load_after', '?')}; the 1-minute load average at the start of each run "
+        "is in the last table. Other work shares this machine's CPUs.",
+        "",
+        "## Method",
+        "",
+        render_method(run),
+        "",
+        "| variant | what |",
+        "|---|---|",
+        *(f"| {v} | {what} |" for v, what in VARIANTS.items()),
+        "",
+        f"## Targets: {tally(run)}",
+        "",
+        *render_targets(run),
+        "",
+        "## Each variant: median (min-max over its valid runs)",
+        "",
+        *render_variants(run),
+        "",
+        "## Every run, in the order run",
+        "",
+        *render_runs(run),
+    ]
+    return "\n".join(lines) + "\n"
