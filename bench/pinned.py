@@ -2,8 +2,9 @@
 A/B pairs in a network namespace of its own (see `bench.pinned_report` for why and how).
 
 The command re-runs itself under `unshare -n` (a fresh network namespace with only loopback: the
-host's network is never touched), where it starts nginx on 127.0.0.1:80, and for each run a
-one-worker tproxy (`bench.pinned_engine`) pinned to one CPU and wrk pinned to another; it writes
+host's network is never touched), where it starts nginx on 127.0.0.1:80, and for each pair the
+two variants' one-worker tproxies (`bench.pinned_engine`) pinned to one CPU, side by side, and
+wrk pinned to another, in 1-second runs against each in turn; it writes
 what it measured as JSON, from which the outer process writes bench/RESULTS-pinned.md. Every
 process it starts is stopped when it ends, also on an error or Ctrl-C (and is killed by the
 kernel should this process die first: PR_SET_PDEATHSIG).
@@ -38,13 +39,15 @@ from bench.pinned_report import (
     Run,
     pair_order,
     render_results,
+    slice_order,
 )
 from bench.policy import render_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "RESULTS-pinned.md"
 HTTP_ADDR = ("127.0.0.1", 80)  # port 80, as in the full benchmark: the policy's port rules see it
-PROXY_ADDR = ("127.0.0.1", 1800)
+# The proxy's listening ports: a pair's two variants run side by side, one on each.
+PROXY_PORTS = (1800, 1801)
 CONNECTIONS = 32
 MIN_REQUESTS_PER_S = 1000
 STOP_TIMEOUT_S = 15.0
@@ -109,7 +112,7 @@ def proxy_cpus() -> tuple[int | None, int | None]:
     return allowed[0], allowed[1]
 
 
-def measure(pairs: int, seconds: float, comparisons: list[str], warmup_s: float = 1.0) -> PinnedRun:
+def measure(pairs: int, seconds: int, comparisons: list[str], warmup_s: int = 1) -> PinnedRun:
     """Run the pinned pairs in a fresh network namespace (as root) and return what they found.
 
     Raises:
@@ -298,12 +301,12 @@ def _nginx(workdir: Path) -> Iterator[None]:
         _stop(proc)
 
 
-def engine_argv(variant: str, workdir: Path) -> list[str]:
+def engine_argv(variant: str, workdir: Path, port: int = PROXY_PORTS[0]) -> list[str]:
     """`python -m bench.pinned_engine` for `variant`: `tproxy run`'s options, as the full
-    benchmark's tproxy modes give them, with one worker listening on loopback."""
+    benchmark's tproxy modes give them, with one worker listening on loopback `port`."""
     argv = [sys.executable, "-m", "bench.pinned_engine", f"{HTTP_ADDR[0]}:{HTTP_ADDR[1]}",
             "--workers", "1", "--log-format", "json", "--spoof-source", "--relay", "splice",
-            "--loop", "uvloop", "--listen", f"{PROXY_ADDR[0]}:{PROXY_ADDR[1]}"]  # fmt: skip
+            "--loop", "uvloop", "--listen", f"127.0.0.1:{port}"]  # fmt: skip
     if variant in ("policy", "capture-configured"):
         policy = workdir / f"{variant}.toml"
         policy.write_text(render_policy(capture=variant == "capture-configured"))
@@ -341,9 +344,9 @@ def parse_wrk(out: str) -> tuple[int, float, int, int]:
     )
 
 
-def _wrk(seconds: float, cpu: int | None) -> tuple[int, float, int, int]:
+def _wrk(port: int, seconds: float, cpu: int | None) -> tuple[int, float, int, int]:
     argv = ["wrk", "-t1", f"-c{CONNECTIONS}", "-d", f"{seconds:g}s", "-H", "Connection: close",
-            f"http://{PROXY_ADDR[0]}:{PROXY_ADDR[1]}/"]  # fmt: skip
+            f"http://127.0.0.1:{port}/"]  # fmt: skip
     proc = _start(argv, cpu, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=seconds + 30)
@@ -362,39 +365,85 @@ def count_closes(log: IO[bytes]) -> dict[str, int]:
     return found
 
 
-def measure_one(
-    comparison: str, pair: int, variant: str, *, seconds: float, warmup_s: float, workdir: Path,
-    cpus: tuple[int | None, int | None],
-) -> Run:  # fmt: skip
-    """Start the proxy as `variant`, warm it up, measure one wrk run, stop it, read its log."""
+class _Engine:
+    """One variant's proxy, started on `port` and pinned to `cpu`; its runs' figures add up."""
+
+    def __init__(
+        self, comparison: str, pair: int, variant: str, *, port: int, workdir: Path,
+        cpu: int | None,
+    ) -> None:  # fmt: skip
+        self.port = port
+        self.log_path = workdir / f"{comparison}-{pair}-{variant}.log"
+        self.err_path = workdir / f"{comparison}-{pair}-{variant}.err"
+        self.run = Run(comparison, pair, variant, os.getloadavg()[0], 0, 0.0, 0.0, wrk_runs=0)
+        self.seconds = 0.0
+        with self.log_path.open("wb") as out, self.err_path.open("wb") as err:
+            self.proc = _start(engine_argv(variant, workdir, port), cpu, stdout=out, stderr=err,
+                               cwd=ROOT)  # fmt: skip
+
+    def listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise PinnedError(f"the proxy ({self.run.variant}) exited: {self._stderr()}")
+        return b'"event":"listening"' in self.log_path.read_bytes()
+
+    def _stderr(self) -> str:
+        return self.err_path.read_text()[-2000:]
+
+    def warm_up(self, seconds: float, cpu: int | None) -> None:
+        self.run.warmup_requests += _wrk(self.port, seconds, cpu)[0]
+        self.run.wrk_runs += 1
+
+    def measure(self, seconds: float, cpu: int | None) -> None:
+        before = cpu_seconds([self.proc.pid])
+        requests, _, socket_errors, bad = _wrk(self.port, seconds, cpu)
+        run = self.run
+        run.cpu_s += cpu_seconds([self.proc.pid]) - before
+        run.requests += requests
+        run.socket_errors += socket_errors
+        run.bad_status += bad
+        run.wrk_runs += 1
+        self.seconds += seconds
+        run.rate = run.requests / self.seconds
+
+    def stop(self) -> Run:
+        """Stop the proxy and count its close events; returns its figures."""
+        _stop(self.proc)
+        if self.proc.returncode != 0:
+            raise PinnedError(f"the proxy ({self.run.variant}) exited with status "
+                              f"{self.proc.returncode}: {self._stderr()}")  # fmt: skip
+        with self.log_path.open("rb") as log:
+            self.run.closes = count_closes(log)
+        self.log_path.unlink()  # tens of MB a pair
+        return self.run
+
+
+def measure_pair(
+    comparison: str, pair: int, order: tuple[str, str], *, seconds: int, warmup_s: int,
+    workdir: Path, cpus: tuple[int | None, int | None],
+) -> list[Run]:  # fmt: skip
+    """Start both variants' proxies side by side (each on its own port, both on the proxy's
+    CPU), warm each up, then measure them in 1-second wrk runs, A B B A A B B A ... (`order`
+    first), so that what the machine's other load does over the pair falls on both alike."""
     load_cpu, proxy_cpu = cpus
-    log_path = workdir / f"{comparison}-{pair}-{variant}.log"
-    err_path = workdir / f"{comparison}-{pair}-{variant}.err"
-    load = os.getloadavg()[0]
-    with log_path.open("wb") as out, err_path.open("wb") as err:
-        proc = _start(engine_argv(variant, workdir), proxy_cpu, stdout=out, stderr=err, cwd=ROOT)
+    engines: dict[str, _Engine] = {}
     try:
-        _wait_until(lambda: b'"event":"listening"' in log_path.read_bytes()
-                    or proc.poll() is not None, 15, f"the proxy ({variant}) to listen")  # fmt: skip
-        if proc.poll() is not None:
-            raise PinnedError(f"the proxy ({variant}) exited: {err_path.read_text()[-2000:]}")
-        warmup = _wrk(warmup_s, load_cpu)[0] if warmup_s > 0 else 0
-        before = cpu_seconds([proc.pid])
-        requests, rate, socket_errors, bad = _wrk(seconds, load_cpu)
-        cpu_s = cpu_seconds([proc.pid]) - before
+        for variant, port in zip(order, PROXY_PORTS, strict=True):
+            engines[variant] = _Engine(comparison, pair, variant, port=port, workdir=workdir,
+                                       cpu=proxy_cpu)  # fmt: skip
+        for engine in engines.values():
+            _wait_until(engine.listening, 15, f"the proxy ({engine.run.variant}) to listen")
+        for engine in engines.values():
+            if warmup_s > 0:
+                engine.warm_up(warmup_s, load_cpu)
+        for variant in slice_order(*order, seconds):
+            engines[variant].measure(1, load_cpu)
     finally:
-        _stop(proc)
-    if proc.returncode != 0:
-        raise PinnedError(f"the proxy ({variant}) exited with status {proc.returncode}: "
-                          f"{err_path.read_text()[-2000:]}")  # fmt: skip
-    with log_path.open("rb") as log:
-        closes = count_closes(log)
-    log_path.unlink()  # tens of MB a run
-    return Run(comparison, pair, variant, load, requests, rate, cpu_s, socket_errors, bad,
-               warmup, closes)  # fmt: skip
+        for engine in engines.values():
+            _stop(engine.proc)
+    return [engines[variant].stop() for variant in order]
 
 
-def run_inside(pairs: int, seconds: float, warmup_s: float, comparisons: list[str]) -> PinnedRun:
+def run_inside(pairs: int, seconds: int, warmup_s: int, comparisons: list[str]) -> PinnedRun:
     """The namespace's part: loopback up, nginx, then every comparison's pairs, interleaved."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -412,15 +461,15 @@ def run_inside(pairs: int, seconds: float, warmup_s: float, comparisons: list[st
         with _nginx(workdir):
             for pair in range(1, pairs + 1):
                 for name in comparisons:
-                    for variant in orders[name][pair - 1]:
-                        run = measure_one(
-                            name, pair, variant, seconds=seconds, warmup_s=warmup_s,
-                            workdir=workdir, cpus=cpus,
-                        )  # fmt: skip
-                        result.runs.append(run)
-                        print(f"pair {pair}/{pairs} {name}: {variant}: {run.requests} requests, "
-                              f"{run.rate:.0f}/s, {run.cpu_per_conn_us:.1f} µs/conn "
-                              f"(load {run.load:.2f})", flush=True)  # fmt: skip
+                    runs = measure_pair(
+                        name, pair, orders[name][pair - 1], seconds=seconds, warmup_s=warmup_s,
+                        workdir=workdir, cpus=cpus,
+                    )  # fmt: skip
+                    result.runs += runs
+                    print(f"pair {pair}/{pairs} {name}: " + "; ".join(
+                        f"{r.variant} {r.requests} requests, {r.rate:.0f}/s, "
+                        f"{r.cpu_per_conn_us:.1f} µs/conn" for r in runs
+                    ) + f" (load {runs[0].load:.2f})", flush=True)  # fmt: skip
     return result
 
 

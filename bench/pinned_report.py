@@ -4,13 +4,13 @@ the checks that a run measured what it says, the verdicts and RESULTS-pinned.md 
 Theory of operation. The full benchmark's CPU per connection moves by about ±7 µs from round to
 round on a shared 2-core VM, so a bound of 5 or 10 µs on a difference between two modes stays
 "inconclusive" there. The pinned A/B takes the noise out where it comes from: the load generator
-(wrk) runs on one CPU and the proxy, alone, on the other, so the proxy's CPU time is not spent
-waiting behind wrk and nginx or interleaved with them on the same core; there is no lab (a network
-namespace with loopback only: no veth, no NAT, no nftables); and each comparison is a series of
-pairs, its two variants measured back to back, the first of each pair alternating (A B, B A,
-A B, ...) so that a drift over the run (the machine's other load rising) adds to one variant in
-half the pairs and to the other in the other half. A pair's figure is the difference B - A of the
-proxy's CPU per connection, within the pair; the verdict is the full benchmark's rule applied to
+(wrk) runs on one CPU and the proxies on the other, so the proxy's CPU time is not interleaved
+with wrk's on the same core; there is no lab (a network namespace with loopback only: no veth, no
+NAT, no nftables); and each comparison is a series of pairs. In a pair both variants' proxies run
+side by side and are measured in 1-second slices, A B B A A B B A, so that whatever the machine's
+other load does over the pair's few seconds falls on both alike (a steady drift cancels in ABBA),
+and the pairs start with A and with B in turn. A pair's figure is the difference B - A of the
+proxy's CPU per connection over its slices; the verdict is the full benchmark's rule applied to
 the pairs instead of rounds (`bench.report.verdict`): **met** only when every pair clears the
 bound, **MISSED** only when every pair falls short, **inconclusive** otherwise.
 
@@ -65,8 +65,17 @@ BY_NAME = {c.name: c for c in COMPARISONS}
 
 
 def pair_order(a: str, b: str, pairs: int) -> list[tuple[str, str]]:
-    """The order of each pair's two runs: A B, B A, A B, ... (the first alternates)."""
+    """Which variant of each pair runs first: A B, B A, A B, ... (the first alternates)."""
     return [(a, b) if i % 2 == 0 else (b, a) for i in range(pairs)]
+
+
+def slice_order(first: str, second: str, slices: int) -> list[str]:
+    """The 1-second runs of one pair, `slices` of each variant: first second second first,
+    first second second first, ... (ABBA: a steady drift within the pair falls on both alike)."""
+    order: list[str] = []
+    for i in range(slices):
+        order += [first, second] if i % 2 == 0 else [second, first]
+    return order
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Run:
     bad_status: int = 0  # wrk's non-2xx/3xx responses
     warmup_requests: int = 0  # completed in the warm-up run before it (not measured)
     closes: dict[str, int] = field(default_factory=dict)  # the log's close events by relay
+    wrk_runs: int = 2  # the wrk runs it took (warm-up included) against this proxy
 
     @property
     def cpu_per_conn_us(self) -> float:
@@ -101,11 +111,11 @@ def problems(run: Run, *, min_requests: int, connections: int) -> list[str]:
     """Why `run` does not count (nothing when it does).
 
     Every completed request was a connection that the proxy must have logged as closed, relayed
-    by splice. Besides those, each of the two wrk runs (warm-up, measured) opens one connection
-    to check the address before it starts, and leaves up to `connections` cut at its end
-    (closed by the proxy as a reset, or before it relayed: relay null), and no more."""
+    by splice. Besides those, each wrk run (warm-up included) opens one connection to check the
+    address before it starts, and leaves up to `connections` cut at its end (closed by the proxy
+    as a reset, or before it relayed: relay null), and no more."""
     found = []
-    extra = 2 * (connections + 1)
+    extra = run.wrk_runs * (connections + 1)
     if run.socket_errors:
         found.append(f"wrk: {run.socket_errors} socket errors")
     if run.bad_status:
@@ -231,7 +241,7 @@ def _closes(run: Run) -> str:
 
 
 def render_runs(run: PinnedRun) -> list[str]:
-    """Markdown: every run in the order it ran, with the checks' findings."""
+    """Markdown: each pair's two variants (their runs added up), with the checks' findings."""
     lines = [
         "| comparison | pair | variant | load | requests | conn/s | proxy CPU s | µs/conn | "
         "close events by relay (with warm-up) | valid |",
@@ -267,30 +277,30 @@ def render_variants(run: PinnedRun) -> list[str]:
 def render_method(run: PinnedRun) -> str:
     """One paragraph: how the pairs were measured (for RESULTS-pinned.md and RESULTS.md)."""
     if run.pinned:
-        where = (f"wrk on CPU {run.load_cpu}, the proxy alone on CPU {run.proxy_cpu} "
+        where = (f"wrk on CPU {run.load_cpu}, the proxies on CPU {run.proxy_cpu} "
                  "(`sched_setaffinity`), nginx unpinned")  # fmt: skip
     else:
         where = "unpinned: this process may run on fewer than 2 CPUs"
     return (
         "In a network namespace of its own with loopback only (`unshare -n`): nginx on "
-        "127.0.0.1:80 with the full benchmark's small response, and `tproxy run --workers 1 "
-        "--relay splice --spoof-source --log-format json --loop uvloop --listen "
-        "127.0.0.1:1800` (JSON session log to a file), run through the CLI's own code with one "
+        "127.0.0.1:80 with the full benchmark's small response, and per variant `tproxy run "
+        "--workers 1 --relay splice --spoof-source --log-format json --loop uvloop` (JSON "
+        "session log to a file) on a loopback port, run through the CLI's own code with one "
         "change, its sessions' original destination fixed at 127.0.0.1:80 "
-        "(`bench/pinned_engine.py`), so wrk connects to :1800 and nothing diverts; "
-        f"{where}. Each run starts the proxy afresh, warms it up with {run.warmup_s:g} s of wrk "
-        f"(not measured), then runs wrk `-t1 -c{run.connections} -H 'Connection: close'` for "
-        f"{run.seconds:g} s; the proxy's CPU per connection is its user + system CPU (from "
-        "/proc/PID/stat) during that run divided by the requests wrk completed, one per "
-        "connection. Each comparison is "
-        f"{run.pairs} pairs of runs, the two variants back to back, the first of each pair "
-        "alternating (A B, B A, ...), the comparisons' pairs interleaved (pair 1 of each, pair "
-        "2 of each, ...); a pair's figure is B - A within it. A run is valid when wrk had no "
-        f"socket error and no bad status, completed at least {run.min_requests:,} requests, and "
-        "the session log has a close event relayed by splice for each request completed; a pair "
-        "counts when both its runs are valid. **met** only when every pair's difference is "
-        "within the bound, **MISSED** only when every pair's exceeds it, **inconclusive** "
-        "otherwise."
+        "(`bench/pinned_engine.py`), so wrk connects to the proxy's port and nothing diverts; "
+        f"{where}. Each pair starts both variants' proxies afresh, side by side, warms each up "
+        f"with {run.warmup_s:g} s of wrk (not measured), then measures them in 1-second runs of "
+        f"wrk `-t1 -c{run.connections} -H 'Connection: close'`, {run.seconds:g} of each, in the "
+        "order A B B A A B B A (ABBA: a steady drift falls on both alike), the pairs starting "
+        "with A and with B in turn; a variant's CPU per connection is its proxy's user + system "
+        "CPU (from /proc/PID/stat) during its runs divided by the requests wrk completed in them, "
+        "one per connection, and a pair's figure is B - A. The comparisons' pairs are "
+        "interleaved (pair 1 of each, then pair 2 of each, ...). A variant's runs count when wrk "
+        f"had no socket error and no bad status, completed at least {run.min_requests:,} "
+        "requests, and the proxy's session log has a close event relayed by splice for each "
+        "request completed; a pair counts when both of its variants do. **met** only when every "
+        "pair's difference is within the bound, **MISSED** only when every pair's exceeds it, "
+        "**inconclusive** otherwise."
     )
 
 
@@ -325,7 +335,7 @@ def render_results(run: PinnedRun) -> str:
         "",
         *render_variants(run),
         "",
-        "## Every run, in the order run",
+        "## Every pair, each variant's runs added up, in the order the pairs ran",
         "",
         *render_runs(run),
     ]

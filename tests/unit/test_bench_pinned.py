@@ -22,6 +22,7 @@ from bench.pinned_report import (
     problems,
     render_results,
     render_targets,
+    slice_order,
     tally,
 )
 from bench.report import Verdict
@@ -39,6 +40,12 @@ def test_pairs_alternate_which_variant_runs_first() -> None:
     ]  # fmt: skip
     assert pair_order("a", "b", 1) == [("a", "b")]
     assert pair_order("a", "b", 0) == []
+
+
+def test_slices_within_a_pair_go_abba() -> None:
+    assert slice_order("a", "b", 4) == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert slice_order("b", "a", 3) == ["b", "a", "a", "b", "b", "a"]
+    assert slice_order("a", "b", 0) == []
 
 
 def test_every_comparison_names_known_variants() -> None:
@@ -104,6 +111,11 @@ def test_a_pair_with_an_invalid_run_is_left_out() -> None:
         # cut at the end of each wrk run and wrk's address checks: allowed, not more
         ({"closes": {"splice": 11_000 + 40, "none": 26}}, []),
         ({"closes": {"splice": 11_000 + 67}}, ["11067 close events for 11000 requests"]),
+        ({"closes": {"splice": 11_000 + 165}, "wrk_runs": 5}, []),
+        (
+            {"closes": {"splice": 11_000 + 166}, "wrk_runs": 5},
+            ["11166 close events for 11000 requests"],
+        ),
     ],
 )
 def test_problems(changes: dict[str, Any], expected: list[str]) -> None:
@@ -153,7 +165,7 @@ def test_rendered_targets_table() -> None:
     text = render_results(pinned)
     assert text.startswith("# Pinned A/B results\n")
     assert "## Targets: 2 inconclusive" in text
-    assert "wrk on CPU 0, the proxy alone on CPU 1" in text
+    assert "wrk on CPU 0, the proxies on CPU 1" in text
     assert "| policy | 1 | policy | 1.50 | 10,000 | 2500 | 1.30 | 130.0 | splice 11,000 | NO: " \
            "wrk: 1 non-2xx/3xx responses |" in text  # fmt: skip
 
@@ -200,6 +212,8 @@ def test_count_closes_by_relay() -> None:
 def test_engine_argv_per_variant(tmp_path: Path) -> None:
     base = engine_argv("base", tmp_path)
     assert base[1:4] == ["-m", "bench.pinned_engine", "127.0.0.1:80"]
+    assert base[base.index("--listen") + 1] == "127.0.0.1:1800"
+    assert engine_argv("base", tmp_path, 1801)[-1] == "127.0.0.1:1801"
     for option in ("--spoof-source", "--log-format", "--listen"):
         assert option in base
     assert base[base.index("--relay") + 1] == "splice"
