@@ -118,6 +118,7 @@ def measure(pairs: int, seconds: int, comparisons: list[str], warmup_s: int = 1)
     Raises:
         PinnedError: the namespace or a run failed.
     """
+    load_before = uptime()
     with tempfile.TemporaryDirectory(prefix="tproxy-pinned-") as tmp:
         out = Path(tmp) / "pinned.json"
         argv = ["unshare", "-n", "--", sys.executable, "-m", "bench.pinned", "--inside", str(out),
@@ -130,7 +131,9 @@ def measure(pairs: int, seconds: int, comparisons: list[str], warmup_s: int = 1)
             _stop(proc)  # interrupted: SIGTERM, and it stops what it started
         if code != 0 or not out.exists():
             raise PinnedError(f"the pinned run in its namespace failed (exit status {code})")
-        return PinnedRun.from_json(json.loads(out.read_text()))
+        run = PinnedRun.from_json(json.loads(out.read_text()))
+    run.facts.update(load_before=load_before, load_after=uptime())
+    return run
 
 
 def uptime() -> str:
@@ -180,7 +183,8 @@ def main() -> int:
         "--comparisons",
         default=",".join(c.name for c in COMPARISONS),
         help="comma-separated, from: "
-        + "; ".join(f"{c.name} ({c.b} against {c.a}, issue {c.issue})" for c in COMPARISONS),
+        + "; ".join(f"{c.name}: {c.b} minus {c.a}" for c in COMPARISONS)
+        + " (default: all)",
     )
     parser.add_argument(
         "--results",
@@ -221,7 +225,6 @@ def main() -> int:
         print(f"bench.pinned: skipped: {why}", file=sys.stderr)
         return 0
     started = time.time()
-    load_before = uptime()
     try:
         run = measure(args.pairs, args.seconds, comparisons, args.warmup)
     except PinnedError as exc:
@@ -233,8 +236,6 @@ def main() -> int:
         argv=" ".join(["python", "-m", "bench.pinned", *sys.argv[1:]]),
         machine=machine(),
         versions=versions(),
-        load_before=load_before,
-        load_after=uptime(),
     )
     if args.json is not None:
         args.json.write_text(json.dumps(run.to_json(), indent=1) + "\n")

@@ -37,29 +37,31 @@ VARIANTS: dict[str, str] = {
     "None and claims nothing, `session_end` does nothing)",
     "capture-configured": "policy with `--capture-dir` and `capture = true` on its redirect "
     "rules (no connection captured)",
+    "base-again": "base, a second time (the A/A check: its difference from base is noise alone)",
 }
 
 
 @dataclass(frozen=True)
 class PinnedComparison:
     """One target: variant `b` costs at most `bound_us` of proxy CPU per connection more than
-    variant `a`."""
+    variant `a` (no target without a bound: the A/A check)."""
 
     name: str  # what `--comparisons` calls it
-    issue: int
+    issue: int | None
     a: str
     b: str
-    bound_us: float
-    what: str
+    bound_us: float | None
 
     def describe(self) -> str:
-        return f"proxy CPU per connection: {self.b} minus {self.a} (issue {self.issue})"
+        why = "A/A: the noise" if self.issue is None else f"issue {self.issue}"
+        return f"proxy CPU per connection: {self.b} minus {self.a} ({why})"
 
 
 COMPARISONS: tuple[PinnedComparison, ...] = (
-    PinnedComparison("addon", 12, "base", "addon-unclaimed", 5.0, "an addon that claims nothing"),
-    PinnedComparison("policy", 10, "base", "policy", 10.0, "a 50-rule policy, names last"),
-    PinnedComparison("capture", 11, "policy", "capture-configured", 5.0, "capture, unmatched"),
+    PinnedComparison("addon", 12, "base", "addon-unclaimed", 5.0),
+    PinnedComparison("policy", 10, "base", "policy", 10.0),
+    PinnedComparison("capture", 11, "policy", "capture-configured", 5.0),
+    PinnedComparison("noise", None, "base", "base-again", None),
 )
 BY_NAME = {c.name: c for c in COMPARISONS}
 
@@ -155,8 +157,11 @@ def differences(
     return found
 
 
-def judge(values: Sequence[float], bound_us: float) -> Verdict:
-    """The full benchmark's rule, on pairs: lower is better, every pair must clear the bound."""
+def judge(values: Sequence[float], bound_us: float | None) -> Verdict | None:
+    """The full benchmark's rule, on pairs: lower is better, every pair must clear the bound
+    (None without a bound)."""
+    if bound_us is None:
+        return None
     return verdict(values, bound_us, higher_is_better=False)
 
 
@@ -220,10 +225,12 @@ def render_targets(run: PinnedRun) -> list[str]:
         lost = run.pairs - len(values)
         if lost:
             per_pair += f" ({lost} of {run.pairs} pairs invalid, left out)"
-        shown = judge(values, comparison.bound_us).value
+        found_verdict = judge(values, comparison.bound_us)
+        shown = "—" if found_verdict is None else f"**{found_verdict.value}**"
+        bound = "—" if comparison.bound_us is None else f"≤ {comparison.bound_us:g} µs"
         lines.append(
-            f"| {comparison.describe()} | {per_pair} | {render_spread(values)} | "
-            f"≤ {comparison.bound_us:g} µs | **{shown}** |"
+            f"| {comparison.describe()} | {per_pair} | {render_spread(values)} | {bound} | "
+            f"{shown} |"
         )
     return lines
 
@@ -232,8 +239,10 @@ def tally(run: PinnedRun) -> str:
     """`2 met, 1 inconclusive`."""
     counts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
     for comparison in run.comparisons_run():
-        counts[judge(list(run.differences(comparison).values()), comparison.bound_us)] += 1
-    return ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])
+        found = judge(list(run.differences(comparison).values()), comparison.bound_us)
+        if found is not None:
+            counts[found] += 1
+    return ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v]) or "no target"
 
 
 def _closes(run: Run) -> str:
@@ -340,3 +349,18 @@ def render_results(run: PinnedRun) -> str:
         *render_runs(run),
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_section(run: PinnedRun) -> list[str]:
+    """Markdown: the pinned A/B's part of the full benchmark's RESULTS.md (same run)."""
+    issues = " and ".join(str(c.issue) for c in run.comparisons_run() if c.issue is not None)
+    return [
+        f"## Pinned A/B (issues {issues}), `bench/pinned.py` after the rounds: {tally(run)}",
+        "",
+        render_method(run) + f" Load (`uptime`) before: {run.facts.get('load_before', '?')}; "
+        f"after: {run.facts.get('load_after', '?')}.",
+        "",
+        *render_targets(run),
+        "",
+        *render_variants(run),
+    ]

@@ -21,6 +21,7 @@ from bench.pinned_report import (
     pair_order,
     problems,
     render_results,
+    render_section,
     render_targets,
     slice_order,
     tally,
@@ -52,7 +53,7 @@ def test_every_comparison_names_known_variants() -> None:
     for comparison in COMPARISONS:
         assert comparison.a in VARIANTS
         assert comparison.b in VARIANTS
-    assert {c.issue: c.bound_us for c in COMPARISONS} == {12: 5.0, 10: 10.0, 11: 5.0}
+    assert {c.issue: c.bound_us for c in COMPARISONS} == {12: 5.0, 10: 10.0, 11: 5.0, None: None}
 
 
 def _run(
@@ -137,6 +138,18 @@ def test_verdict_needs_every_pair_on_one_side(values: list[float], expected: Ver
     assert judge(values, 5.0) is expected
 
 
+def test_the_aa_check_has_no_verdict() -> None:
+    runs = [_run(1, "base", 100.0, comparison="noise"),
+            _run(1, "base-again", 100.5, comparison="noise")]  # fmt: skip
+    pinned = _pinned(runs, ["noise"], 1)
+    assert judge([0.5], None) is None
+    assert render_targets(pinned)[2] == (
+        "| proxy CPU per connection: base-again minus base (A/A: the noise) | 0.5 | "
+        "0.5 (0.5 to 0.5) | — | — |"
+    )
+    assert tally(pinned) == "no target"
+
+
 def _pinned(runs: list[Run], comparisons: list[str], pairs: int) -> PinnedRun:
     return PinnedRun(runs=runs, comparisons=comparisons, pairs=pairs, seconds=4, warmup_s=1,
                      connections=32, min_requests=1_000, pinned=True, load_cpu=0, proxy_cpu=1,
@@ -168,6 +181,19 @@ def test_rendered_targets_table() -> None:
     assert "wrk on CPU 0, the proxies on CPU 1" in text
     assert "| policy | 1 | policy | 1.50 | 10,000 | 2500 | 1.30 | 130.0 | splice 11,000 | NO: " \
            "wrk: 1 non-2xx/3xx responses |" in text  # fmt: skip
+
+
+def test_the_full_benchmarks_section() -> None:
+    runs = [_run(1, "base", 100.0), _run(1, "addon-unclaimed", 101.0),
+            _run(2, "addon-unclaimed", 102.0), _run(2, "base", 100.0)]  # fmt: skip
+    pinned = _pinned(runs, ["addon"], 2)
+    pinned.facts.update(load_before="`before`", load_after="`after`")
+    lines = render_section(pinned)
+    assert lines[0] == "## Pinned A/B (issues 12), `bench/pinned.py` after the rounds: 1 met"
+    assert "Load (`uptime`) before: `before`; after: `after`." in lines[2]
+    assert lines[4:7] == render_targets(pinned)[:3]
+    assert "| base | splice relay, no policy, no addon | 100.0 (100.0 to 100.0) | 2500 " \
+           "(2500 to 2500) | 2 |" in lines  # fmt: skip
 
 
 def test_unpinned_runs_say_so() -> None:
@@ -214,6 +240,7 @@ def test_engine_argv_per_variant(tmp_path: Path) -> None:
     assert base[1:4] == ["-m", "bench.pinned_engine", "127.0.0.1:80"]
     assert base[base.index("--listen") + 1] == "127.0.0.1:1800"
     assert engine_argv("base", tmp_path, 1801)[-1] == "127.0.0.1:1801"
+    assert engine_argv("base-again", tmp_path) == base
     for option in ("--spoof-source", "--log-format", "--listen"):
         assert option in base
     assert base[base.index("--relay") + 1] == "splice"
