@@ -267,8 +267,8 @@ def render_runs(run: PinnedRun) -> list[str]:
 
 
 def render_variants(run: PinnedRun) -> list[str]:
-    """Markdown: each variant's own CPU per connection and rate over its valid runs."""
-    lines = ["| variant | what | proxy CPU per connection (µs) | conn/s | runs |",
+    """Markdown: each variant's own CPU per connection and rate over its valid pairs."""
+    lines = ["| variant | what | proxy CPU per connection (µs) | conn/s | pairs |",
              "|---|---|---|---|---|"]  # fmt: skip
     for variant, what in VARIANTS.items():
         runs = [r for r in run.runs if r.variant == variant and not run.problems(r)]
@@ -325,7 +325,7 @@ def render_results(run: PinnedRun) -> str:
         f"Machine: {facts.get('machine', '?')}. {facts.get('versions', '')}",
         "",
         f"Load on the machine (`uptime`) before: {facts.get('load_before', '?')}; after: "
-        f"{facts.get('load_after', '?')}; the 1-minute load average at the start of each run "
+        f"{facts.get('load_after', '?')}; the 1-minute load average at the start of each pair "
         "is in the last table. Other work shares this machine's CPUs.",
         "",
         "## Method",
@@ -340,7 +340,7 @@ def render_results(run: PinnedRun) -> str:
         "",
         *render_targets(run),
         "",
-        "## Each variant: median (min-max over its valid runs)",
+        "## Each variant: median (min-max over the pairs it was valid in)",
         "",
         *render_variants(run),
         "",
