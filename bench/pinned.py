@@ -452,6 +452,9 @@ def run_inside(pairs: int, seconds: int, warmup_s: int, comparisons: list[str]) 
     _sysctl("net.ipv4.ip_local_port_range", "1024 65000")
     _sysctl("net.ipv4.tcp_tw_reuse", "1")
     cpus = proxy_cpus()
+    if cpus[0] is None:
+        print("fewer than 2 CPUs to run on: wrk and the proxies run unpinned, sharing them",
+              flush=True)  # fmt: skip
     result = PinnedRun(runs=[], comparisons=comparisons, pairs=pairs, seconds=seconds,
                        warmup_s=warmup_s, connections=CONNECTIONS,
                        min_requests=int(MIN_REQUESTS_PER_S * seconds), pinned=cpus[0] is not None,
