@@ -53,6 +53,9 @@ from bench.modes import (
     render_haproxy_cfg,
     rss_bytes,
 )
+from bench.pinned import PinnedError
+from bench.pinned import measure as measure_pinned
+from bench.pinned_report import PinnedRun, render_section
 from bench.report import (
     ADDON_CONTEXT,
     ADDON_TARGETS,
@@ -279,6 +282,7 @@ def write_results(
     *,
     load: tuple[str, str],
     output: Path = RESULTS,
+    pinned: PinnedRun | None = None,
 ) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
@@ -493,6 +497,7 @@ def write_results(
         "",
         *render_relays(result.relays),
         "",
+        *([*render_section(pinned), ""] if pinned is not None else []),
         "## Other comparisons (no target)",
         "",
         *render_comparisons(samples, CONTEXT),
@@ -539,6 +544,9 @@ def main() -> int:
         help="the Markdown file to write (default: bench/RESULTS.md); a focused run or a smoke "
         "run may keep the full run's results by writing elsewhere",
     )
+    parser.add_argument("--no-pinned", action="store_true",
+                        help="skip the pinned A/B of issues 12 and 10 and its A/A check after "
+                        "the rounds (`python -m bench.pinned`: about 9 min)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
@@ -550,9 +558,15 @@ def main() -> int:
     started = time.time()
     load_before = _uptime()
     result = run(args.rounds, args.seconds, args.idle_sessions, modes)
+    pinned = None
+    if not args.no_pinned:
+        try:
+            pinned = measure_pinned(8, 8, ["addon", "policy", "noise"])
+        except PinnedError as exc:
+            print(f"pinned A/B: {exc}", file=sys.stderr)
     text = write_results(result, ["python", "-m", "bench", *sys.argv[1:]], started,
                          time.time() - started, load=(load_before, _uptime()),
-                         output=args.results)  # fmt: skip
+                         output=args.results, pinned=pinned)  # fmt: skip
     print(text)
     return 0
 
