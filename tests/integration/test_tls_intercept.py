@@ -208,3 +208,21 @@ def test_the_key_log_lets_tshark_decrypt_captures_taken_outside_the_proxy(lab: L
         assert requests.split() == ["GET", "/"], (leg, requests)
         # Without the key log the same capture shows no request: it was encrypted.
         assert not tshark(path, "-Y", "http.request").strip(), leg
+
+
+def test_a_second_connection_to_the_same_server_resumes_its_upstream_session(lab: Lab) -> None:
+    """nginx, as the benchmark's: the first intercepted connection's TLS with it is a full
+    handshake, the next ones (same worker: one client) resume its session -- and the client is
+    still shown our certificate for the name."""
+    server_cert = start_tls_nginx(lab, lab.server)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    proxy, ca = _proxy(lab, upstream_ca=server_cert)
+    for _ in range(3):
+        done = _curl(lab, "--cacert", str(ca), "--http1.1")
+        stderr = done.stderr.decode(errors="replace")
+        assert done.stdout.decode() == "200", stderr
+        assert "issuer: CN=tproxy interception CA" in stderr, stderr
+    closes = _closes(proxy, 3)
+    resumed = [c["upstream_tls"]["resumed"] for c in closes]
+    assert resumed == [False, True, True], closes
+    assert all(c["upstream_tls"]["verified"] for c in closes), closes

@@ -776,7 +776,13 @@ class TLSRelay(Relay):
 
     def _keep_session(self, leg: UpstreamLeg) -> None:
         """Keep the upstream's session for the next leg to the same place, once it has one (a
-        TLS 1.3 ticket comes after the handshake: looked for in the next few reads)."""
+        TLS 1.3 ticket comes after the handshake: looked for in the next few reads). Not when
+        the leg resumed the stored one: it goes on serving (fetching a session from `ssl`
+        costs about 0.1 ms, a copy of it with its certificates), until the server declines
+        it."""
+        if leg.info is not None and leg.info.resumed:
+            self._resume_key = None
+            return
         session = leg.session_to_resume()
         key = self._resume_key
         assert key is not None
