@@ -47,7 +47,7 @@ from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_chain import AddonChain, Step, chain_of
 from tproxy.engine.addon_session import AddonSession
 from tproxy.engine.poller import Poller
-from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
+from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording, read_to_eof
 from tproxy.engine.relay import Relay, Spawn
 from tproxy.interception.sockopts import abort_socket, reset_behind_eof
 from tproxy.sniffers.passive import FirstBytes
@@ -300,19 +300,11 @@ class AddonPump:
 
     def _drop(self) -> None:
         """Lingering: read and drop what the source still sends, until its FIN (or reset)."""
-        while True:
-            try:
-                data = os.read(self._src, COPY_CHUNK_BYTES)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""  # a reset after our FIN: the peer is gone all the same
-            if not data:
-                self._disarm_reader()
-                self._lingering = False
-                self._eof_read = self.ended = True
-                self._relay.lingered()
-                return
+        if read_to_eof(self._src):
+            self._disarm_reader()
+            self._lingering = False
+            self._eof_read = self.ended = True
+            self._relay.lingered()
 
     def _finish(self, end: End) -> None:
         self._disarm_reader()

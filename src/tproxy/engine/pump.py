@@ -58,6 +58,20 @@ SPLICE_AFTER_BYTES = 64 * 1024
 _GONE = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 
 
+def read_to_eof(fd: int) -> bool:
+    """Read and drop what `fd` holds (a linger after our FIN): True once its peer's FIN came (or
+    a reset: the peer is gone all the same), False when it would block first."""
+    while True:
+        try:
+            data = os.read(fd, COPY_CHUNK_BYTES)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+
+
 class Recording(Protocol):
     """Where a captured session's relayed bytes go (`capture.recorder`): each write's bytes, in
     order, as they reach the sink."""

@@ -102,7 +102,7 @@ from tproxy.core.reasons import CloseReason
 from tproxy.core.session import SessionRecord
 from tproxy.engine.addon_chain import AddonChain, chain_of
 from tproxy.engine.poller import Poller
-from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording
+from tproxy.engine.pump import COPY_CHUNK_BYTES, Recording, read_to_eof
 from tproxy.engine.relay import Relay, Spawn
 from tproxy.interception.sockopts import abort_socket, reset_behind_eof
 from tproxy.sniffers.facts import TlsHello
@@ -884,19 +884,11 @@ class TLSRelay(Relay):
 
     def _linger(self, way: _Way) -> None:
         """Read and drop what the source still sends, until its FIN (or reset)."""
-        while True:
-            try:
-                data = os.read(way.src, COPY_CHUNK_BYTES)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""  # a reset after our FIN: the peer is gone all the same
-            if not data:
-                way.lingering = False
-                way.ended = True
-                way.arm_reader(False)
-                self._lingered()
-                return
+        if read_to_eof(way.src):
+            way.lingering = False
+            way.ended = True
+            way.arm_reader(False)
+            self._lingered()
 
     def _lingered(self) -> None:
         if not self._done and self.up.ended and self.down.ended:
