@@ -23,6 +23,7 @@ from tproxy.engine.control import (
     ControlServer,
     finish_takeover,
     open_control_socket,
+    request,
     take_over,
 )
 from tproxy.engine.takeover import adopt, handover
@@ -210,3 +211,46 @@ def test_something_that_is_not_a_listening_socket_is_refused() -> None:
               [endpoint], 1)  # fmt: skip
     plain.close()
     listener.close()
+
+
+def test_a_deferred_command_is_answered_when_its_answer_comes(tmp_path: Path) -> None:
+    """`sessions`: the supervisor asks its workers first; the client waits for that answer."""
+    path = str(tmp_path / "c.sock")
+    loop = Loop()
+    pending: list[Callable[[dict[str, object]], None]] = []
+
+    def sessions(_: dict[str, object], answer: Callable[[dict[str, object]], None]) -> None:
+        pending.append(answer)
+
+    server = ControlServer(open_control_socket(path), path, loop.watch, handover=None,
+                           on_drain=loop.drained.set, on_notice=loop.notices.append,
+                           commands={"sessions": sessions})  # fmt: skip
+    got: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: got.update(request(path, {"command": "sessions"}, 5)))
+    thread.start()
+    loop.run_until(lambda: bool(pending))
+    pending[0]({"workers": [], "missing": [1]})
+    thread.join()
+    assert got == {"ok": True, "workers": [], "missing": [1]}
+    with pytest.raises(ControlError, match="unknown command 'nonsense'"):
+        _ask_in_thread(loop, path, {"command": "nonsense"})
+    server.close()
+
+
+def _ask_in_thread(loop: Loop, path: str, message: dict[str, object]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            result.update(request(path, message, 5))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    loop.run_until(lambda: not thread.is_alive())
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result

@@ -22,6 +22,8 @@ from tproxy.engine import worker_channel
 from tproxy.engine.session import SessionContext
 from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.observability.eventlog import EventLog
+from tproxy.sniffers.classify import Sniffed
+from tproxy.sniffers.facts import TlsHello
 from tproxy.tls.passthrough import PassthroughMemory, PassthroughReason
 
 
@@ -34,7 +36,10 @@ def _context(stream: io.StringIO) -> SessionContext:
             "01kbj9dq70302", "[2001:db8:1::2]:40001", "[2001:db8:2::2]:80", 0.0, bytes_up=1
         ),
     ]
-    sessions = [SimpleNamespace(record=r) for r in records]
+    records[0].rule, records[0].relay = "web", "splice"
+    hello = Sniffed("tls", TlsHello("www.example.test", ("h2",), "1.3", ech=False))
+    sessions = [SimpleNamespace(record=records[0], sniffed_so_far=hello),
+                SimpleNamespace(record=records[1], sniffed_so_far=None)]  # fmt: skip
     ctx = SimpleNamespace(sessions=sessions, active=2, opened=9, closed_bytes_up=100,
                           closed_bytes_down=200, passthrough=PassthroughMemory(ttl_s=60),
                           log=EventLog(LogFormat.JSON, stream))  # fmt: skip
@@ -58,12 +63,18 @@ def test_heartbeat_listing_and_errors() -> None:
             supervisor_end.send(b"\xff not a message")
             supervisor_end.send(encode(Request(1, "sessions")))
             reply = await _receive(supervisor_end)
+            listed = reply.result["sessions"]
+            for entry in listed:  # (how long ago, by the monotonic clock: not fixed)
+                assert entry.pop("age_s") >= 0 and entry.pop("idle_s") >= 0
             assert reply == Reply(1, 3, {
                 "active": 2,
                 "sessions": [
                     {"id": "01kbj9dq70302", "client": "[2001:db8:1::2]:40001",
-                     "dst": "[2001:db8:2::2]:80"},
-                    {"id": "01kbj9dq70304", "client": "198.18.1.2:40000", "dst": "198.18.2.2:9000"},
+                     "dst": "[2001:db8:2::2]:80", "sni": None, "rule": None, "relay": None,
+                     "bytes_up": 1, "bytes_down": 0},
+                    {"id": "01kbj9dq70304", "client": "198.18.1.2:40000", "dst": "198.18.2.2:9000",
+                     "sni": "www.example.test", "rule": "web", "relay": "splice", "bytes_up": 10,
+                     "bytes_down": 20},
                 ],
                 "truncated": False,
             })  # fmt: skip

@@ -63,6 +63,9 @@ from tproxy.engine.control import (
     open_control_socket,
     take_over,
 )
+from tproxy.engine.control import (
+    request as control_request,
+)
 from tproxy.engine.pipes import apply_pipe_budget
 from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
@@ -76,6 +79,7 @@ from tproxy.lab.intercept_demo import run_intercept_demo
 from tproxy.lab.topology import LabError
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice
+from tproxy.observability.session_table import render_sessions
 from tproxy.policy.decide import SessionFacts, SniffedFacts, Verdict, trace
 from tproxy.policy.load import load_matcher, read_policy
 from tproxy.policy.model import PROTOS, Policy
@@ -508,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
         "request intercepted (curl trusting that CA; the example addon http_log.py logs its "
         "plaintext request line) and a pinned name passed through untouched",
     )
+    sessions = commands.add_parser(
+        "sessions",
+        help="list the live sessions of the tproxy running in this network namespace",
+        description=(
+            "Ask the running tproxy over its control socket for every worker's live sessions: "
+            "id, worker, client, original destination, SNI, the deciding rule, the relay, bytes "
+            "each way, age and idle seconds (at most 1,000 per worker). Needs the control "
+            "socket's permissions (root, by default)."
+        ),
+    )
+    sessions.add_argument("--json", action="store_true", help="one JSON object, as answered")
+    sessions.add_argument(
+        "--control", metavar="PATH", help="the control socket (default: this namespace's)"
+    )
+
     unit = commands.add_parser(
         "service-unit",
         help="print systemd units for the rules and the proxy, filled in with the options given",
@@ -567,6 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ca(args)
         if args.command == "service-unit":
             return _service_unit(args)
+        if args.command == "sessions":
+            return _sessions(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -589,6 +610,20 @@ def _rules_value_joined(argv: Sequence[str]) -> list[str]:
         if args[i] == "--rules":
             return [*args[:i], f"--rules={args[i + 1]}", *args[i + 2 :]]
     return args
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    """`tproxy sessions`: the running proxy's live sessions, as a table or JSON."""
+    try:
+        answer = control_request(args.control or default_control_path(),
+                                 {"command": "sessions"}, timeout_s=10)  # fmt: skip
+    except ControlError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({k: v for k, v in answer.items() if k != "ok"}, indent=2))
+        return 0
+    print(render_sessions(answer))
+    return 0
 
 
 def _service_unit(args: argparse.Namespace) -> int:

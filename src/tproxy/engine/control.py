@@ -211,6 +211,10 @@ def connect(path: str) -> socket.socket:
 
 
 Handover = Callable[[], tuple[dict[str, Any], list[int]]]
+Answer = Callable[[dict[str, Any]], None]
+Command = Callable[[dict[str, Any], Answer], None]
+"""A request the supervisor answers later (it asks its workers first): called with the request
+and where its answer goes (once)."""
 Watch = Callable[[socket.socket, Callable[[], None] | None], None]
 """Watch a socket for reading in the supervisor's loop, calling the function (None: stop)."""
 
@@ -230,6 +234,7 @@ class ControlServer:
     def __init__(
         self, sock: socket.socket, path: str, watch: Watch, *, handover: Handover | None,
         on_drain: Callable[[], None], on_notice: Callable[[str], None],
+        commands: dict[str, Command] | None = None,
     ) -> None:  # fmt: skip
         self._sock = sock
         self._path = path
@@ -237,6 +242,7 @@ class ControlServer:
         self._handover = handover
         self._on_drain = on_drain
         self._on_notice = on_notice
+        self._commands = commands or {}
         self._successor: socket.socket | None = None  # a takeover's connection, until drain
         self.handed_over = False  # the new process drains us: the path is its now
         watch(sock, self._on_connection)
@@ -264,6 +270,10 @@ class ControlServer:
     def _answer(self, conn: socket.socket, message: dict[str, Any]) -> bool:
         """Answer one request; True when the connection stays open (a takeover's)."""
         command = message.get("command")
+        handler = self._commands.get(command) if isinstance(command, str) else None
+        if handler is not None:
+            handler(message, lambda answer: _answer_later(conn, answer))
+            return True
         if command != "takeover":
             send_message(conn, {"ok": False, "error": f"unknown command {command!r}"})
             return False
@@ -329,6 +339,35 @@ class ControlServer:
         if not self.handed_over:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
+
+
+def _answer_later(conn: socket.socket, answer: dict[str, Any]) -> None:
+    """The answer to a deferred command; the client may have gone meanwhile."""
+    with contextlib.suppress(OSError):
+        send_message(conn, {"ok": True, **answer})
+    conn.close()
+
+
+def request(path: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Ask the tproxy whose control socket is at `path`; its answer.
+
+    Raises:
+        ControlError: nobody answers, or not in time, or the answer is an error.
+    """
+    conn = connect(path)
+    conn.settimeout(timeout_s)
+    try:
+        send_message(conn, message)
+        answer = read_message(conn)
+    except OSError as exc:
+        raise ControlError(f"the control socket: {exc.strerror or exc}") from None
+    finally:
+        conn.close()
+    if answer is None:
+        raise ControlError("the running tproxy closed the control socket without answering")
+    if not answer.get("ok"):
+        raise ControlError(f"the running tproxy says: {answer.get('error', '?')}")
+    return answer
 
 
 def take_over(path: str) -> tuple[socket.socket, socket.socket, dict[str, Any], list[int]]:

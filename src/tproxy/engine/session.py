@@ -319,6 +319,15 @@ class Session:
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
         self.record: SessionRecord | None = None  # made by start()
 
+    @property
+    def sniffed_so_far(self) -> Sniffed | None:
+        """What its first bytes said, as far as known now: the sniffed facts once decided (a
+        listing of live sessions shows them), None while undecided."""
+        record = self.record
+        if record is not None and record.sniffed is not None:
+            return record.sniffed
+        return None if self._sniffer is None else self._sniffer.result
+
     def start(self) -> None:
         """Read the original destination, log the open, refuse loops, ask the policy, and sniff
         or connect."""

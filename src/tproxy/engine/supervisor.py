@@ -70,7 +70,7 @@ from tproxy.core.worker_protocol import (
     encode,
     learned_batches,
 )
-from tproxy.engine.control import ControlError, ControlServer, Handover
+from tproxy.engine.control import Answer, ControlError, ControlServer, Handover
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice, SessionsListed
 from tproxy.service.notify import Notifier
@@ -255,6 +255,7 @@ class Supervisor:
             handover=None if self._handover is None else self._handover_unless_stopping,
             on_drain=lambda: self._stop("takeover"),
             on_notice=lambda text: self._log.emit(Notice(text)),
+            commands={"sessions": self._sessions_for_control},
         )  # fmt: skip
 
     def _handover_unless_stopping(self) -> tuple[dict[str, Any], list[int]]:
@@ -531,7 +532,11 @@ class Supervisor:
         pids = [w.pid for w in self._workers.values() if w.id == worker_id]
         return f"pid {pids[0]}" if pids else "gone"
 
-    def _log_listing(self, gathering: Gathering) -> None:
+    def _sessions_for_control(self, request: dict[str, Any], answer: Answer) -> None:
+        """`tproxy sessions`: every worker's live sessions, once all answered (or 2 s)."""
+        self.ask("sessions", {}, lambda gathering: answer(self._listing(gathering)))
+
+    def _listing(self, gathering: Gathering) -> dict[str, Any]:
         pids = {w.id: w.pid for w in self._workers.values()}
         workers = []
         missing = set(gathering.missing)
@@ -541,7 +546,11 @@ class Supervisor:
                 missing.add(worker_id)
                 continue
             workers.append({"worker": worker_id, "pid": pids.get(worker_id), **listing})
-        self._log.emit(SessionsListed(workers, sorted(missing)))
+        return {"workers": workers, "missing": sorted(missing)}
+
+    def _log_listing(self, gathering: Gathering) -> None:
+        listing = self._listing(gathering)
+        self._log.emit(SessionsListed(listing["workers"], listing["missing"]))
 
     # --- signals -------------------------------------------------------------------------
 

@@ -53,14 +53,24 @@ Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
 
 
 def list_sessions(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
-    """`sessions`: this worker's live sessions (id, client, original destination)."""
-    records = sorted((s.record for s in ctx.sessions if s.record is not None), key=lambda r: r.id)
-    shown = records[:LISTING_LIMIT]
-    return {
-        "active": len(records),
-        "sessions": [{"id": r.id, "client": r.client, "dst": r.dst} for r in shown],
-        "truncated": len(shown) < len(records),
-    }
+    """`sessions`: this worker's live sessions, oldest first: id, client, original destination,
+    SNI (once sniffed), the deciding rule, the relay, bytes each way, age and idle seconds."""
+    live = sorted((s for s in ctx.sessions if s.record is not None),
+                  key=lambda s: s.record.id)  # type: ignore[union-attr]  # fmt: skip
+    now = time.monotonic()
+    listed = []
+    for session in live[:LISTING_LIMIT]:
+        record = session.record
+        assert record is not None
+        sniffed = session.sniffed_so_far
+        listed.append({
+            "id": record.id, "client": record.client, "dst": record.dst,
+            "sni": None if sniffed is None else sniffed.sni, "rule": record.rule,
+            "relay": record.relay, "bytes_up": record.bytes_up, "bytes_down": record.bytes_down,
+            "age_s": round(now - record.opened_at, 3),
+            "idle_s": round(now - record.last_activity_at, 3),
+        })  # fmt: skip
+    return {"active": len(live), "sessions": listed, "truncated": len(listed) < len(live)}
 
 
 HANDLERS: dict[str, Handler] = {"sessions": list_sessions}

@@ -1,0 +1,58 @@
+"""`tproxy sessions` on the real path, default workers: a TLS session held open through the
+router is listed, over the control socket, with its worker, its SNI (sniffed as the bytes
+passed, no policy needed) and its byte counts; the table shows it too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from tests.integration.conftest import apply_rules, start_proxy
+from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_server
+from tproxy.lab.topology import Lab, wait_until
+
+
+def test_a_held_tls_session_is_listed_with_its_sni_and_byte_counts(lab: Lab) -> None:
+    start_tls_server(lab, lab.server)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    proxy = start_proxy(lab, default_workers=True)
+    client = lab.start(
+        lab.client,
+        ["openssl", "s_client", "-quiet", "-no_ign_eof", "-servername", TLS_NAME,
+         "-connect", f"{lab.server.ipv4}:{TLS_PORT}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: bool(proxy.named("upstream_connected")), 10, "the session")
+
+        def held() -> list[dict[str, Any]]:
+            done = lab.run(lab.router, [sys.executable, "-m", "tproxy", "sessions", "--json"])
+            workers = json.loads(done.stdout)["workers"]
+            return [s | {"worker": w["worker"]} for w in workers for s in w["sessions"]]
+
+        wait_until(lambda: any(s["bytes_down"] for s in held()), 10, "the handshake relayed")
+        time.sleep(0.2)
+        [session] = held()
+        opened = proxy.named("session_open")[0]
+        assert session["id"] == opened["session"] and session["worker"] == opened["worker"]
+        assert session["sni"] == TLS_NAME and session["relay"] == "splice", session
+        assert session["client"].startswith(f"{lab.client.ipv4}:"), session
+        assert session["dst"] == f"{lab.server.ipv4}:{TLS_PORT}", session
+        assert session["bytes_up"] > 200 and session["bytes_down"] > 200, session  # the handshake
+        table = lab.run(lab.router, [sys.executable, "-m", "tproxy", "sessions"]).stdout.decode()
+        assert opened["session"] in table and TLS_NAME in table, table
+        assert table.rstrip().endswith("1 live sessions"), table
+    finally:
+        if client.stdin is not None:
+            client.stdin.close()
+        client.wait(timeout=10)
+
+
+def test_without_a_running_proxy_it_says_so_in_one_line(lab: Lab) -> None:
+    done = lab.run(lab.router, [sys.executable, "-m", "tproxy", "sessions"], check=False)
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, lines
+    assert "no tproxy answers on the control socket" in lines[0], lines
