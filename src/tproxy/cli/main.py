@@ -130,6 +130,7 @@ from tproxy.service.units import (
     render_units,
     under_homes,
 )
+from tproxy.sniffers.printable import to_printable
 from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read_ca_cert
 from tproxy.tls.contexts import check_upstream_ca, open_keylog
 
@@ -527,6 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--control", metavar="PATH", help="the control socket (default: this namespace's)"
     )
 
+    kill = commands.add_parser(
+        "kill",
+        help="reset one live session of the running tproxy on both sides",
+        description=(
+            "Reset the live session ID (as `tproxy sessions` and the session log name it) on "
+            "both sides: the client and the server each see a reset; its session_close says "
+            "reason killed. Exit status 1 when no worker has it."
+        ),
+    )
+    kill.add_argument("id", metavar="ID", help="the session id")
+    kill.add_argument(
+        "--control", metavar="PATH", help="the control socket (default: this namespace's)"
+    )
+
     unit = commands.add_parser(
         "service-unit",
         help="print systemd units for the rules and the proxy, filled in with the options given",
@@ -588,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _service_unit(args)
         if args.command == "sessions":
             return _sessions(args)
+        if args.command == "kill":
+            return _kill(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -623,6 +640,21 @@ def _sessions(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in answer.items() if k != "ok"}, indent=2))
         return 0
     print(render_sessions(answer))
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    """`tproxy kill ID`: reset one live session on both sides."""
+    try:
+        answer = control_request(args.control or default_control_path(),
+                                 {"command": "kill", "id": args.id}, timeout_s=10)  # fmt: skip
+    except ControlError as exc:
+        return _fail(str(exc))
+    if answer.get("killed") is None:
+        missing = answer.get("missing") or []
+        also = f" (workers {missing} did not answer)" if missing else ""
+        return _fail(f"no live session {to_printable(args.id.encode(), 40)}{also}")
+    print(f"session {args.id} reset on both sides (worker {answer['killed']})")
     return 0
 
 

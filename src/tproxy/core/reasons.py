@@ -41,6 +41,7 @@ class CloseReason(enum.StrEnum):
     # A claimed session ended by its addon (`session.close()`, `session.reset()`).
     ADDON_CLOSE = "addon_close"  # what was queued was sent, then a FIN both ways
     ADDON_RESET = "addon_reset"  # both sides reset
+    KILLED = "killed"  # `tproxy kill ID`: both sides reset
     # An intercepted TLS session (`tls = "intercept"`): a handshake failed (or took longer than
     # --tls-handshake-timeout); both sides are reset. The detail is in the close event's
     # `client_tls` / `upstream_tls`.

@@ -255,7 +255,7 @@ class Supervisor:
             handover=None if self._handover is None else self._handover_unless_stopping,
             on_drain=lambda: self._stop("takeover"),
             on_notice=lambda text: self._log.emit(Notice(text)),
-            commands={"sessions": self._sessions_for_control},
+            commands={"sessions": self._sessions_for_control, "kill": self._kill_for_control},
         )  # fmt: skip
 
     def _handover_unless_stopping(self) -> tuple[dict[str, Any], list[int]]:
@@ -535,6 +535,20 @@ class Supervisor:
     def _sessions_for_control(self, request: dict[str, Any], answer: Answer) -> None:
         """`tproxy sessions`: every worker's live sessions, once all answered (or 2 s)."""
         self.ask("sessions", {}, lambda gathering: answer(self._listing(gathering)))
+
+    def _kill_for_control(self, request: dict[str, Any], answer: Answer) -> None:
+        """`tproxy kill ID`: every worker is asked; the one whose session it is resets it."""
+        session_id = request.get("id")
+        if not isinstance(session_id, str) or not session_id:
+            answer({"killed": None, "error": "no session id"})
+            return
+
+        def done(gathering: Gathering) -> None:
+            killed = [w for w, r in gathering.replies.items()
+                      if isinstance(r.result, dict) and r.result.get("killed") is True]  # fmt: skip
+            answer({"killed": killed[0] if killed else None, "missing": gathering.missing})
+
+        self.ask("kill", {"id": session_id}, done)
 
     def _listing(self, gathering: Gathering) -> dict[str, Any]:
         pids = {w.id: w.pid for w in self._workers.values()}

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tproxy.core.reasons import CloseReason
 from tproxy.core.worker_protocol import (
     HEARTBEAT_INTERVAL_S,
     MAX_MESSAGE_BYTES,
@@ -73,7 +74,18 @@ def list_sessions(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
     return {"active": len(live), "sessions": listed, "truncated": len(listed) < len(live)}
 
 
-HANDLERS: dict[str, Handler] = {"sessions": list_sessions}
+def kill_session(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
+    """`kill`: reset the live session `args["id"]` on both sides (reason `killed`), if it is
+    this worker's."""
+    wanted = args.get("id")
+    for session in list(ctx.sessions):
+        if session.record is not None and session.record.id == wanted:
+            session.close(CloseReason.KILLED)
+            return {"killed": True}
+    return {"killed": False}
+
+
+HANDLERS: dict[str, Handler] = {"sessions": list_sessions, "kill": kill_session}
 
 
 def heartbeat_of(ctx: SessionContext, worker: int, pid: int) -> Heartbeat:
