@@ -524,9 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sessions.add_argument("--json", action="store_true", help="one JSON object, as answered")
-    sessions.add_argument(
-        "--control", metavar="PATH", help="the control socket (default: this namespace's)"
-    )
+    _control_option(sessions)
 
     kill = commands.add_parser(
         "kill",
@@ -538,9 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     kill.add_argument("id", metavar="ID", help="the session id")
-    kill.add_argument(
-        "--control", metavar="PATH", help="the control socket (default: this namespace's)"
-    )
+    _control_option(kill)
 
     unit = commands.add_parser(
         "service-unit",
@@ -629,11 +625,25 @@ def _rules_value_joined(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def _control_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control", metavar="PATH", help="the control socket (default: this namespace's)"
+    )
+
+
+def _ask_running(args: argparse.Namespace, message: dict[str, Any]) -> dict[str, Any]:
+    """The running proxy's answer over its control socket (`--control`, or this namespace's).
+
+    Raises:
+        ControlError: nobody answers, not in time, or the answer is an error.
+    """
+    return control_request(args.control or default_control_path(), message, timeout_s=10)
+
+
 def _sessions(args: argparse.Namespace) -> int:
     """`tproxy sessions`: the running proxy's live sessions, as a table or JSON."""
     try:
-        answer = control_request(args.control or default_control_path(),
-                                 {"command": "sessions"}, timeout_s=10)  # fmt: skip
+        answer = _ask_running(args, {"command": "sessions"})
     except ControlError as exc:
         return _fail(str(exc))
     if args.json:
@@ -646,8 +656,7 @@ def _sessions(args: argparse.Namespace) -> int:
 def _kill(args: argparse.Namespace) -> int:
     """`tproxy kill ID`: reset one live session on both sides."""
     try:
-        answer = control_request(args.control or default_control_path(),
-                                 {"command": "kill", "id": args.id}, timeout_s=10)  # fmt: skip
+        answer = _ask_running(args, {"command": "kill", "id": args.id})
     except ControlError as exc:
         return _fail(str(exc))
     if answer.get("killed") is None:
