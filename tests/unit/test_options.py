@@ -43,6 +43,7 @@ from tproxy.core.options import (
     option,
     parse_bytes,
     parse_duration,
+    parse_rate,
     parse_table,
     render_bytes,
     render_duration,
@@ -484,3 +485,20 @@ def test_the_capture_options_default_to_no_captures_and_16_mib() -> None:
     assert (config.capture_dir, config.capture_all) == (None, False)
     assert config.capture_max_bytes == 16 * 1024 * 1024
     assert (config.capture_max_total_bytes, config.capture_max_age_s) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("20/s", 20.0), ("600/min", 10.0), ("2.5 / sec", 2.5), ("7", 7.0), ("90/minute", 1.5)],
+)
+def test_a_rate_reads_per_second_or_minute(text: str, per_second: float) -> None:
+    assert parse_rate(text) == per_second
+
+
+@given(st.text(max_size=30))
+def test_any_text_is_a_positive_finite_rate_or_a_config_error(text: str) -> None:
+    try:
+        rate = parse_rate(text)
+    except ConfigError:
+        return
+    assert 0 < rate < float("inf")
