@@ -18,8 +18,9 @@ for an int in a dict) and cannot carry an info metric; the supervisor renders th
 Bounded: the labels are the close reason (an enum), the action (an enum), the deciding rule (the
 policy's names, never an SNI or an address) and the sniffed protocol (five words), so the series
 are bounded by the policy's size; past `MAX_SERIES` close series or rules with bytes (a huge
-policy, or many reloads renaming rules), new ones count under the rule `OTHER_RULE`. Snapshots read from a channel are checked like
-any message (`from_json`): a worker's bug becomes a dropped snapshot, never a supervisor crash.
+policy, or many reloads renaming rules), new ones count under the rule `OTHER_RULE`. Snapshots
+read from a channel are checked like any message (`from_json`): a worker's bug becomes a
+dropped snapshot, never a supervisor crash.
 
 Pure: no I/O, no clock.
 """
