@@ -375,13 +375,16 @@ class TopView:
         self._listing, self._listing_at = listing, at
 
     def _error_lines(self) -> list[str]:
-        """This poll's errors, and how old the figures shown under them are."""
+        """This poll's errors, and how old the figures still shown under them are."""
         lines = [_escaped(error, 300) for error in self._errors]
-        answered = [at for at in (self._stats_at, self._listing_at) if at is not None]
-        if lines and self._polled_at is not None and answered:
-            age_s = self._polled_at - max(answered)
-            if age_s > 0:
-                lines[-1] += f" (the figures below are {_duration(age_s)} old)"
+        if not lines or self._polled_at is None:
+            return lines
+        shown = (("totals", self._stats_at), ("sessions", self._listing_at))
+        stale = [(name, self._polled_at - at) for name, at in shown
+                 if at is not None and at < self._polled_at]  # fmt: skip
+        if stale:
+            names = " and ".join(name for name, _ in stale)
+            lines[-1] += f" (the {names} shown are {_duration(max(age for _, age in stale))} old)"
         return lines
 
     @property
