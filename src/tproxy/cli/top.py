@@ -9,7 +9,8 @@ Three things run at their own pace, in one loop that wakes every `TICK_S`:
   when select says so; the terminal's mode is restored on every way out. A stdin that is not a
   terminal is not read at all (Ctrl-C quits);
 * the drawing: rich's `Live` on the alternate screen (the shell's screen comes back on quit),
-  redrawn after each poll and when the terminal's size changed.
+  redrawn after each poll and when the terminal's size changed (its own size: see
+  `_screen_size`).
 
 The first poll is made before the screen opens: when nothing answers, `tproxy top` fails as
 `tproxy sessions` does (one line, status 1). Later failures are shown on the screen, over the
@@ -144,9 +145,10 @@ def _loop(
                 view.update(result.at, result.stats, result.sessions, result.errors)
                 next_poll_at = result.at + interval_s
                 drawn_size = None
-            size = console.size
+            size = _screen_size(console)
             if size != drawn_size:
-                live.update(view.render(size.height, size.width), refresh=True)
+                console.size = size  # (what rich lays out to, as what the view was sized to)
+                live.update(view.render(size[1], size[0]), refresh=True)
                 drawn_size = size
             now = clock()
             if not poller.busy and now >= next_poll_at:
@@ -154,6 +156,20 @@ def _loop(
             wait_s = TICK_S if poller.busy else max(0.0, min(TICK_S, next_poll_at - now))
             if keys.quit_within(wait_s):
                 return
+
+
+def _screen_size(console: Console) -> tuple[int, int]:
+    """The terminal's own width and height, read again each time (it may be resized); rich's
+    idea of them if its output is not a terminal. rich prefers COLUMNS and LINES when they are
+    in the environment: right for a report on a pipe, wrong for a screen that must fit the
+    terminal (a shell or a tool may have exported stale ones)."""
+    try:
+        size = os.get_terminal_size(console.file.fileno())
+    except (AttributeError, OSError, ValueError):  # (not a terminal, or no descriptor)
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return size.columns, size.lines
+    return console.size.width, console.size.height
 
 
 class _Poller:
