@@ -99,6 +99,11 @@ SAMPLES: dict[str, tuple[list[str], str, Any]] = {
     "upstream_ca": (["--upstream-ca", "b.pem"], 'upstream_ca = "b.pem"', "b.pem"),
     "keylog": (["--keylog", "k.log"], 'keylog = "k.log"', "k.log"),
     "control": (["--control", "c.sock"], 'control = "c.sock"', "c.sock"),
+    "metrics_listen": (
+        ["--metrics-listen", "127.0.0.1:9464"],
+        'metrics_listen = "127.0.0.1:9464"',
+        parse_endpoint("127.0.0.1:9464"),
+    ),
     "max_connections_per_client": (
         ["--max-connections-per-client", "50"],
         "max_connections_per_client = 50",
@@ -213,7 +218,8 @@ def test_an_unknown_key_lists_the_known_ones(key: str) -> None:
         f"unknown setting {key!r} (known: addon, ca, capture_all, capture_dir, capture_max_age, "
         "capture_max_bytes, capture_max_total, connect_timeout, control, drain_timeout, "
         "half_closed_timeout, idle_timeout, keylog, listen, log_format, loop, mark, "
-        "max_connections, max_connections_per_client, mode, new_connections_per_client, policy, "
+        "max_connections, max_connections_per_client, metrics_listen, mode, "
+        "new_connections_per_client, policy, "
         "relay, spoof_source, tls_handshake_timeout, upstream_ca)"
     )
 
@@ -331,6 +337,7 @@ def test_a_reload_applies_or_names_every_option(name: str) -> None:
         "ca",
         "keylog",
         "control",
+        "metrics_listen",
     }
 
 

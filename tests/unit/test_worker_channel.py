@@ -21,6 +21,7 @@ from tproxy.core.worker_protocol import Heartbeat, Learned, Reply, Request, deco
 from tproxy.engine import worker_channel
 from tproxy.engine.session import SessionContext
 from tproxy.engine.worker_channel import WorkerChannel
+from tproxy.observability.counters import Counters
 from tproxy.observability.eventlog import EventLog
 from tproxy.sniffers.classify import Sniffed
 from tproxy.sniffers.facts import TlsHello
@@ -40,9 +41,11 @@ def _context(stream: io.StringIO) -> SessionContext:
     hello = Sniffed("tls", TlsHello("www.example.test", ("h2",), "1.3", ech=False))
     sessions = [SimpleNamespace(record=records[0], sniffed_so_far=hello),
                 SimpleNamespace(record=records[1], sniffed_so_far=None)]  # fmt: skip
+    metrics = Counters()
+    metrics.session_closed("closed", "allow", "web", "http", up=100, down=200)
     ctx = SimpleNamespace(sessions=sessions, active=2, opened=9, closed_bytes_up=100,
                           closed_bytes_down=200, passthrough=PassthroughMemory(ttl_s=60),
-                          log=EventLog(LogFormat.JSON, stream))  # fmt: skip
+                          log=EventLog(LogFormat.JSON, stream), metrics=metrics)  # fmt: skip
     return cast(SessionContext, ctx)
 
 
@@ -59,7 +62,13 @@ def test_heartbeat_listing_and_errors() -> None:
         channel = WorkerChannel(worker_end, worker=3)
         channel.start(asyncio.get_running_loop(), _context(stream))
         try:
-            assert await _receive(supervisor_end) == Heartbeat(3, os.getpid(), 2, 9, 111, 220)
+            beat = await _receive(supervisor_end)
+            assert beat == Heartbeat(3, os.getpid(), 2, 9, 111, 220, beat.metrics)
+            # The metrics: the closed session's counts, and each rule's bytes with the live
+            # sessions' so far (the second session is not decided yet: no rule).
+            assert beat.metrics["closed"] == [["closed", "allow", "web", "http", 1]]
+            moved = {tuple(row) for row in beat.metrics["rule_bytes"]}
+            assert moved == {(None, 1, 0), ("web", 110, 220)}
             supervisor_end.send(b"\xff not a message")
             supervisor_end.send(encode(Request(1, "sessions")))
             reply = await _receive(supervisor_end)

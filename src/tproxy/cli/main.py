@@ -67,11 +67,12 @@ from tproxy.engine.control import (
 from tproxy.engine.control import (
     request as control_request,
 )
+from tproxy.engine.metrics_endpoint import MetricsEndpointError, open_metrics_socket
 from tproxy.engine.pipes import apply_pipe_budget
 from tproxy.engine.server import TASKS_STOP_TIMEOUT_S, ProxyServer, StartupError, open_listeners
 from tproxy.engine.steering import open_steered_listeners
 from tproxy.engine.supervisor import close_all, run_workers
-from tproxy.engine.takeover import adopt
+from tproxy.engine.takeover import adopt, adopt_metrics, split_metrics
 from tproxy.engine.takeover import handover as takeover_handover
 from tproxy.engine.worker_channel import WorkerChannel
 from tproxy.interception.sockopts import SocketSetupError
@@ -874,7 +875,9 @@ def _run(args: argparse.Namespace) -> int:
         watchdog_every_s = watchdog_interval_s(os.environ, os.getpid())
     except NotifyError as exc:
         return _fail(str(exc))
-    supervised = workers > 1 or notifier.enabled or args.takeover
+    supervised = (
+        workers > 1 or notifier.enabled or args.takeover or config.metrics_listen is not None
+    )
     control_path = config.control or default_control_path()
     bound: _Bound | None = None
     if plan.drop:  # bind as root (transparent, below 1024), then nothing else runs as root
@@ -989,11 +992,15 @@ def _run(args: argparse.Namespace) -> int:
         return finish_takeover(successor, their_control), control_path
 
     def handover() -> tuple[dict[str, Any], list[int]]:
-        return takeover_handover(config.listen, per_worker)
+        metrics = None
+        if bound.metrics is not None and config.metrics_listen is not None:
+            metrics = (config.metrics_listen, bound.metrics)
+        return takeover_handover(config.listen, per_worker, metrics)
 
     code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick,
                        notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
-                       handover=handover, on_serving=on_serving)  # fmt: skip
+                       handover=handover, on_serving=on_serving, metrics=bound.metrics,
+                       version=__version__)  # fmt: skip
     notifier.close()
     close_all(everyone)
     return code
@@ -1010,10 +1017,13 @@ class _Bound:
     no_control: str | None = None
     successor: socket.socket | None = None
     their_control: socket.socket | None = None
+    metrics: socket.socket | None = None  # --metrics-listen's listening socket
 
     def abandon(self) -> None:
         """The start failed after binding: let go of everything (the running proxy, if taking
         over, goes on serving)."""
+        if self.metrics is not None:
+            self.metrics.close()
         for sock in {id(s): s for own in self.per_worker for s in own}.values():
             sock.close()
         if self.successor is not None:
@@ -1037,22 +1047,35 @@ def _bind(
     """
     if takeover:
         successor, their_control, reply, fds = take_over(control_path)
+        metrics_endpoint, metrics_fd = split_metrics(reply, fds)
         try:
             per_worker = adopt(reply, fds, config.listen, workers)
         except ControlError:
             successor.close()
             their_control.close()
+            if metrics_fd is not None:
+                os.close(metrics_fd)
             raise
-        return _Bound(per_worker, successor=successor, their_control=their_control)
-    control, no_control = (None, None)
-    if supervised:
-        control, no_control = _control_socket(control_path, explicit=config.control is not None)
-    try:
-        per_worker = _open_worker_listeners(config, workers)
-    except StartupError:
-        _Bound([], control).abandon()
-        raise
-    return _Bound(per_worker, control, no_control)
+        metrics = adopt_metrics(metrics_endpoint, metrics_fd, config.metrics_listen)
+        bound = _Bound(per_worker, successor=successor, their_control=their_control,
+                       metrics=metrics)  # fmt: skip
+    else:
+        control, no_control = (None, None)
+        if supervised:
+            control, no_control = _control_socket(control_path, explicit=config.control is not None)
+        try:
+            per_worker = _open_worker_listeners(config, workers)
+        except StartupError:
+            _Bound([], control).abandon()
+            raise
+        bound = _Bound(per_worker, control, no_control)
+    if config.metrics_listen is not None and bound.metrics is None:
+        try:
+            bound.metrics = open_metrics_socket(config.metrics_listen)
+        except MetricsEndpointError as exc:
+            bound.abandon()
+            raise StartupError(str(exc)) from None
+    return bound
 
 
 def _control_socket(

@@ -17,6 +17,7 @@ and a test keeps it and the README's equal to it):
     max_connections_per_client = 200
     new_connections_per_client = "50/s"
     control = "/run/tproxy/tproxy.sock"
+    metrics_listen = "127.0.0.1:9464"
     relay = "splice"
     loop = "uvloop"
     log_format = "json"
@@ -34,7 +35,7 @@ and a test keeps it and the README's equal to it):
 
 Options given on the command line win over the file; SIGHUP re-reads the file and keeps those
 overrides, and applies what it can to the running proxy: `mode`, `listen`, `loop`, `ca`,
-`keylog` and `control` change only on restart (`reload_config`).
+`keylog`, `control` and `metrics_listen` change only on restart (`reload_config`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from tproxy.core.lifecycle import Timeouts
 from tproxy.core.options import (
     BYTES,
     DURATION,
+    ENDPOINT,
     ENDPOINTS,
     MARK,
     PATH,
@@ -193,6 +195,8 @@ class ProxyConfig:
             key log format (`tls.contexts.open_keylog`); None: none. Fixed at start.
         control: the control socket's path (`engine.control`); None: the default for this
             network namespace. Fixed at start.
+        metrics_listen: where the supervisor serves Prometheus metrics (`/metrics`, summed over
+            the workers); None: not served. Fixed at start.
     """
 
     mode: InterceptMode = InterceptMode.TPROXY
@@ -223,6 +227,7 @@ class ProxyConfig:
     upstream_ca: str | None = None
     keylog: str | None = None
     control: str | None = None
+    metrics_listen: Endpoint | None = None
 
     @property
     def timeouts(self) -> Timeouts:
@@ -284,6 +289,11 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
            help="the control socket (0600; what --takeover and other tproxy commands talk to), "
            "when a supervisor runs (default: /run/tproxy/tproxy-net<N>.sock, N naming this "
            "network namespace)"),
+    option("metrics_listen", ENDPOINT, metavar="HOST:PORT", reloadable=False,
+           example="127.0.0.1:9464",
+           help="serve Prometheus metrics at http://HOST:PORT/metrics, summed over the workers "
+           "(sessions by close reason, action, rule and protocol; bytes; connect time; "
+           "refusals; ...); runs a supervisor even with --workers 1 (default: not served)"),
     option("takeover", SWITCH, file=False, reloadable=False,
            help="replace the tproxy running in this network namespace without refusing a "
            "connection: take its listening sockets over its control socket, serve, then let it "

@@ -216,6 +216,19 @@ ENDPOINTS = ValueType(_endpoints_from_file, _endpoint_from_text, _strings_toml, 
 """A non-empty list of `HOST:PORT` endpoints; on the command line one per flag."""
 
 
+def _endpoint_from_file(key: str, value: Any) -> Endpoint:
+    if not isinstance(value, str):
+        raise ConfigError(f'{key} must be a "HOST:PORT" string')
+    try:
+        return parse_endpoint(value)
+    except EndpointError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+ENDPOINT = ValueType(_endpoint_from_file, _endpoint_from_text, lambda v: f'"{v}"')
+"""One `HOST:PORT` endpoint (IPv6 as `[addr]:port`)."""
+
+
 def _flag_from_file(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false")

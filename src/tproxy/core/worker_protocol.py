@@ -59,7 +59,9 @@ class Heartbeat:
 
     `active` live sessions, `opened` sessions since the worker started, `bytes_up` and
     `bytes_down` every byte its sessions moved since it started (closed ones, counted at the
-    session's one teardown, and live ones so far).
+    session's one teardown, and live ones so far). `metrics`: the worker's other counters
+    (`observability.counters.Counters.snapshot`, checked where they are read), None when it
+    keeps none.
     """
 
     worker: int
@@ -68,6 +70,7 @@ class Heartbeat:
     opened: int
     bytes_up: int
     bytes_down: int
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,8 @@ def encode(message: Message) -> bytes:
             "bytes_up": message.bytes_up,
             "bytes_down": message.bytes_down,
         }
+        if message.metrics is not None:
+            body["metrics"] = message.metrics
     elif isinstance(message, Request):
         body = {"type": "request", "id": message.id, "command": message.command,
                 "args": message.args}  # fmt: skip
@@ -165,9 +170,12 @@ def decode(data: bytes) -> Message:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise MessageError(f"{kind}: {name} must be a non-negative integer")
     if kind == "heartbeat":
+        metrics = body.get("metrics")
+        if metrics is not None and not isinstance(metrics, dict):
+            raise MessageError("heartbeat: metrics must be an object")
         return Heartbeat(
             body["worker"], body["pid"], body["active"], body["opened"], body["bytes_up"],
-            body["bytes_down"],
+            body["bytes_down"], metrics,
         )  # fmt: skip
     if kind == "request":
         command, args = body.get("command"), body.get("args", {})

@@ -55,6 +55,7 @@ from tproxy.interception.sockopts import (
     open_listener,
     prepare_client_socket,
 )
+from tproxy.observability.counters import Counters
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import (
     ConnectionsRefused,
@@ -153,6 +154,10 @@ class ProxyServer:
             SessionIds(worker),
             destination_lookup(config.mode),
         )
+        # With a supervisor, the counters its metrics and `tproxy top` sum (the heartbeats
+        # carry them); without one nobody would read them.
+        if channel is not None:
+            self._ctx.metrics = Counters()
         self._nofile = 0
         self._splice_works = True
         self._max_connections = 0
@@ -449,6 +454,8 @@ class ProxyServer:
 
     def _refuse(self, sock: socket.socket, reason: str, why: str) -> None:
         abort_socket(sock)
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.refuse(reason)
         counted = self._refused.get(reason)
         if counted is None:
             self._refused[reason] = [1, why]

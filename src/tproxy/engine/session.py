@@ -81,6 +81,7 @@ from tproxy.engine.tls_relay import Interception, TLSRelay
 from tproxy.interception.original_dst import Destination
 from tproxy.interception.self_connect import SelfConnectGuard
 from tproxy.interception.sockopts import abort_socket, open_upstream_socket
+from tproxy.observability.counters import Counters
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import (
     Notice,
@@ -202,7 +203,9 @@ class SessionContext:
     # The per-client limits (`--max-connections-per-client`, `--new-connections-per-client`):
     # None without them.
     client_limits: ClientLimits | None = None
-    # Counters since this process started (the supervisor's heartbeats carry them).
+    # Counters since this process started (the supervisor's heartbeats carry them), and the
+    # metrics' counters (`observability.counters`) when a supervisor sums them.
+    metrics: Counters | None = None
     opened: int = 0
     closed_bytes_up: int = 0
     closed_bytes_down: int = 0
@@ -281,6 +284,7 @@ class Session:
         "_capture",
         "_client_addr",
         "_client_sock",
+        "_connect_at",
         "_ctx",
         "_deciding",
         "_limit_key",
@@ -317,6 +321,7 @@ class Session:
         self._tls: _Intercepting | None = None  # intercepted: what its TLS relay needs
         self.phase = Phase.NEW
         self.connect_deadline_at = 0.0  # meaningful while CONNECTING and HANDSHAKING
+        self._connect_at = 0.0  # when the upstream connect started (its time is a metric)
         self.record: SessionRecord | None = None  # made by start()
 
     @property
@@ -473,6 +478,8 @@ class Session:
             # talks to its proxy (on_readable then means the proxy's answer).
         record.sniffed = sniffed = sniffer.final()
         self._sniffer = None
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.sniffed(sniffed.proto)
         facts = sniffed.facts
         sni = facts.sni if isinstance(facts, TlsHello) else None
         host = facts.host if isinstance(facts, HttpRequest) else None
@@ -563,7 +570,7 @@ class Session:
         record = self.record
         assert record is not None
         why = "session_start's task ended without an answer (cancelled)"
-        self._ctx.log.emit(SessionFailed(record.id, why, None, "session_start"))
+        self._addon_error(record.id, why, None, "session_start")
         self.close(CloseReason.ADDON_ERROR)
 
     def _start_hook(self, hook: Hook, answer: object, run: AddonRun) -> bool:
@@ -632,7 +639,7 @@ class Session:
             return
         record = self.record
         assert record is not None
-        self._ctx.log.emit(SessionFailed(record.id, hook_error(exc), hook.addon, hook.name))
+        self._addon_error(record.id, hook_error(exc), hook.addon, hook.name)
         self.close(CloseReason.ADDON_ERROR)
 
     # --- the verdict ----------------------------------------------------------------------------
@@ -732,6 +739,7 @@ class Session:
             self._connect_failed(exc.errno or 0, exc.strerror or str(exc))
             return
         self._upstream = sock
+        self._connect_at = now
         code = sock.connect_ex(target[:2])
         if code == 0:
             self._connected()
@@ -765,7 +773,7 @@ class Session:
                 record = self.record
                 assert record is not None
                 why = f"session_start did not end within {ADDON_HOOK_TIMEOUT_S:g} s a hook"
-                self._ctx.log.emit(SessionFailed(record.id, why, None, "session_start"))
+                self._addon_error(record.id, why, None, "session_start")
                 self.close(CloseReason.ADDON_ERROR)
         elif phase is Phase.CONNECTING or phase is Phase.HANDSHAKING:
             if now >= self.connect_deadline_at:
@@ -882,7 +890,11 @@ class Session:
     def _relay_start(self) -> None:
         ctx, record, upstream, deciding = self._ctx, self.record, self._upstream, self._deciding
         assert record is not None and upstream is not None
-        connect_ms = round((time.monotonic() - record.opened_at) * 1000, 3)
+        now = time.monotonic()
+        connect_ms = round((now - record.opened_at) * 1000, 3)
+        if ctx.metrics is not None:
+            ctx.metrics.connected(now - self._connect_at)
+        self._connect_at = 0.0  # no float kept per idle session
         source = format_sockaddr(upstream.getsockname())
         ctx.log.emit(UpstreamConnected(record.id, record.dst, source, connect_ms,
                                        record.upstream))  # fmt: skip
@@ -952,14 +964,23 @@ class Session:
             file = open_capture(config.capture_dir, name)
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            ctx.log.emit(Notice(f"session {record.id}: not captured: {why}"))
+            self._not_captured(why)
             return None
         recorder = Recorder(conversation, file, config.capture_max_bytes, started_at)
         if recorder.error is not None:  # its first write failed (a full disk): relay as usual
-            ctx.log.emit(Notice(f"session {record.id}: not captured: {recorder.error}"))
+            self._not_captured(recorder.error)
             recorder.close(cut=False)
             return None
+        if ctx.metrics is not None:
+            ctx.metrics.captures += 1
         return recorder
+
+    def _not_captured(self, why: str) -> None:
+        ctx, record = self._ctx, self.record
+        assert record is not None
+        ctx.log.emit(Notice(f"session {record.id}: not captured: {why}"))
+        if ctx.metrics is not None:
+            ctx.metrics.capture_failures += 1
 
     def _close_recording(self, recording: Recorder, cut: bool) -> tuple[str | None, int | None]:
         """Finish the capture file: its final path (None if it failed) and where it was cut.
@@ -998,6 +1019,12 @@ class Session:
             self._ctx.log.emit(Notice(f"session {record.id}: {to_printable(key.encode(), 300)} "
                                       f"passes through for {memory.ttl_s:g} s: {why}"))  # fmt: skip
 
+    def _addon_error(self, session_id: str, why: str, addon: str | None, hook: str) -> None:
+        """An addon's hook failed: one `session_error` naming them, counted for the metrics."""
+        self._ctx.log.emit(SessionFailed(session_id, why, addon, hook))
+        if self._ctx.metrics is not None:
+            self._ctx.metrics.addon_failed(addon, hook)
+
     def fail(self, exc: BaseException) -> None:
         """The session boundary: an unexpected error ends this session only, logged."""
         if self.phase is not Phase.CLOSED:
@@ -1033,8 +1060,7 @@ class Session:
                 else:
                     hook.fn(session)
             except _HOOK_ERRORS as exc:
-                self._ctx.log.emit(SessionFailed(record.id, hook_error(exc), hook.addon,
-                                                 hook.name))  # fmt: skip
+                self._addon_error(record.id, hook_error(exc), hook.addon, hook.name)
 
     async def _end_hook_async(self, hook: Hook, session: AddonSession, session_id: str) -> None:
         timeout = asyncio.timeout(ADDON_HOOK_TIMEOUT_S)
@@ -1046,7 +1072,7 @@ class Session:
                 raise  # tproxy is stopping: the hook is cut short, not in error
             if isinstance(exc, TimeoutError) and timeout.expired():
                 exc = TimeoutError(f"{hook.name} did not return within {ADDON_HOOK_TIMEOUT_S:g} s")
-            self._ctx.log.emit(SessionFailed(session_id, hook_error(exc), hook.addon, hook.name))
+            self._addon_error(session_id, hook_error(exc), hook.addon, hook.name)
 
     def close(self, reason: CloseReason, *, abort: bool = True) -> None:
         """End the session (once): stop what runs, reset both sides (`abort`, the default) or
@@ -1089,6 +1115,12 @@ class Session:
             self._recording = None
         ctx.closed_bytes_up += record.bytes_up
         ctx.closed_bytes_down += record.bytes_down
+        if ctx.metrics is not None:
+            ctx.metrics.session_closed(
+                reason, record.action, record.rule,
+                None if record.sniffed is None else record.sniffed.proto,
+                up=record.bytes_up, down=record.bytes_down,
+            )  # fmt: skip
         ctx.pipes.trim(ctx.active)
         if self._addons is not None:
             self._end_addons(self._addons, reason)

@@ -71,8 +71,11 @@ from tproxy.core.worker_protocol import (
     learned_batches,
 )
 from tproxy.engine.control import Answer, ControlError, ControlServer, Handover
+from tproxy.engine.metrics_endpoint import MetricsEndpoint
+from tproxy.observability.counters import Sums
 from tproxy.observability.eventlog import EventLog
 from tproxy.observability.events import Notice, SessionsListed
+from tproxy.observability.prometheus import Process, render
 from tproxy.service.notify import Notifier
 from tproxy.service.readiness import ServiceNotes
 from tproxy.tls.passthrough import PassthroughMemory
@@ -175,6 +178,9 @@ class Supervisor:
         handover: what a `takeover` request gets (`engine.takeover.handover`).
         on_serving: called once, when every worker serves; may return the control socket to
             serve from then on (a takeover's new process gets its path only then).
+        metrics: the metrics endpoint's listening socket (`--metrics-listen`), served from
+            the start until the first stop signal; None: none.
+        version: tproxy's version, for the metrics' build info and `tproxy top`.
     """
 
     def __init__(
@@ -192,8 +198,18 @@ class Supervisor:
         control: tuple[socket.socket, str] | None = None,
         handover: Handover | None = None,
         on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
+        metrics: socket.socket | None = None,
+        version: str = "",
     ) -> None:
         self._count = count
+        self._metrics_sock = metrics
+        self._metrics: MetricsEndpoint | None = None
+        self._version = version
+        self._started_at = time.time()
+        self._started_mono = time.monotonic()
+        # Every worker's counters, summed for the metrics and `tproxy top` (`stats`).
+        self._sums = Sums()
+        self._restarts = 0
         self._control_sock = control
         self._control: ControlServer | None = None
         self._handover = handover
@@ -232,6 +248,8 @@ class Supervisor:
         self._install_signals()
         if self._control_sock is not None:
             self._serve_control(*self._control_sock)
+        if self._metrics_sock is not None:
+            self._metrics = MetricsEndpoint(self._metrics_sock, self._selector, self._exposition)
         try:
             for worker_id in range(1, self._count + 1):
                 self._start(worker_id)
@@ -245,6 +263,7 @@ class Supervisor:
         finally:
             if self._control is not None:
                 self._control.close()
+            self._close_metrics()
             self._restore_signals()
             self._selector.close()
         return self._worst
@@ -255,7 +274,8 @@ class Supervisor:
             handover=None if self._handover is None else self._handover_unless_stopping,
             on_drain=lambda: self._stop("takeover"),
             on_notice=lambda text: self._log.emit(Notice(text)),
-            commands={"sessions": self._sessions_for_control, "kill": self._kill_for_control},
+            commands={"sessions": self._sessions_for_control, "kill": self._kill_for_control,
+                      "stats": self._stats_for_control},
         )  # fmt: skip
 
     def _handover_unless_stopping(self) -> tuple[dict[str, Any], list[int]]:
@@ -317,6 +337,8 @@ class Supervisor:
                 self._gatherings.remove(entry)
                 done(gathering)
         self._share_now(now)
+        if self._metrics is not None:
+            self._metrics.expire(now)
         self._notify(self._notes.tick(now, self._watchdog.latest,
                                       self._watchdog.answering(now, self._count)))  # fmt: skip
         if self._notes.ready and not self._served:
@@ -351,6 +373,7 @@ class Supervisor:
         if not self._stopping:
             self._log.emit(Notice(f"{why}: stopping {self._count} workers"))
             close_all(self._listeners)
+            self._close_metrics()  # a takeover's new process answers there from now on
             self._restart_at.clear()
             self._notify(self._notes.stop(time.monotonic(), self._watchdog.latest))
         self._stopping = True
@@ -388,6 +411,8 @@ class Supervisor:
             now = time.monotonic()
             beat = message if isinstance(message, Heartbeat) else None
             recovered = self._watchdog.heard(worker.id, now, beat)
+            if beat is not None:
+                self._sums.heard(beat)
             if recovered is not None:
                 self._log.emit(
                     Notice(
@@ -446,6 +471,7 @@ class Supervisor:
                 continue
             self._close_channel(worker)
             self._watchdog.forget(worker.id)
+            self._sums.gone(worker.id)
             for gathering, _ in self._gatherings:
                 gathering.lost(worker.id)
             code = os.waitstatus_to_exitcode(status)
@@ -456,6 +482,7 @@ class Supervisor:
             self._log.emit(
                 Notice(f"worker {worker.id} (pid {pid}) ended with {how}; restarting it")
             )
+            self._restarts += 1
             crashed = time.monotonic() - worker.started_at < CRASH_WINDOW_S
             self._restart_at[worker.id] = time.monotonic() + (RESTART_PAUSE_S if crashed else 0)
 
@@ -511,6 +538,8 @@ class Supervisor:
         self._selector.close()
         if self._control is not None:
             self._control.drop()
+        if self._metrics is not None:
+            self._metrics.drop()
         if self._notifier is not None:  # systemd hears the supervisor only (NotifyAccess=main)
             self._notifier.close()
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
@@ -549,6 +578,31 @@ class Supervisor:
             answer({"killed": killed[0] if killed else None, "missing": gathering.missing})
 
         self.ask("kill", {"id": session_id}, done)
+
+    def _stats_for_control(self, request: dict[str, Any], answer: Answer) -> None:
+        """`tproxy top`: the counters summed over every worker (their last heartbeats)."""
+        answer(self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        """The sums as `stats` answers them (README: "Reading tproxy top")."""
+        return {
+            "version": self._version,
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "workers": {"running": len(self._workers), "restarts": self._restarts},
+            **self._sums.totals().as_json(),
+        }
+
+    def _exposition(self, accept: str) -> tuple[bytes, str]:
+        process = Process(self._version, self._started_at, len(self._workers), self._restarts)
+        return render(self._sums.totals(), process, accept)
+
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        elif self._metrics_sock is not None:
+            self._metrics_sock.close()
+        self._metrics_sock = None
 
     def _listing(self, gathering: Gathering) -> dict[str, Any]:
         pids = {w.id: w.pid for w in self._workers.values()}
@@ -614,13 +668,15 @@ def run_workers(
     control: tuple[socket.socket, str] | None = None,
     handover: Handover | None = None,
     on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
+    metrics: socket.socket | None = None,
+    version: str = "",
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
     the exit status (the worst of the workers' after a stop). See `Supervisor`."""
     return Supervisor(
         count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick,
         notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
-        handover=handover, on_serving=on_serving,
+        handover=handover, on_serving=on_serving, metrics=metrics, version=version,
     ).run()  # fmt: skip
 
 

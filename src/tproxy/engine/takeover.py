@@ -21,14 +21,44 @@ from tproxy.engine.control import ControlError
 
 
 def handover(
-    endpoints: Sequence[Endpoint], per_worker: Sequence[Sequence[socket.socket]]
-) -> tuple[dict[str, Any], list[int]]:
+    endpoints: Sequence[Endpoint], per_worker: Sequence[Sequence[socket.socket]],
+    metrics: tuple[Endpoint, socket.socket] | None = None,
+) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
     """The reply to `takeover`: the endpoints and worker count, and every listening socket's
-    descriptor, endpoint by endpoint, worker by worker (`per_worker[w][e]`)."""
+    descriptor, endpoint by endpoint, worker by worker (`per_worker[w][e]`); then the metrics
+    endpoint's (`--metrics-listen`), if it has one."""
     fds = [per_worker[w][e].fileno() for e in range(len(endpoints)) for w in range(len(per_worker))]
     message = {"ok": True, "pid": os.getpid(), "workers": len(per_worker),
-               "listen": [str(endpoint) for endpoint in endpoints]}  # fmt: skip
+               "listen": [str(endpoint) for endpoint in endpoints], "metrics": None}  # fmt: skip
+    if metrics is not None:
+        message["metrics"] = str(metrics[0])
+        fds.append(metrics[1].fileno())
     return message, fds
+
+
+def split_metrics(message: dict[str, Any], fds: list[int]) -> tuple[str | None, int | None]:
+    """Take the metrics endpoint's descriptor (the last) off `fds`, if the reply has one: its
+    endpoint as the running proxy names it, and the descriptor."""
+    endpoint = message.get("metrics")
+    if not isinstance(endpoint, str) or not fds:
+        return None, None
+    return endpoint, fds.pop()
+
+
+def adopt_metrics(
+    endpoint: str | None, fd: int | None, wanted: Endpoint | None
+) -> socket.socket | None:
+    """The running proxy's metrics socket if it listens where this one wants to (then the port
+    is never without a listener either); else None, and the descriptor is closed (this one binds
+    its own, or serves none)."""
+    if fd is None:
+        return None
+    if wanted is None or endpoint != str(wanted):
+        os.close(fd)
+        return None
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
 
 
 def adopt(

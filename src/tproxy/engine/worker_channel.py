@@ -89,13 +89,22 @@ HANDLERS: dict[str, Handler] = {"sessions": list_sessions, "kill": kill_session}
 
 
 def heartbeat_of(ctx: SessionContext, worker: int, pid: int) -> Heartbeat:
-    """The worker's counters now."""
+    """The worker's counters now (with its metrics' snapshot, when it keeps them)."""
     bytes_up, bytes_down = ctx.closed_bytes_up, ctx.closed_bytes_down
+    live: dict[str | None, list[int]] = {}
     for session in ctx.sessions:
-        if session.record is not None:
-            bytes_up += session.record.bytes_up
-            bytes_down += session.record.bytes_down
-    return Heartbeat(worker, pid, ctx.active, ctx.opened, bytes_up, bytes_down)
+        record = session.record
+        if record is not None:
+            bytes_up += record.bytes_up
+            bytes_down += record.bytes_down
+            if record.bytes_up or record.bytes_down:
+                moved = live.get(record.rule)
+                if moved is None:
+                    moved = live[record.rule] = [0, 0]
+                moved[0] += record.bytes_up
+                moved[1] += record.bytes_down
+    metrics = None if ctx.metrics is None else ctx.metrics.snapshot(live)
+    return Heartbeat(worker, pid, ctx.active, ctx.opened, bytes_up, bytes_down, metrics)
 
 
 class WorkerChannel:
