@@ -102,7 +102,8 @@ class _Client:
         self.request = _Request()
         self.parser = httptools.HttpRequestParser(self.request)
         self.taken = 0
-        self.out: memoryview | None = None  # the response, once made: what is left to send
+        # The response, once made: what is left to send (empty: sent, the client's end awaited).
+        self.out: memoryview | None = None
 
 
 class MetricsEndpoint:
@@ -161,8 +162,10 @@ class MetricsEndpoint:
     def _ready(self, client: _Client) -> None:
         if client.out is None:
             self._read(client)
-        else:
+        elif client.out:
             self._write(client)
+        else:
+            self._discard(client)
 
     def _read(self, client: _Client) -> None:
         try:
@@ -182,11 +185,10 @@ class MetricsEndpoint:
         except httptools.HttpParserError:
             self._respond(client, 400, b"bad request\n")
             return
-        request = client.request
-        if request.complete:
-            self._answer(client)
-        elif client.taken > MAX_REQUEST_BYTES:
+        if client.taken > MAX_REQUEST_BYTES:
             self._respond(client, 431, b"request too large\n")
+        elif client.request.complete:
+            self._answer(client)
 
     def _answer(self, client: _Client) -> None:
         method = client.parser.get_method()
@@ -236,8 +238,20 @@ class MetricsEndpoint:
             return
         client.out = out = out[sent:]
         if not out:
+            # Answered: FIN, then read what the client still sends until its own FIN (or the
+            # timeout), so that closing with unread bytes does not reset the answer away.
             with contextlib.suppress(OSError):
                 client.sock.shutdown(socket.SHUT_WR)
+            self._selector.modify(client.sock, selectors.EVENT_READ, partial(self._ready, client))
+
+    def _discard(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
             self._drop(client)
 
     def _drop(self, client: _Client) -> None:

@@ -17,8 +17,8 @@ for an int in a dict) and cannot carry an info metric; the supervisor renders th
 
 Bounded: the labels are the close reason (an enum), the action (an enum), the deciding rule (the
 policy's names, never an SNI or an address) and the sniffed protocol (five words), so the series
-are bounded by the policy's size; past `MAX_SERIES` close series (a huge policy), new
-combinations count under the rule `OTHER_RULE`. Snapshots read from a channel are checked like
+are bounded by the policy's size; past `MAX_SERIES` close series or rules with bytes (a huge
+policy, or many reloads renaming rules), new ones count under the rule `OTHER_RULE`. Snapshots read from a channel are checked like
 any message (`from_json`): a worker's bug becomes a dropped snapshot, never a supervisor crash.
 
 Pure: no I/O, no clock.
@@ -39,6 +39,9 @@ CONNECT_BOUNDS_S: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 MAX_SERIES: Final = 2000
+# What a snapshot read from a channel may hold per list (a guard against nonsense, well above
+# what `MAX_SERIES` lets a worker make).
+MAX_ROWS: Final = 100_000
 OTHER_RULE: Final = "(other rules)"
 # Close reasons that mean the connection was refused, not served (`connections_refused`, next to
 # the accept loop's own refusals: max_connections, per_client_*, out_of_descriptors).
@@ -85,7 +88,9 @@ class Counters:
             closed[key] = closed.get(key, 0) + 1
         moved = self.rule_bytes.get(rule)
         if moved is None:
-            moved = self.rule_bytes[rule] = [0, 0]
+            if len(self.rule_bytes) >= MAX_SERIES:
+                rule = OTHER_RULE
+            moved = self.rule_bytes.setdefault(rule, [0, 0])
         moved[0] += up
         moved[1] += down
         cause = _REFUSAL_CAUSES.get(reason)
@@ -252,7 +257,7 @@ def _add_counts(into: dict[Any, int], more: dict[Any, int]) -> None:
 
 
 def _rows(value: Any, width: int) -> list[list[Any]]:
-    if not isinstance(value, list) or len(value) > MAX_SERIES + 1000:
+    if not isinstance(value, list) or len(value) > MAX_ROWS:
         raise SnapshotError("a list of rows expected")
     if not all(isinstance(row, list) and len(row) == width for row in value):
         raise SnapshotError(f"rows of {width} expected")

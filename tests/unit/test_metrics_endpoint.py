@@ -1,0 +1,150 @@
+"""The metrics endpoint on loopback (no root): what a scraper, a browser and a hostile client
+get from it, served from a selector loop like the supervisor's."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tproxy.core.endpoint import parse_endpoint
+from tproxy.engine.metrics_endpoint import (
+    MAX_CLIENTS,
+    MAX_REQUEST_BYTES,
+    TIMEOUT_S,
+    MetricsEndpoint,
+    MetricsEndpointError,
+    open_metrics_socket,
+)
+
+BODY = b"# HELP x y\n# TYPE x gauge\nx 1.0\n" * 2000  # larger than one socket buffer write
+
+
+class Loop:
+    """A selector loop in a thread, as the supervisor's: calls what is ready, expires with a
+    clock the test moves."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.now = 0.0
+        self.accepts: list[str] = []
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        self.address = sock.getsockname()
+        self.endpoint = MetricsEndpoint(sock, self.selector, self._render, clock=lambda: self.now)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _render(self, accept: str) -> tuple[bytes, str]:
+        self.accepts.append(accept)
+        return BODY, "text/plain; version=0.0.4"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self.selector.select(0.02):
+                key.data()
+            self.endpoint.expire(self.now)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.endpoint.close()
+        self.selector.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    running = Loop()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _exchange(address: Any, request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_get_metrics_returns_the_whole_exposition_with_its_type(loop: Loop) -> None:
+    answer = _exchange(loop.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: a/b\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert _status(answer) == 200 and body == BODY
+    assert b"Content-Type: text/plain; version=0.0.4" in head
+    assert f"Content-Length: {len(BODY)}".encode() in head
+    assert loop.accepts == ["a/b"]
+    # HTTP/1.0, a query string, HEAD: the same endpoint.
+    assert _exchange(loop.address, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").endswith(BODY)
+    head_only = _exchange(loop.address, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert _status(head_only) == 200 and head_only.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 200),
+        (b"GET /metrics/../etc HTTP/1.1\r\n\r\n", 404),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi", 405),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), 400),  # a TLS hello
+        (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * MAX_REQUEST_BYTES + b"\r\n\r\n", 431),
+    ],
+    ids=["index", "other-path", "post", "tls", "too-large"],
+)
+def test_other_requests_get_a_short_answer(loop: Loop, request_bytes: bytes, status: int) -> None:
+    assert _status(_exchange(loop.address, request_bytes)) == status
+    assert loop.accepts == []
+
+
+def test_a_silent_client_is_dropped_after_the_timeout_and_others_still_served(loop: Loop) -> None:
+    silent = socket.create_connection(loop.address, timeout=5)
+    try:
+        time.sleep(0.1)
+        loop.now += TIMEOUT_S
+        assert silent.recv(10) == b""  # closed by the endpoint
+    finally:
+        silent.close()
+    assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+
+
+def test_past_max_clients_new_connections_are_closed_until_one_leaves(loop: Loop) -> None:
+    held = [socket.create_connection(loop.address, timeout=5) for _ in range(MAX_CLIENTS)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(loop.address, timeout=5) as extra:
+            try:
+                extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                assert extra.recv(10) == b""
+            except ConnectionResetError:
+                pass  # (closed with the request unread: reset)
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsEndpointError) as raised:
+            open_metrics_socket(parse_endpoint(f"127.0.0.1:{port}"))
+    assert str(raised.value) == (
+        f"--metrics-listen 127.0.0.1:{port}: Address already in use (another program listens there)"
+    )
