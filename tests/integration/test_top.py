@@ -25,6 +25,7 @@ class Tmux:
 
     def __init__(self) -> None:
         self.name = f"tproxy-top-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.socket_paths: set[Path] = set()
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["tmux", "-L", self.name, "-f", "/dev/null", *args],
@@ -33,6 +34,9 @@ class Tmux:
     def start(self, session: str, command: str) -> None:
         """`command` (sh) in a new 160x40 detached session."""
         self.run("new-session", "-d", "-s", session, "-x", "160", "-y", "40", command)
+        socket_path = self.run("display", "-p", "#{socket_path}", check=False).stdout.strip()
+        if socket_path:  # (the server may be gone already, if the command was that quick)
+            self.socket_paths.add(Path(socket_path))
 
     def screen(self, session: str) -> str:
         done = self.run("capture-pane", "-p", "-t", session, check=False)
@@ -42,7 +46,11 @@ class Tmux:
         return self.run("has-session", "-t", session, check=False).returncode == 0
 
     def kill_server(self) -> None:
+        """Stop the server (if its sessions have not all ended) and remove its socket file,
+        which tmux leaves behind."""
         self.run("kill-server", check=False)
+        for path in self.socket_paths:
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture
