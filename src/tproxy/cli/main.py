@@ -30,6 +30,7 @@ from tproxy import __version__
 from tproxy.addons.loader import Addon, load_addons
 from tproxy.capture.prune import CapturePruner
 from tproxy.capture.setup import check_capture
+from tproxy.cli.top import parse_interval, run_top
 from tproxy.core.config import (
     DEFAULT_DIVERT_MARK,
     DEFAULT_PROXY_MARK,
@@ -527,6 +528,30 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="one JSON object, as answered")
     _control_option(sessions)
 
+    top = commands.add_parser(
+        "top",
+        help="a live view of the running tproxy: totals, rules and the busiest sessions",
+        description=(
+            "Ask the running tproxy over its control socket, every --interval seconds, for its "
+            "totals and live sessions, and show them in place: sessions and bytes with their "
+            "rates, refusals, upstream connect times, addon errors; per rule, live and closed "
+            "sessions (and how many did not close cleanly) and bytes; then the sessions that "
+            "moved the most bytes since the previous poll, as many as fit. q quits. Needs the "
+            "control socket's permissions (root, by default)."
+        ),
+    )
+    top.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=_argument_type(parse_interval, ValueError),
+        default=1.0,
+        help="seconds between polls (default: 1; from 0.1 to 3600)",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one frame (no live screen, no rates) and exit"
+    )
+    _control_option(top)
+
     kill = commands.add_parser(
         "kill",
         help="reset one live session of the running tproxy on both sides",
@@ -602,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sessions(args)
         if args.command == "kill":
             return _kill(args)
+        if args.command == "top":
+            return _top(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -652,6 +679,14 @@ def _sessions(args: argparse.Namespace) -> int:
         return 0
     print(render_sessions(answer))
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    """`tproxy top`: the live screen (tproxy.cli.top), asking as `tproxy sessions` does."""
+    try:
+        return run_top(partial(_ask_running, args), interval_s=args.interval, once=args.once)
+    except ControlError as exc:
+        return _fail(str(exc))
 
 
 def _kill(args: argparse.Namespace) -> int:
