@@ -229,9 +229,11 @@ def test_a_deferred_command_is_answered_when_its_answer_comes(tmp_path: Path) ->
     thread = threading.Thread(target=lambda: got.update(request(path, {"command": "sessions"}, 5)))
     thread.start()
     loop.run_until(lambda: bool(pending))
-    pending[0]({"workers": [], "missing": [1]})
+    # A full listing is far longer than a request may be (1,000 sessions of ~250 bytes).
+    listing = [{"id": f"{i:013d}", "sni": "x" * 200} for i in range(1000)]
+    pending[0]({"workers": [{"worker": 1, "sessions": listing}], "missing": [2]})
     thread.join()
-    assert got == {"ok": True, "workers": [], "missing": [1]}
+    assert got == {"ok": True, "workers": [{"worker": 1, "sessions": listing}], "missing": [2]}
     with pytest.raises(ControlError, match="unknown command 'nonsense'"):
         _ask_in_thread(loop, path, {"command": "nonsense"})
     server.close()

@@ -41,6 +41,9 @@ from typing import Any, Final
 DEFAULT_DIR: Final = "/run/tproxy"
 IO_TIMEOUT_S: Final = 2.0
 MAX_LINE_BYTES: Final = 64 * 1024
+# An answer may be larger than a request: `sessions` lists up to 1,000 sessions of some 250
+# bytes per worker (MAX_WORKER of them at most in theory; a few MiB in practice).
+MAX_ANSWER_BYTES: Final = 64 << 20
 MAX_FDS: Final = 1024
 
 
@@ -108,23 +111,23 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def read_message(sock: socket.socket) -> dict[str, Any] | None:
+def read_message(sock: socket.socket, limit: int = MAX_LINE_BYTES) -> dict[str, Any] | None:
     """One line from a blocking socket (with its timeout), as a JSON object; None at EOF.
 
     Raises:
-        ControlError: not a JSON object on one line of at most `MAX_LINE_BYTES`, or a timeout.
+        ControlError: not a JSON object on one line of at most `limit` bytes, or a timeout.
     """
     data = bytearray()
     try:
         while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
+            chunk = sock.recv(65536)
             if not chunk:
                 if not data:
                     return None
                 break
             data += chunk
-            if len(data) > MAX_LINE_BYTES:
-                raise ControlError("a control message longer than 64 KiB")
+            if len(data) > limit:
+                raise ControlError(f"a control message longer than {limit >> 10} KiB")
     except TimeoutError:
         raise ControlError("the control socket's peer did not answer in time") from None
     except OSError as exc:
@@ -358,7 +361,7 @@ def request(path: str, message: dict[str, Any], timeout_s: float) -> dict[str, A
     conn.settimeout(timeout_s)
     try:
         send_message(conn, message)
-        answer = read_message(conn)
+        answer = read_message(conn, MAX_ANSWER_BYTES)
     except OSError as exc:
         raise ControlError(f"the control socket: {exc.strerror or exc}") from None
     finally:
