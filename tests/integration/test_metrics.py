@@ -188,15 +188,18 @@ def test_a_takeover_hands_the_metrics_port_over_without_a_failed_scrape(lab: Lab
     old = start_proxy(lab, "--metrics-listen", METRICS, default_workers=True)
     started = _value(_samples(_scrape(lab)), "tproxy_start_time_seconds")
     failures: list[str] = []
+    start_times: list[float] = []  # as each scrape said: the old one's, then the new one's
     stop = threading.Event()
 
     def scrape_all_along() -> None:
         while not stop.is_set():
-            done = lab.run(lab.router, ["curl", "-sS", "--max-time", "5", "-o", "/dev/null",
-                                        "-w", "%{http_code}", f"http://{METRICS}/metrics"],
-                           check=False)  # fmt: skip
-            if done.stdout != b"200":
-                failures.append(done.stderr.decode() or done.stdout.decode())
+            done = lab.run(lab.router, ["curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}",
+                                        f"http://{METRICS}/metrics"], check=False)  # fmt: skip
+            body, _, status = done.stdout.decode().rpartition("\n")
+            if status != "200":
+                failures.append(done.stderr.decode() or status)
+            else:
+                start_times.append(_value(_samples(body), "tproxy_start_time_seconds"))
             time.sleep(0.02)
 
     scraper = threading.Thread(target=scrape_all_along)
@@ -209,8 +212,10 @@ def test_a_takeover_hands_the_metrics_port_over_without_a_failed_scrape(lab: Lab
         stop.set()
         scraper.join(timeout=30)
         assert not failures, failures
-        # The new process answers now (its own start time).
-        assert _value(_samples(_scrape(lab)), "tproxy_start_time_seconds") > started
+        # Never the two in turn (a scraper would see the counters reset again and again): the
+        # old one until it stops, then the new one (its own start time).
+        assert start_times == sorted(start_times) and len(set(start_times)) == 2, start_times
+        assert start_times[0] == started < start_times[-1]
     finally:
         stop.set()
         new.stop()

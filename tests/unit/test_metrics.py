@@ -104,11 +104,41 @@ def test_sums_add_workers_and_keep_a_dead_workers_counts() -> None:
     assert sums.totals().closed == total.closed and sums.totals().opened == 15
 
 
-def test_a_malformed_snapshot_keeps_the_workers_last_one() -> None:
+def test_a_malformed_or_missing_snapshot_keeps_the_workers_last_one() -> None:
     sums = Sums()
     sums.heard(_beat(1, _worker_counts()))
-    sums.heard(Heartbeat(1, 1001, 3, 6, 0, 0, {"closed": "nonsense"}))
-    assert sums.rejected == 1 and sums.totals().opened == 5
+    before = sums.totals()
+    sums.heard(Heartbeat(1, 1001, 3, 6, 70, 90, {"closed": "nonsense"}))
+    after = sums.totals()
+    assert sums.rejected == 1
+    assert (after.opened, after.active, after.bytes_up) == (6, 3, 70)  # the heartbeat's own
+    assert after.closed == before.closed and after.rule_bytes == before.rule_bytes
+    # A heartbeat whose metrics were too large to send: the same.
+    sums.heard(Heartbeat(1, 1001, 3, 7, 70, 90, None))
+    assert sums.totals().closed == before.closed and sums.totals().opened == 7
+
+
+def test_bytes_shown_under_a_rule_never_move_to_other_rules() -> None:
+    counters = Counters()
+    for i in range(MAX_SERIES - 1):
+        counters.session_closed("closed", "allow", f"rule-{i}", None, up=1, down=1)
+    # A live session of a new rule takes the last place; then the table is full.
+    shown = counters.snapshot({"late": [40, 400]})
+    assert ["late", 40, 400] in shown["rule_bytes"]
+    counters.session_closed("closed", "allow", "later", None, up=5, down=5)
+    assert counters.rule_bytes[OTHER_RULE] == [5, 5]
+    # The live one closes with more bytes: they stay under its name, and so every sum grows.
+    for reason in ("upstream_reset", "idle_timeout", "killed"):  # new close series too
+        counters.session_closed(reason, "allow", "late", None, up=50, down=500)
+    assert counters.rule_bytes["late"] == [150, 1500]
+    assert counters.closed[("killed", "allow", OTHER_RULE, None)] == 1  # a new series: full
+
+
+def test_a_connect_time_on_a_bound_counts_in_that_bounds_bucket() -> None:
+    counters = Counters()
+    counters.connected(CONNECT_BOUNDS_S[2])
+    counters.connected(CONNECT_BOUNDS_S[2] * 1.0001)
+    assert counters.connect_counts[2] == 1 and counters.connect_counts[3] == 1
 
 
 @given(st.recursive(

@@ -7,7 +7,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from tproxy.core.endpoint import parse_endpoint
 from tproxy.engine.metrics_endpoint import (
     MAX_CLIENTS,
     MAX_REQUEST_BYTES,
-    TIMEOUT_S,
+    REQUEST_TIMEOUT_S,
     MetricsEndpoint,
     MetricsEndpointError,
     open_metrics_socket,
@@ -42,15 +42,32 @@ class Loop:
         self._thread = threading.Thread(target=self._run)
         self._thread.start()
 
+        self._calls: list[Callable[[], None]] = []
+
     def _render(self, accept: str) -> tuple[bytes, str]:
         self.accepts.append(accept)
+        if accept == "boom":  # (as prometheus_client does with some Accept headers)
+            raise TypeError("an Accept header it cannot read")
         return BODY, "text/plain; version=0.0.4"
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the loop's thread, as the supervisor would, and wait for it."""
+        done = threading.Event()
+
+        def call_then_tell() -> None:
+            fn()
+            done.set()
+
+        self._calls.append(call_then_tell)
+        assert done.wait(5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for key, _ in self.selector.select(0.02):
                 key.data()
             self.endpoint.expire(self.now)
+            while self._calls:
+                self._calls.pop(0)()
 
     def close(self) -> None:
         self._stop.set()
@@ -113,29 +130,48 @@ def test_other_requests_get_a_short_answer(loop: Loop, request_bytes: bytes, sta
 def test_a_silent_client_is_dropped_after_the_timeout_and_others_still_served(loop: Loop) -> None:
     silent = socket.create_connection(loop.address, timeout=5)
     try:
-        time.sleep(0.1)
-        loop.now += TIMEOUT_S
-        assert silent.recv(10) == b""  # closed by the endpoint
+        silent.sendall(b"GET /met")  # and nothing more
+        assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+        loop.now += REQUEST_TIMEOUT_S
+        assert silent.recv(10) == b""  # closed by the endpoint, unanswered
     finally:
         silent.close()
-    assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
 
 
-def test_past_max_clients_new_connections_are_closed_until_one_leaves(loop: Loop) -> None:
+def test_when_full_the_oldest_unfinished_request_makes_room(loop: Loop) -> None:
     held = [socket.create_connection(loop.address, timeout=5) for _ in range(MAX_CLIENTS)]
     try:
         time.sleep(0.2)
-        with socket.create_connection(loop.address, timeout=5) as extra:
-            try:
-                extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
-                assert extra.recv(10) == b""
-            except ConnectionResetError:
-                pass  # (closed with the request unread: reset)
+        assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+        assert held[0].recv(10) == b""  # the oldest, dropped for it
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.2)
-    assert _status(_exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+
+
+def test_pipelined_requests_get_the_first_ones_answer(loop: Loop) -> None:
+    answer = _exchange(loop.address, b"GET /metrics HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+    assert _status(answer) == 200 and answer.endswith(BODY)
+
+
+def test_an_accept_header_the_renderer_cannot_read_gets_the_plain_format(loop: Loop) -> None:
+    answer = _exchange(loop.address, b"GET /metrics HTTP/1.1\r\nAccept: boom\r\n\r\n")
+    assert _status(answer) == 200 and answer.endswith(BODY)
+    assert loop.accepts == ["boom", ""]
+
+
+def test_after_stop_listening_the_exchange_in_flight_is_answered(loop: Loop) -> None:
+    with socket.create_connection(loop.address, timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        time.sleep(0.1)
+        loop.call(loop.endpoint.stop_listening)
+        sock.sendall(b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert _status(answer) == 200 and answer.endswith(BODY)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(loop.address, timeout=5)
 
 
 def test_a_port_in_use_is_one_line() -> None:

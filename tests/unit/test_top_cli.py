@@ -235,3 +235,22 @@ def test_ctrl_c_quits_cleanly_without_a_terminal(proxy: FakeProxy) -> None:
     stdin = io.StringIO("q")  # not a terminal: never read
     assert run_top(proxy.ask, interval_s=0.1, console=recording_console(), stdin=stdin) == 0
     interrupter.join(timeout=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_quit_through_the_terminals_restore(
+    proxy: FakeProxy, signum: int
+) -> None:
+    main_thread = threading.get_ident()
+    before = signal.getsignal(signum)
+
+    def stop() -> None:
+        wait_until(lambda: proxy.asked.get("sessions", 0) >= 2, 10, "two polls")
+        signal.pthread_kill(main_thread, signum)
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    assert run_top(proxy.ask, interval_s=0.1, console=recording_console(),
+                   stdin=io.StringIO("")) == 0  # fmt: skip
+    stopper.join(timeout=10)
+    assert signal.getsignal(signum) == before  # given back

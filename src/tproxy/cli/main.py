@@ -1000,7 +1000,7 @@ def _run(args: argparse.Namespace) -> int:
     code = run_workers(workers, worker_main, supervisor_log, everyone, on_reload, on_tick=on_tick,
                        notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
                        handover=handover, on_serving=on_serving, metrics=bound.metrics,
-                       version=__version__)  # fmt: skip
+                       metrics_when_serving=bound.metrics_adopted, version=__version__)  # fmt: skip
     notifier.close()
     close_all(everyone)
     return code
@@ -1018,6 +1018,7 @@ class _Bound:
     successor: socket.socket | None = None
     their_control: socket.socket | None = None
     metrics: socket.socket | None = None  # --metrics-listen's listening socket
+    metrics_adopted: bool = False  # it is the one of the proxy taken over
 
     def abandon(self) -> None:
         """The start failed after binding: let go of everything (the running proxy, if taking
@@ -1058,7 +1059,7 @@ def _bind(
             raise
         metrics = adopt_metrics(metrics_endpoint, metrics_fd, config.metrics_listen)
         bound = _Bound(per_worker, successor=successor, their_control=their_control,
-                       metrics=metrics)  # fmt: skip
+                       metrics=metrics, metrics_adopted=metrics is not None)  # fmt: skip
     else:
         control, no_control = (None, None)
         if supervised:

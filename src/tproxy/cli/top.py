@@ -24,6 +24,7 @@ import math
 import os
 import queue
 import select
+import signal
 import sys
 import termios
 import threading
@@ -31,6 +32,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Final, TextIO
 
 from rich.console import Console
@@ -122,12 +124,32 @@ def run_top(
         if once:
             console.print(view.render(console.size.height, console.size.width, hint=""))
             return 0
-        with _keys(stdin if stdin is not None else sys.stdin) as keys:
+        with _stopped_as_interrupt(), _keys(stdin if stdin is not None else sys.stdin) as keys:
             _loop(view, ask, console=console, keys=keys, clock=clock, interval_s=interval_s,
                   next_poll_at=first.at + interval_s)  # fmt: skip
     except KeyboardInterrupt:
         pass
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`kill`, `timeout`, a closed terminal) end the screen as Ctrl-C does:
+    through the `finally`s that give the terminal its mode and screen back (Python's default
+    for them exits without running any)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # (signals: main thread only)
+        yield
+        return
+    saved = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _loop(

@@ -7,11 +7,19 @@ listening socket and its connections to that selector, each with a callable the 
 when the socket is ready, and `expire` on every round of the loop.
 
 What it answers: `GET /metrics` (and `HEAD`) the exposition `render` makes, in the format the
-scraper's Accept header asks for; `GET /` a line pointing there; anything else 404, a method
-other than GET or HEAD 405. One request per connection (`Connection: close`). The request is
-parsed by httptools (the scraper is whoever reaches the port: hostile bytes, never trusted);
-at most `MAX_CLIENTS` at once, `MAX_REQUEST_BYTES` of request, `TIMEOUT_S` for the whole
-exchange -- past any of them the connection is closed, and nothing else is affected.
+scraper's Accept header asks for (Prometheus' text format when that header makes no sense);
+`GET /` a line pointing there; anything else 404, a method other than GET or HEAD 405. One
+request per connection (`Connection: close`; bytes after the first request are read and
+ignored). The request is parsed by httptools (the scraper is whoever reaches the port: hostile
+bytes, never trusted). Bounded: at most `MAX_CLIENTS` connections (when full, the oldest one
+that has not finished its request makes room for a new one), `MAX_REQUEST_BYTES` of request,
+`REQUEST_TIMEOUT_S` to send it and `TIMEOUT_S` for the whole exchange -- past any of them the
+connection is closed, and nothing else is affected. Nothing a client does can raise into the
+supervisor's loop.
+
+Stopping: `stop_listening()` at the supervisor's first stop signal (a takeover's new process
+answers on the same socket from then on) lets the exchanges in flight finish; `close()` at the
+end closes everything.
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ from tproxy.core.endpoint import Endpoint
 
 MAX_CLIENTS: Final = 16
 MAX_REQUEST_BYTES: Final = 16 * 1024
+REQUEST_TIMEOUT_S: Final = 3.0
 TIMEOUT_S: Final = 10.0
 ACCEPT_BATCH: Final = 16
+# Out of descriptors: accepting pauses this long (the listening socket stays readable).
+ACCEPT_PAUSE_S: Final = 1.0
 
 Render = Callable[[str], tuple[bytes, str]]
 """The exposition for an Accept header: (body, content type)."""
@@ -83,10 +94,11 @@ class _Request:
         self.complete = False
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
+        if not self.complete:  # (a pipelined second request is not ours to answer)
+            self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"accept":
+        if not self.complete and name.lower() == b"accept":
             self.accept = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -94,11 +106,12 @@ class _Request:
 
 
 class _Client:
-    __slots__ = ("deadline_at", "out", "parser", "request", "sock", "taken")
+    __slots__ = ("answer_by", "deadline_at", "out", "parser", "request", "sock", "taken")
 
-    def __init__(self, sock: socket.socket, deadline_at: float) -> None:
+    def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
-        self.deadline_at = deadline_at
+        self.deadline_at = now + REQUEST_TIMEOUT_S  # then, once answered, `answer_by`
+        self.answer_by = now + TIMEOUT_S
         self.request = _Request()
         self.parser = httptools.HttpRequestParser(self.request)
         self.taken = 0
@@ -119,53 +132,84 @@ class MetricsEndpoint:
         self._selector = selector
         self._render = render
         self._clock = clock
+        # Connections by when they came (dicts keep their order: the first is the oldest).
         self._clients: dict[socket.socket, _Client] = {}
+        self._listening: socket.socket | None = sock
+        self._paused_until: float | None = None
         self.served = 0
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self._accept)
 
+    def stop_listening(self) -> None:
+        """Accept no more (the exchanges in flight go on until done or timed out)."""
+        if self._listening is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._listening)
+            self._listening.close()
+            self._listening = None
+
     def close(self) -> None:
         for client in list(self._clients.values()):
             self._drop(client)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self._sock)
-        self._sock.close()
+        self.stop_listening()
 
     def drop(self) -> None:
         """In a forked worker: close the descriptors it inherited (the selector is not its)."""
         for client in self._clients.values():
             client.sock.close()
         self._clients.clear()
-        self._sock.close()
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
 
     def expire(self, now: float) -> None:
-        """Close the connections whose exchange took longer than `TIMEOUT_S`."""
+        """Close the connections past their deadline; accept again after a pause."""
         for client in [c for c in self._clients.values() if now >= c.deadline_at]:
             self._drop(client)
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._listening is not None:
+                self._selector.register(self._listening, selectors.EVENT_READ, self._accept)
 
     def _accept(self) -> None:
+        listening = self._listening
         for _ in range(ACCEPT_BATCH):
+            if listening is None:
+                return
             try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError:  # aborted while queued, out of descriptors: try on the next round
+            except OSError:  # out of descriptors (or memory): pause, or the loop would spin
+                self._selector.unregister(listening)
+                self._paused_until = self._clock() + ACCEPT_PAUSE_S
                 return
-            if len(self._clients) >= MAX_CLIENTS:
+            if len(self._clients) >= MAX_CLIENTS and not self._make_room():
                 sock.close()
                 continue
             sock.setblocking(False)
-            client = _Client(sock, self._clock() + TIMEOUT_S)
+            client = _Client(sock, self._clock())
             self._clients[sock] = client
             self._selector.register(sock, selectors.EVENT_READ, partial(self._ready, client))
 
+    def _make_room(self) -> bool:
+        """Full: drop the oldest connection still sending its request; False if none is."""
+        for client in self._clients.values():
+            if client.out is None:
+                self._drop(client)
+                return True
+        return False
+
     def _ready(self, client: _Client) -> None:
-        if client.out is None:
-            self._read(client)
-        elif client.out:
-            self._write(client)
-        else:
-            self._discard(client)
+        try:
+            if client.out is None:
+                self._read(client)
+            elif client.out:
+                self._write(client)
+            else:
+                self._discard(client)
+        except Exception:  # a bug of ours: this exchange ends, the supervisor's loop goes on
+            self._drop(client)
 
     def _read(self, client: _Client) -> None:
         try:
@@ -202,7 +246,10 @@ class MetricsEndpoint:
             self._respond(client, 400, b"bad request target\n")
             return
         if path == b"/metrics":
-            body, content_type = self._render(client.request.accept)
+            try:
+                body, content_type = self._render(client.request.accept)
+            except Exception:  # an Accept header prometheus_client chokes on: the plain format
+                body, content_type = self._render("")
             self._respond(client, 200, body, content_type=content_type, head=head)
         elif path == b"/":
             self._respond(client, 200, _INDEX, head=head)
@@ -222,6 +269,7 @@ class MetricsEndpoint:
             + b"\r\n"
         )
         client.out = memoryview(header if head else header + body)
+        client.deadline_at = client.answer_by
         self.served += status == 200
         self._selector.modify(client.sock, selectors.EVENT_WRITE, partial(self._ready, client))
         self._write(client)

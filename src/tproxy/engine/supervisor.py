@@ -179,7 +179,11 @@ class Supervisor:
         on_serving: called once, when every worker serves; may return the control socket to
             serve from then on (a takeover's new process gets its path only then).
         metrics: the metrics endpoint's listening socket (`--metrics-listen`), served from
-            the start until the first stop signal; None: none.
+            the start (or, `metrics_when_serving`, once every worker serves) until the first
+            stop signal; None: none.
+        metrics_when_serving: the socket came from the proxy this one takes over, which
+            answers on it until then: two processes answering in turn would show the scraper
+            two sets of counters.
         version: tproxy's version, for the metrics' build info and `tproxy top`.
     """
 
@@ -199,9 +203,11 @@ class Supervisor:
         handover: Handover | None = None,
         on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
         metrics: socket.socket | None = None,
+        metrics_when_serving: bool = False,
         version: str = "",
     ) -> None:
         self._count = count
+        self._metrics_when_serving = metrics_when_serving
         self._metrics_sock = metrics
         self._metrics: MetricsEndpoint | None = None
         self._version = version
@@ -248,8 +254,8 @@ class Supervisor:
         self._install_signals()
         if self._control_sock is not None:
             self._serve_control(*self._control_sock)
-        if self._metrics_sock is not None:
-            self._metrics = MetricsEndpoint(self._metrics_sock, self._selector, self._exposition)
+        if not self._metrics_when_serving:
+            self._serve_metrics()
         try:
             for worker_id in range(1, self._count + 1):
                 self._start(worker_id)
@@ -373,23 +379,24 @@ class Supervisor:
         if not self._stopping:
             self._log.emit(Notice(f"{why}: stopping {self._count} workers"))
             close_all(self._listeners)
-            self._close_metrics()  # a takeover's new process answers there from now on
+            self._stop_metrics()  # a takeover's new process answers there from now on
             self._restart_at.clear()
             self._notify(self._notes.stop(time.monotonic(), self._watchdog.latest))
         self._stopping = True
         self._tell(signum)
 
     def _now_serving(self) -> None:
-        """Every worker serves: a takeover's new process takes the control socket's path now."""
-        if self._on_serving is None:
-            return
-        try:
-            control = self._on_serving()
-        except ControlError as exc:
-            self._log.emit(Notice(str(exc)))
-            return
-        if control is not None:
-            self._serve_control(*control)
+        """Every worker serves: a takeover's new process takes the control socket's path now,
+        and answers scrapes on the metrics socket it was handed."""
+        if self._on_serving is not None:
+            try:
+                control = self._on_serving()
+            except ControlError as exc:
+                self._log.emit(Notice(str(exc)))
+                return
+            if control is not None:
+                self._serve_control(*control)
+        self._serve_metrics()
 
     def _on_channel(self, worker: _Worker) -> None:
         channel = worker.channel
@@ -540,6 +547,8 @@ class Supervisor:
             self._control.drop()
         if self._metrics is not None:
             self._metrics.drop()
+        elif self._metrics_sock is not None:
+            self._metrics_sock.close()
         if self._notifier is not None:  # systemd hears the supervisor only (NotifyAccess=main)
             self._notifier.close()
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
@@ -596,13 +605,23 @@ class Supervisor:
         process = Process(self._version, self._started_at, len(self._workers), self._restarts)
         return render(self._sums.totals(), process, accept)
 
-    def _close_metrics(self) -> None:
+    def _serve_metrics(self) -> None:
+        if self._metrics_sock is not None and self._metrics is None and not self._stopping:
+            self._metrics = MetricsEndpoint(self._metrics_sock, self._selector, self._exposition)
+
+    def _stop_metrics(self) -> None:
+        """Accept no more scrapes (those in flight are answered)."""
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            self._metrics.stop_listening()
         elif self._metrics_sock is not None:
             self._metrics_sock.close()
         self._metrics_sock = None
+
+    def _close_metrics(self) -> None:
+        self._stop_metrics()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def _listing(self, gathering: Gathering) -> dict[str, Any]:
         pids = {w.id: w.pid for w in self._workers.values()}
@@ -669,6 +688,7 @@ def run_workers(
     handover: Handover | None = None,
     on_serving: Callable[[], tuple[socket.socket, str] | None] | None = None,
     metrics: socket.socket | None = None,
+    metrics_when_serving: bool = False,
     version: str = "",
 ) -> int:
     """Run `worker_main(worker_id, channel)` in `count` child processes until told to stop;
@@ -676,7 +696,8 @@ def run_workers(
     return Supervisor(
         count, worker_main, log, listeners, on_reload=on_reload, on_tick=on_tick,
         notifier=notifier, watchdog_every_s=watchdog_every_s, control=control,
-        handover=handover, on_serving=on_serving, metrics=metrics, version=version,
+        handover=handover, on_serving=on_serving, metrics=metrics,
+        metrics_when_serving=metrics_when_serving, version=version,
     ).run()  # fmt: skip
 
 

@@ -22,6 +22,7 @@ exits, rather than serve on unsupervised.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import signal
@@ -49,6 +50,10 @@ from tproxy.tls.passthrough import PassthroughReason
 
 # A listing names at most this many sessions (and says when it stopped short).
 LISTING_LIMIT = 1000
+# A heartbeat larger than this goes without its metrics (a policy of thousands of long rule
+# names): a channel's datagram cannot be larger than its send buffer, which the kernel caps at
+# twice net.core.wmem_max (416 KiB by default), and the heartbeat is what proves a worker alive.
+HEARTBEAT_MAX_BYTES = 256 * 1024
 
 Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
 
@@ -126,6 +131,7 @@ class WorkerChannel:
         self.dropped = 0
         # Learned passthrough entries the supervisor could not take (counted in `dropped` too).
         self.learned_drops = Drops()
+        self._said_metrics_too_large = False
 
     def start(self, loop: asyncio.AbstractEventLoop, ctx: SessionContext) -> None:
         """Serving has started: beat now and every second, answer requests, share what the
@@ -148,7 +154,18 @@ class WorkerChannel:
 
     def _beat(self) -> None:
         assert self._loop is not None and self._ctx is not None
-        self._send(encode(heartbeat_of(self._ctx, self._worker, self._pid)))
+        beat = heartbeat_of(self._ctx, self._worker, self._pid)
+        data = encode(beat)
+        if len(data) > HEARTBEAT_MAX_BYTES and beat.metrics is not None:
+            size, data = len(data), encode(dataclasses.replace(beat, metrics=None))
+            if not self._said_metrics_too_large:
+                self._said_metrics_too_large = True
+                self._ctx.log.emit(Notice(
+                    f"this worker's metrics ({size >> 10} KiB) are too large for its "
+                    "heartbeat: the supervisor keeps their last figures (a policy with very "
+                    "many or very long rule names?)"
+                ))  # fmt: skip
+        self._send(data)
         dropped = self.learned_drops.due(time.monotonic())
         if dropped:
             self._ctx.log.emit(

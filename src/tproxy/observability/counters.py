@@ -84,14 +84,9 @@ class Counters:
             closed[key] = count + 1
         else:
             if len(closed) >= MAX_SERIES:
-                rule = OTHER_RULE
-                key = (reason, action, rule, proto)
+                key = (reason, action, OTHER_RULE, proto)
             closed[key] = closed.get(key, 0) + 1
-        moved = self.rule_bytes.get(rule)
-        if moved is None:
-            if len(self.rule_bytes) >= MAX_SERIES:
-                rule = OTHER_RULE
-            moved = self.rule_bytes.setdefault(rule, [0, 0])
+        moved = self.rule_bytes[self._place(rule)]
         moved[0] += up
         moved[1] += down
         cause = _REFUSAL_CAUSES.get(reason)
@@ -114,12 +109,24 @@ class Counters:
         key = (addon or "", hook)
         self.addon_errors[key] = self.addon_errors.get(key, 0) + 1
 
+    def _place(self, rule: str | None) -> str | None:
+        """Where `rule`'s bytes count: its own entry in `rule_bytes`, made now if there is room,
+        else `OTHER_RULE`'s. Once placed, a rule counts there for good: bytes shown under a name
+        never move to another (no sum goes down)."""
+        if rule not in self.rule_bytes:
+            if len(self.rule_bytes) >= MAX_SERIES:
+                rule = OTHER_RULE
+            self.rule_bytes.setdefault(rule, [0, 0])
+        return rule
+
     def snapshot(self, live_rule_bytes: dict[str | None, list[int]]) -> dict[str, Any]:
         """The counters as JSON for the heartbeat, with the live sessions' bytes so far (by
-        rule) added to the closed ones'."""
+        rule) added to the closed ones' (a live session's rule gets its place now: its bytes
+        stay where they were shown)."""
+        places = {rule: self._place(rule) for rule in live_rule_bytes}
         moved = {rule: list(pair) for rule, pair in self.rule_bytes.items()}
         for rule, (up, down) in live_rule_bytes.items():
-            pair = moved.setdefault(rule, [0, 0])
+            pair = moved[places[rule]]
             pair[0] += up
             pair[1] += down
         return {
@@ -284,9 +291,9 @@ def _named_counts(value: Any) -> dict[str, int]:
 class Sums:
     """The supervisor's book: each live worker's last counts, and those of the workers gone.
 
-    `heard(worker, ...)` on every heartbeat, `gone(worker)` when it dies (its last counts stay,
-    its live sessions leave the gauge), `totals()` to read. A snapshot that is not well-formed
-    keeps the worker's previous one (`rejected` counts them).
+    `heard(beat)` on every heartbeat, `gone(worker)` when it dies (its last counts stay, its
+    live sessions leave the gauge), `totals()` to read. A snapshot that is not well-formed keeps
+    the worker's previous one (`rejected` counts them).
     """
 
     def __init__(self) -> None:
@@ -295,11 +302,16 @@ class Sums:
         self.rejected = 0
 
     def heard(self, beat: Heartbeat) -> None:
-        try:
-            totals = Totals() if beat.metrics is None else Totals.from_json(beat.metrics)
-        except SnapshotError:
-            self.rejected += 1
-            return
+        """A heartbeat: its counts replace the worker's; without a snapshot (too large to
+        send), or with one that is not well-formed, the worker's last one stays."""
+        totals = None
+        if beat.metrics is not None:
+            try:
+                totals = Totals.from_json(beat.metrics)
+            except SnapshotError:
+                self.rejected += 1
+        if totals is None:
+            totals = self._latest.get(beat.worker) or Totals()
         totals.opened, totals.active = beat.opened, beat.active
         totals.bytes_up, totals.bytes_down = beat.bytes_up, beat.bytes_down
         self._latest[beat.worker] = totals
