@@ -4,7 +4,8 @@ A/B pairs in a network namespace of its own (see `bench.pinned_report` for why a
 The command re-runs itself under `unshare -n` (a fresh network namespace with only loopback: the
 host's network is never touched), where it starts nginx on 127.0.0.1:80, and for each pair the
 two variants' one-worker tproxies (`bench.pinned_engine`) pinned to one CPU, side by side, and
-wrk pinned to another, in 1-second runs against each in turn; it writes
+wrk pinned to another, in 1-second runs against each in turn (and, for a variant with metrics,
+a scraper on wrk's CPU: `bench.pinned_scrape`); it writes
 what it measured as JSON, from which the outer process writes bench/RESULTS-pinned.md. Every
 process it starts is stopped when it ends, also on an error or Ctrl-C (and is killed by the
 kernel should this process die first: PR_SET_PDEATHSIG).
@@ -35,6 +36,7 @@ from bench.modes import addon_path, cpu_seconds
 from bench.pinned_report import (
     BY_NAME,
     COMPARISONS,
+    SCRAPED,
     PinnedRun,
     Run,
     pair_order,
@@ -48,6 +50,8 @@ RESULTS = Path(__file__).parent / "RESULTS-pinned.md"
 HTTP_ADDR = ("127.0.0.1", 80)  # port 80, as in the full benchmark: the policy's port rules see it
 # The proxy's listening ports: a pair's two variants run side by side, one on each.
 PROXY_PORTS = (1800, 1801)
+# Their metrics endpoints (`--metrics-listen`), for the variants that have one, by proxy port.
+METRICS_PORTS = {1800: 9464, 1801: 9465}
 CONNECTIONS = 32
 MIN_REQUESTS_PER_S = 1000
 STOP_TIMEOUT_S = 15.0
@@ -319,7 +323,42 @@ def engine_argv(variant: str, workdir: Path, port: int = PROXY_PORTS[0]) -> list
         argv += ["--capture-dir", str(captures), "--capture-max-bytes", "1T"]
     if variant == "addon-unclaimed":
         argv += ["--addon", str(addon_path("unclaimed"))]
+    if variant == "metrics":
+        # A supervisor then runs too; its control socket in the work directory, not /run.
+        argv += ["--metrics-listen", f"127.0.0.1:{METRICS_PORTS[port]}",
+                 "--control", str(workdir / f"control-{port}.sock")]  # fmt: skip
     return argv
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` forked (and theirs), from /proc/PID/task/TID/children: a supervisor's
+    workers. Nothing when `pid` is gone."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            text = children.read_text()
+        except OSError:  # the thread or the process ended
+            continue
+        for child in map(int, text.split()):
+            found += [child, *descendants(child)]
+    return sorted(found)
+
+
+def tally_scrapes(lines: list[str]) -> tuple[int, int, int]:
+    """(scrapes, failed, closed sessions at the last that answered) from `bench.pinned_scrape`'s
+    lines (a last line cut short by its stop is left out)."""
+    done = failed = closed = 0
+    for line in lines:
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        done += 1
+        if "error" in found:
+            failed += 1
+        else:
+            closed = found["closed"]
+    return done, failed, closed
 
 
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -377,11 +416,16 @@ class _Engine:
         self.port = port
         self.log_path = workdir / f"{comparison}-{pair}-{variant}.log"
         self.err_path = workdir / f"{comparison}-{pair}-{variant}.err"
+        self.scrapes_path = workdir / f"{comparison}-{pair}-{variant}.scrapes"
         self.run = Run(comparison, pair, variant, os.getloadavg()[0], 0, 0.0, 0.0, wrk_runs=0)
         self.seconds = 0.0
         with self.log_path.open("wb") as out, self.err_path.open("wb") as err:
             self.proc = _start(engine_argv(variant, workdir, port), cpu, stdout=out, stderr=err,
                                cwd=ROOT)  # fmt: skip
+        # Its processes, whose CPU counts: the one started and, with a supervisor, its worker
+        # (forked once at the start, before it logs `listening`).
+        self.pids = [self.proc.pid]
+        self.scraper: subprocess.Popen[Any] | None = None
 
     def listening(self) -> bool:
         if self.proc.poll() is not None:
@@ -391,15 +435,34 @@ class _Engine:
     def _stderr(self) -> str:
         return self.err_path.read_text()[-2000:]
 
+    def serving(self, load_cpu: int | None) -> None:
+        """Once it listens: find its workers, and start scraping it (a scraped variant)."""
+        self.pids = [self.proc.pid, *descendants(self.proc.pid)]
+        if self.run.variant in SCRAPED:
+            argv = [sys.executable, "-m", "bench.pinned_scrape",
+                    f"127.0.0.1:{METRICS_PORTS[self.port]}"]  # fmt: skip
+            with self.scrapes_path.open("wb") as out:
+                self.scraper = _start(argv, load_cpu, stdout=out, cwd=ROOT)
+
+    def _scrapes(self) -> tuple[int, int, int]:
+        if self.scraper is None:
+            return 0, 0, 0
+        return tally_scrapes(self.scrapes_path.read_text().splitlines())
+
     def warm_up(self, seconds: float, cpu: int | None) -> None:
         self.run.warmup_requests += _wrk(self.port, seconds, cpu)[0]
         self.run.wrk_runs += 1
 
     def measure(self, seconds: float, cpu: int | None) -> None:
-        before = cpu_seconds([self.proc.pid])
+        scrapes = self._scrapes()[0]
+        before = cpu_seconds(self.pids)
         requests, _, socket_errors, bad = _wrk(self.port, seconds, cpu)
         run = self.run
-        run.cpu_s += cpu_seconds([self.proc.pid]) - before
+        run.cpu_s += cpu_seconds(self.pids) - before
+        run.scrapes += self._scrapes()[0] - scrapes
+        if [self.proc.pid, *descendants(self.proc.pid)] != self.pids:
+            raise PinnedError(f"the proxy's ({run.variant}) processes changed while measured "
+                              f"(a worker restarted?): {self.pids}: {self._stderr()}")  # fmt: skip
         run.requests += requests
         run.socket_errors += socket_errors
         run.bad_status += bad
@@ -407,9 +470,16 @@ class _Engine:
         self.seconds += seconds
         run.rate = run.requests / self.seconds
 
-    def stop(self) -> Run:
-        """Stop the proxy and count its close events; returns its figures."""
+    def kill(self) -> None:
+        """Stop its scraper, then the proxy (what `stop` does first; also on an error)."""
+        if self.scraper is not None:
+            _stop(self.scraper)
         _stop(self.proc)
+
+    def stop(self) -> Run:
+        """Stop the proxy and count its close events (and scrapes); returns its figures."""
+        self.kill()
+        _, self.run.scrape_errors, self.run.scraped_closes = self._scrapes()
         if self.proc.returncode != 0:
             raise PinnedError(f"the proxy ({self.run.variant}) exited with status "
                               f"{self.proc.returncode}: {self._stderr()}")  # fmt: skip
@@ -434,6 +504,7 @@ def measure_pair(
                                        cpu=proxy_cpu)  # fmt: skip
         for engine in engines.values():
             _wait_until(engine.listening, 15, f"the proxy ({engine.run.variant}) to listen")
+            engine.serving(load_cpu)
         for engine in engines.values():
             if warmup_s > 0:
                 engine.warm_up(warmup_s, load_cpu)
@@ -441,7 +512,7 @@ def measure_pair(
             engines[variant].measure(1, load_cpu)
     finally:
         for engine in engines.values():
-            _stop(engine.proc)
+            engine.kill()
     return [engines[variant].stop() for variant in order]
 
 

@@ -16,7 +16,8 @@ bound, **MISSED** only when every pair falls short, **inconclusive** otherwise.
 
 A pair counts only when both of its runs are valid (`problems`): wrk saw no socket error and no
 bad status, completed enough requests, and the proxy's own session log shows it relayed them
-(a close event per connection, by splice).
+(a close event per connection, by splice); a variant that is scraped (`SCRAPED`) was scraped
+about once a second while measured, without a failure, and its metrics counted the sessions.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ VARIANTS: dict[str, str] = {
     "None and claims nothing, `session_end` does nothing)",
     "capture-configured": "policy with `--capture-dir` and `capture = true` on its redirect "
     "rules (no connection captured)",
+    "metrics": "base with `--metrics-listen` (a supervisor and its one worker, which counts "
+    "each session and sends the counts in its heartbeat every second), `GET /metrics` once a "
+    "second from wrk's CPU as Prometheus would (`bench/pinned_scrape.py`); its CPU is the "
+    "supervisor's and the worker's",
     "base-again": "base, a second time (the A/A check: its difference from base is noise alone)",
 }
+# The variants whose metrics endpoint is scraped while they run.
+SCRAPED: frozenset[str] = frozenset({"metrics"})
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,12 @@ COMPARISONS: tuple[PinnedComparison, ...] = (
     PinnedComparison("addon", 12, "base", "addon-unclaimed", 5.0),
     PinnedComparison("policy", 10, "base", "policy", 10.0),
     PinnedComparison("capture", 11, "policy", "capture-configured", 5.0),
+    PinnedComparison("metrics", 15, "base", "metrics", 3.0),
     PinnedComparison("noise", None, "base", "base-again", None),
 )
 BY_NAME = {c.name: c for c in COMPARISONS}
+# What the full benchmark (`python -m bench`) runs after its rounds.
+IN_FULL_BENCHMARK: tuple[str, ...] = ("addon", "policy", "metrics", "noise")
 
 
 def pair_order(a: str, b: str, pairs: int) -> list[tuple[str, str]]:
@@ -96,6 +106,11 @@ class Run:
     warmup_requests: int = 0  # completed in the warm-up run before it (not measured)
     closes: dict[str, int] = field(default_factory=dict)  # the log's close events by relay
     wrk_runs: int = 2  # the wrk runs it took (warm-up included) against this proxy
+    # Scraped variants (`SCRAPED`) only: the scrapes done while it was measured, those that
+    # failed while it ran, and the closed sessions its metrics counted at the last scrape.
+    scrapes: int = 0
+    scrape_errors: int = 0
+    scraped_closes: int = 0
 
     @property
     def cpu_per_conn_us(self) -> float:
@@ -109,13 +124,15 @@ class Run:
         return cls(**data)
 
 
-def problems(run: Run, *, min_requests: int, connections: int) -> list[str]:
-    """Why `run` does not count (nothing when it does).
+def problems(run: Run, *, min_requests: int, connections: int, seconds: float) -> list[str]:
+    """Why `run`, measured for `seconds`, does not count (nothing when it does).
 
     Every completed request was a connection that the proxy must have logged as closed, relayed
     by splice. Besides those, each wrk run (warm-up included) opens one connection to check the
     address before it starts, and leaves up to `connections` cut at its end (closed by the proxy
-    as a reset, or before it relayed: relay null), and no more."""
+    as a reset, or before it relayed: relay null), and no more. A scraped variant was scraped
+    once a second while measured (a second's slack), every scrape answered, and its last one
+    counted closed sessions, no more than its log has."""
     found = []
     extra = run.wrk_runs * (connections + 1)
     if run.socket_errors:
@@ -133,12 +150,21 @@ def problems(run: Run, *, min_requests: int, connections: int) -> list[str]:
         found.append(f"{others} close events not relayed by splice")
     if spliced + others > completed + extra:
         found.append(f"{spliced + others} close events for {completed} requests")
+    if run.variant in SCRAPED:
+        if run.scrapes < seconds - 1:
+            found.append(f"{run.scrapes} scrapes in {seconds:g} s measured")
+        if run.scrape_errors:
+            found.append(f"{run.scrape_errors} scrapes failed")
+        if not 0 < run.scraped_closes <= spliced + others:
+            found.append(f"the metrics counted {run.scraped_closes} closed sessions, the log "
+                         f"{spliced + others}")  # fmt: skip
     return found
 
 
 def differences(
-    runs: Sequence[Run], comparison: PinnedComparison, *, min_requests: int, connections: int
-) -> dict[int, float]:
+    runs: Sequence[Run], comparison: PinnedComparison, *, min_requests: int, connections: int,
+    seconds: float,
+) -> dict[int, float]:  # fmt: skip
     """Per valid pair (both runs valid), B - A of the proxy's CPU per connection in µs."""
     by_pair: dict[int, dict[str, Run]] = {}
     for run in runs:
@@ -149,9 +175,8 @@ def differences(
         a, b = runs_of.get(comparison.a), runs_of.get(comparison.b)
         if a is None or b is None:
             continue
-        if problems(a, min_requests=min_requests, connections=connections) or problems(
-            b, min_requests=min_requests, connections=connections
-        ):
+        if any(problems(run, min_requests=min_requests, connections=connections, seconds=seconds)
+               for run in (a, b)):  # fmt: skip
             continue
         found[pair] = b.cpu_per_conn_us - a.cpu_per_conn_us
     return found
@@ -197,10 +222,11 @@ class PinnedRun:
 
     def differences(self, comparison: PinnedComparison) -> dict[int, float]:
         return differences(self.runs, comparison, min_requests=self.min_requests,
-                           connections=self.connections)  # fmt: skip
+                           connections=self.connections, seconds=self.seconds)  # fmt: skip
 
     def problems(self, run: Run) -> list[str]:
-        return problems(run, min_requests=self.min_requests, connections=self.connections)
+        return problems(run, min_requests=self.min_requests, connections=self.connections,
+                        seconds=self.seconds)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -302,12 +328,15 @@ def render_method(run: PinnedRun) -> str:
         f"wrk `-t1 -c{run.connections} -H 'Connection: close'`, {run.seconds:g} of each, in the "
         "order A B B A A B B A (ABBA: a steady drift falls on both alike), the pairs starting "
         "with A and with B in turn; a variant's CPU per connection is its proxy's user + system "
-        "CPU (from /proc/PID/stat) during its runs divided by the requests wrk completed in them, "
-        "one per connection, and a pair's figure is B - A. The comparisons' pairs are "
+        "CPU (from /proc/PID/stat, every process of it: with a supervisor, the supervisor's and "
+        "its worker's) during its runs divided by the requests wrk completed in them, one per "
+        "connection, and a pair's figure is B - A. The comparisons' pairs are "
         "interleaved (pair 1 of each, then pair 2 of each, ...). A variant's runs count when wrk "
         f"had no socket error and no bad status, completed at least {run.min_requests:,} "
         "requests, and the proxy's session log has a close event relayed by splice for each "
-        "request completed; a pair counts when both of its variants do. **met** only when every "
+        "request completed (and a scraped variant was scraped once a second while measured, every "
+        "scrape answered, its metrics counting the sessions); a pair counts when both of its "
+        "variants do. **met** only when every "
         "pair's difference is within the bound, **MISSED** only when every pair's exceeds it, "
         "**inconclusive** otherwise."
     )

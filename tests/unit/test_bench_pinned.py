@@ -3,16 +3,22 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bench.pinned import count_closes, engine_argv, parse_wrk
+from bench.pinned import count_closes, descendants, engine_argv, parse_wrk, tally_scrapes
 from bench.pinned_engine import fixed_server, parse_hostport
 from bench.pinned_report import (
     BY_NAME,
     COMPARISONS,
+    IN_FULL_BENCHMARK,
+    SCRAPED,
     VARIANTS,
     PinnedRun,
     Run,
@@ -26,11 +32,21 @@ from bench.pinned_report import (
     slice_order,
     tally,
 )
+from bench.pinned_scrape import (
+    ACCEPT,
+    ScrapeError,
+    closed_sessions,
+    parse_response,
+    render_request,
+    scrape,
+)
 from bench.report import Verdict
 
 from tproxy.core.config import LogFormat, ProxyConfig
 from tproxy.engine.server import ProxyServer
+from tproxy.observability.counters import Totals
 from tproxy.observability.eventlog import EventLog
+from tproxy.observability.prometheus import Process, render
 
 ADDON = BY_NAME["addon"]
 
@@ -53,7 +69,16 @@ def test_every_comparison_names_known_variants() -> None:
     for comparison in COMPARISONS:
         assert comparison.a in VARIANTS
         assert comparison.b in VARIANTS
-    assert {c.issue: c.bound_us for c in COMPARISONS} == {12: 5.0, 10: 10.0, 11: 5.0, None: None}
+    assert {c.issue: c.bound_us for c in COMPARISONS} == {
+        12: 5.0, 10: 10.0, 11: 5.0, 15: 3.0, None: None
+    }  # fmt: skip
+    assert BY_NAME["metrics"].a == "base" and BY_NAME["metrics"].b == "metrics"
+    assert VARIANTS.keys() >= SCRAPED
+
+
+def test_the_full_benchmark_runs_the_small_bounds_and_the_noise() -> None:
+    assert set(IN_FULL_BENCHMARK) <= BY_NAME.keys()
+    assert {"addon", "policy", "metrics", "noise"} <= set(IN_FULL_BENCHMARK)
 
 
 def _run(
@@ -78,7 +103,7 @@ def test_a_difference_is_b_minus_a_within_each_pair_whatever_ran_first() -> None
         _run(3, "base", 100.0),  # its B is missing: no pair
         _run(1, "base", 50.0, comparison="policy"),  # another comparison's run
     ]  # fmt: skip
-    found = differences(runs, ADDON, min_requests=1_000, connections=32)
+    found = differences(runs, ADDON, min_requests=1_000, connections=32, seconds=4)
     assert found == {1: pytest.approx(2.5), 2: pytest.approx(-2.0)}
 
 
@@ -87,7 +112,9 @@ def test_a_pair_with_an_invalid_run_is_left_out() -> None:
         _run(1, "base", 100.0), _run(1, "addon-unclaimed", 101.0),
         _run(2, "base", 100.0), _run(2, "addon-unclaimed", 150.0, socket_errors=3),
     ]  # fmt: skip
-    assert differences(runs, ADDON, min_requests=1_000, connections=32) == {1: pytest.approx(1.0)}
+    assert differences(runs, ADDON, min_requests=1_000, connections=32, seconds=4) == {
+        1: pytest.approx(1.0)
+    }
 
 
 @pytest.mark.parametrize(
@@ -121,7 +148,26 @@ def test_a_pair_with_an_invalid_run_is_left_out() -> None:
 )
 def test_problems(changes: dict[str, Any], expected: list[str]) -> None:
     run = _run(1, "base", 100.0, **changes)
-    assert problems(run, min_requests=1_000, connections=32) == expected
+    assert problems(run, min_requests=1_000, connections=32, seconds=4) == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, []),
+        ({"scrapes": 7}, []),  # a second's slack: 1-second slices, scrapes a second apart
+        ({"scrapes": 6}, ["6 scrapes in 8 s measured"]),
+        ({"scrape_errors": 1}, ["1 scrapes failed"]),
+        ({"scraped_closes": 0}, ["the metrics counted 0 closed sessions, the log 11000"]),
+        ({"scraped_closes": 11_001}, ["the metrics counted 11001 closed sessions, the log 11000"]),
+    ],
+)
+def test_problems_of_a_scraped_variant(changes: dict[str, Any], expected: list[str]) -> None:
+    changes = {"scrapes": 8, "scraped_closes": 10_500, **changes}
+    run = _run(1, "metrics", 100.0, comparison="metrics", **changes)
+    assert problems(run, min_requests=1_000, connections=32, seconds=8) == expected
+    # a variant that is not scraped has no scrapes to count
+    assert problems(_run(1, "base", 100.0), min_requests=1_000, connections=32, seconds=8) == []
 
 
 @pytest.mark.parametrize(
@@ -254,6 +300,93 @@ def test_engine_argv_per_variant(tmp_path: Path) -> None:
     assert Path(capture[capture.index("--capture-dir") + 1]).is_dir()
     addon = engine_argv("addon-unclaimed", tmp_path)
     assert addon[addon.index("--addon") + 1].endswith("bench/addons/unclaimed.py")
+    assert "--metrics-listen" not in base and "--control" not in base
+    metrics = engine_argv("metrics", tmp_path)
+    assert metrics[: len(base)] == base
+    # each side of a pair its own metrics port; the control socket not in /run
+    assert metrics[metrics.index("--metrics-listen") + 1] == "127.0.0.1:9464"
+    other = engine_argv("metrics", tmp_path, 1801)
+    assert other[other.index("--metrics-listen") + 1] == "127.0.0.1:9465"
+    control = Path(metrics[metrics.index("--control") + 1])
+    assert control.parent == tmp_path
+    assert control != Path(other[other.index("--control") + 1])
+
+
+def test_descendants_are_found_through_proc() -> None:
+    # a process that forks one child, as a supervisor forks its worker
+    code = ("import subprocess, sys, time; child = subprocess.Popen(['sleep', '30']); "
+            "print(child.pid, flush=True); sys.stdin.read(); child.kill()")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert descendants(parent.pid) == [child]
+        assert child in descendants(os.getpid())
+        assert descendants(child) == []
+    finally:
+        parent.communicate("")
+    assert descendants(parent.pid) == []  # gone: nothing, no error
+
+
+def test_tally_scrapes() -> None:
+    lines = ['{"closed": 10}', '{"error": "ConnectionRefusedError: refused"}', '{"closed": 25}',
+             '{"clos']  # the last cut short by the scraper's stop  # fmt: skip
+    assert tally_scrapes(lines) == (3, 1, 25)
+    assert tally_scrapes([]) == (0, 0, 0)
+    assert tally_scrapes(['{"error": "x"}']) == (1, 1, 0)
+
+
+def _exposition(accept: str, closed: dict[Any, int]) -> bytes:
+    totals = Totals(closed=closed)
+    return render(totals, Process("0.1.0", 1.7e9, 1, 0), accept)[0]
+
+
+@pytest.mark.parametrize("accept", [ACCEPT, ""])  # OpenMetrics (Prometheus's ask), plain text
+def test_closed_sessions_sums_the_close_series(accept: str) -> None:
+    closed = {("eof", "allow", None, None): 1200, ("upstream_refused", "allow", "r1", "tls"): 3}
+    assert closed_sessions(_exposition(accept, closed)) == 1203
+    assert closed_sessions(_exposition(accept, {})) == 0
+    with pytest.raises(ScrapeError, match="no tproxy_sessions_closed_total"):
+        closed_sessions(b"# EOF\n")
+
+
+def test_parse_response() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+    assert parse_response(head + b"hello") == b"hello"
+    with pytest.raises(ScrapeError, match="4 bytes of body for Content-Length 5"):
+        parse_response(head + b"hell")
+    with pytest.raises(ScrapeError, match=r"answered .HTTP/1\.1 404 Not Found."):
+        parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(ScrapeError, match="no complete response head"):
+        parse_response(b"HTTP/1.1 200 OK\r\n")
+    request = render_request("127.0.0.1", 9464)
+    assert request.startswith(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9464\r\n")
+    assert f"Accept: {ACCEPT}\r\n".encode() in request and request.endswith(b"\r\n\r\n")
+
+
+def test_a_scrape_asks_as_prometheus_does_and_reads_the_count() -> None:
+    body = _exposition(ACCEPT, {("eof", "allow", None, None): 42})
+    asked: list[bytes] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        addr = server.getsockname()
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                asked.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
+                             b"\r\n\r\n%s" % (len(body), body))  # fmt: skip
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        try:
+            assert scrape(addr) == 42
+        finally:
+            thread.join(5)
+    assert asked == [render_request(*addr)]
 
 
 def test_parse_hostport() -> None:
