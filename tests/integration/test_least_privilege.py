@@ -65,7 +65,9 @@ def _staged_code() -> str:
     atexit.register(shutil.rmtree, staged, True)
     shutil.copytree(Path(tproxy.__file__).parent, staged / "tproxy",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    todo, seen = ["uvloop", "httptools", "cryptography"], set()
+    # tproxy's own runtime requirements (not its extras), as its installed metadata lists them.
+    todo = [r for r in metadata.requires("tproxy") or () if "extra ==" not in r]
+    seen: set[str] = set()
     while todo:  # the closure of the runtime dependencies, each distribution's files
         name = re.split(r"[ ;<>=!~\[]", todo.pop())[0].lower()
         if name in seen:
