@@ -330,6 +330,11 @@ def engine_argv(variant: str, workdir: Path, port: int = PROXY_PORTS[0]) -> list
     return argv
 
 
+def reserved_ports() -> str:
+    """The listening ports, as `net.ipv4.ip_local_reserved_ports` takes them ("1800,1801,...")."""
+    return ",".join(str(p) for p in sorted({*PROXY_PORTS, *METRICS_PORTS.values(), HTTP_ADDR[1]}))
+
+
 def descendants(pid: int) -> list[int]:
     """The processes `pid` forked (and theirs), from /proc/PID/task/TID/children: a supervisor's
     workers. Nothing when `pid` is gone."""
@@ -523,6 +528,10 @@ def run_inside(pairs: int, seconds: int, warmup_s: int, comparisons: list[str]) 
     # Each run opens two connections per request on loopback: room for them, as in the lab.
     _sysctl("net.ipv4.ip_local_port_range", "1024 65000")
     _sysctl("net.ipv4.tcp_tw_reuse", "1")
+    # ... but never the ports the proxies and their metrics listen on: each pair starts its
+    # proxies afresh, and a connection of the pair before (lingering in TIME_WAIT, or live)
+    # whose local port was one of them would make the next start find it taken.
+    _sysctl("net.ipv4.ip_local_reserved_ports", reserved_ports())
     cpus = proxy_cpus()
     if cpus[0] is None:
         print("fewer than 2 CPUs to run on: wrk and the proxies run unpinned, sharing them",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench import pinned
 from bench.pinned import count_closes, descendants, engine_argv, parse_wrk, tally_scrapes
 from bench.pinned_engine import fixed_server, parse_hostport
 from bench.pinned_report import (
@@ -403,3 +404,8 @@ def test_the_fixed_server_sends_every_session_to_its_destination() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # getsockname(), the TPROXY lookup, would say this
         assert server._ctx.destination(sock) == ("127.0.0.1", 80)
+
+
+def test_the_listening_ports_are_kept_out_of_the_ephemeral_range() -> None:
+    reserved = {int(port) for port in pinned.reserved_ports().split(",")}
+    assert reserved == {80, *pinned.PROXY_PORTS, *pinned.METRICS_PORTS.values()}
