@@ -6,6 +6,7 @@ root; without it they skip with that reason. Only 198.18.0.0/15 and 2001:db8::/3
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tproxy.core.endpoint import IPAddress
+from tproxy.engine.steering import worker_for
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT, start_nginx, start_peer_server
 from tproxy.lab.topology import Host, Lab
@@ -114,3 +117,17 @@ def curl(lab: Lab, url: str, host: Host | None = None) -> tuple[int, str]:
     result = lab.run(host or lab.client, argv, check=False)
     body, _, status = result.stdout.decode(errors="replace").rpartition("\n")
     return int(status or 0), body
+
+
+def client_per_worker(lab: Lab, workers: int) -> dict[int, IPAddress]:
+    """One extra client address for each of `workers` workers (by the steering program's own
+    arithmetic), added to the client namespace."""
+    chosen: dict[int, IPAddress] = {}
+    for i in range(16, 256):
+        ip = ipaddress.ip_address(f"198.18.1.{i}")
+        chosen.setdefault(worker_for(ip, workers), ip)
+        if len(chosen) == workers:
+            break
+    for ip in chosen.values():
+        lab.add_client_address(ip)
+    return chosen

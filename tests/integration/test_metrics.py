@@ -5,7 +5,6 @@ metrics` finds nothing to say, and the counts stay when a worker is killed and r
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import subprocess
@@ -18,9 +17,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import apply_rules, client_json, start_proxy
+from tests.integration.conftest import apply_rules, client_json, client_per_worker, start_proxy
 from tproxy.core.endpoint import IPAddress
-from tproxy.engine.steering import worker_for
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import PEER_PORT, start_peer_server
 from tproxy.lab.topology import Lab, wait_until
@@ -72,18 +70,6 @@ def _total(samples: Samples, name: str, **labels: str) -> float:
     )  # fmt: skip
 
 
-def _client_per_worker(lab: Lab) -> dict[int, IPAddress]:
-    chosen: dict[int, IPAddress] = {}
-    for i in range(16, 256):
-        ip = ipaddress.ip_address(f"198.18.1.{i}")
-        chosen.setdefault(worker_for(ip, WORKERS), ip)
-        if len(chosen) == WORKERS:
-            break
-    for ip in chosen.values():
-        lab.add_client_address(ip)
-    return chosen
-
-
 def _policy(lab: Lab) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-metrics-"))
     lab.cleanup_paths.append(folder)
@@ -101,7 +87,7 @@ def _download(lab: Lab, source: IPAddress, seed: int) -> dict[str, Any]:
 def test_metrics_count_the_sessions_and_bytes_made_over_every_worker(lab: Lab) -> None:
     start_peer_server(lab, lab.server, PEER_PORT)
     apply_rules(lab, "--ports", f"{PEER_PORT},{RESET_PORT}")
-    clients = _client_per_worker(lab)
+    clients = client_per_worker(lab, WORKERS)
     proxy = start_proxy(lab, "--policy", str(_policy(lab)), "--metrics-listen", METRICS,
                         default_workers=True)  # fmt: skip
     up = 0

@@ -11,16 +11,14 @@ server's own certificate, the close event's `passthrough` saying why."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import apply_rules, start_proxy, tproxy_cli
+from tests.integration.conftest import apply_rules, client_per_worker, start_proxy, tproxy_cli
 from tproxy.core.endpoint import IPAddress
-from tproxy.engine.steering import worker_for
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import TLS_NAME, TLS_PORT
 from tproxy.lab.topology import Lab, wait_until
@@ -55,20 +53,6 @@ def _server_wanting_a_client_certificate(lab: Lab, folder: Path) -> tuple[Path, 
     return key, cert
 
 
-def _client_per_worker(lab: Lab) -> dict[int, IPAddress]:
-    """One extra client address for each worker (by the steering program's own arithmetic),
-    added to the client namespace."""
-    chosen: dict[int, IPAddress] = {}
-    for i in range(16, 256):
-        ip = ipaddress.ip_address(f"198.18.1.{i}")
-        chosen.setdefault(worker_for(ip, WORKERS), ip)
-        if len(chosen) == WORKERS:
-            break
-    for ip in chosen.values():
-        lab.add_client_address(ip)
-    return chosen
-
-
 def _curl(lab: Lab, source: IPAddress, *options: str) -> Any:
     argv = ["curl", "-sS", "-v", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
             "--interface", str(source), "--resolve", f"{TLS_NAME}:{TLS_PORT}:{lab.server.ipv4}",
@@ -98,7 +82,7 @@ def test_a_name_one_worker_learned_passes_through_on_the_other_and_after_a_resta
     folder = Path(tempfile.mkdtemp(prefix=f"tproxy-lab-{lab.run_id}-shared-"))
     lab.cleanup_paths.append(folder)
     key, server_cert = _server_wanting_a_client_certificate(lab, folder)
-    clients = _client_per_worker(lab)
+    clients = client_per_worker(lab, WORKERS)
     first, second = clients[1], clients[2]
     apply_rules(lab, "--ports", str(TLS_PORT))
     tproxy_cli(lab, lab.router, "ca", "create", str(folder / "ca"))

@@ -211,15 +211,21 @@ class MetricsEndpoint:
         except Exception:  # a bug of ours: this exchange ends, the supervisor's loop goes on
             self._drop(client)
 
-    def _read(self, client: _Client) -> None:
+    def _received(self, client: _Client, size: int) -> bytes:
+        """What the client sent (b"": nothing yet, or it has ended, and then it is dropped)."""
         try:
-            data = client.sock.recv(4096)
+            data = client.sock.recv(size)
         except (BlockingIOError, InterruptedError):
-            return
+            return b""
         except OSError:
             data = b""
         if not data:
             self._drop(client)
+        return data
+
+    def _read(self, client: _Client) -> None:
+        data = self._received(client, 4096)
+        if not data:
             return
         client.taken += len(data)
         try:
@@ -293,14 +299,7 @@ class MetricsEndpoint:
             self._selector.modify(client.sock, selectors.EVENT_READ, partial(self._ready, client))
 
     def _discard(self, client: _Client) -> None:
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(client)
+        self._received(client, 65536)  # (read to its end, then dropped)
 
     def _drop(self, client: _Client) -> None:
         self._clients.pop(client.sock, None)
