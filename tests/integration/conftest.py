@@ -6,10 +6,12 @@ root; without it they skip with that reason. Only 198.18.0.0/15 and 2001:db8::/3
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,8 +22,16 @@ import pytest
 from tproxy.core.endpoint import IPAddress
 from tproxy.engine.steering import worker_for
 from tproxy.lab.proxy_process import ProxyProcess
-from tproxy.lab.services import HTTP_PORT, PEER_PORT, start_nginx, start_peer_server
-from tproxy.lab.topology import Host, Lab
+from tproxy.lab.services import (
+    HTTP_PORT,
+    PEER_PORT,
+    TLS_NAME,
+    TLS_PORT,
+    start_nginx,
+    start_peer_server,
+    start_tls_server,
+)
+from tproxy.lab.topology import Host, Lab, wait_until
 
 _HERE = Path(__file__).parent
 
@@ -119,15 +129,39 @@ def curl(lab: Lab, url: str, host: Host | None = None) -> tuple[int, str]:
     return int(status or 0), body
 
 
-def client_per_worker(lab: Lab, workers: int) -> dict[int, IPAddress]:
+def client_per_worker(lab: Lab, workers: int, family: int = 4) -> dict[int, IPAddress]:
     """One extra client address for each of `workers` workers (by the steering program's own
-    arithmetic), added to the client namespace."""
+    arithmetic), by worker, added to the client namespace."""
     chosen: dict[int, IPAddress] = {}
     for i in range(16, 256):
-        ip = ipaddress.ip_address(f"198.18.1.{i}")
+        # (IPv6 clients are steered by /64: one /64 each)
+        ip = ipaddress.ip_address(f"198.18.1.{i}" if family == 4 else f"2001:db8:1:{i:x}::2")
         chosen.setdefault(worker_for(ip, workers), ip)
         if len(chosen) == workers:
             break
     for ip in chosen.values():
         lab.add_client_address(ip)
     return chosen
+
+
+@contextlib.contextmanager
+def held_tls_session(lab: Lab) -> Iterator[ProxyProcess]:
+    """A TLS session held open through the router (openssl s_client to the lab's TLS server,
+    the SNI `TLS_NAME`), with the workers a user gets; yields the proxy once it connected
+    upstream, and ends the client however the block ends."""
+    start_tls_server(lab, lab.server)
+    apply_rules(lab, "--ports", str(TLS_PORT))
+    proxy = start_proxy(lab, default_workers=True)
+    client = lab.start(
+        lab.client,
+        ["openssl", "s_client", "-quiet", "-no_ign_eof", "-servername", TLS_NAME,
+         "-connect", f"{lab.server.ipv4}:{TLS_PORT}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: bool(proxy.named("upstream_connected")), 10, "the session")
+        yield proxy
+    finally:
+        if client.stdin is not None:
+            client.stdin.close()
+        client.wait(timeout=10)

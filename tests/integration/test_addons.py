@@ -8,7 +8,6 @@ addon that claims nothing stay on splice."""
 from __future__ import annotations
 
 import concurrent.futures
-import ipaddress
 import os
 import signal
 import tempfile
@@ -16,8 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
-from tproxy.engine.steering import worker_for
+from tests.integration.conftest import (
+    apply_rules,
+    client_json,
+    client_per_worker,
+    curl,
+    start_proxy,
+)
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, start_tls_server
 from tproxy.lab.services import TLS_NAME as NAME
@@ -201,19 +205,6 @@ def test_an_async_hook_that_sleeps_holds_only_its_session(served_lab: Lab) -> No
     assert slow_close["duration_s"] >= 1.0
 
 
-def _one_client_per_worker(lab: Lab, workers: int) -> list[str]:
-    """An extra client address for each worker (steered to it), added to the client namespace."""
-    chosen: dict[int, str] = {}
-    for i in range(16, 256):
-        ip = ipaddress.ip_address(f"198.18.1.{i}")
-        chosen.setdefault(worker_for(ip, workers), str(ip))
-        if len(chosen) == workers:
-            break
-    for text in chosen.values():
-        lab.add_client_address(ipaddress.ip_address(text))
-    return [chosen[worker] for worker in sorted(chosen)]
-
-
 def _is_reset(result: tuple[int, float, str]) -> bool:
     code, _, stderr = result
     return code != 0 and "reset" in stderr.lower()
@@ -227,7 +218,7 @@ def test_sighup_reloads_an_edited_addon_in_every_worker_and_keeps_it_when_the_ne
     addon = _addon_file(lab, "resetting.py", RESETTING)
     proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
     workers = os.cpu_count() or 1
-    clients = _one_client_per_worker(lab, workers)
+    clients = [str(ip) for _, ip in sorted(client_per_worker(lab, workers).items())]
 
     def check(reset_host: str, passing_host: str) -> None:
         for source in clients:

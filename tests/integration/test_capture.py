@@ -21,8 +21,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import apply_rules, client_json, curl, start_proxy
-from tests.integration.test_workers import _one_client_per_worker
+from tests.integration.conftest import (
+    apply_rules,
+    client_json,
+    client_per_worker,
+    curl,
+    start_proxy,
+)
 from tests.unit.pcapng_reader import ACK, FIN, RST, SYN, Packet, parse_pcapng
 from tests.unit.test_capture_pcapng import expert, followed, tshark
 from tproxy.capture.files import is_capture_name
@@ -261,7 +266,7 @@ def test_the_total_limit_deletes_the_oldest_finished_files_never_one_being_writt
         time.sleep(0.05)
     [part] = _parts(directory)
     # Six finished captures of about 200 KB each, from every worker (one client address each).
-    sources = list(_one_client_per_worker(lab, 4, os.cpu_count() or 1).values())
+    sources = list(client_per_worker(lab, os.cpu_count() or 1).values())
     for seed in range(6):
         source = str(sources[seed % len(sources)])
         up = client_json(lab, ["upload", peer, "--bytes", "200000", "--seed", str(100 + seed),

@@ -10,23 +10,13 @@ import sys
 import time
 from typing import Any
 
-from tests.integration.conftest import apply_rules, start_proxy
-from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_server
+from tests.integration.conftest import apply_rules, held_tls_session, start_proxy
+from tproxy.lab.services import TLS_NAME, TLS_PORT
 from tproxy.lab.topology import Lab, wait_until
 
 
 def test_a_held_tls_session_is_listed_with_its_sni_and_byte_counts(lab: Lab) -> None:
-    start_tls_server(lab, lab.server)
-    apply_rules(lab, "--ports", str(TLS_PORT))
-    proxy = start_proxy(lab, default_workers=True)
-    client = lab.start(
-        lab.client,
-        ["openssl", "s_client", "-quiet", "-no_ign_eof", "-servername", TLS_NAME,
-         "-connect", f"{lab.server.ipv4}:{TLS_PORT}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: bool(proxy.named("upstream_connected")), 10, "the session")
+    with held_tls_session(lab) as proxy:
 
         def held() -> list[dict[str, Any]]:
             done = lab.run(lab.router, [sys.executable, "-m", "tproxy", "sessions", "--json"])
@@ -45,10 +35,6 @@ def test_a_held_tls_session_is_listed_with_its_sni_and_byte_counts(lab: Lab) -> 
         table = lab.run(lab.router, [sys.executable, "-m", "tproxy", "sessions"]).stdout.decode()
         assert opened["session"] in table and TLS_NAME in table, table
         assert table.rstrip().endswith("1 live sessions"), table
-    finally:
-        if client.stdin is not None:
-            client.stdin.close()
-        client.wait(timeout=10)
 
 
 def test_without_a_running_proxy_it_says_so_in_one_line(lab: Lab) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import apply_rules, start_proxy
-from tproxy.lab.services import TLS_NAME, TLS_PORT, start_tls_server
+from tests.integration.conftest import held_tls_session
+from tproxy.lab.services import TLS_NAME
 from tproxy.lab.topology import Lab, wait_until
 
 
@@ -65,17 +65,7 @@ def tmux() -> Iterator[Tmux]:
 def test_top_shows_the_held_session_under_tmux_and_quits_on_q(
     lab: Lab, tmux: Tmux, tmp_path: Path
 ) -> None:
-    start_tls_server(lab, lab.server)
-    apply_rules(lab, "--ports", str(TLS_PORT))
-    proxy = start_proxy(lab, default_workers=True)
-    client = lab.start(
-        lab.client,
-        ["openssl", "s_client", "-quiet", "-no_ign_eof", "-servername", TLS_NAME,
-         "-connect", f"{lab.server.ipv4}:{TLS_PORT}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        wait_until(lambda: bool(proxy.named("upstream_connected")), 10, "the session")
+    with held_tls_session(lab) as proxy:
         session_id = proxy.named("session_open")[0]["session"]
         for key in ("q", "C-c"):
             status, stty = tmp_path / f"status-{key}", tmp_path / f"stty-{key}"
@@ -102,7 +92,3 @@ def test_top_shows_the_held_session_under_tmux_and_quits_on_q(
             wait_until(lambda k=key: not tmux.alive(k), 5, "the tmux session to end")
             mode = stty.read_text().split()
             assert "icanon" in mode and "echo" in mode, mode  # cbreak mode undone
-    finally:
-        if client.stdin is not None:
-            client.stdin.close()
-        client.wait(timeout=10)

@@ -3,7 +3,6 @@ with its own socket, a stalled one is noticed, the supervisor lists every worker
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -14,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import apply_rules, client_json, start_proxy
-from tproxy.core.endpoint import IPAddress
-from tproxy.engine.steering import worker_for
+from tests.integration.conftest import apply_rules, client_json, client_per_worker, start_proxy
 from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import PEER_PORT, start_peer_server
 from tproxy.lab.topology import Lab, wait_until
@@ -25,21 +22,6 @@ from tproxy.lab.topology import Lab, wait_until
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
-
-
-def _one_client_per_worker(lab: Lab, family: int, workers: int) -> dict[int, IPAddress]:
-    """An extra client address for each worker, added to the client namespace."""
-    chosen: dict[int, IPAddress] = {}
-    for i in range(16, 256):
-        # (IPv6 clients are steered by /64: one /64 each)
-        text = f"198.18.1.{i}" if family == 4 else f"2001:db8:1:{i:x}::2"
-        ip = ipaddress.ip_address(text)
-        chosen.setdefault(worker_for(ip, workers), ip)
-        if len(chosen) == workers:
-            break
-    for ip in chosen.values():
-        lab.add_client_address(ip)
-    return chosen
 
 
 def _host(client: str) -> str:
@@ -59,7 +41,7 @@ def test_each_client_stays_on_its_worker_through_a_restart(lab: Lab, family: int
     apply_rules(lab, "--ports", str(PEER_PORT))
     proxy = start_proxy(lab, "--workers", "2")
     proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
-    clients = _one_client_per_worker(lab, family, 2)
+    clients = client_per_worker(lab, 2, family)
     peer = str(lab.server.endpoint(PEER_PORT, family))
     for ip in clients.values():
         result = client_json(lab, ["swarm", peer, "--count", "100", "--source", str(ip)])
@@ -120,7 +102,7 @@ def test_the_supervisor_lists_every_workers_sessions(lab: Lab) -> None:
     apply_rules(lab, "--ports", str(PEER_PORT))
     proxy = start_proxy(lab, "--workers", "2")
     proxy.wait_for(lambda e: e.get("event") == "listening", "both workers", count=2)
-    clients = _one_client_per_worker(lab, 4, 2)
+    clients = client_per_worker(lab, 2)
     peer = str(lab.server.endpoint(PEER_PORT))
     holders = []
     try:
