@@ -3,6 +3,7 @@ get from it, served from a selector loop like the supervisor's."""
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tproxy.core.endpoint import parse_endpoint
 from tproxy.engine.metrics_endpoint import (
@@ -184,3 +187,34 @@ def test_a_port_in_use_is_one_line() -> None:
     assert str(raised.value) == (
         f"--metrics-listen 127.0.0.1:{port}: Address already in use (another program listens there)"
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.binary(max_size=300)
+    | st.builds(
+        lambda head, tail: head + tail,
+        st.sampled_from(
+            [
+                b"GET /metrics HTTP/1.1\r\n",
+                b"HEAD / HTTP/1.0\r\n",
+                b"GET /metrics HTTP/1.1\r\nAccept: ",
+            ]
+        ),
+        st.binary(max_size=200),
+    )
+)
+def test_any_bytes_get_an_answer_or_a_close_and_the_next_scrape_is_served(data: bytes) -> None:
+    running = Loop()
+    try:
+        with socket.create_connection(running.address, timeout=5) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        assert answer == b"" or _status(answer) in {200, 400, 404, 405, 431}, answer[:100]
+        assert _status(_exchange(running.address, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+    finally:
+        running.close()
