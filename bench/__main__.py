@@ -53,7 +53,7 @@ from bench.modes import (
     render_haproxy_cfg,
     rss_bytes,
 )
-from bench.pinned import PinnedError
+from bench.pinned import PAIR_SECONDS, PinnedError
 from bench.pinned import measure as measure_pinned
 from bench.pinned_report import IN_FULL_BENCHMARK, PinnedRun, render_section
 from bench.report import (
@@ -546,7 +546,8 @@ def main() -> int:
     )
     parser.add_argument("--no-pinned", action="store_true",
                         help="skip the pinned A/B of issues 12, 10 and 15 and its A/A check "
-                        "after the rounds (`python -m bench.pinned`: about 12 min)")  # fmt: skip
+                        "after the rounds (`python -m bench.pinned`, 16-second pairs: "
+                        "about 28 min)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces: run it as root", file=sys.stderr)
@@ -561,7 +562,7 @@ def main() -> int:
     pinned = None
     if not args.no_pinned:
         try:
-            pinned = measure_pinned(8, 8, list(IN_FULL_BENCHMARK))
+            pinned = measure_pinned(8, PAIR_SECONDS, list(IN_FULL_BENCHMARK))
         except PinnedError as exc:
             print(f"pinned A/B: {exc}", file=sys.stderr)
     text = write_results(result, ["python", "-m", "bench", *sys.argv[1:]], started,
