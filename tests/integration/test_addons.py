@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shlex
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from tproxy.lab.proxy_process import ProxyProcess
 from tproxy.lab.services import HTTP_PORT, PEER_PORT, TLS_PORT, start_tls_server
 from tproxy.lab.services import TLS_NAME as NAME
 from tproxy.lab.topology import Lab, wait_until
+from tproxy.service.units import PROXY_UNIT, UnitOptions, render_units
 
 MIB = 1024 * 1024
 
@@ -250,6 +253,54 @@ def test_sighup_reloads_an_edited_addon_in_every_worker_and_keeps_it_when_the_ne
     # Said once, by the supervisor, for every worker; and nothing claims it reloaded again.
     assert len(proxy.find(lambda e: "reload failed" in e.get("message", ""))) == 1
     assert len(proxy.find(lambda e: "reloaded the configuration" in e.get("message", ""))) == 1
+    assert proxy.proc.poll() is None
+
+
+def _unit_reload_argv() -> list[str]:
+    """The systemd unit's ExecReload= for a tproxy run as `python -m tproxy` (what `systemctl
+    reload tproxy` runs)."""
+    unit = render_units(UnitOptions(command=(sys.executable, "-m", "tproxy"), rules_args=()))
+    [line] = [line for line in unit[PROXY_UNIT].splitlines() if line.startswith("ExecReload=")]
+    return shlex.split(line.removeprefix("ExecReload="))
+
+
+def test_reload_as_the_unit_says_answers_once_every_worker_applied_and_fails_on_a_broken_file(
+    served_lab: Lab,
+) -> None:
+    """`systemctl reload` runs `tproxy reload`: it returns once every worker has reloaded (the
+    very next connection on each worker follows the new addon, no waiting), and an invalid file
+    fails it with the reason while every worker keeps the running addon."""
+    lab = served_lab
+    apply_rules(lab, "--ports", str(HTTP_PORT))
+    addon = _addon_file(lab, "resetting.py", RESETTING)
+    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
+    workers = os.cpu_count() or 1
+    clients = [str(ip) for _, ip in sorted(client_per_worker(lab, workers).items())]
+
+    def check(reset_host: str, passing_host: str) -> None:
+        for source in clients:
+            assert _is_reset(_http(lab, reset_host, source)), (reset_host, source)
+            code, _, stderr = _http(lab, passing_host, source)
+            assert code == 0, (passing_host, source, stderr)
+
+    check("a.test", "b.test")
+    reload = _unit_reload_argv()
+    assert reload[3:] == ["reload"]  # the default control socket: the proxy's in this namespace
+
+    addon.write_text(RESETTING.replace('RESET = "a.test"', 'RESET = "b.test"'))
+    done = lab.run(lab.router, reload, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [f"reloaded the configuration in {workers} workers"]
+    check("b.test", "a.test")
+
+    addon.write_text(RESETTING + "\ndef session_end(session:\n")
+    done = lab.run(lab.router, reload, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"", err
+    assert err.startswith("tproxy: reload failed, keeping the running configuration: "), err
+    assert f"addon {addon}:" in err and "SyntaxError" in err, err
+    check("b.test", "a.test")
+    assert len(proxy.find(lambda e: "reload failed" in e.get("message", ""))) == 1
     assert proxy.proc.poll() is None
 
 

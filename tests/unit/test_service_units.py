@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def test_the_rules_stay_when_the_proxy_stops_and_the_proxy_notifies() -> None:
             "ExecStart=/usr/local/bin/tproxy rules apply --ports 80,443",
             "ExecStop=/usr/local/bin/tproxy rules remove"} <= rules  # fmt: skip
     assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=30",
-            "ExecReload=/bin/kill -HUP $MAINPID", f"Wants={RULES_UNIT} network-online.target",
+            "ExecReload=/usr/local/bin/tproxy reload",
+            f"Wants={RULES_UNIT} network-online.target",
             "User=tproxy", "AmbientCapabilities=CAP_NET_ADMIN",
             "CapabilityBoundingSet=CAP_NET_ADMIN", "NoNewPrivileges=yes",
             "ProtectSystem=strict"} <= proxy  # fmt: skip
@@ -55,6 +57,25 @@ def test_a_listener_below_1024_gets_cap_net_bind_service_and_written_paths_are_w
     assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in printed
     assert "ReadWritePaths=/var/lib/tproxy/captures" in printed
     assert f"ReadWritePaths={keylog.parent}" in printed
+
+
+def test_a_control_socket_of_its_own_is_writable_and_reload_finds_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`systemctl reload` runs `tproxy reload`, which must ask the socket the proxy made, in a
+    directory systemd lets the proxy write (the default one is its RuntimeDirectory=)."""
+    assert main(["service-unit", "--rules", "--ports 80", "--",
+                 "--control", "/run/tproxy-edge/control.sock"]) == 0  # fmt: skip
+    printed = _lines(capsys.readouterr().out)
+    assert {"ExecReload=" + " ".join((sys.executable, "-m", "tproxy", "reload", "--control",
+                                      "/run/tproxy-edge/control.sock")),
+            "ReadWritePaths=/run/tproxy-edge", "RuntimeDirectory=tproxy"} <= printed  # fmt: skip
+    assert main(["service-unit", "--rules", "--ports 80", "--",
+                 "--control", "/run/tproxy/edge.sock"]) == 0  # fmt: skip
+    printed = _lines(capsys.readouterr().out)
+    assert not any(line.startswith("ReadWritePaths=") for line in printed), printed
+    assert main(["service-unit", "--rules", "--ports 80", "--", "--control", "edge.sock"]) == 1
+    assert "give absolute paths" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,44 @@ def test_heartbeat_listing_and_errors() -> None:
     asyncio.run(scenario())
 
 
+def test_a_reload_request_is_answered_once_the_reload_is_done() -> None:
+    async def scenario() -> None:
+        supervisor_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        supervisor_end.setblocking(False)
+        release = asyncio.Event()
+        outcomes: list[tuple[bool, list[str]] | Exception] = [
+            (True, ["reloaded the configuration (max connections 10000)"]),
+            ValueError("a bug of ours"),
+        ]
+
+        async def reload() -> tuple[bool, list[str]]:
+            await release.wait()  # (reading the files, resolving the policy's names)
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        channel = WorkerChannel(worker_end, worker=2)
+        channel.start(asyncio.get_running_loop(), _context(io.StringIO()), reload=reload)
+        try:
+            await _receive(supervisor_end)  # the first heartbeat
+            supervisor_end.send(encode(Request(7, "reload")))
+            await asyncio.sleep(0.05)
+            with pytest.raises(BlockingIOError):  # no answer while the reload runs
+                supervisor_end.recv(1 << 20)
+            release.set()
+            assert await _receive(supervisor_end) == Reply(7, 2, {
+                "reloaded": True, "notices": ["reloaded the configuration (max connections 10000)"],
+            })  # fmt: skip
+            supervisor_end.send(encode(Request(8, "reload")))
+            assert await _receive(supervisor_end) == Reply(8, 2, error="ValueError: a bug of ours")
+        finally:
+            channel.close()
+            supervisor_end.close()
+
+    asyncio.run(scenario())
+
+
 def test_passthrough_entries_go_out_when_remembered_and_come_in_without_an_echo() -> None:
     async def scenario() -> None:
         supervisor_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

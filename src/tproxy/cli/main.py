@@ -30,6 +30,7 @@ from tproxy import __version__
 from tproxy.addons.loader import Addon, load_addons
 from tproxy.capture.prune import CapturePruner
 from tproxy.capture.setup import check_capture
+from tproxy.cli.reload import describe_reload
 from tproxy.cli.top import parse_interval, run_top
 from tproxy.core.config import (
     DEFAULT_DIVERT_MARK,
@@ -55,9 +56,14 @@ from tproxy.core.endpoint import (
 )
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
+from tproxy.core.worker_protocol import RELOAD_TIMEOUT_S
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
 from tproxy.engine.control import (
+    DEFAULT_DIR as DEFAULT_CONTROL_DIR,
+)
+from tproxy.engine.control import (
+    IO_TIMEOUT_S,
     ControlError,
     default_control_path,
     finish_takeover,
@@ -564,13 +570,29 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("id", metavar="ID", help="the session id")
     _control_option(kill)
 
+    reload = commands.add_parser(
+        "reload",
+        help="reload the running tproxy's configuration, policy and addons, and say how it went",
+        description=(
+            "What SIGHUP does, answered once it is done: the running tproxy re-reads --config, "
+            "the --policy and the --addon files; if its supervisor applied them, every worker "
+            "reloads them too. Prints the notices (options that change only on restart, why a "
+            "file was refused). Exit status 0 when the supervisor and every worker applied the "
+            "files; 1 when the running configuration was kept (an invalid file, nothing to "
+            f"reload) or a worker did not confirm within {RELOAD_TIMEOUT_S:g} s. The systemd "
+            "unit's ExecReload, so that `systemctl reload tproxy` fails on an invalid file."
+        ),
+    )
+    _control_option(reload)
+
     unit = commands.add_parser(
         "service-unit",
         help="print systemd units for the rules and the proxy, filled in with the options given",
         description=(
             f"Print (or --write) two systemd units: {RULES_UNIT}, a oneshot that applies the "
             "rules and keeps them while the proxy restarts or is stopped, and "
-            f"{PROXY_UNIT}, the proxy (Type=notify, watchdog, reload by SIGHUP), as --user "
+            f"{PROXY_UNIT}, the proxy (Type=notify, watchdog, reload by 'tproxy reload'), as "
+            "--user "
             "with only the capabilities it needs and systemd's sandboxing. The options are "
             "checked as 'tproxy rules apply' and 'tproxy run' would check them. Example: "
             "tproxy service-unit --rules '--ports 80,443' -- --spoof-source --config "
@@ -629,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _kill(args)
         if args.command == "top":
             return _top(args)
+        if args.command == "reload":
+            return _reload(args)
         return _lab(args)
     except KeyboardInterrupt:
         return 130
@@ -703,6 +727,19 @@ def _kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload(args: argparse.Namespace) -> int:
+    """`tproxy reload`: reload the running proxy, and say how it went (status 1 unless done)."""
+    try:
+        answer = control_request(args.control or default_control_path(), {"command": "reload"},
+                                 timeout_s=RELOAD_TIMEOUT_S + IO_TIMEOUT_S)  # fmt: skip
+    except ControlError as exc:
+        return _fail(str(exc))
+    done, lines = describe_reload(answer, RELOAD_TIMEOUT_S)
+    for line in lines:
+        print(line if done else f"tproxy: {line}", file=sys.stdout if done else sys.stderr)
+    return 0 if done else 1
+
+
 def _service_unit(args: argparse.Namespace) -> int:
     """Check the options as the two commands would, then print or write both units."""
     run_args = list(args.run_args)
@@ -727,9 +764,12 @@ def _service_unit(args: argparse.Namespace) -> int:
     writable = [config.capture_dir] if config.capture_dir else []
     if config.keylog is not None:
         writable.append(str(Path(config.keylog).parent))
-    relative = [path for path in (*readable, *writable) if not Path(path).is_absolute()]
+    control = [] if config.control is None else [config.control]
+    relative = [path for path in (*readable, *writable, *control) if not Path(path).is_absolute()]
     if relative:  # systemd starts the proxy in /, not here
         return _fail(f"give absolute paths (systemd runs the proxy in /): {', '.join(relative)}")
+    # The control socket's directory (RuntimeDirectory= makes the default one).
+    writable += [str(Path(c).parent) for c in control if str(Path(c).parent) != DEFAULT_CONTROL_DIR]
     for folder in writable:
         if not Path(folder).is_dir():
             made = f"mkdir -p {shlex.quote(folder)}"
@@ -756,6 +796,7 @@ def _service_unit(args: argparse.Namespace) -> int:
         writable=tuple(writable),
         drain_timeout_s=config.drain_timeout_s,
         readable=tuple({interpreter, *readable}),
+        control=config.control,
     )
     try:
         units = render_units(options)
@@ -962,18 +1003,18 @@ def _run(args: argparse.Namespace) -> int:
         return worker_main(None)
     supervisor_log = EventLog(config.log_format, worker=0)
 
-    def on_reload() -> None:
-        """The supervisor's part of SIGHUP: its own log's format, what a restarted worker starts
-        with, and the reload's notices, once (the workers reload the same file silently)."""
+    def on_reload() -> tuple[bool, list[str]]:
+        """The supervisor's part of SIGHUP and `tproxy reload`: its own log's format, what a
+        restarted worker starts with, and the reload's notices, once (the workers reload the
+        same file silently); whether it applied the files, and those notices."""
         new, notices = reload_from(current[0], reload)
         if new is not None:
             current[0] = new
             supervisor_log.log_format = new.log_format
+            notices = [*notices, f"reloaded the configuration in {workers} workers"]
         for notice in notices:
             supervisor_log.emit(Notice(notice))
-        if new is None:
-            return
-        supervisor_log.emit(Notice(f"reloaded the configuration in {workers} workers"))
+        return new is not None, notices
 
     pruner = CapturePruner()
 

@@ -421,7 +421,7 @@ def reload_from(
     there is no file.
     """
     if load is None:
-        return None, ["SIGHUP: no --config, --policy or --addon file, nothing to reload"]
+        return None, ["reload: no --config, --policy or --addon file, nothing to reload"]
     try:
         loaded = load()
     except ConfigError as exc:

@@ -34,6 +34,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 STALL_AFTER_S = 3.0
 # How long the supervisor waits for every worker's reply to a request.
 REPLY_TIMEOUT_S = 2.0
+# How long `tproxy reload` waits for the workers to have reloaded: a policy's host names are
+# resolved on a reload, and a DNS server that does not answer takes its timeouts.
+RELOAD_TIMEOUT_S = 20.0
 # What the reader accepts. What can be *sent* is smaller: SO_SNDBUF, which the kernel caps at
 # twice net.core.wmem_max (about 416 KiB by default). The largest message, a listing of 1,000
 # sessions, stays under 160 KiB; a message too large to send is logged by the sender.

@@ -256,7 +256,7 @@ class ProxyServer:
         self._resume_accepting()
         self._spawn(self._sweep_timeouts())
         if self._channel is not None:
-            self._channel.start(loop, self._ctx)
+            self._channel.start(loop, self._ctx, reload=self.reload_off_loop)
         self._log.emit(
             Listening(
                 [format_sockaddr(s.getsockname()) for s in self._listeners],
@@ -326,22 +326,30 @@ class ProxyServer:
     def _on_reload(self) -> None:
         """SIGHUP: reload off the event loop (reading the files is quick, but resolving the
         policy's host names may wait for DNS, and sessions must not), then apply."""
-        self._spawn(self._reload_off_loop())
+        self._spawn(self._reload_quietly())
 
-    async def _reload_off_loop(self) -> None:
+    async def _reload_quietly(self) -> None:
+        await self.reload_off_loop()
+
+    async def reload_off_loop(self) -> tuple[bool, list[str]]:
+        """Reload (SIGHUP, or the supervisor's `reload` request, `tproxy reload`): whether the
+        files were applied, and the notices that say what happened."""
         async with self._reloading:  # one at a time, in the order the signals came
             loaded = await asyncio.to_thread(reload_from, self.config, self._reload)
-            self._apply_reload(*loaded)
+            return self._apply_reload(*loaded)
 
     def reload_now(self) -> None:
         """Reload at once, on this thread (what SIGHUP does, for tests and callers without a
         loop)."""
         self._apply_reload(*reload_from(self.config, self._reload))
 
-    def _apply_reload(self, new: ProxyConfig | None, notices: list[str]) -> None:
-        """Apply what can be applied, keep the rest. A worker reloads silently: its supervisor
-        reloads the same files and writes the notices once for all workers."""
+    def _apply_reload(self, new: ProxyConfig | None, notices: list[str]) -> tuple[bool, list[str]]:
+        """Apply what can be applied, keep the rest; whether `new` was applied, and every notice
+        of this reload. A worker reloads silently: its supervisor reloads the same files and
+        writes the notices once for all workers -- except what only a worker can find (its TLS
+        interception kept), which each worker says."""
         say = self._log.emit if self._channel is None else _quiet
+        said = list(notices)
         if new is not None:
             if new.relay is RelayKind.SPLICE and not self._splice_works:
                 new = dataclasses.replace(new, relay=RelayKind.COPY)
@@ -352,7 +360,7 @@ class ProxyServer:
         for notice in notices:
             say(Notice(notice))
         if new is None:
-            return
+            return False, said
         interception = self._ctx.interception
         if interception is not None and new.ca_dir is not None:
             try:
@@ -360,12 +368,17 @@ class ProxyServer:
                     new.ca_dir, new.upstream_ca, new.tls_handshake_timeout_s, running=interception
                 )
             except (OSError, ssl.SSLError) as exc:  # --upstream-ca edited since it was checked
-                say(Notice(f"reload: keeping the running TLS interception: --upstream-ca: {exc}"))
+                kept = f"reload: keeping the running TLS interception: --upstream-ca: {exc}"
+                self._log.emit(Notice(kept))
+                said.append(kept)
         self._max_connections = self._limit_for(new)
         self._ctx.client_limits = limits_for(new.max_connections_per_client,
                                              new.new_connections_per_client,
                                              self._ctx.client_limits)  # fmt: skip
-        say(Notice(f"reloaded the configuration (max connections {self._max_connections})"))
+        done = f"reloaded the configuration (max connections {self._max_connections})"
+        say(Notice(done))
+        said.append(done)
+        return True, said
 
     async def _sweep_timeouts(self) -> None:
         """Every sweep interval, enforce the sessions' deadlines and write the refusal count.

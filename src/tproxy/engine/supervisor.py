@@ -24,7 +24,8 @@ The channel: each worker has a SOCK_SEQPACKET socketpair with the parent (`core.
 for the messages, `engine.worker_channel` for the worker's end). Workers send a heartbeat with
 their counters every second; a worker silent for `STALL_AFTER_S` is reported once in a notice,
 and so is its recovery. `Supervisor.ask` sends a request to every worker and collects the
-replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` event).
+replies (SIGUSR1: the live sessions of every worker, logged as one `sessions` event; the
+control socket's `sessions`, `kill` and `reload`, answered once the workers replied).
 
 TLS passthrough, shared: a worker sends each entry its memory remembers (`Learned`); the
 supervisor merges it into a copy of its own (a `PassthroughMemory`, bounded alike, expired on its
@@ -56,6 +57,7 @@ from typing import Any
 
 from tproxy.core.worker_protocol import (
     MAX_MESSAGE_BYTES,
+    RELOAD_TIMEOUT_S,
     REPLY_TIMEOUT_S,
     STALL_AFTER_S,
     Drops,
@@ -97,6 +99,8 @@ WorkerMain = Callable[[int, socket.socket], int]
 It must install its own signal handling (the child starts with the default dispositions)."""
 
 ListingDone = Callable[[Gathering], None]
+Reloaded = tuple[bool, list[str]]
+"""A reload's outcome: whether the files were applied, and the notices that say what happened."""
 
 
 class Outbox:
@@ -165,8 +169,9 @@ class Supervisor:
         log: the supervisor's own notices.
         listeners: the parent's copies of the listening sockets, closed at the first stop signal.
         stall_after_s: a worker silent this long is reported as stalled.
-        on_reload: the supervisor's own part of SIGHUP (its log's format, the configuration a
-            restarted worker starts with); the workers reload and report for themselves.
+        on_reload: the supervisor's own part of SIGHUP and `tproxy reload` (its log's format,
+            the configuration a restarted worker starts with, the notices, written once for
+            all workers): whether it applied the files, and those notices.
         on_tick: housekeeping done once for all workers, called with the monotonic time on
             every round of the loop (at least every `TICK_S`) until the first stop signal; it
             keeps its own schedule (pruning the capture directory: `capture.prune`).
@@ -195,7 +200,7 @@ class Supervisor:
         listeners: Sequence[socket.socket] = (),
         *,
         stall_after_s: float = STALL_AFTER_S,
-        on_reload: Callable[[], None] | None = None,
+        on_reload: Callable[[], Reloaded] | None = None,
         on_tick: Callable[[float], None] | None = None,
         notifier: Notifier | None = None,
         watchdog_every_s: float | None = None,
@@ -281,7 +286,7 @@ class Supervisor:
             on_drain=lambda: self._stop("takeover"),
             on_notice=lambda text: self._log.emit(Notice(text)),
             commands={"sessions": self._sessions_for_control, "kill": self._kill_for_control,
-                      "stats": self._stats_for_control},
+                      "stats": self._stats_for_control, "reload": self._reload_for_control},
         )  # fmt: skip
 
     def _handover_unless_stopping(self) -> tuple[dict[str, Any], list[int]]:
@@ -297,14 +302,17 @@ class Supervisor:
         else:
             self._selector.register(sock, selectors.EVENT_READ, callback)
 
-    def ask(self, command: str, args: dict[str, Any], done: ListingDone) -> None:
+    def ask(
+        self, command: str, args: dict[str, Any], done: ListingDone,
+        timeout_s: float = REPLY_TIMEOUT_S,
+    ) -> None:  # fmt: skip
         """Send `command` to every live worker; call `done` with the replies once all answered or
-        `REPLY_TIMEOUT_S` passed."""
+        `timeout_s` passed."""
         request = Request(self._next_request_id, command, args)
         self._next_request_id += 1
         data = encode(request)
         asked = {w.id: w for w in self._workers.values() if w.channel is not None}
-        gathering = Gathering(request, set(asked), time.monotonic() + REPLY_TIMEOUT_S)
+        gathering = Gathering(request, set(asked), time.monotonic() + timeout_s)
         for worker in asked.values():
             assert worker.channel is not None
             try:
@@ -588,6 +596,37 @@ class Supervisor:
 
         self.ask("kill", {"id": session_id}, done)
 
+    def _reload_for_control(self, request: dict[str, Any], answer: Answer) -> None:
+        """`tproxy reload` (systemd's ExecReload): what SIGHUP does, answered once it is done.
+        The supervisor reloads the files first; only if it applied them is every worker asked
+        to reload them too (nothing half-applied: a file the supervisor refused is refused by
+        nobody's reading of it), and the answer waits for their replies (or
+        `RELOAD_TIMEOUT_S`): `reloaded`, the notices, and the workers that applied, refused
+        or never answered."""
+        if self._stopping:
+            answer({"reloaded": False, "notices": ["it is stopping: nothing reloaded"]})
+            return
+        applied, notices = (False, []) if self._on_reload is None else self._on_reload()
+        if not applied:
+            answer({"reloaded": False, "notices": notices})
+            return
+
+        def done(gathering: Gathering) -> None:
+            workers: dict[str, Any] = {}
+            for worker_id, reply in sorted(gathering.replies.items()):
+                result = reply.result if isinstance(reply.result, dict) else {}
+                said = result.get("notices")
+                if reply.error:
+                    said = [reply.error]
+                elif not isinstance(said, list) or not all(isinstance(n, str) for n in said):
+                    said = []
+                ok = not reply.error and result.get("reloaded") is True
+                workers[str(worker_id)] = {"reloaded": ok, "notices": said}
+            answer({"reloaded": True, "notices": notices, "workers": workers,
+                    "missing": gathering.missing})  # fmt: skip
+
+        self.ask("reload", {}, done, timeout_s=RELOAD_TIMEOUT_S)
+
     def _stats_for_control(self, request: dict[str, Any], answer: Answer) -> None:
         """`tproxy top`: the counters summed over every worker (their last heartbeats)."""
         answer(self.stats())
@@ -679,7 +718,7 @@ def run_workers(
     worker_main: WorkerMain,
     log: EventLog,
     listeners: Sequence[socket.socket] = (),
-    on_reload: Callable[[], None] | None = None,
+    on_reload: Callable[[], Reloaded] | None = None,
     *,
     on_tick: Callable[[float], None] | None = None,
     notifier: Notifier | None = None,

@@ -4,7 +4,9 @@ and the TLS passthrough memory shared both ways.
 The channel lives on the worker's event loop as one reader and one timer: a heartbeat with the
 worker's counters every `HEARTBEAT_INTERVAL_S` (and one at once, when serving starts), and each
 request answered by the handler registered for its command in `HANDLERS`. A new command (kill,
-metrics, readiness) is one function and one entry there.
+metrics, readiness) is one function and one entry there. `reload` is the one answered later:
+the worker reloads off its loop as on SIGHUP (`ProxyServer.reload_off_loop`) and replies once
+that is done.
 
 Passthrough sharing: while the channel runs it is the worker's `PassthroughMemory.on_remember`,
 so each entry this worker remembers goes to the supervisor as a `Learned` message, which passes
@@ -28,7 +30,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tproxy.core.reasons import CloseReason
@@ -56,6 +58,9 @@ LISTING_LIMIT = 1000
 HEARTBEAT_MAX_BYTES = 256 * 1024
 
 Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
+Reloader = Callable[[], Awaitable[tuple[bool, list[str]]]]
+"""The worker's reload (`ProxyServer.reload_off_loop`): whether it applied the files, and the
+notices that say what happened."""
 
 
 def list_sessions(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -132,11 +137,15 @@ class WorkerChannel:
         # Learned passthrough entries the supervisor could not take (counted in `dropped` too).
         self.learned_drops = Drops()
         self._said_metrics_too_large = False
+        self._reload: Reloader | None = None
+        self._reloads: set[asyncio.Task[None]] = set()  # `reload` requests being carried out
 
-    def start(self, loop: asyncio.AbstractEventLoop, ctx: SessionContext) -> None:
-        """Serving has started: beat now and every second, answer requests, share what the
-        passthrough memory remembers."""
-        self._loop, self._ctx = loop, ctx
+    def start(
+        self, loop: asyncio.AbstractEventLoop, ctx: SessionContext, reload: Reloader | None = None
+    ) -> None:
+        """Serving has started: beat now and every second, answer requests (`reload` with
+        `reload`, once it is done), share what the passthrough memory remembers."""
+        self._loop, self._ctx, self._reload = loop, ctx, reload
         ctx.passthrough.on_remember = self._remembered
         loop.add_reader(self._sock.fileno(), self._on_readable)
         self._beat()
@@ -224,6 +233,11 @@ class WorkerChannel:
             return
         if not isinstance(message, Request):
             return
+        if message.command == "reload" and self._reload is not None and self._loop is not None:
+            task = self._loop.create_task(self._reload_then_reply(message.id, self._reload))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+            return
         handler = HANDLERS.get(message.command)
         if handler is None:
             reply = Reply(message.id, self._worker, error=f"unknown command {message.command!r}")
@@ -232,6 +246,16 @@ class WorkerChannel:
                 reply = Reply(message.id, self._worker, handler(self._ctx, message.args))
             except Exception as exc:  # a handler's bug answers this request, nothing more
                 reply = Reply(message.id, self._worker, error=f"{type(exc).__name__}: {exc}")
+        self._send(encode(reply))
+
+    async def _reload_then_reply(self, request_id: int, reload: Reloader) -> None:
+        """`reload` (`tproxy reload`): reload as on SIGHUP, then answer whether the files were
+        applied and what was said (a supervised worker logs none of it itself)."""
+        try:
+            applied, notices = await reload()
+            reply = Reply(request_id, self._worker, {"reloaded": applied, "notices": notices})
+        except Exception as exc:  # a bug of ours answers this request, nothing more
+            reply = Reply(request_id, self._worker, error=f"{type(exc).__name__}: {exc}")
         self._send(encode(reply))
 
     def _supervisor_gone(self) -> None:

@@ -8,10 +8,11 @@ Two units, because the rules and the proxy must live apart:
   instead of slipping past uninspected. `systemctl stop tproxy-rules` removes them.
 * `tproxy.service` runs the proxy, `Type=notify` (READY=1 once every listener is bound and the
   workers are up; STOPPING=1 while it drains; `STATUS=` says how many sessions are live),
-  with a watchdog, reload by SIGHUP, as an unprivileged user holding only the capabilities it
-  needs (CAP_NET_ADMIN for transparent sockets and marks; CAP_NET_BIND_SERVICE when it listens
-  below port 1024), and systemd's sandboxing options that still let it work. It `Wants=` the
-  rules (starting it applies them) but is not bound to them (stopping it leaves them).
+  with a watchdog, reload by `tproxy reload` (SIGHUP's reload, answered once done), as an
+  unprivileged user holding only the capabilities it needs (CAP_NET_ADMIN for transparent
+  sockets and marks; CAP_NET_BIND_SERVICE when it listens below port 1024), and systemd's
+  sandboxing options that still let it work. It `Wants=` the rules (starting it applies them)
+  but is not bound to them (stopping it leaves them).
 
 `render_units` makes both; `tproxy service-unit` prints them (or writes them), and the files in
 `contrib/systemd/` are these units for the defaults (a test keeps them equal).
@@ -46,6 +47,8 @@ class UnitOptions:
         drain_timeout_s: `--drain-timeout`, for how long systemd waits for a stop.
         readable: paths the proxy reads (its interpreter, configuration, CA, policy, addons):
             one under /home, /root or /run/user makes the unit say `ProtectHome=read-only`.
+        control: `--control PATH` (`control`), for `tproxy reload` to find it (None: the
+            default, which `tproxy reload` finds by itself).
     """
 
     command: tuple[str, ...]
@@ -56,6 +59,7 @@ class UnitOptions:
     writable: tuple[str, ...] = field(default=())
     drain_timeout_s: float = 30.0
     readable: tuple[str, ...] = field(default=())
+    control: str | None = None
 
 
 _HOMES: Final = ("/home", "/root", "/run/user")
@@ -139,10 +143,13 @@ def proxy_unit(options: UnitOptions) -> str:
     paths = (*options.command, *options.readable, *options.writable)
     homes = any(under_homes(path) for path in paths)
     stop_s = int(options.drain_timeout_s) + 15
+    reload = _exec(options, "reload", *(("--control", options.control) if options.control else ()))
     return f"""\
 # tproxy, the transparent proxy: Type=notify (ready once every listener is bound and the
-# workers are up), a watchdog that only the workers' heartbeats keep fed, reload by SIGHUP
-# (configuration, policy and addons; an invalid file keeps the running one).
+# workers are up), a watchdog that only the workers' heartbeats keep fed, reload with
+# `tproxy reload` (configuration, policy and addons, as SIGHUP does, over the control socket:
+# it returns once every worker has reloaded, and an invalid file, which keeps the running
+# configuration, fails `systemctl reload`).
 [Unit]
 Description=tproxy transparent TCP proxy
 Wants={RULES_UNIT} network-online.target
@@ -152,7 +159,7 @@ After={RULES_UNIT} network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={run}
-ExecReload=/bin/kill -HUP $MAINPID
+ExecReload={reload}
 # SIGTERM drains: live sessions may finish for --drain-timeout, then the rest are reset.
 # To the supervisor only (mixed): it passes it on to the workers, and a worker that got a
 # second SIGTERM straight from systemd (control-group) would cut every session at once.
