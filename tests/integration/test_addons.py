@@ -213,22 +213,32 @@ def _is_reset(result: tuple[int, float, str]) -> bool:
     return code != 0 and "reset" in stderr.lower()
 
 
+class _ResettingEverywhere:
+    """The resetting addon in the default workers, and one client address for each worker."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        apply_rules(lab, "--ports", str(HTTP_PORT))
+        self.addon = _addon_file(lab, "resetting.py", RESETTING)
+        self.proxy = start_proxy(lab, "--addon", str(self.addon), default_workers=True)
+        self.workers = os.cpu_count() or 1
+        self.clients = [str(ip) for _, ip in sorted(client_per_worker(lab, self.workers).items())]
+
+    def check(self, reset_host: str, passing_host: str) -> None:
+        """From every client (so on every worker): `reset_host` is reset, `passing_host` not."""
+        for source in self.clients:
+            assert _is_reset(_http(self.lab, reset_host, source)), (reset_host, source)
+            code, _, stderr = _http(self.lab, passing_host, source)
+            assert code == 0, (passing_host, source, stderr)
+
+
 def test_sighup_reloads_an_edited_addon_in_every_worker_and_keeps_it_when_the_next_is_broken(
     served_lab: Lab,
 ) -> None:
     lab = served_lab
-    apply_rules(lab, "--ports", str(HTTP_PORT))
-    addon = _addon_file(lab, "resetting.py", RESETTING)
-    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
-    workers = os.cpu_count() or 1
-    clients = [str(ip) for _, ip in sorted(client_per_worker(lab, workers).items())]
-
-    def check(reset_host: str, passing_host: str) -> None:
-        for source in clients:
-            assert _is_reset(_http(lab, reset_host, source)), (reset_host, source)
-            code, _, stderr = _http(lab, passing_host, source)
-            assert code == 0, (passing_host, source, stderr)
-
+    every = _ResettingEverywhere(lab)
+    addon, proxy, workers, clients, check = (every.addon, every.proxy, every.workers,
+                                             every.clients, every.check)  # fmt: skip
     check("a.test", "b.test")
     closes = _closes(proxy, 2 * workers)
     assert len({c["worker"] for c in closes}) == workers  # each client on its own worker
@@ -271,18 +281,8 @@ def test_reload_as_the_unit_says_answers_once_every_worker_applied_and_fails_on_
     very next connection on each worker follows the new addon, no waiting), and an invalid file
     fails it with the reason while every worker keeps the running addon."""
     lab = served_lab
-    apply_rules(lab, "--ports", str(HTTP_PORT))
-    addon = _addon_file(lab, "resetting.py", RESETTING)
-    proxy = start_proxy(lab, "--addon", str(addon), default_workers=True)
-    workers = os.cpu_count() or 1
-    clients = [str(ip) for _, ip in sorted(client_per_worker(lab, workers).items())]
-
-    def check(reset_host: str, passing_host: str) -> None:
-        for source in clients:
-            assert _is_reset(_http(lab, reset_host, source)), (reset_host, source)
-            code, _, stderr = _http(lab, passing_host, source)
-            assert code == 0, (passing_host, source, stderr)
-
+    every = _ResettingEverywhere(lab)
+    addon, proxy, workers, check = every.addon, every.proxy, every.workers, every.check
     check("a.test", "b.test")
     reload = _unit_reload_argv()
     assert reload[3:] == ["reload"]  # the default control socket: the proxy's in this namespace
