@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import sys
+import tomllib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -63,7 +64,6 @@ from tproxy.engine.control import (
     DEFAULT_DIR as DEFAULT_CONTROL_DIR,
 )
 from tproxy.engine.control import (
-    IO_TIMEOUT_S,
     ControlError,
     default_control_path,
     finish_takeover,
@@ -143,6 +143,10 @@ from tproxy.tls.ca import CERT_FILE, KEY_FILE, CAError, create_ca, load_ca, read
 from tproxy.tls.contexts import check_upstream_ca, open_keylog
 
 T = TypeVar("T")
+
+# How long `tproxy reload` waits for the answer: the supervisor's own reload, then its workers'
+# (at least RELOAD_TIMEOUT_S); systemd gives ExecReload 90 s by default.
+RELOAD_ANSWER_TIMEOUT_S = 120.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -579,11 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
             "reloads them too. Prints the notices (options that change only on restart, why a "
             "file was refused). Exit status 0 when the supervisor and every worker applied the "
             "files; 1 when the running configuration was kept (an invalid file, nothing to "
-            f"reload) or a worker did not confirm within {RELOAD_TIMEOUT_S:g} s. The systemd "
+            "reload) or a worker refused or did not confirm (within "
+            f"{RELOAD_TIMEOUT_S:g} s, or twice the supervisor's own reload). The systemd "
             "unit's ExecReload, so that `systemctl reload tproxy` fails on an invalid file."
         ),
     )
     _control_option(reload)
+    reload.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the running tproxy's --config: its `control` key says where the control socket "
+        "is (--control wins)",
+    )
 
     unit = commands.add_parser(
         "service-unit",
@@ -729,15 +740,31 @@ def _kill(args: argparse.Namespace) -> int:
 
 def _reload(args: argparse.Namespace) -> int:
     """`tproxy reload`: reload the running proxy, and say how it went (status 1 unless done)."""
+    path = args.control or _control_in(args.config) or default_control_path()
     try:
-        answer = control_request(args.control or default_control_path(), {"command": "reload"},
-                                 timeout_s=RELOAD_TIMEOUT_S + IO_TIMEOUT_S)  # fmt: skip
+        answer = control_request(path, {"command": "reload"}, timeout_s=RELOAD_ANSWER_TIMEOUT_S)
     except ControlError as exc:
-        return _fail(str(exc))
-    done, lines = describe_reload(answer, RELOAD_TIMEOUT_S)
+        why = str(exc)
+        if "unknown command 'reload'" in why:
+            why += " (a tproxy older than this command: send it SIGHUP, or restart it)"
+        return _fail(why)
+    done, lines = describe_reload(answer)
     for line in lines:
         print(line if done else f"tproxy: {line}", file=sys.stdout if done else sys.stderr)
     return 0 if done else 1
+
+
+def _control_in(config_path: str | None) -> str | None:
+    """The `control` key of the file `tproxy run --config` reads, if it has one. Leniently:
+    a file that cannot be read or parsed says nothing here (the running proxy, asked at the
+    default path, says what is wrong with it)."""
+    if config_path is None:
+        return None
+    try:
+        value = tomllib.loads(Path(config_path).read_text()).get("control")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _service_unit(args: argparse.Namespace) -> int:
@@ -764,12 +791,20 @@ def _service_unit(args: argparse.Namespace) -> int:
     writable = [config.capture_dir] if config.capture_dir else []
     if config.keylog is not None:
         writable.append(str(Path(config.keylog).parent))
-    control = [] if config.control is None else [config.control]
-    relative = [path for path in (*readable, *writable, *control) if not Path(path).is_absolute()]
+    relative = [path for path in (*readable, *writable) if not Path(path).is_absolute()]
     if relative:  # systemd starts the proxy in /, not here
         return _fail(f"give absolute paths (systemd runs the proxy in /): {', '.join(relative)}")
-    # The control socket's directory (RuntimeDirectory= makes the default one).
-    writable += [str(Path(c).parent) for c in control if str(Path(c).parent) != DEFAULT_CONTROL_DIR]
+    if config.control is not None and not config.control.startswith(DEFAULT_CONTROL_DIR + "/"):
+        return _fail(
+            f"control {config.control}: under systemd the control socket goes in "
+            f"{DEFAULT_CONTROL_DIR}/ (the unit's RuntimeDirectory=, the one place under /run "
+            "that exists and is the proxy's at every start)"
+        )
+    # `tproxy reload` finds the socket as the proxy does: --control, or the file's `control`.
+    reload_args = (
+        ("--control", run.control) if run.control else ("--config", run.config) if run.config
+        else ()
+    )  # fmt: skip
     for folder in writable:
         if not Path(folder).is_dir():
             made = f"mkdir -p {shlex.quote(folder)}"
@@ -796,7 +831,7 @@ def _service_unit(args: argparse.Namespace) -> int:
         writable=tuple(writable),
         drain_timeout_s=config.drain_timeout_s,
         readable=tuple({interpreter, *readable}),
-        control=config.control,
+        reload_args=reload_args,
     )
     try:
         units = render_units(options)
@@ -1006,14 +1041,16 @@ def _run(args: argparse.Namespace) -> int:
     def on_reload() -> tuple[bool, list[str]]:
         """The supervisor's part of SIGHUP and `tproxy reload`: its own log's format, what a
         restarted worker starts with, and the reload's notices, once (the workers reload the
-        same file silently); whether it applied the files, and those notices."""
+        same file silently); whether it applied the files, and the notices about the files
+        (`tproxy reload` says how many workers reloaded once they answered)."""
         new, notices = reload_from(current[0], reload)
         if new is not None:
             current[0] = new
             supervisor_log.log_format = new.log_format
-            notices = [*notices, f"reloaded the configuration in {workers} workers"]
         for notice in notices:
             supervisor_log.emit(Notice(notice))
+        if new is not None:
+            supervisor_log.emit(Notice(f"reloaded the configuration in {workers} workers"))
         return new is not None, notices
 
     pruner = CapturePruner()

@@ -34,8 +34,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 STALL_AFTER_S = 3.0
 # How long the supervisor waits for every worker's reply to a request.
 REPLY_TIMEOUT_S = 2.0
-# How long `tproxy reload` waits for the workers to have reloaded: a policy's host names are
-# resolved on a reload, and a DNS server that does not answer takes its timeouts.
+# How long `tproxy reload` waits for the workers to have reloaded, at least: a policy's host
+# names are resolved on a reload, and a DNS server that does not answer takes its timeouts (the
+# workers get twice what the supervisor's own reload took, if that is longer).
 RELOAD_TIMEOUT_S = 20.0
 # What the reader accepts. What can be *sent* is smaller: SO_SNDBUF, which the kernel caps at
 # twice net.core.wmem_max (about 416 KiB by default). The largest message, a listing of 1,000
@@ -326,7 +327,8 @@ class Gathering:
         self.request = request
         self.deadline_at = deadline_at
         self._waiting = set(workers)
-        self._missing: set[int] = set()
+        self._missing: set[int] = set()  # died while asked
+        self._unreachable: set[int] = set()  # the request could not be sent
         self.replies: dict[int, Reply] = {}
 
     def add(self, reply: Reply) -> None:
@@ -341,10 +343,27 @@ class Gathering:
             self._waiting.discard(worker)
             self._missing.add(worker)
 
+    def unreachable(self, worker: int) -> None:
+        """The request could not be sent to `worker` (its channel is full: it is stalled, or
+        dying): it will not answer."""
+        if worker in self._waiting:
+            self._waiting.discard(worker)
+            self._unreachable.add(worker)
+
     def done(self, now: float) -> bool:
         return not self._waiting or now >= self.deadline_at
 
     @property
     def missing(self) -> list[int]:
         """Workers asked that have not answered (at the end: that never will)."""
-        return sorted(self._waiting | self._missing)
+        return sorted(self._waiting | self._missing | self._unreachable)
+
+    @property
+    def died(self) -> list[int]:
+        """Workers that died before answering."""
+        return sorted(self._missing)
+
+    @property
+    def silent(self) -> list[int]:
+        """Workers alive that have not answered (not in time, or never asked: unreachable)."""
+        return sorted(self._waiting | self._unreachable)

@@ -318,7 +318,7 @@ class Supervisor:
             try:
                 worker.channel.send(data)
             except OSError:  # its buffer is full (stalled) or it is dying
-                gathering.lost(worker.id)
+                gathering.unreachable(worker.id)
         self._gatherings.append((gathering, done))
 
     # --- the loop ------------------------------------------------------------------------
@@ -599,17 +599,22 @@ class Supervisor:
     def _reload_for_control(self, request: dict[str, Any], answer: Answer) -> None:
         """`tproxy reload` (systemd's ExecReload): what SIGHUP does, answered once it is done.
         The supervisor reloads the files first; only if it applied them is every worker asked
-        to reload them too (nothing half-applied: a file the supervisor refused is refused by
-        nobody's reading of it), and the answer waits for their replies (or
-        `RELOAD_TIMEOUT_S`): `reloaded`, the notices, and the workers that applied, refused
-        or never answered."""
+        to reload them too (a file the supervisor refuses is offered to no worker), and the
+        answer waits for their replies, for `RELOAD_TIMEOUT_S` or twice the supervisor's own
+        reload, whichever is longer (each worker resolves the policy's names again). It says
+        whether the supervisor applied the files, its notices, each worker's outcome and
+        notices, the workers that did not answer in that time (`missing`), and those that died
+        meanwhile (`died`: a worker started in place of one runs the supervisor's new
+        configuration)."""
         if self._stopping:
             answer({"reloaded": False, "notices": ["it is stopping: nothing reloaded"]})
             return
+        started = time.monotonic()
         applied, notices = (False, []) if self._on_reload is None else self._on_reload()
         if not applied:
             answer({"reloaded": False, "notices": notices})
             return
+        wait_s = max(RELOAD_TIMEOUT_S, 2 * (time.monotonic() - started))
 
         def done(gathering: Gathering) -> None:
             workers: dict[str, Any] = {}
@@ -623,9 +628,10 @@ class Supervisor:
                 ok = not reply.error and result.get("reloaded") is True
                 workers[str(worker_id)] = {"reloaded": ok, "notices": said}
             answer({"reloaded": True, "notices": notices, "workers": workers,
-                    "missing": gathering.missing})  # fmt: skip
+                    "missing": gathering.silent, "died": gathering.died,
+                    "waited_s": round(wait_s, 1)})  # fmt: skip
 
-        self.ask("reload", {}, done, timeout_s=RELOAD_TIMEOUT_S)
+        self.ask("reload", {}, done, timeout_s=wait_s)
 
     def _stats_for_control(self, request: dict[str, Any], answer: Answer) -> None:
         """`tproxy top`: the counters summed over every worker (their last heartbeats)."""

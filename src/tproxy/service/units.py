@@ -47,8 +47,8 @@ class UnitOptions:
         drain_timeout_s: `--drain-timeout`, for how long systemd waits for a stop.
         readable: paths the proxy reads (its interpreter, configuration, CA, policy, addons):
             one under /home, /root or /run/user makes the unit say `ProtectHome=read-only`.
-        control: `--control PATH` (`control`), for `tproxy reload` to find it (None: the
-            default, which `tproxy reload` finds by itself).
+        reload_args: how `tproxy reload` finds the control socket: `--control PATH` as the
+            proxy was given it, or `--config FILE` whose `control` key says; none: the default.
     """
 
     command: tuple[str, ...]
@@ -59,7 +59,7 @@ class UnitOptions:
     writable: tuple[str, ...] = field(default=())
     drain_timeout_s: float = 30.0
     readable: tuple[str, ...] = field(default=())
-    control: str | None = None
+    reload_args: tuple[str, ...] = ()
 
 
 _HOMES: Final = ("/home", "/root", "/run/user")
@@ -143,7 +143,7 @@ def proxy_unit(options: UnitOptions) -> str:
     paths = (*options.command, *options.readable, *options.writable)
     homes = any(under_homes(path) for path in paths)
     stop_s = int(options.drain_timeout_s) + 15
-    reload = _exec(options, "reload", *(("--control", options.control) if options.control else ()))
+    reload = _exec(options, "reload", *options.reload_args)
     return f"""\
 # tproxy, the transparent proxy: Type=notify (ready once every listener is bound and the
 # workers are up), a watchdog that only the workers' heartbeats keep fed, reload with
