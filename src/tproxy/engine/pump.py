@@ -117,8 +117,8 @@ class Pump:
     def __init__(
         self,
         poller: Poller,
-        source: socket.socket,
-        sink: socket.socket,
+        source: int,
+        sink: int,
         record: SessionRecord,
         direction: Direction,
         *,
@@ -129,13 +129,15 @@ class Pump:
         pending: bytes = b"",
         recording: Recording | None = None,
     ) -> None:
-        """`pending`: bytes read from the source before the pump existed (what a session read
-        while sniffing, what an upstream proxy sent after its answer), written first.
-        `recording`: shown every byte written to the sink (a captured session; it copies)."""
+        """`source`, `sink`: the two sockets' descriptors (the relay's int objects, shared by
+        its two pumps: an idle session keeps two ints, not four). `pending`: bytes read from
+        the source before the pump existed (what a session read while sniffing, what an
+        upstream proxy sent after its answer), written first. `recording`: shown every byte
+        written to the sink (a captured session; it copies)."""
         self._poller = poller
         self._recording = recording
-        self._src = source.fileno()
-        self._dst = sink.fileno()
+        self._src = source
+        self._dst = sink
         self._record = record
         self._direction = direction
         self._pool = pool

@@ -126,11 +126,12 @@ class Relay:
         self._setup(poller, client, upstream, record, on_end=on_end, on_error=on_error,
                     spawn=spawn, recording=recording)  # fmt: skip
         record.relay = "capture" if recording else "copy" if pool is None else "splice"
-        self.up: Stoppable = Pump(poller, client, upstream, record, Direction.UP, pool=pool,
-                                  owner=self, splice_after=splice_after, tap=tap,
+        client_fd, upstream_fd = client.fileno(), upstream.fileno()  # one int each, for both
+        self.up: Stoppable = Pump(poller, client_fd, upstream_fd, record, Direction.UP,
+                                  pool=pool, owner=self, splice_after=splice_after, tap=tap,
                                   pending=pending_up, recording=recording)  # fmt: skip
-        self.down: Stoppable = Pump(poller, upstream, client, record, Direction.DOWN, pool=pool,
-                                    owner=self, splice_after=splice_after, tap=tap,
+        self.down: Stoppable = Pump(poller, upstream_fd, client_fd, record, Direction.DOWN,
+                                    pool=pool, owner=self, splice_after=splice_after, tap=tap,
                                     pending=pending_down, recording=recording)  # fmt: skip
 
     def _setup(
