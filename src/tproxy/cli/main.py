@@ -57,7 +57,7 @@ from tproxy.core.endpoint import (
 )
 from tproxy.core.options import OptionSpec, parse_mark, parse_positive_int
 from tproxy.core.session_id import MAX_WORKER
-from tproxy.core.worker_protocol import RELOAD_TIMEOUT_S
+from tproxy.core.worker_protocol import RELOAD_TIMEOUT_S, Reloaded
 from tproxy.diagnostics.checks import Expected, evaluate, passed, render_text
 from tproxy.diagnostics.facts import gather
 from tproxy.engine.control import (
@@ -1038,7 +1038,7 @@ def _run(args: argparse.Namespace) -> int:
         return worker_main(None)
     supervisor_log = EventLog(config.log_format, worker=0)
 
-    def on_reload() -> tuple[bool, list[str]]:
+    def on_reload() -> Reloaded:
         """The supervisor's part of SIGHUP and `tproxy reload`: its own log's format, what a
         restarted worker starts with, and the reload's notices, once (the workers reload the
         same file silently); whether it applied the files, and the notices about the files

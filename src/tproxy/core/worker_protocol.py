@@ -38,6 +38,9 @@ REPLY_TIMEOUT_S = 2.0
 # names are resolved on a reload, and a DNS server that does not answer takes its timeouts (the
 # workers get twice what the supervisor's own reload took, if that is longer).
 RELOAD_TIMEOUT_S = 20.0
+Reloaded = tuple[bool, list[str]]
+"""A reload's outcome (the supervisor's, or a worker's): whether it applied the files, and the
+notices that say what happened."""
 # What the reader accepts. What can be *sent* is smaller: SO_SNDBUF, which the kernel caps at
 # twice net.core.wmem_max (about 416 KiB by default). The largest message, a listing of 1,000
 # sessions, stays under 160 KiB; a message too large to send is logged by the sender.
@@ -327,7 +330,7 @@ class Gathering:
         self.request = request
         self.deadline_at = deadline_at
         self._waiting = set(workers)
-        self._missing: set[int] = set()  # died while asked
+        self._died: set[int] = set()  # died while asked
         self._unreachable: set[int] = set()  # the request could not be sent
         self.replies: dict[int, Reply] = {}
 
@@ -341,7 +344,7 @@ class Gathering:
         """`worker` died: it will not answer (it is reported missing)."""
         if worker in self._waiting:
             self._waiting.discard(worker)
-            self._missing.add(worker)
+            self._died.add(worker)
 
     def unreachable(self, worker: int) -> None:
         """The request could not be sent to `worker` (its channel is full: it is stalled, or
@@ -356,12 +359,12 @@ class Gathering:
     @property
     def missing(self) -> list[int]:
         """Workers asked that have not answered (at the end: that never will)."""
-        return sorted(self._waiting | self._missing | self._unreachable)
+        return sorted(self._waiting | self._died | self._unreachable)
 
     @property
     def died(self) -> list[int]:
         """Workers that died before answering."""
-        return sorted(self._missing)
+        return sorted(self._died)
 
     @property
     def silent(self) -> list[int]:

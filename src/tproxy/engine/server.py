@@ -38,6 +38,7 @@ from tproxy.core.endpoint import format_sockaddr
 from tproxy.core.options import ConfigError
 from tproxy.core.reasons import CloseReason
 from tproxy.core.session_id import SessionIds
+from tproxy.core.worker_protocol import Reloaded
 from tproxy.engine.client_limits import busiest, client_key, limits_for, refusal_detail
 from tproxy.engine.deadlines import DeadlineQueue
 from tproxy.engine.poller import Poller
@@ -331,7 +332,7 @@ class ProxyServer:
     async def _reload_quietly(self) -> None:
         await self.reload_off_loop()
 
-    async def reload_off_loop(self) -> tuple[bool, list[str]]:
+    async def reload_off_loop(self) -> Reloaded:
         """Reload (SIGHUP, or the supervisor's `reload` request, `tproxy reload`): whether the
         files were applied, and the notices that say what happened."""
         async with self._reloading:  # one at a time, in the order the signals came
@@ -343,7 +344,7 @@ class ProxyServer:
         loop)."""
         self._apply_reload(*reload_from(self.config, self._reload))
 
-    def _apply_reload(self, new: ProxyConfig | None, notices: list[str]) -> tuple[bool, list[str]]:
+    def _apply_reload(self, new: ProxyConfig | None, notices: list[str]) -> Reloaded:
         """Apply what can be applied, keep the rest; whether `new` was applied, and every notice
         of this reload. A worker reloads silently: its supervisor reloads the same files and
         writes the notices once for all workers -- except what only a worker can find (its TLS

@@ -65,6 +65,7 @@ from tproxy.core.worker_protocol import (
     Heartbeat,
     Learned,
     MessageError,
+    Reloaded,
     Reply,
     Request,
     Watchdog,
@@ -99,8 +100,6 @@ WorkerMain = Callable[[int, socket.socket], int]
 It must install its own signal handling (the child starts with the default dispositions)."""
 
 ListingDone = Callable[[Gathering], None]
-Reloaded = tuple[bool, list[str]]
-"""A reload's outcome: whether the files were applied, and the notices that say what happened."""
 
 
 class Outbox:

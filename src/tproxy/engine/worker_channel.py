@@ -41,6 +41,7 @@ from tproxy.core.worker_protocol import (
     Heartbeat,
     Learned,
     MessageError,
+    Reloaded,
     Reply,
     Request,
     decode,
@@ -58,9 +59,8 @@ LISTING_LIMIT = 1000
 HEARTBEAT_MAX_BYTES = 256 * 1024
 
 Handler = Callable[[SessionContext, dict[str, Any]], dict[str, Any]]
-Reloader = Callable[[], Awaitable[tuple[bool, list[str]]]]
-"""The worker's reload (`ProxyServer.reload_off_loop`): whether it applied the files, and the
-notices that say what happened."""
+Reloader = Callable[[], Awaitable[Reloaded]]
+"""The worker's reload (`ProxyServer.reload_off_loop`)."""
 
 
 def list_sessions(ctx: SessionContext, args: dict[str, Any]) -> dict[str, Any]:
